@@ -1,0 +1,398 @@
+//! The cache role: this node's copy of each page and the faults waiting on it.
+
+use super::{page_in_range, Access, CohMsg, Engine, PageStore, Resolution, PREFETCH_PAGES_MAX};
+use crate::ids::{NodeId, PageIndex, PageKey, SegmentId};
+use std::collections::{BTreeMap, VecDeque};
+
+/// This node's copy of a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    /// Not present: any access faults.
+    Invalid,
+    /// Present; every local mapping is write-protected.
+    Shared,
+    /// Present and writable on this node only.
+    Exclusive,
+    /// Can never be served again (its only copy was lost): accesses SIGBUS.
+    Lost,
+}
+
+/// What this node has asked the home for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Asked {
+    Read,
+    Write,
+}
+
+pub(super) struct Pending<W> {
+    asked: Asked,
+    reads: Vec<W>,
+    writes: Vec<W>,
+}
+
+impl<W> Pending<W> {
+    pub(super) fn poison_all(self, page: PageKey, out: &mut VecDeque<Resolution<W>>) {
+        for waiter in self.reads.into_iter().chain(self.writes) {
+            out.push_back(Resolution {
+                waiter,
+                page,
+                access: Access::Poison,
+                also_mapped: 0,
+            });
+        }
+    }
+}
+
+pub(super) struct CacheSegment<W> {
+    home: NodeId,
+    /// The home is gone: pages not held here can never be fetched.
+    home_lost: bool,
+    states: Vec<PageState>,
+    pub(super) pending: BTreeMap<PageIndex, Pending<W>>,
+    /// Read-ahead: the page a sequential reader would miss next, and how many
+    /// pages to ask for beyond the faulting one.
+    next_sequential: u32,
+    prefetch_window: u32,
+}
+
+impl<W> CacheSegment<W> {
+    pub(super) fn new(home: NodeId, pages: u32) -> Self {
+        CacheSegment {
+            home,
+            home_lost: false,
+            states: vec![PageState::Invalid; pages as usize],
+            pending: BTreeMap::new(),
+            next_sequential: u32::MAX,
+            prefetch_window: 0,
+        }
+    }
+
+    pub(super) fn state(&self, page: PageIndex) -> Option<PageState> {
+        self.states.get(page.0 as usize).copied()
+    }
+
+    pub(super) fn resident(&self) -> u32 {
+        self.states
+            .iter()
+            .filter(|s| matches!(s, PageState::Shared | PageState::Exclusive))
+            .count() as u32
+    }
+
+    /// Read-ahead grows while misses are sequential and resets otherwise.
+    fn prefetch_for(&mut self, page: PageIndex) -> u32 {
+        if page.0 == self.next_sequential {
+            self.prefetch_window = (self.prefetch_window * 2).clamp(1, PREFETCH_PAGES_MAX);
+        } else {
+            self.prefetch_window = 0;
+        }
+        let room = (self.states.len() as u32).saturating_sub(page.0 + 1);
+        self.prefetch_window.min(room)
+    }
+}
+
+impl<W: Clone> Engine<W> {
+    /// A local process faulted on `page` (`write`: it wants to write).
+    pub fn handle_fault(&mut self, page: PageKey, write: bool, waiter: W) {
+        let me = self.me;
+        let Some(seg) = self.cache.get_mut(&page.seg) else {
+            self.resolve(waiter, page, Access::Poison, 0);
+            return;
+        };
+        let Some(state) = seg.state(page.page) else {
+            self.resolve(waiter, page, Access::Poison, 0);
+            return;
+        };
+        // Served from the node's copy?
+        match (state, write) {
+            (PageState::Exclusive, _) => return self.resolve(waiter, page, Access::Writable, 0),
+            (PageState::Shared, false) => return self.resolve(waiter, page, Access::ReadOnly, 0),
+            (PageState::Lost, _) => return self.resolve(waiter, page, Access::Poison, 0),
+            _ => {}
+        }
+        if seg.home_lost {
+            return self.resolve(waiter, page, Access::Poison, 0);
+        }
+        if let Some(pending) = seg.pending.get_mut(&page.page) {
+            // Join the request in flight; a write behind a read is asked for
+            // when the read completes.
+            if write {
+                pending.writes.push(waiter);
+            } else {
+                pending.reads.push(waiter);
+            }
+            return;
+        }
+        let home = seg.home;
+        let msg = if write {
+            seg.pending.insert(
+                page.page,
+                Pending {
+                    asked: Asked::Write,
+                    reads: vec![],
+                    writes: vec![waiter],
+                },
+            );
+            CohMsg::Write {
+                page,
+                have_copy: state == PageState::Shared,
+            }
+        } else {
+            let prefetch = seg.prefetch_for(page.page);
+            seg.pending.insert(
+                page.page,
+                Pending {
+                    asked: Asked::Read,
+                    reads: vec![waiter],
+                    writes: vec![],
+                },
+            );
+            CohMsg::Read { page, prefetch }
+        };
+        debug_assert!(home != me || self.homes.contains_key(&page.seg));
+        self.send(home, msg);
+    }
+
+    pub(super) fn resolve(&mut self, waiter: W, page: PageKey, access: Access, also_mapped: u32) {
+        self.resolutions.push_back(Resolution {
+            waiter,
+            page,
+            access,
+            also_mapped,
+        });
+    }
+
+    /// Messages a home sends to the nodes that cache its pages.
+    pub(super) fn handle_cache_message(
+        &mut self,
+        from: NodeId,
+        msg: CohMsg,
+        store: &mut impl PageStore,
+    ) {
+        let page = msg.page();
+        let Some(seg) = self.cache.get_mut(&page.seg) else {
+            // A segment this node closed: nothing here to give or take. Answer
+            // what needs an answer so the home's transaction completes.
+            match msg {
+                CohMsg::Invalidate { .. } => {
+                    self.send(from, CohMsg::InvalidateAck { page, data: None })
+                }
+                CohMsg::Downgrade { .. } => {
+                    self.send(from, CohMsg::DowngradeAck { page, data: None })
+                }
+                _ => tracing::debug!(?page, "message for a segment not open here"),
+            }
+            return;
+        };
+        if from != seg.home || !page_in_range(seg.states.len() as u32, page.page) {
+            tracing::warn!(
+                ?page,
+                ?from,
+                "coherence message from a node that is not the home"
+            );
+            return;
+        }
+        let index = page.page.0 as usize;
+        match msg {
+            CohMsg::Downgrade { .. } => {
+                let data = match seg.states[index] {
+                    PageState::Exclusive => {
+                        store.protect_local(page);
+                        seg.states[index] = PageState::Shared;
+                        Some(store.read_local(page))
+                    }
+                    PageState::Shared => Some(store.read_local(page)),
+                    _ => None,
+                };
+                self.send(from, CohMsg::DowngradeAck { page, data });
+            }
+            CohMsg::Invalidate { .. } => {
+                let data = match seg.states[index] {
+                    PageState::Exclusive => {
+                        store.protect_local(page);
+                        let data = store.read_local(page);
+                        store.punch_local(page);
+                        Some(data)
+                    }
+                    PageState::Shared => {
+                        store.punch_local(page);
+                        None
+                    }
+                    PageState::Invalid | PageState::Lost => None,
+                };
+                if seg.states[index] != PageState::Lost {
+                    seg.states[index] = PageState::Invalid;
+                }
+                self.send(from, CohMsg::InvalidateAck { page, data });
+            }
+            CohMsg::ReadGrant { data, extra, .. } => {
+                store.write_local(page, &data);
+                seg.states[index] = PageState::Shared;
+                let mut also_mapped = 0;
+                for (offset, extra_data) in extra.iter().enumerate() {
+                    let q = PageIndex(page.page.0 + 1 + offset as u32);
+                    let Some(state) = seg.states.get_mut(q.0 as usize) else {
+                        break;
+                    };
+                    if *state != PageState::Invalid {
+                        break;
+                    }
+                    let q_key = PageKey {
+                        seg: page.seg,
+                        page: q,
+                    };
+                    store.write_local(q_key, extra_data);
+                    *state = PageState::Shared;
+                    // Faults already waiting on a prefetched page need no
+                    // request of their own any more; a write still does.
+                    if let Some(p) = seg.pending.get_mut(&q) {
+                        for waiter in p.reads.drain(..) {
+                            self.resolutions.push_back(Resolution {
+                                waiter,
+                                page: q_key,
+                                access: Access::ReadOnly,
+                                also_mapped: 0,
+                            });
+                        }
+                    }
+                    also_mapped += 1;
+                }
+                seg.next_sequential = page.page.0 + 1 + extra.len() as u32;
+                let Some(mut pending) = seg.pending.remove(&page.page) else {
+                    return;
+                };
+                let mut first = true;
+                for waiter in pending.reads.drain(..) {
+                    let also = if first { also_mapped } else { 0 };
+                    first = false;
+                    self.resolutions.push_back(Resolution {
+                        waiter,
+                        page,
+                        access: Access::ReadOnly,
+                        also_mapped: also,
+                    });
+                }
+                if !pending.writes.is_empty() {
+                    pending.asked = Asked::Write;
+                    let home = seg.home;
+                    seg.pending.insert(page.page, pending);
+                    self.send(
+                        home,
+                        CohMsg::Write {
+                            page,
+                            have_copy: true,
+                        },
+                    );
+                }
+            }
+            CohMsg::WriteGrant { data, .. } => {
+                match data {
+                    Some(data) => store.write_local(page, &data),
+                    None if seg.states[index] != PageState::Shared => {
+                        // The home believed we hold the page and we do not:
+                        // mapping the hole would show zeros. Refuse.
+                        tracing::error!(?page, "write grant without data for a page not held");
+                        seg.states[index] = PageState::Lost;
+                        if let Some(p) = seg.pending.remove(&page.page) {
+                            p.poison_all(page, &mut self.resolutions);
+                        }
+                        return;
+                    }
+                    None => {}
+                }
+                seg.states[index] = PageState::Exclusive;
+                if let Some(p) = seg.pending.remove(&page.page) {
+                    for waiter in p.reads.into_iter().chain(p.writes) {
+                        self.resolutions.push_back(Resolution {
+                            waiter,
+                            page,
+                            access: Access::Writable,
+                            also_mapped: 0,
+                        });
+                    }
+                }
+            }
+            CohMsg::Unavailable { .. } => {
+                if seg.states[index] == PageState::Invalid {
+                    seg.states[index] = PageState::Lost;
+                }
+                if let Some(p) = seg.pending.remove(&page.page) {
+                    // Readers of a page still Shared here can go on reading.
+                    let keep_reading = seg.states[index] == PageState::Shared;
+                    for waiter in p.reads {
+                        let access = if keep_reading {
+                            Access::ReadOnly
+                        } else {
+                            Access::Poison
+                        };
+                        self.resolutions.push_back(Resolution {
+                            waiter,
+                            page,
+                            access,
+                            also_mapped: 0,
+                        });
+                    }
+                    for waiter in p.writes {
+                        self.resolutions.push_back(Resolution {
+                            waiter,
+                            page,
+                            access: Access::Poison,
+                            also_mapped: 0,
+                        });
+                    }
+                }
+            }
+            CohMsg::Read { .. }
+            | CohMsg::Write { .. }
+            | CohMsg::DowngradeAck { .. }
+            | CohMsg::InvalidateAck { .. } => {
+                unreachable!("home messages are routed to the home role")
+            }
+        }
+    }
+
+    /// The cache side of losing a node: segments homed there can no longer
+    /// fetch anything; what this node holds stays usable (nobody else can
+    /// write it, so it stays consistent).
+    pub(super) fn cache_peer_down(&mut self, dead: NodeId) {
+        for (seg_id, seg) in self.cache.iter_mut() {
+            if seg.home != dead {
+                continue;
+            }
+            seg.home_lost = true;
+            for (page, pending) in std::mem::take(&mut seg.pending) {
+                let key = PageKey { seg: *seg_id, page };
+                let keep_reading = seg.states[page.0 as usize] == PageState::Shared;
+                for waiter in pending.reads {
+                    let access = if keep_reading {
+                        Access::ReadOnly
+                    } else {
+                        Access::Poison
+                    };
+                    self.resolutions.push_back(Resolution {
+                        waiter,
+                        page: key,
+                        access,
+                        also_mapped: 0,
+                    });
+                }
+                for waiter in pending.writes {
+                    self.resolutions.push_back(Resolution {
+                        waiter,
+                        page: key,
+                        access: Access::Poison,
+                        also_mapped: 0,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Segments cached here whose home is `node`.
+    pub fn cached_segments_homed_at(&self, node: NodeId) -> Vec<SegmentId> {
+        self.cache
+            .iter()
+            .filter(|(_, c)| c.home == node)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+}

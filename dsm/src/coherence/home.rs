@@ -1,0 +1,429 @@
+//! The home role: the directory of a segment's pages and one transaction per
+//! page at a time.
+
+use super::{page_in_range, CohMsg, Engine, PageStore};
+use crate::ids::{NodeId, NodeSet, PageIndex, PageKey};
+use bytes::Bytes;
+use std::collections::{BTreeMap, VecDeque};
+
+#[derive(Clone, Copy, Debug, Default)]
+struct DirEntry {
+    /// The node holding the page Exclusive; the home copy is stale meanwhile.
+    owner: Option<NodeId>,
+    /// Nodes holding the page Shared (never together with an owner).
+    copyset: NodeSet,
+    /// The only up-to-date copy was on a node that was lost.
+    lost: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Request {
+    Read { from: NodeId, prefetch: u32 },
+    Write { from: NodeId, have_copy: bool },
+}
+
+impl Request {
+    fn from(self) -> NodeId {
+        match self {
+            Request::Read { from, .. } | Request::Write { from, .. } => from,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Txn {
+    /// Waiting for the owner to downgrade.
+    Read {
+        from: NodeId,
+        prefetch: u32,
+        owner: NodeId,
+    },
+    /// Waiting for every other holder to invalidate.
+    Write {
+        from: NodeId,
+        send_data: bool,
+        waiting: NodeSet,
+        owner: Option<NodeId>,
+        data_lost: bool,
+    },
+}
+
+#[derive(Default)]
+struct Busy {
+    txn: Option<Txn>,
+    queue: VecDeque<Request>,
+}
+
+pub(super) struct HomeSegment {
+    dir: Vec<DirEntry>,
+    busy: BTreeMap<PageIndex, Busy>,
+}
+
+impl HomeSegment {
+    pub(super) fn new(pages: u32) -> Self {
+        HomeSegment {
+            dir: vec![DirEntry::default(); pages as usize],
+            busy: BTreeMap::new(),
+        }
+    }
+}
+
+impl<W: Clone> Engine<W> {
+    /// Feed a message from `from` (possibly this node itself).
+    pub fn handle_message(&mut self, from: NodeId, msg: CohMsg, store: &mut impl PageStore) {
+        match msg {
+            CohMsg::Read { page, prefetch } => {
+                let prefetch = prefetch.min(super::PREFETCH_PAGES_MAX);
+                self.home_request(page, Request::Read { from, prefetch }, store)
+            }
+            CohMsg::Write { page, have_copy } => {
+                self.home_request(page, Request::Write { from, have_copy }, store)
+            }
+            CohMsg::DowngradeAck { page, data } => self.home_downgrade_ack(from, page, data, store),
+            CohMsg::InvalidateAck { page, data } => {
+                self.home_invalidate_ack(from, page, data, store)
+            }
+            other => self.handle_cache_message(from, other, store),
+        }
+    }
+
+    /// A node was lost: forget it everywhere and fail what waited on it.
+    pub fn handle_peer_down(&mut self, dead: NodeId, store: &mut impl PageStore) {
+        if dead == self.me {
+            return;
+        }
+        self.dead.insert(dead);
+        self.cache_peer_down(dead);
+        let mut restart = Vec::new();
+        for (seg_id, home) in self.homes.iter_mut() {
+            for (index, entry) in home.dir.iter_mut().enumerate() {
+                entry.copyset.remove(dead);
+                let busy = home.busy.get(&PageIndex(index as u32));
+                if entry.owner == Some(dead) && busy.is_none_or(|b| b.txn.is_none()) {
+                    entry.owner = None;
+                    entry.lost = true;
+                }
+            }
+            for (page, busy) in home.busy.iter_mut() {
+                busy.queue.retain(|r| r.from() != dead);
+                let key = PageKey {
+                    seg: *seg_id,
+                    page: *page,
+                };
+                match &mut busy.txn {
+                    Some(Txn::Read { owner, .. }) if *owner == dead => restart.push(key),
+                    Some(Txn::Write {
+                        waiting,
+                        owner,
+                        data_lost,
+                        ..
+                    }) if waiting.contains(dead) => {
+                        waiting.remove(dead);
+                        if *owner == Some(dead) {
+                            *data_lost = true;
+                        }
+                        if waiting.is_empty() {
+                            restart.push(key);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Finish the transactions that were waiting only on the dead node.
+        for key in restart {
+            match self
+                .homes
+                .get(&key.seg)
+                .and_then(|h| h.busy.get(&key.page))
+                .and_then(|b| b.txn)
+            {
+                Some(Txn::Read { from, .. }) => {
+                    self.mark_lost(key);
+                    self.reply_unavailable(from, key);
+                    self.finish_txn(key, store);
+                }
+                Some(Txn::Write { .. }) => self.complete_write(key, store),
+                None => {}
+            }
+        }
+    }
+
+    fn home_request(&mut self, page: PageKey, request: Request, store: &mut impl PageStore) {
+        if self.dead.contains(request.from()) {
+            return;
+        }
+        let Some(home) = self.homes.get_mut(&page.seg) else {
+            tracing::debug!(?page, "request for a segment not homed here");
+            self.send(request.from(), CohMsg::Unavailable { page });
+            return;
+        };
+        if !page_in_range(home.dir.len() as u32, page.page) {
+            tracing::warn!(?page, from = ?request.from(), "request for a page beyond the segment");
+            self.send(request.from(), CohMsg::Unavailable { page });
+            return;
+        }
+        let busy = home.busy.entry(page.page).or_default();
+        busy.queue.push_back(request);
+        if busy.txn.is_none() {
+            self.start_next(page, store);
+        }
+    }
+
+    /// Start queued requests until one has to wait for other nodes.
+    fn start_next(&mut self, page: PageKey, store: &mut impl PageStore) {
+        loop {
+            let Some(home) = self.homes.get_mut(&page.seg) else {
+                return;
+            };
+            let Some(busy) = home.busy.get_mut(&page.page) else {
+                return;
+            };
+            debug_assert!(busy.txn.is_none());
+            let Some(request) = busy.queue.pop_front() else {
+                home.busy.remove(&page.page);
+                return;
+            };
+            let entry = home.dir[page.page.0 as usize];
+            if entry.lost {
+                self.reply_unavailable(request.from(), page);
+                continue;
+            }
+            match request {
+                Request::Read { from, prefetch } => match entry.owner {
+                    Some(owner) if owner != from => {
+                        busy.txn = Some(Txn::Read {
+                            from,
+                            prefetch,
+                            owner,
+                        });
+                        self.send(owner, CohMsg::Downgrade { page });
+                        return;
+                    }
+                    Some(_) => {
+                        // The owner asks to read what it holds exclusively:
+                        // impossible over FIFO links. The home copy is stale,
+                        // so do not answer with it.
+                        tracing::error!(?page, ?from, "read request from the page's owner");
+                        self.send(from, CohMsg::Unavailable { page });
+                    }
+                    None => self.grant_read(page, from, prefetch, store),
+                },
+                Request::Write { from, have_copy } => {
+                    if entry.owner == Some(from) {
+                        self.send(from, CohMsg::WriteGrant { page, data: None });
+                        continue;
+                    }
+                    let send_data = !(have_copy && entry.copyset.contains(from));
+                    let mut waiting = entry.copyset;
+                    waiting.remove(from);
+                    if let Some(owner) = entry.owner {
+                        waiting.insert(owner);
+                    }
+                    busy.txn = Some(Txn::Write {
+                        from,
+                        send_data,
+                        waiting,
+                        owner: entry.owner,
+                        data_lost: false,
+                    });
+                    if waiting.is_empty() {
+                        self.complete_write(page, store);
+                        return; // complete_write starts the next request
+                    }
+                    for holder in waiting.iter() {
+                        self.send(holder, CohMsg::Invalidate { page });
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reply to a read from the home copy, with as many following pages as
+    /// can be handed out right away (no transaction on them, no owner).
+    fn grant_read(&mut self, page: PageKey, to: NodeId, prefetch: u32, store: &mut impl PageStore) {
+        if self.dead.contains(to) {
+            return; // its request outlived it: record nothing, send nothing
+        }
+        let Some(home) = self.homes.get_mut(&page.seg) else {
+            return;
+        };
+        home.dir[page.page.0 as usize].copyset.insert(to);
+        let mut extra_pages = 0;
+        for q in (page.page.0 + 1)..(page.page.0 + 1 + prefetch) {
+            let Some(entry) = home.dir.get_mut(q as usize) else {
+                break;
+            };
+            let busy = home.busy.contains_key(&PageIndex(q));
+            if busy || entry.owner.is_some() || entry.lost || entry.copyset.contains(to) {
+                break;
+            }
+            entry.copyset.insert(to);
+            extra_pages += 1;
+        }
+        let data = store.read_home(page);
+        let extra = (1..=extra_pages)
+            .map(|i| {
+                store.read_home(PageKey {
+                    seg: page.seg,
+                    page: PageIndex(page.page.0 + i),
+                })
+            })
+            .collect();
+        self.send(to, CohMsg::ReadGrant { page, data, extra });
+    }
+
+    fn home_downgrade_ack(
+        &mut self,
+        from: NodeId,
+        page: PageKey,
+        data: Option<Bytes>,
+        store: &mut impl PageStore,
+    ) {
+        let Some(txn) = self.current_txn(page) else {
+            tracing::warn!(?page, ?from, "downgrade ack with no transaction");
+            return;
+        };
+        let Txn::Read {
+            from: reader,
+            prefetch,
+            owner,
+        } = txn
+        else {
+            tracing::warn!(?page, ?from, "downgrade ack during a write transaction");
+            return;
+        };
+        if owner != from {
+            tracing::warn!(
+                ?page,
+                ?from,
+                "downgrade ack from a node that is not the owner"
+            );
+            return;
+        }
+        match data {
+            Some(data) => {
+                store.write_home(page, &data);
+                if let Some(entry) = self.dir_entry(page) {
+                    entry.owner = None;
+                    entry.copyset.insert(owner);
+                }
+                self.grant_read(page, reader, prefetch, store);
+            }
+            None => {
+                tracing::error!(?page, ?owner, "owner had no copy to downgrade");
+                self.mark_lost(page);
+                self.reply_unavailable(reader, page);
+            }
+        }
+        self.finish_txn(page, store);
+    }
+
+    fn home_invalidate_ack(
+        &mut self,
+        from: NodeId,
+        page: PageKey,
+        data: Option<Bytes>,
+        store: &mut impl PageStore,
+    ) {
+        let Some(home) = self.homes.get_mut(&page.seg) else {
+            return;
+        };
+        let Some(Txn::Write {
+            waiting,
+            owner,
+            data_lost,
+            ..
+        }) = home.busy.get_mut(&page.page).and_then(|b| b.txn.as_mut())
+        else {
+            tracing::warn!(?page, ?from, "invalidate ack with no write transaction");
+            return;
+        };
+        if !waiting.contains(from) {
+            tracing::warn!(?page, ?from, "unexpected invalidate ack");
+            return;
+        }
+        waiting.remove(from);
+        if *owner == Some(from) {
+            match data {
+                Some(data) => store.write_home(page, &data),
+                None => *data_lost = true,
+            }
+        }
+        if waiting.is_empty() {
+            self.complete_write(page, store);
+        }
+    }
+
+    /// Every other holder has let go: grant the page to the writer.
+    fn complete_write(&mut self, page: PageKey, store: &mut impl PageStore) {
+        let Some(Txn::Write {
+            from,
+            send_data,
+            data_lost,
+            ..
+        }) = self.current_txn(page)
+        else {
+            return;
+        };
+        let writer_dead = self.dead.contains(from);
+        if data_lost {
+            self.mark_lost(page);
+            self.reply_unavailable(from, page);
+        } else if writer_dead {
+            // Every copy was collected into the home copy; nobody owns it.
+            if let Some(entry) = self.dir_entry(page) {
+                entry.owner = None;
+                entry.copyset = NodeSet::EMPTY;
+            }
+        } else if let Some(entry) = self.dir_entry(page) {
+            entry.owner = Some(from);
+            entry.copyset = NodeSet::EMPTY;
+            let data = send_data.then(|| store.read_home(page));
+            self.send(from, CohMsg::WriteGrant { page, data });
+        }
+        self.finish_txn(page, store);
+    }
+
+    fn finish_txn(&mut self, page: PageKey, store: &mut impl PageStore) {
+        if let Some(busy) = self
+            .homes
+            .get_mut(&page.seg)
+            .and_then(|h| h.busy.get_mut(&page.page))
+        {
+            busy.txn = None;
+        }
+        self.start_next(page, store);
+    }
+
+    fn current_txn(&self, page: PageKey) -> Option<Txn> {
+        self.homes.get(&page.seg)?.busy.get(&page.page)?.txn
+    }
+
+    fn dir_entry(&mut self, page: PageKey) -> Option<&mut DirEntry> {
+        self.homes
+            .get_mut(&page.seg)?
+            .dir
+            .get_mut(page.page.0 as usize)
+    }
+
+    fn mark_lost(&mut self, page: PageKey) {
+        if let Some(entry) = self.dir_entry(page) {
+            entry.owner = None;
+            entry.lost = true;
+        }
+    }
+
+    fn reply_unavailable(&mut self, to: NodeId, page: PageKey) {
+        if !self.dead.contains(to) {
+            self.send(to, CohMsg::Unavailable { page });
+        }
+    }
+
+    /// Directory view of a page homed here: (owner, copyset, lost).
+    pub fn directory(&self, page: PageKey) -> Option<(Option<NodeId>, NodeSet, bool)> {
+        let e = self.homes.get(&page.seg)?.dir.get(page.page.0 as usize)?;
+        Some((e.owner, e.copyset, e.lost))
+    }
+}

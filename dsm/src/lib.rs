@@ -1,0 +1,6 @@
+//! `dsm`: SysV-style shared memory kept coherent across the nodes of a cluster.
+//!
+//! See `docs/architecture.md` for how the pieces fit.
+
+pub mod coherence;
+pub mod ids;
