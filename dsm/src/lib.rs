@@ -3,4 +3,7 @@
 //! See `docs/architecture.md` for how the pieces fit.
 
 pub mod coherence;
+pub mod fdpass;
 pub mod ids;
+pub mod memfd;
+pub mod uffd;

@@ -1,0 +1,198 @@
+//! A node's copy of a segment (a memfd) and process mappings of it.
+//!
+//! The daemon never touches a segment through a mapping (reading a hole that
+//! way would insert a zero page into the shared cache, DESIGN.md fact 6): it
+//! uses `pread`/`pwrite` on the fd and `fallocate(PUNCH_HOLE)` to drop pages.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// A sealed-size shmem file holding one node's copy of a segment.
+#[derive(Debug)]
+pub struct Memfd {
+    fd: OwnedFd,
+    len: u64,
+}
+
+impl Memfd {
+    pub fn create(name: &str, len: u64) -> io::Result<Memfd> {
+        let cname = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; returns a new fd.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the fd was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let len_off =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: ftruncate on an fd we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len_off) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Memfd { fd, len })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            // SAFETY: pread into the live slice `rest` of the stated length.
+            let n = unsafe {
+                libc::pread(
+                    self.fd.as_raw_fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => {
+                    // Beyond the end: zeros, as a mapping would show.
+                    rest.fill(0);
+                    return Ok(());
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EINTR) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < data.len() {
+            let rest = &data[done..];
+            // SAFETY: pwrite from the live slice `rest` of the stated length.
+            let n = unsafe {
+                libc::pwrite(
+                    self.fd.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+                continue;
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Drop the pages of a range from the node's copy: every mapping loses
+    /// them and the next access faults (MISSING).
+    pub fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate on an fd we own, with a range inside the file.
+        let ret = unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl AsFd for Memfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// A `MAP_SHARED` mapping of a memfd into this process, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; access to its bytes is
+// governed by whoever hands out references (atomics or copies).
+unsafe impl Send for Mapping {}
+// SAFETY: as above; the struct itself is immutable.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Map `len` bytes of `fd` shared, read-only or read-write, at `hint` if
+    /// given (`MAP_FIXED_NOREPLACE`) or where the kernel chooses.
+    pub fn map(
+        fd: BorrowedFd<'_>,
+        len: usize,
+        writable: bool,
+        hint: Option<usize>,
+    ) -> io::Result<Mapping> {
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        let mut flags = libc::MAP_SHARED;
+        let addr = match hint {
+            Some(a) => {
+                flags |= libc::MAP_FIXED_NOREPLACE;
+                a as *mut libc::c_void
+            }
+            None => std::ptr::null_mut(),
+        };
+        // SAFETY: a new shared mapping of an fd we borrow; with
+        // MAP_FIXED_NOREPLACE nothing already mapped is replaced.
+        let ptr = unsafe { libc::mmap(addr, len, prot, flags, fd.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        if hint.is_some_and(|a| a != ptr as usize) {
+            // Old kernels ignore NOREPLACE and treat it as a hint.
+            // SAFETY: unmapping the mapping we just made.
+            unsafe { libc::munmap(ptr, len) };
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(Mapping { addr: ptr, len })
+    }
+
+    pub fn addr(&self) -> usize {
+        self.addr as usize
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr.cast()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the range this value mapped.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
