@@ -1,2 +1,274 @@
-//! Top-level package of migshm: the local cluster harness used by the
-//! examples and the integration tests.
+//! Top-level package of migshm: a local cluster harness for the examples and
+//! the integration tests. It starts several `dsmd` on 127.0.0.x, each with
+//! its own socket, and stops every process it started, by pid.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where cargo put the binaries of this build (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Tests and examples run from target/<profile>/{deps,examples}.
+    if dir.ends_with("deps") || dir.ends_with("examples") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary, building it first if this build lacks it.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        let release = bin_dir().ends_with("release");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "--quiet", "--bin", name]);
+        if release {
+            cmd.arg("--release");
+        }
+        let _ = cmd.status();
+    }
+    path
+}
+
+pub struct Node {
+    pub id: u8,
+    pub listen: String,
+    pub socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+/// Several `dsmd` on loopback.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub nodes: Vec<Node>,
+}
+
+/// Options for the daemons a cluster starts.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub nodes: u8,
+    pub peer_timeout_ms: u64,
+    pub heartbeat_ms: u64,
+    /// Extra `DSMD_LOG` filter (default: warnings).
+    pub log: String,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            nodes: 3,
+            peer_timeout_ms: 1000,
+            heartbeat_ms: 100,
+            log: "warn".into(),
+        }
+    }
+}
+
+impl Cluster {
+    pub fn start(nodes: u8) -> std::io::Result<Cluster> {
+        Cluster::start_with(ClusterOptions {
+            nodes,
+            ..Default::default()
+        })
+    }
+
+    pub fn start_with(opts: ClusterOptions) -> std::io::Result<Cluster> {
+        let dsmd = binary("dsmd");
+        let mut last_err = None;
+        for attempt in 0..5 {
+            let dir = std::env::temp_dir().join(format!(
+                "migshm-{}-{}-{attempt}",
+                std::process::id(),
+                unique()
+            ));
+            std::fs::create_dir_all(&dir)?;
+            // A port per run; a clash shows as a daemon that exits at once.
+            let port = 20000 + (unique() * 7919 + u64::from(std::process::id())) % 30000;
+            let mut cluster = Cluster {
+                dir: dir.clone(),
+                nodes: Vec::new(),
+            };
+            for id in 1..=opts.nodes {
+                cluster.nodes.push(Node {
+                    id,
+                    listen: format!("127.0.0.{id}:{port}"),
+                    socket: dir.join(format!("node{id}.sock")),
+                    child: None,
+                });
+            }
+            for i in 0..cluster.nodes.len() {
+                let me = &cluster.nodes[i];
+                let mut cmd = Command::new(&dsmd);
+                cmd.arg("--node").arg(me.id.to_string());
+                cmd.arg("--listen").arg(&me.listen);
+                cmd.arg("--socket").arg(&me.socket);
+                cmd.arg("--peer-timeout-ms")
+                    .arg(opts.peer_timeout_ms.to_string());
+                cmd.arg("--heartbeat-ms").arg(opts.heartbeat_ms.to_string());
+                for other in cluster.nodes.iter().filter(|n| n.id != me.id) {
+                    cmd.arg("--peer")
+                        .arg(format!("{}={}", other.id, other.listen));
+                }
+                let log = std::fs::File::create(dir.join(format!("node{}.log", me.id)))?;
+                cmd.env("DSMD_LOG", &opts.log)
+                    .stdout(Stdio::null())
+                    .stderr(log);
+                let child = cmd.spawn()?;
+                cluster.nodes[i].child = Some(child);
+            }
+            match cluster.wait_ready(Duration::from_secs(10)) {
+                Ok(()) => return Ok(cluster),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| std::io::Error::other("cluster did not start")))
+    }
+
+    /// Wait until every daemon answers and sees every other one up.
+    pub fn wait_ready(&mut self, limit: Duration) -> std::io::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            for n in &mut self.nodes {
+                if let Some(child) = n.child.as_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(std::io::Error::other(format!(
+                            "dsmd {} exited: {status}",
+                            n.id
+                        )));
+                    }
+                }
+            }
+            let all_up = self.nodes.iter().all(|n| {
+                dsm::client::Client::connect(&n.socket)
+                    .and_then(|c| c.nodes())
+                    .map(|list| list.len() == self.nodes.len() && list.iter().all(|x| x.up))
+                    .unwrap_or(false)
+            });
+            if all_up {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other("cluster not ready in time"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn socket(&self, node: u8) -> &Path {
+        &self.nodes[usize::from(node - 1)].socket
+    }
+
+    pub fn node(&self, node: u8) -> &Node {
+        &self.nodes[usize::from(node - 1)]
+    }
+
+    /// SIGKILL one daemon (node loss).
+    pub fn kill(&mut self, node: u8) {
+        if let Some(mut child) = self.nodes[usize::from(node - 1)].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The log a daemon wrote so far.
+    pub fn log(&self, node: u8) -> String {
+        std::fs::read_to_string(self.dir.join(format!("node{node}.log"))).unwrap_or_default()
+    }
+
+    /// Stop every daemon with SIGTERM (then SIGKILL) and wait for each.
+    pub fn stop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut child) = n.child.take() {
+                // SAFETY: signalling a child we spawned and have not reaped.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    NEXT.fetch_add(1, Ordering::Relaxed) * 1_000_003 + u64::from(nanos % 1000)
+}
+
+/// A process started on a node, killed (by pid) if still running when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    /// Wait at most `limit`; `None` if it is still running (then killed).
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn output(self, limit: Duration) -> Option<(std::process::ExitStatus, String)> {
+        let mut me = self;
+        let status = me.wait_timeout(limit)?;
+        let mut out = String::new();
+        if let Some(mut stdout) = me.child.stdout.take() {
+            use std::io::Read;
+            let _ = stdout.read_to_string(&mut out);
+        }
+        Some((status, out))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Run a test program role against a node's socket.
+pub fn spawn_role(socket: &Path, args: &[&str]) -> std::io::Result<Proc> {
+    let child = Command::new(binary("dsm-testprog"))
+        .args(args)
+        .env(dsm::client::SOCKET_ENV, socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    Ok(Proc { child })
+}

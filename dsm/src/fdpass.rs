@@ -123,3 +123,15 @@ pub fn peer_credentials(sock: &impl AsRawFd) -> io::Result<libc::ucred> {
     }
     Ok(cred)
 }
+
+/// Register a unix stream with the tokio reactor for readiness.
+pub fn async_stream(
+    stream: std::os::unix::net::UnixStream,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::unix::net::UnixStream>> {
+    stream.set_nonblocking(true)?;
+    let interest = tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE;
+    // SAFETY: the AsyncFd owns the stream, so its fd stays open and the same
+    // for the AsyncFd's whole life.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(stream, interest) }
+        .map_err(|e| e.into_parts().1)
+}

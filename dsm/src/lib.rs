@@ -2,8 +2,12 @@
 //!
 //! See `docs/architecture.md` for how the pieces fit.
 
+pub mod client;
 pub mod coherence;
+pub mod daemon;
 pub mod fdpass;
 pub mod ids;
 pub mod memfd;
+pub mod sysv;
 pub mod uffd;
+pub mod wire;

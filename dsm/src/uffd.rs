@@ -130,10 +130,6 @@ impl Uffd {
         Uffd { fd }
     }
 
-    pub fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
     /// The API handshake; asks for `features` and returns what is granted.
     pub fn api(&self, features: u64) -> io::Result<u64> {
         let mut api = uapi::uffdio_api {
@@ -187,14 +183,13 @@ impl Uffd {
     /// Set (`protect`) or clear write protection on a range; clearing wakes
     /// the faulting threads unless `wake` is false.
     pub fn write_protect(&self, start: u64, len: u64, protect: bool, wake: bool) -> io::Result<()> {
-        let mut mode = if protect {
-            UFFDIO_WRITEPROTECT_MODE_WP
-        } else {
-            0
+        // The kernel refuses DONTWAKE together with WP (setting protection
+        // wakes nobody anyway).
+        let mode = match (protect, wake) {
+            (true, _) => UFFDIO_WRITEPROTECT_MODE_WP,
+            (false, true) => 0,
+            (false, false) => UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
         };
-        if !wake {
-            mode |= UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
-        }
         let mut arg = uapi::uffdio_writeprotect {
             range: uapi::uffdio_range { start, len },
             mode,
@@ -320,4 +315,26 @@ mod tests {
         // _IOWR(0xAA, 8, struct uffdio_poison) from <linux/userfaultfd.h>.
         assert_eq!(UFFDIO_POISON, 0xC020_AA08);
     }
+}
+
+impl AsRawFd for Uffd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Register a shared uffd with the tokio reactor for readability.
+pub fn async_uffd(
+    uffd: std::sync::Arc<Uffd>,
+) -> io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<Uffd>>> {
+    // SAFETY: the AsyncFd holds an Arc of the Uffd, which owns the fd, so
+    // the fd stays open and the same while the AsyncFd exists.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(uffd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// True for errors that only mean the uffd's process has exited (its
+/// memory is gone, so there is nothing left to protect or resolve).
+pub fn process_gone(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ESRCH) | Some(libc::ENOENT))
 }

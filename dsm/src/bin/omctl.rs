@@ -1,0 +1,140 @@
+//! `omctl [--socket PATH] nodes|ipcs|status`: cluster administration.
+//! The socket defaults to `$DSMD_SOCKET`.
+
+use dsm::client::{Client, SOCKET_ENV};
+use dsm::sysv::SHM_DEST;
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: omctl [--socket PATH] nodes|ipcs|status";
+
+fn user_name(uid: u32) -> String {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let id: u32 = f.nth(1)?.parse().ok()?;
+            (id == uid).then(|| name.to_string())
+        })
+        .next()
+        .unwrap_or_else(|| uid.to_string())
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut socket = std::env::var_os(SOCKET_ENV).map(std::path::PathBuf::from);
+    let mut command = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--socket" => match args.next() {
+                Some(p) => socket = Some(p.into()),
+                None => {
+                    eprintln!("omctl: --socket needs a path");
+                    return ExitCode::from(2);
+                }
+            },
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other if command.is_none() => command = Some(other.to_string()),
+            other => {
+                eprintln!("omctl: unexpected argument {other:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(command) = command else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    if !matches!(command.as_str(), "nodes" | "ipcs" | "status") {
+        eprintln!("omctl: unknown command {command:?}\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    let Some(socket) = socket else {
+        eprintln!("omctl: no socket: pass --socket PATH or set {SOCKET_ENV}");
+        return ExitCode::from(2);
+    };
+    let client = match Client::connect(&socket) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("omctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match command.as_str() {
+        "nodes" => client.nodes().map(|nodes| {
+            for n in nodes {
+                let here = if n.this_node { "  (this node)" } else { "" };
+                println!(
+                    "{} {} {}{here}",
+                    n.node,
+                    if n.up { "up" } else { "down" },
+                    n.address
+                );
+            }
+        }),
+        "ipcs" => client.ipcs().map(|segments| {
+            println!("------ Shared Memory Segments --------");
+            println!(
+                "{:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<5}",
+                "key", "shmid", "owner", "perms", "bytes", "nattch", "status", "home"
+            );
+            for s in segments {
+                let status = if s.perm.mode & SHM_DEST != 0 {
+                    "dest"
+                } else {
+                    ""
+                };
+                println!(
+                    "{:<10} {:<10} {:<10} {:<10o} {:<10} {:<10} {:<10} {:<5}",
+                    format!("{:#010x}", s.perm.key as u32),
+                    s.id,
+                    user_name(s.perm.uid),
+                    s.perm.mode & 0o777,
+                    s.size,
+                    s.nattch,
+                    status,
+                    s.home
+                );
+            }
+        }),
+        _ => client.status().map(|nodes| {
+            println!(
+                "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6}",
+                "node",
+                "homed",
+                "cached",
+                "resident",
+                "faults_served",
+                "requests",
+                "bytes_sent",
+                "bytes_recv",
+                "procs"
+            );
+            for s in nodes {
+                println!(
+                    "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6}",
+                    s.node,
+                    s.segments_homed,
+                    s.segments_cached,
+                    s.resident_pages,
+                    s.faults_served,
+                    s.remote_requests,
+                    s.bytes_sent,
+                    s.bytes_received,
+                    s.attached_processes
+                );
+            }
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("omctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! The library API for Rust programs: talk to the local `dsmd`, get or
+//! create segments by key, attach them, stat and remove them.
+//!
+//! ```no_run
+//! use dsm::client::{Client, IPC_CREAT};
+//! let client = Client::connect("/run/dsmd.sock")?;
+//! let id = client.get(0x1234, 4096, IPC_CREAT | 0o600)?;
+//! let seg = client.attach(id, false)?;
+//! seg.atomic_u64(0).fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+//! # Ok::<(), dsm::client::Error>(())
+//! ```
+//!
+//! Each process talks to its daemon over its own connection; a forked child
+//! re-registers its inherited attachments (with a new userfaultfd) in a
+//! `pthread_atfork` handler, before it can touch them.
+
+use crate::fdpass;
+use crate::ids::{pages_for, NodeId, PAGE_SIZE};
+use crate::memfd::Mapping;
+use crate::sysv::ShmStat;
+pub use crate::sysv::{IPC_CREAT, IPC_EXCL};
+use crate::uffd;
+use crate::wire::{self, AttachmentRecord, ClientReply, ClientRequest, NodeInfo, NodeStatus};
+use parking_lot::Mutex;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
+use std::sync::{Arc, Once, Weak};
+use std::time::Duration;
+
+/// The environment variable naming the daemon's socket.
+pub const SOCKET_ENV: &str = "DSMD_SOCKET";
+
+/// How long a call may wait for the daemon (it bounds its own waits on
+/// other nodes well below this).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The errno a Linux program would get from the same call.
+    #[error("{}", std::io::Error::from_raw_os_error(*.0))]
+    Errno(i32),
+    #[error("cannot reach dsmd at {path}: {source}")]
+    Unreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("connection to dsmd: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("dsmd answered out of protocol: {0}")]
+    Protocol(String),
+    #[error("{SOCKET_ENV} is not set and no socket was given")]
+    NoSocket,
+}
+
+impl Error {
+    /// The errno to report for this failure.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Errno(e) => *e,
+            Error::Unreachable { .. } | Error::NoSocket => libc::ECONNREFUSED,
+            Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Error::Protocol(_) => libc::EPROTO,
+        }
+    }
+}
+
+struct State {
+    stream: UnixStream,
+    next_id: u64,
+    uffd_sent: bool,
+    attachments: Vec<AttachmentRecord>,
+    /// After a failed fork hand-over: every call fails.
+    broken: bool,
+}
+
+struct Inner {
+    path: PathBuf,
+    node: NodeId,
+    state: Mutex<State>,
+}
+
+/// A connection to the local daemon. Cheap to clone; share it across threads.
+#[derive(Clone)]
+pub struct Client(Arc<Inner>);
+
+static LIVE: Mutex<Vec<Weak<Inner>>> = Mutex::new(Vec::new());
+static ATFORK: Once = Once::new();
+
+fn open_stream(path: &Path) -> Result<UnixStream, Error> {
+    let stream = UnixStream::connect(path).map_err(|source| Error::Unreachable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(CALL_TIMEOUT))?;
+    stream.set_write_timeout(Some(CALL_TIMEOUT))?;
+    Ok(stream)
+}
+
+fn call_on(
+    state: &mut State,
+    req: &ClientRequest,
+    fd: Option<&OwnedFd>,
+) -> Result<(ClientReply, Option<OwnedFd>), Error> {
+    if state.broken {
+        return Err(Error::Errno(libc::EIO));
+    }
+    let id = state.next_id;
+    state.next_id += 1;
+    let frame = wire::encode_client(id, req);
+    let sock = state.stream.as_raw_fd();
+    let mut sent = 0;
+    let mut fds: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    while sent < frame.len() {
+        sent += fdpass::send_with_fds(sock, &frame[sent..], &fds)?;
+        fds.clear();
+    }
+    let mut buf = Vec::new();
+    let mut received = Vec::new();
+    loop {
+        if let Some(len) =
+            wire::client_frame_len(&buf).map_err(|e| Error::Protocol(e.to_string()))?
+        {
+            if buf.len() >= len {
+                let (reply_id, reply): (u64, ClientReply) = wire::decode_client(&buf[4..len])
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                if reply_id != id {
+                    return Err(Error::Protocol(format!("reply {reply_id} to request {id}")));
+                }
+                return Ok((reply, received.pop()));
+            }
+        }
+        let mut chunk = [0u8; 65536];
+        let n = fdpass::recv_with_fds(sock, &mut chunk, &mut received)?;
+        if n == 0 {
+            return Err(Error::Io(std::io::Error::from(
+                std::io::ErrorKind::UnexpectedEof,
+            )));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn expect_ok(reply: ClientReply) -> Result<(), Error> {
+    match reply {
+        ClientReply::Ok => Ok(()),
+        ClientReply::Err(e) => Err(Error::Errno(e)),
+        other => Err(Error::Protocol(format!("{other:?}"))),
+    }
+}
+
+impl Client {
+    /// Connect to the daemon listening on `path`.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client, Error> {
+        let path = path.as_ref().to_path_buf();
+        let stream = open_stream(&path)?;
+        let mut state = State {
+            stream,
+            next_id: 1,
+            uffd_sent: false,
+            attachments: vec![],
+            broken: false,
+        };
+        let node = match call_on(
+            &mut state,
+            &ClientRequest::Hello {
+                version: wire::PROTOCOL_VERSION,
+            },
+            None,
+        )?
+        .0
+        {
+            ClientReply::Welcome { node, .. } => node,
+            ClientReply::Err(e) => return Err(Error::Errno(e)),
+            other => return Err(Error::Protocol(format!("{other:?}"))),
+        };
+        let inner = Arc::new(Inner {
+            path,
+            node,
+            state: Mutex::new(state),
+        });
+        ATFORK.call_once(|| {
+            // SAFETY: registering plain extern "C" functions without arguments.
+            unsafe {
+                libc::pthread_atfork(
+                    Some(atfork_prepare),
+                    Some(atfork_parent),
+                    Some(atfork_child),
+                )
+            };
+        });
+        let mut live = LIVE.lock();
+        live.retain(|w| w.strong_count() > 0);
+        live.push(Arc::downgrade(&inner));
+        Ok(Client(inner))
+    }
+
+    /// Connect to the daemon named by `DSMD_SOCKET`.
+    pub fn connect_default() -> Result<Client, Error> {
+        let path = std::env::var_os(SOCKET_ENV).ok_or(Error::NoSocket)?;
+        Client::connect(path)
+    }
+
+    /// The node this process runs on.
+    pub fn node(&self) -> NodeId {
+        self.0.node
+    }
+
+    fn call(&self, req: &ClientRequest) -> Result<ClientReply, Error> {
+        let mut state = self.0.state.lock();
+        Ok(call_on(&mut state, req, None)?.0)
+    }
+
+    /// `shmget`: find or create the segment of `key` (0 = `IPC_PRIVATE`).
+    /// `flags` holds `IPC_CREAT`, `IPC_EXCL` and the mode bits.
+    pub fn get(&self, key: i32, size: u64, flags: i32) -> Result<i32, Error> {
+        match self.call(&ClientRequest::ShmGet { key, size, flags })? {
+            ClientReply::ShmId(id) => Ok(id),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// `shmat`: map the segment into this process (read-only if asked).
+    pub fn attach(&self, id: i32, readonly: bool) -> Result<Attachment, Error> {
+        self.attach_at(id, readonly, None)
+    }
+
+    /// `shmat` at a given page-aligned address.
+    pub fn attach_at(
+        &self,
+        id: i32,
+        readonly: bool,
+        addr: Option<usize>,
+    ) -> Result<Attachment, Error> {
+        let mut state = self.0.state.lock();
+        let (reply, memfd) = call_on(&mut state, &ClientRequest::ShmAttach { id, readonly }, None)?;
+        let size = match reply {
+            ClientReply::Attached { size } => size,
+            ClientReply::Err(e) => return Err(Error::Errno(e)),
+            other => return Err(Error::Protocol(format!("{other:?}"))),
+        };
+        let memfd =
+            memfd.ok_or_else(|| Error::Protocol("attach reply without a descriptor".into()))?;
+        let len = u64::from(pages_for(size)) as usize * PAGE_SIZE;
+        let mapped = Mapping::map(memfd.as_fd(), len, !readonly, addr);
+        drop(memfd);
+        let mapping = match mapped {
+            Ok(m) => m,
+            Err(e) => {
+                // The daemon counted the attach; it undoes it when told the
+                // mapping never happened (a detach of address 0 is refused,
+                // so report through a mapped-failure below).
+                let errno = e.raw_os_error().unwrap_or(libc::ENOMEM);
+                let req = ClientRequest::ShmMapped {
+                    id,
+                    addr: 0,
+                    len: 0,
+                    readonly,
+                    with_uffd: false,
+                };
+                let _ = call_on(&mut state, &req, None);
+                return Err(Error::Errno(errno));
+            }
+        };
+        let with_uffd = !state.uffd_sent;
+        let uffd = if with_uffd {
+            Some(uffd::create_for_self()?)
+        } else {
+            None
+        };
+        let req = ClientRequest::ShmMapped {
+            id,
+            addr: mapping.addr() as u64,
+            len: len as u64,
+            readonly,
+            with_uffd,
+        };
+        let (reply, _) = call_on(&mut state, &req, uffd.as_ref())?;
+        // Our copy of the uffd closes here: only the daemon holds it.
+        drop(uffd);
+        expect_ok(reply)?;
+        state.uffd_sent = true;
+        state.attachments.push(AttachmentRecord {
+            id,
+            addr: mapping.addr() as u64,
+            len: len as u64,
+            readonly,
+        });
+        drop(state);
+        Ok(Attachment {
+            client: self.clone(),
+            id,
+            size,
+            mapping: Some(mapping),
+            readonly,
+        })
+    }
+
+    fn detach(&self, id: i32, mapping: Mapping) -> Result<(), Error> {
+        let addr = mapping.addr() as u64;
+        let mut state = self.0.state.lock();
+        state
+            .attachments
+            .retain(|a| !(a.id == id && a.addr == addr));
+        // Unmap first: the range must never be served again.
+        drop(mapping);
+        expect_ok(call_on(&mut state, &ClientRequest::ShmDetach { id, addr }, None)?.0)
+    }
+
+    /// `shmctl(IPC_STAT)`.
+    pub fn stat(&self, id: i32) -> Result<ShmStat, Error> {
+        match self.call(&ClientRequest::ShmStat { id })? {
+            ClientReply::Stat(s) => Ok(s),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// `shmctl(IPC_SET)`: owner, group and the permission bits.
+    pub fn set(&self, id: i32, uid: u32, gid: u32, mode: u32) -> Result<(), Error> {
+        expect_ok(self.call(&ClientRequest::ShmSet { id, uid, gid, mode })?)
+    }
+
+    /// `shmctl(IPC_RMID)`: the key is freed now, the memory when the last
+    /// process detaches.
+    pub fn remove(&self, id: i32) -> Result<(), Error> {
+        expect_ok(self.call(&ClientRequest::ShmRemove { id })?)
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeInfo>, Error> {
+        match self.call(&ClientRequest::Nodes)? {
+            ClientReply::Nodes(n) => Ok(n),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Every segment of the cluster (on the nodes that are up).
+    pub fn ipcs(&self) -> Result<Vec<ShmStat>, Error> {
+        match self.call(&ClientRequest::Ipcs)? {
+            ClientReply::Segments(s) => Ok(s),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    pub fn status(&self) -> Result<Vec<NodeStatus>, Error> {
+        match self.call(&ClientRequest::Status)? {
+            ClientReply::Status(s) => Ok(s),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+}
+
+/// A segment mapped into this process; detaches on drop.
+pub struct Attachment {
+    client: Client,
+    id: i32,
+    size: u64,
+    mapping: Option<Mapping>,
+    readonly: bool,
+}
+
+impl Attachment {
+    pub fn id(&self) -> i32 {
+        self.id
+    }
+
+    /// The segment's size in bytes (the mapping is rounded up to pages).
+    pub fn len(&self) -> usize {
+        self.size as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    pub fn is_readonly(&self) -> bool {
+        self.readonly
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.mapping
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |m| m.as_ptr())
+    }
+
+    fn mapped_len(&self) -> usize {
+        self.mapping.as_ref().map_or(0, |m| m.len())
+    }
+
+    /// The segment as 64-bit atomics (the mapping is page-aligned).
+    pub fn atomics_u64(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping is live while `self` is, page-aligned, and
+        // atomics tolerate concurrent access from other processes.
+        unsafe { std::slice::from_raw_parts(self.as_ptr().cast(), self.mapped_len() / 8) }
+    }
+
+    pub fn atomics_u32(&self) -> &[AtomicU32] {
+        // SAFETY: as for `atomics_u64`.
+        unsafe { std::slice::from_raw_parts(self.as_ptr().cast(), self.mapped_len() / 4) }
+    }
+
+    pub fn atomics_u8(&self) -> &[AtomicU8] {
+        // SAFETY: as for `atomics_u64`.
+        unsafe { std::slice::from_raw_parts(self.as_ptr().cast(), self.mapped_len()) }
+    }
+
+    /// The 64-bit word at `index` (panics beyond the segment, like slicing).
+    pub fn atomic_u64(&self, index: usize) -> &AtomicU64 {
+        &self.atomics_u64()[index]
+    }
+
+    /// Copy bytes out of the segment.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) {
+        assert!(
+            offset + buf.len() <= self.mapped_len(),
+            "read beyond the segment"
+        );
+        // SAFETY: the range is inside the live mapping; volatile because other
+        // processes write it concurrently.
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = unsafe { std::ptr::read_volatile(self.as_ptr().add(offset + i)) };
+        }
+    }
+
+    /// Copy bytes into the segment.
+    pub fn write(&self, offset: usize, data: &[u8]) {
+        assert!(!self.readonly, "write to a read-only attachment");
+        assert!(
+            offset + data.len() <= self.mapped_len(),
+            "write beyond the segment"
+        );
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: as for `read`.
+            unsafe { std::ptr::write_volatile(self.as_ptr().add(offset + i), *b) };
+        }
+    }
+
+    /// The segment as bytes.
+    ///
+    /// # Safety
+    /// Other processes may write the segment at any time; the caller must
+    /// make sure none does while the slice is alive (e.g. hold a lock).
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is live while `self` is; exclusion is the caller's.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.size as usize) }
+    }
+
+    /// Detach now, reporting errors (drop detaches too, silently).
+    pub fn detach(mut self) -> Result<(), Error> {
+        match self.mapping.take() {
+            Some(m) => self.client.detach(self.id, m),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        if let Some(m) = self.mapping.take() {
+            if let Err(e) = self.client.detach(self.id, m) {
+                tracing::debug!(id = self.id, "detach on drop: {e}");
+            }
+        }
+    }
+}
+
+// ---- fork ----------------------------------------------------------------------
+
+// Locks stay held from prepare to the parent/child handler so the child
+// never inherits a lock some other thread held at the moment of fork.
+extern "C" fn atfork_prepare() {
+    let live = LIVE.lock();
+    for inner in live.iter().filter_map(Weak::upgrade) {
+        std::mem::forget(inner.state.lock());
+    }
+    std::mem::forget(live);
+}
+
+fn release_fork_locks() {
+    // SAFETY: prepare locked LIVE and forgot the guard; this is its unlock.
+    unsafe { LIVE.force_unlock() };
+    let live = LIVE.lock();
+    for inner in live.iter().filter_map(Weak::upgrade) {
+        // SAFETY: prepare locked every live state and forgot the guards.
+        unsafe { inner.state.force_unlock() };
+    }
+}
+
+extern "C" fn atfork_parent() {
+    release_fork_locks();
+}
+
+extern "C" fn atfork_child() {
+    release_fork_locks();
+    let live: Vec<Arc<Inner>> = LIVE.lock().iter().filter_map(Weak::upgrade).collect();
+    for inner in live {
+        let mut state = inner.state.lock();
+        if let Err(e) = adopt_in_child(&inner.path, &mut state) {
+            // Unregistered mappings could show stale or zero pages: take
+            // them away, so an access faults (SIGSEGV) instead.
+            for a in state.attachments.drain(..) {
+                // SAFETY: unmapping a range this client mapped in the parent.
+                unsafe { libc::munmap(a.addr as *mut libc::c_void, a.len as usize) };
+            }
+            state.broken = true;
+            tracing::error!("forked child could not re-register its segments: {e}");
+        }
+    }
+}
+
+/// In a forked child: a connection of its own, a userfaultfd of its own,
+/// and the inherited attachments handed to the daemon before returning.
+fn adopt_in_child(path: &Path, state: &mut State) -> Result<(), Error> {
+    state.stream = open_stream(path)?;
+    state.next_id = 1;
+    state.uffd_sent = false;
+    match call_on(
+        state,
+        &ClientRequest::Hello {
+            version: wire::PROTOCOL_VERSION,
+        },
+        None,
+    )?
+    .0
+    {
+        ClientReply::Welcome { .. } => {}
+        other => return Err(Error::Protocol(format!("{other:?}"))),
+    }
+    if state.attachments.is_empty() {
+        return Ok(());
+    }
+    let uffd = uffd::create_for_self()?;
+    let req = ClientRequest::Adopt {
+        attachments: state.attachments.clone(),
+    };
+    expect_ok(call_on(state, &req, Some(&uffd))?.0)?;
+    state.uffd_sent = true;
+    Ok(())
+}

@@ -1,0 +1,710 @@
+//! Local processes: one task per unix-socket connection (one per process),
+//! frames with descriptors alongside, and the request flows that span nodes.
+
+use super::core::SharedCore;
+use super::store::{MappingRecord, ProcId};
+use crate::fdpass;
+use crate::ids::{SegmentId, PAGE_SIZE};
+use crate::sysv::{Credentials, IPC_CREAT, IPC_EXCL};
+use crate::uffd::{self, Uffd};
+use crate::wire::{
+    self, AttachmentRecord, ClientReply, ClientRequest, NodeInfo, RpcRequest, RpcResponse,
+};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use tokio::io::unix::AsyncFd;
+use tokio::net::UnixListener;
+
+pub async fn accept_loop(core: SharedCore, listener: UnixListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("accept on the local socket: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let core = core.clone();
+        tokio::task::spawn_local(async move {
+            let Ok(std_stream) = stream.into_std() else {
+                return;
+            };
+            let cred = match fdpass::peer_credentials(&std_stream) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("no peer credentials: {e}");
+                    return;
+                }
+            };
+            let Ok(fd) = fdpass::async_stream(std_stream) else {
+                return;
+            };
+            let mut conn = Connection {
+                fd,
+                inbuf: Vec::new(),
+                fds: VecDeque::new(),
+            };
+            let mut session = Session {
+                core,
+                pid: cred.pid,
+                uid: cred.uid,
+                gid: cred.gid,
+                proc: None,
+                fault_task: None,
+                attached: vec![],
+            };
+            if let Err(e) = session.serve(&mut conn).await {
+                tracing::debug!(pid = cred.pid, "client connection ended: {e}");
+            }
+            session.cleanup();
+        });
+    }
+}
+
+struct Connection {
+    fd: AsyncFd<UnixStream>,
+    inbuf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Connection {
+    /// Next complete frame (id, request), or `None` at end of stream.
+    async fn next(
+        &mut self,
+    ) -> std::io::Result<Option<(u64, Result<ClientRequest, wire::WireError>)>> {
+        loop {
+            if let Some(len) = wire::client_frame_len(&self.inbuf).map_err(std::io::Error::other)? {
+                if self.inbuf.len() >= len {
+                    let body: Vec<u8> = self.inbuf.drain(..len).skip(4).collect();
+                    let decoded = wire::decode_client::<ClientRequest>(&body);
+                    return Ok(Some(match decoded {
+                        Ok((id, req)) => (id, Ok(req)),
+                        Err(e) => (0, Err(e)),
+                    }));
+                }
+            }
+            let mut guard = self.fd.readable().await?;
+            let mut buf = [0u8; 16384];
+            let mut fds = Vec::new();
+            match guard
+                .try_io(|s| fdpass::recv_with_fds(s.get_ref().as_raw_fd(), &mut buf, &mut fds))
+            {
+                Ok(Ok(0)) => return Ok(None),
+                Ok(Ok(n)) => self.inbuf.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+            self.fds.extend(fds);
+            if self.fds.len() > fdpass::MAX_FDS {
+                return Err(std::io::Error::other(
+                    "client sent descriptors it was not asked for",
+                ));
+            }
+        }
+    }
+
+    async fn send(
+        &mut self,
+        id: u64,
+        reply: &ClientReply,
+        fd: Option<&OwnedFd>,
+    ) -> std::io::Result<()> {
+        let frame = wire::encode_client(id, reply);
+        let mut sent = 0;
+        let mut fds: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
+        while sent < frame.len() {
+            let mut guard = self.fd.writable().await?;
+            match guard
+                .try_io(|s| fdpass::send_with_fds(s.get_ref().as_raw_fd(), &frame[sent..], &fds))
+            {
+                Ok(Ok(n)) => {
+                    sent += n;
+                    fds.clear();
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the daemon knows about one connected process.
+struct Session {
+    core: SharedCore,
+    pid: i32,
+    uid: u32,
+    gid: u32,
+    proc: Option<ProcId>,
+    fault_task: Option<tokio::task::AbortHandle>,
+    /// Attachments counted at their homes, by segment id (one entry each).
+    attached: Vec<SegmentId>,
+}
+
+fn errno_of(r: RpcResponse) -> i32 {
+    match r {
+        RpcResponse::Err(e) => e,
+        other => {
+            tracing::warn!(?other, "unexpected RPC response");
+            libc::EPROTO
+        }
+    }
+}
+
+impl Session {
+    fn cred(&self) -> Credentials {
+        Credentials::of_process(self.pid, self.uid, self.gid)
+    }
+
+    async fn rpc(&self, to: crate::ids::NodeId, req: RpcRequest) -> RpcResponse {
+        let (rx, timeout) = {
+            let mut core = self.core.borrow_mut();
+            (core.start_rpc(to, req), core.rpc_timeout)
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => RpcResponse::Err(libc::EHOSTDOWN),
+            Err(_) => RpcResponse::Err(libc::ETIMEDOUT),
+        }
+    }
+
+    async fn serve(&mut self, conn: &mut Connection) -> std::io::Result<()> {
+        while let Some((id, req)) = conn.next().await? {
+            let req = match req {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(pid = self.pid, "malformed request, closing: {e}");
+                    conn.send(0, &ClientReply::Err(libc::EBADMSG), None).await?;
+                    return Ok(());
+                }
+            };
+            let (reply, fd) = self.handle(req, &mut conn.fds).await;
+            conn.send(id, &reply, fd.as_ref()).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &mut self,
+        req: ClientRequest,
+        fds: &mut VecDeque<OwnedFd>,
+    ) -> (ClientReply, Option<OwnedFd>) {
+        let reply = match req {
+            ClientRequest::Hello { version } => {
+                if version != wire::PROTOCOL_VERSION {
+                    ClientReply::Err(libc::EPROTONOSUPPORT)
+                } else {
+                    ClientReply::Welcome {
+                        node: self.core.borrow().me,
+                        version: wire::PROTOCOL_VERSION,
+                    }
+                }
+            }
+            ClientRequest::ShmGet { key, size, flags } => match self.shmget(key, size, flags).await
+            {
+                Ok(id) => ClientReply::ShmId(id.0),
+                Err(e) => ClientReply::Err(e),
+            },
+            ClientRequest::ShmAttach { id, readonly } => {
+                return self.attach(SegmentId(id), readonly).await
+            }
+            ClientRequest::ShmMapped {
+                id,
+                addr,
+                len,
+                readonly,
+                with_uffd,
+            } => {
+                let uffd = if with_uffd { fds.pop_front() } else { None };
+                match self.mapped(SegmentId(id), addr, len, readonly, uffd) {
+                    Ok(()) => ClientReply::Ok,
+                    Err(e) => {
+                        // The process holds no usable mapping: uncount it.
+                        self.undo_attach(SegmentId(id)).await;
+                        ClientReply::Err(e)
+                    }
+                }
+            }
+            ClientRequest::ShmDetach { id, addr } => self.detach(SegmentId(id), addr).await,
+            ClientRequest::ShmStat { id } => {
+                let id = SegmentId(id);
+                match self.home_of(id) {
+                    Err(e) => ClientReply::Err(e),
+                    Ok(home) => match self
+                        .rpc(
+                            home,
+                            RpcRequest::SegStat {
+                                id,
+                                cred: self.cred(),
+                            },
+                        )
+                        .await
+                    {
+                        RpcResponse::Stat(s) => ClientReply::Stat(s),
+                        other => ClientReply::Err(self.lost_home_errno(id, errno_of(other))),
+                    },
+                }
+            }
+            ClientRequest::ShmSet { id, uid, gid, mode } => {
+                let id = SegmentId(id);
+                match self.home_of(id) {
+                    Err(e) => ClientReply::Err(e),
+                    Ok(home) => match self
+                        .rpc(
+                            home,
+                            RpcRequest::SegSet {
+                                id,
+                                cred: self.cred(),
+                                uid,
+                                gid,
+                                mode,
+                            },
+                        )
+                        .await
+                    {
+                        RpcResponse::Ok => ClientReply::Ok,
+                        other => ClientReply::Err(self.lost_home_errno(id, errno_of(other))),
+                    },
+                }
+            }
+            ClientRequest::ShmRemove { id } => self.remove(SegmentId(id)).await,
+            ClientRequest::Adopt { attachments } => match fds.pop_front() {
+                Some(fd) => self.adopt(attachments, fd).await,
+                None => ClientReply::Err(libc::EINVAL),
+            },
+            ClientRequest::Nodes => {
+                let core = self.core.borrow();
+                let mut nodes = vec![NodeInfo {
+                    node: core.me,
+                    address: core.listen.to_string(),
+                    up: true,
+                    this_node: true,
+                }];
+                for (id, peer) in &core.peers {
+                    nodes.push(NodeInfo {
+                        node: *id,
+                        address: peer.address.to_string(),
+                        up: core.is_up(*id),
+                        this_node: false,
+                    });
+                }
+                nodes.sort_by_key(|n| n.node);
+                ClientReply::Nodes(nodes)
+            }
+            ClientRequest::Ipcs => {
+                let members = self.core.borrow().members.clone();
+                let mut all = Vec::new();
+                for node in members {
+                    if !self.core.borrow().is_up(node) {
+                        continue;
+                    }
+                    if let RpcResponse::Segments(list) = self.rpc(node, RpcRequest::SegList).await {
+                        all.extend(list);
+                    }
+                }
+                all.sort_by_key(|s| s.id);
+                ClientReply::Segments(all)
+            }
+            ClientRequest::Status => {
+                let members = self.core.borrow().members.clone();
+                let mut all = Vec::new();
+                for node in members {
+                    if !self.core.borrow().is_up(node) {
+                        continue;
+                    }
+                    if let RpcResponse::Status(s) = self.rpc(node, RpcRequest::Status).await {
+                        all.push(s);
+                    }
+                }
+                ClientReply::Status(all)
+            }
+        };
+        (reply, None)
+    }
+
+    fn home_of(&self, id: SegmentId) -> Result<crate::ids::NodeId, i32> {
+        let home = id.home().ok_or(libc::EINVAL)?;
+        let core = self.core.borrow();
+        if !core.members.contains(&home) {
+            return Err(libc::EINVAL);
+        }
+        Ok(home)
+    }
+
+    /// A segment whose home was lost is gone: its id answers EIDRM.
+    fn lost_home_errno(&self, id: SegmentId, errno: i32) -> i32 {
+        if errno == libc::EHOSTDOWN || errno == libc::ETIMEDOUT {
+            let core = self.core.borrow();
+            if id.home().is_some_and(|h| !core.is_up(h)) {
+                return libc::EIDRM;
+            }
+        }
+        errno
+    }
+
+    async fn shmget(&mut self, key: i32, size: u64, flags: i32) -> Result<SegmentId, i32> {
+        let cred = self.cred();
+        let mode = (flags & 0o777) as u32;
+        if key == 0 {
+            return self
+                .core
+                .borrow_mut()
+                .create_home_segment(0, size, mode, &cred);
+        }
+        let directory = self.core.borrow().directory_of(key);
+        // Bounded: each retry follows a removal or a lost race.
+        for _ in 0..16 {
+            match self.rpc(directory, RpcRequest::KeyLookup { key }).await {
+                RpcResponse::KeyFound(id) => {
+                    if flags & IPC_CREAT != 0 && flags & IPC_EXCL != 0 {
+                        return Err(libc::EEXIST);
+                    }
+                    let home = id.home().ok_or(libc::EINVAL)?;
+                    match self
+                        .rpc(
+                            home,
+                            RpcRequest::SegOpen {
+                                id,
+                                size,
+                                flags,
+                                cred: cred.clone(),
+                            },
+                        )
+                        .await
+                    {
+                        RpcResponse::Opened { .. } => return Ok(id),
+                        // Removed or lost meanwhile: look the key up again.
+                        RpcResponse::Err(libc::EIDRM | libc::EHOSTDOWN) => {
+                            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                            continue;
+                        }
+                        other => return Err(errno_of(other)),
+                    }
+                }
+                RpcResponse::KeyAbsent => {
+                    if flags & IPC_CREAT == 0 {
+                        return Err(libc::ENOENT);
+                    }
+                    let id = self
+                        .core
+                        .borrow_mut()
+                        .create_home_segment(key, size, mode, &cred)?;
+                    match self
+                        .rpc(directory, RpcRequest::KeyRegister { key, id })
+                        .await
+                    {
+                        RpcResponse::Ok => return Ok(id),
+                        RpcResponse::KeyExists(_) => {
+                            // Another node won the race: ours never existed.
+                            self.discard_unpublished(id);
+                            if flags & IPC_EXCL != 0 {
+                                return Err(libc::EEXIST);
+                            }
+                        }
+                        other => {
+                            self.discard_unpublished(id);
+                            return Err(errno_of(other));
+                        }
+                    }
+                }
+                other => return Err(errno_of(other)),
+            }
+        }
+        Err(libc::EAGAIN)
+    }
+
+    fn discard_unpublished(&self, id: SegmentId) {
+        let mut core = self.core.borrow_mut();
+        if let Some(h) = core.homes.get_mut(&id) {
+            h.perm.mode |= crate::sysv::SHM_DEST;
+        }
+        core.destroy_if_done(id);
+    }
+
+    async fn attach(&mut self, id: SegmentId, readonly: bool) -> (ClientReply, Option<OwnedFd>) {
+        let home = match self.home_of(id) {
+            Ok(h) => h,
+            Err(e) => return (ClientReply::Err(e), None),
+        };
+        let size = match self
+            .rpc(
+                home,
+                RpcRequest::SegAttach {
+                    id,
+                    readonly,
+                    inherited: false,
+                    cred: self.cred(),
+                },
+            )
+            .await
+        {
+            RpcResponse::Opened { size } => size,
+            other => {
+                return (
+                    ClientReply::Err(self.lost_home_errno(id, errno_of(other))),
+                    None,
+                )
+            }
+        };
+        self.attached.push(id);
+        let opened = self.core.borrow_mut().open_local_segment(id, size);
+        if let Err(e) = opened {
+            self.undo_attach(id).await;
+            return (ClientReply::Err(e), None);
+        }
+        let fd = {
+            let core = self.core.borrow();
+            core.store
+                .segments
+                .get(&id)
+                .and_then(|s| s.memfd_dup().ok())
+        };
+        match fd {
+            Some(fd) => (ClientReply::Attached { size }, Some(fd)),
+            None => {
+                self.undo_attach(id).await;
+                (ClientReply::Err(libc::ENOMEM), None)
+            }
+        }
+    }
+
+    async fn undo_attach(&mut self, id: SegmentId) {
+        if let Some(i) = self.attached.iter().position(|s| *s == id) {
+            self.attached.remove(i);
+            if let Some(home) = id.home() {
+                let _ = self
+                    .rpc(home, RpcRequest::SegDetach { id, pid: self.pid })
+                    .await;
+            }
+        }
+    }
+
+    /// Take the process's userfaultfd (first attachment only) and start
+    /// serving its faults.
+    fn ensure_process(&mut self, uffd_fd: Option<OwnedFd>) -> Result<ProcId, i32> {
+        if let Some(p) = self.proc {
+            return Ok(p);
+        }
+        let fd = uffd_fd.ok_or(libc::EINVAL)?;
+        let uffd = Uffd::from_fd(fd);
+        let granted = uffd.api(uffd::REQUIRED_FEATURES).map_err(|e| {
+            tracing::warn!(pid = self.pid, "uffd handshake: {e}");
+            libc::EINVAL
+        })?;
+        if granted & uffd::REQUIRED_FEATURES != uffd::REQUIRED_FEATURES {
+            return Err(libc::ENOSYS);
+        }
+        let uffd = Arc::new(uffd);
+        let proc = self.core.borrow_mut().add_process(self.pid, uffd.clone());
+        self.proc = Some(proc);
+        let task = tokio::task::spawn_local(serve_faults(self.core.clone(), proc, uffd));
+        self.fault_task = Some(task.abort_handle());
+        Ok(proc)
+    }
+
+    fn mapped(
+        &mut self,
+        id: SegmentId,
+        addr: u64,
+        len: u64,
+        readonly: bool,
+        uffd_fd: Option<OwnedFd>,
+    ) -> Result<(), i32> {
+        if !self.attached.contains(&id) || addr % PAGE_SIZE as u64 != 0 {
+            return Err(libc::EINVAL);
+        }
+        let proc = self.ensure_process(uffd_fd)?;
+        self.register(
+            proc,
+            MappingRecord {
+                proc,
+                seg: id,
+                addr,
+                len,
+                readonly,
+            },
+        )
+    }
+
+    fn register(&mut self, proc: ProcId, m: MappingRecord) -> Result<(), i32> {
+        let mut core = self.core.borrow_mut();
+        let Some(seg) = core.store.segments.get(&m.seg) else {
+            return Err(libc::EIDRM);
+        };
+        let expected = u64::from(crate::ids::pages_for(seg.size)) * PAGE_SIZE as u64;
+        if m.len != expected {
+            return Err(libc::EINVAL);
+        }
+        let Some(p) = core.store.procs.get(&proc) else {
+            return Err(libc::EINVAL);
+        };
+        let mode = if m.readonly {
+            u64::from(
+                linux_raw_sys::general::UFFDIO_REGISTER_MODE_MISSING
+                    | linux_raw_sys::general::UFFDIO_REGISTER_MODE_MINOR,
+            )
+        } else {
+            uffd::MODE_ALL
+        };
+        if let Err(e) = p.uffd.register(m.addr, m.len, mode) {
+            tracing::warn!(pid = self.pid, addr = m.addr, "uffd register: {e}");
+            return Err(libc::EINVAL);
+        }
+        if let Some(seg) = core.store.segments.get_mut(&m.seg) {
+            seg.mappings.push(m);
+        }
+        Ok(())
+    }
+
+    async fn detach(&mut self, id: SegmentId, addr: u64) -> ClientReply {
+        let Some(proc) = self.proc else {
+            return ClientReply::Err(libc::EINVAL);
+        };
+        let gone = self
+            .core
+            .borrow_mut()
+            .forget_mappings(proc, Some((id, addr)));
+        if gone.is_empty() {
+            return ClientReply::Err(libc::EINVAL);
+        }
+        self.undo_attach(id).await;
+        ClientReply::Ok
+    }
+
+    async fn remove(&mut self, id: SegmentId) -> ClientReply {
+        let home = match self.home_of(id) {
+            Ok(h) => h,
+            Err(e) => return ClientReply::Err(e),
+        };
+        match self
+            .rpc(
+                home,
+                RpcRequest::SegRemove {
+                    id,
+                    cred: self.cred(),
+                },
+            )
+            .await
+        {
+            RpcResponse::Removed { key } => {
+                if key != 0 {
+                    // Free the key before answering, so a shmget that follows
+                    // this call anywhere in the cluster cannot find it.
+                    let directory = self.core.borrow().directory_of(key);
+                    let _ = self
+                        .rpc(directory, RpcRequest::KeyUnregister { key, id })
+                        .await;
+                }
+                ClientReply::Ok
+            }
+            other => ClientReply::Err(self.lost_home_errno(id, errno_of(other))),
+        }
+    }
+
+    /// A forked child takes over the attachments it inherited.
+    async fn adopt(&mut self, attachments: Vec<AttachmentRecord>, uffd_fd: OwnedFd) -> ClientReply {
+        if self.proc.is_some() || attachments.len() > 4096 {
+            return ClientReply::Err(libc::EINVAL);
+        }
+        let proc = match self.ensure_process(Some(uffd_fd)) {
+            Ok(p) => p,
+            Err(e) => return ClientReply::Err(e),
+        };
+        let cred = self.cred();
+        for a in attachments {
+            let id = SegmentId(a.id);
+            let Ok(home) = self.home_of(id) else {
+                return ClientReply::Err(libc::EINVAL);
+            };
+            match self
+                .rpc(
+                    home,
+                    RpcRequest::SegAttach {
+                        id,
+                        readonly: a.readonly,
+                        inherited: true,
+                        cred: cred.clone(),
+                    },
+                )
+                .await
+            {
+                RpcResponse::Opened { .. } => self.attached.push(id),
+                other => return ClientReply::Err(self.lost_home_errno(id, errno_of(other))),
+            }
+            let m = MappingRecord {
+                proc,
+                seg: id,
+                addr: a.addr,
+                len: a.len,
+                readonly: a.readonly,
+            };
+            if let Err(e) = self.register(proc, m) {
+                return ClientReply::Err(e);
+            }
+        }
+        ClientReply::Ok
+    }
+
+    /// The process is gone (or closed its connection): detach everything.
+    fn cleanup(&mut self) {
+        let attached = std::mem::take(&mut self.attached);
+        let pid = self.pid;
+        let core = self.core.clone();
+        if let Some(task) = self.fault_task.take() {
+            task.abort();
+        }
+        if let Some(proc) = self.proc.take() {
+            let mut c = core.borrow_mut();
+            c.forget_mappings(proc, None);
+            c.store.procs.remove(&proc);
+        }
+        if attached.is_empty() {
+            return;
+        }
+        tokio::task::spawn_local(async move {
+            for id in attached {
+                let Some(home) = id.home() else { continue };
+                let rx = core
+                    .borrow_mut()
+                    .start_rpc(home, RpcRequest::SegDetach { id, pid });
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(10), rx).await;
+            }
+        });
+    }
+}
+
+/// Read the process's faults as they come and feed them to the engine.
+async fn serve_faults(core: SharedCore, proc: ProcId, uffd: Arc<Uffd>) {
+    let Ok(fd) = uffd::async_uffd(uffd.clone()) else {
+        return;
+    };
+    let mut events = Vec::with_capacity(64);
+    loop {
+        let Ok(mut guard) = fd.readable().await else {
+            return;
+        };
+        events.clear();
+        if let Err(e) = uffd.read_events(&mut events, 64) {
+            tracing::debug!(proc, "uffd read: {e}");
+            return;
+        }
+        if events.is_empty() {
+            guard.clear_ready();
+        }
+        if !core.borrow().store.procs.contains_key(&proc) {
+            return;
+        }
+        let mut c = core.borrow_mut();
+        for event in events.drain(..) {
+            match event {
+                uffd::Event::PageFault {
+                    addr, write, wp, ..
+                } => c.on_fault(proc, addr, write || wp),
+                other => tracing::debug!(proc, ?other, "uffd event ignored"),
+            }
+        }
+    }
+}

@@ -1,0 +1,746 @@
+//! The daemon's state, owned by one thread: the coherence engine, the home
+//! services (segment metadata, key directory), peers and pending RPCs.
+//!
+//! Every method runs to completion without awaiting; async flows (a `shmget`
+//! that asks the key's directory, then the segment's home) live in the client
+//! tasks and call [`Core::rpc`] between short borrows.
+
+use super::store::{LocalProcess, LocalSegment, NodeStore, ProcId, Waiter};
+use crate::coherence::{CohMsg, Engine};
+use crate::ids::{pages_for, NodeId, NodeSet, PageIndex, PageKey, SegmentId, PAGE_SIZE};
+use crate::memfd::Memfd;
+use crate::sysv::{self, Credentials, IpcPerm, ShmLimits, ShmStat, SHM_DEST};
+use crate::wire::{self, Control, NodeStatus, Notice, RpcRequest, RpcResponse};
+use bytes::Bytes;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+pub type SharedCore = Rc<RefCell<Core>>;
+
+/// What a peer link is doing.
+pub enum PeerLink {
+    /// Never connected yet: frames wait here (bounded) until it is.
+    Connecting { backlog: Vec<Bytes>, since: Instant },
+    Up {
+        tx: mpsc::UnboundedSender<Bytes>,
+        incarnation: u64,
+        generation: u64,
+        last_seen: Instant,
+    },
+    /// Lost. A new incarnation of it may join again.
+    Down { incarnation: Option<u64> },
+}
+
+pub struct Peer {
+    pub address: SocketAddr,
+    pub link: PeerLink,
+}
+
+/// Metadata of a segment homed here (what IPC_STAT shows).
+pub struct HomeSegment {
+    pub perm: IpcPerm,
+    pub size: u64,
+    pub atime: i64,
+    pub dtime: i64,
+    pub ctime: i64,
+    pub cpid: i32,
+    pub lpid: i32,
+    pub attaches: BTreeMap<NodeId, u64>,
+    /// Nodes that opened a copy (to be told when the segment goes).
+    pub cached_on: NodeSet,
+}
+
+impl HomeSegment {
+    fn nattch(&self) -> u64 {
+        self.attaches.values().sum()
+    }
+}
+
+const BACKLOG_MAX: usize = 4096;
+
+pub struct Core {
+    pub me: NodeId,
+    pub incarnation: u64,
+    pub members: Vec<NodeId>,
+    pub peers: BTreeMap<NodeId, Peer>,
+    pub listen: SocketAddr,
+    pub rpc_timeout: Duration,
+    pub engine: Engine<Waiter>,
+    pub store: NodeStore,
+    pub homes: BTreeMap<SegmentId, HomeSegment>,
+    /// The key directory for keys that hash to this node.
+    pub keys: HashMap<i32, SegmentId>,
+    limits: ShmLimits,
+    next_seq: u32,
+    next_rpc: u64,
+    rpcs: HashMap<u64, (NodeId, oneshot::Sender<RpcResponse>)>,
+    self_queue: VecDeque<CohMsg>,
+    pub next_proc: ProcId,
+    next_generation: u64,
+    pub remote_requests: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl Core {
+    pub fn new(config: &super::Config) -> Core {
+        let incarnation = rand::random::<u64>() | 1;
+        let now = Instant::now();
+        let peers = config
+            .peers
+            .iter()
+            .map(|(id, address)| {
+                (
+                    *id,
+                    Peer {
+                        address: *address,
+                        link: PeerLink::Connecting {
+                            backlog: vec![],
+                            since: now,
+                        },
+                    },
+                )
+            })
+            .collect();
+        Core {
+            me: config.node,
+            incarnation,
+            members: config.members(),
+            peers,
+            listen: config.listen,
+            rpc_timeout: config.peer_timeout * 2,
+            engine: Engine::new(config.node),
+            store: NodeStore::default(),
+            homes: BTreeMap::new(),
+            keys: HashMap::new(),
+            limits: ShmLimits::from_proc(),
+            // Start the sequence somewhere new each run so a restarted node
+            // does not hand out the ids of its previous life at once.
+            next_seq: (rand::random::<u32>() & SegmentId::SEQ_MASK) | 1,
+            next_rpc: 1,
+            rpcs: HashMap::new(),
+            self_queue: VecDeque::new(),
+            next_proc: 1,
+            next_generation: 1,
+            remote_requests: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+        }
+    }
+
+    /// The node that arbitrates `key`: fixed by hashing over the membership.
+    pub fn directory_of(&self, key: i32) -> NodeId {
+        let h = (key as u32).wrapping_mul(0x9E37_79B1);
+        self.members[(h % self.members.len() as u32) as usize]
+    }
+
+    pub fn is_up(&self, node: NodeId) -> bool {
+        node == self.me
+            || matches!(
+                self.peers.get(&node).map(|p| &p.link),
+                Some(PeerLink::Up { .. })
+            )
+    }
+
+    // ---- sending -------------------------------------------------------------
+
+    fn send_frame(&mut self, to: NodeId, frame: Bytes) {
+        let Some(peer) = self.peers.get_mut(&to) else {
+            tracing::warn!(?to, "frame for a node not in the cluster");
+            return;
+        };
+        self.bytes_sent += frame.len() as u64;
+        match &mut peer.link {
+            PeerLink::Up { tx, .. } => {
+                let _ = tx.send(frame);
+            }
+            PeerLink::Connecting { backlog, .. } if backlog.len() < BACKLOG_MAX => {
+                backlog.push(frame)
+            }
+            PeerLink::Connecting { .. } => tracing::warn!(?to, "backlog full; frame dropped"),
+            PeerLink::Down { .. } => {}
+        }
+    }
+
+    pub fn send_control(&mut self, to: NodeId, msg: &Control) {
+        self.send_frame(to, wire::encode_control(msg));
+    }
+
+    /// Start an RPC; the answer (or EHOSTDOWN if the node is lost) arrives on
+    /// the returned channel. Requests to this node are answered at once.
+    pub fn start_rpc(&mut self, to: NodeId, body: RpcRequest) -> oneshot::Receiver<RpcResponse> {
+        let (tx, rx) = oneshot::channel();
+        if to == self.me {
+            let reply = self.handle_rpc(to, body);
+            let _ = tx.send(reply);
+            return rx;
+        }
+        if !self.peers.contains_key(&to) || matches!(self.peers[&to].link, PeerLink::Down { .. }) {
+            let _ = tx.send(RpcResponse::Err(libc::EHOSTDOWN));
+            return rx;
+        }
+        let id = self.next_rpc;
+        self.next_rpc += 1;
+        self.rpcs.insert(id, (to, tx));
+        self.remote_requests += 1;
+        self.send_control(to, &Control::Request { id, body });
+        rx
+    }
+
+    // ---- coherence -----------------------------------------------------------
+
+    /// Route everything the engine produced, delivering messages to this
+    /// node in order, until it is quiet.
+    pub fn drain_engine(&mut self) {
+        loop {
+            while let Some((to, msg)) = self.engine.poll_transmit() {
+                if to == self.me {
+                    self.self_queue.push_back(msg);
+                } else {
+                    self.send_frame(to, wire::encode_coherence(&msg));
+                }
+            }
+            while let Some(res) = self.engine.poll_resolution() {
+                tracing::trace!(?res.waiter, ?res.page, ?res.access, "resolve");
+                self.store.apply(&res);
+            }
+            match self.self_queue.pop_front() {
+                Some(msg) => {
+                    tracing::trace!(?msg, "coherence message to self");
+                    self.engine.handle_message(self.me, msg, &mut self.store)
+                }
+                None => return,
+            }
+        }
+    }
+
+    pub fn on_fault(&mut self, proc: ProcId, addr: u64, write: bool) {
+        let page_addr = addr & !(PAGE_SIZE as u64 - 1);
+        let Some(m) = self.store.mapping_at(proc, page_addr) else {
+            // A fault racing a detach: the range is gone, let the thread
+            // retry (it will not come back here).
+            if let Some(p) = self.store.procs.get(&proc) {
+                let _ = p.uffd.wake(page_addr, PAGE_SIZE as u64);
+            }
+            return;
+        };
+        let page = PageKey {
+            seg: m.seg,
+            page: PageIndex(((page_addr - m.addr) / PAGE_SIZE as u64) as u32),
+        };
+        tracing::trace!(proc, ?page, write, "fault");
+        self.engine.handle_fault(
+            page,
+            write,
+            Waiter {
+                proc,
+                addr: page_addr,
+            },
+        );
+        self.drain_engine();
+    }
+
+    // ---- peers ---------------------------------------------------------------
+
+    /// A peer finished its handshake. Returns the link generation for the
+    /// reader to quote, or `None` if the connection must be refused.
+    pub fn peer_connected(
+        &mut self,
+        node: NodeId,
+        incarnation: u64,
+        tx: mpsc::UnboundedSender<Bytes>,
+    ) -> Option<u64> {
+        let previous = match self.peers.get(&node).map(|p| &p.link) {
+            None => return None,
+            Some(PeerLink::Up {
+                incarnation: old, ..
+            }) => Some(Some(*old)),
+            Some(PeerLink::Down { incarnation: old }) => {
+                if *old == Some(incarnation) {
+                    // A lost node cannot come back as the same life: its
+                    // pages were already declared lost.
+                    tracing::warn!(?node, "refusing a lost incarnation");
+                    return None;
+                }
+                None
+            }
+            Some(PeerLink::Connecting { .. }) => None,
+        };
+        if let Some(old) = previous {
+            // Reconnected while we still believed it up: a new incarnation
+            // means the old one died; the same one means a dropped link,
+            // after which messages may have been lost, so it is lost too.
+            tracing::warn!(
+                ?node,
+                "peer reconnected; its previous link is declared lost"
+            );
+            self.peer_lost(node);
+            if old == Some(incarnation) {
+                return None;
+            }
+        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let backlog = match std::mem::replace(
+            &mut self.peers.get_mut(&node)?.link,
+            PeerLink::Up {
+                tx: tx.clone(),
+                incarnation,
+                generation,
+                last_seen: Instant::now(),
+            },
+        ) {
+            PeerLink::Connecting { backlog, .. } => backlog,
+            _ => vec![],
+        };
+        for frame in backlog {
+            let _ = tx.send(frame);
+        }
+        self.engine.handle_peer_up(node);
+        tracing::info!(?node, incarnation, "peer up");
+        Some(generation)
+    }
+
+    pub fn is_current(&self, node: NodeId, generation: u64) -> bool {
+        matches!(self.peers.get(&node).map(|p| &p.link), Some(PeerLink::Up { generation: g, .. }) if *g == generation)
+    }
+
+    /// A frame arrived from `node` on link `generation`.
+    pub fn on_peer_frame(
+        &mut self,
+        node: NodeId,
+        generation: u64,
+        frame: Bytes,
+    ) -> Result<(), wire::WireError> {
+        if !self.is_current(node, generation) {
+            return Ok(());
+        }
+        self.bytes_received += frame.len() as u64;
+        if let Some(Peer {
+            link: PeerLink::Up { last_seen, .. },
+            ..
+        }) = self.peers.get_mut(&node)
+        {
+            *last_seen = Instant::now();
+        }
+        match wire::decode_peer(frame)? {
+            wire::PeerFrame::Coh(msg) => {
+                tracing::trace!(?node, ?msg, "coherence message");
+                self.engine.handle_message(node, msg, &mut self.store);
+                self.drain_engine();
+            }
+            wire::PeerFrame::Control(Control::Ping) => {}
+            wire::PeerFrame::Control(Control::Request { id, body }) => {
+                let reply = self.handle_rpc(node, body);
+                self.send_control(node, &Control::Response { id, body: reply });
+            }
+            wire::PeerFrame::Control(Control::Response { id, body }) => match self.rpcs.remove(&id)
+            {
+                Some((from, tx)) if from == node => {
+                    let _ = tx.send(body);
+                }
+                Some(entry) => {
+                    tracing::warn!(?node, id, "response from the wrong node");
+                    self.rpcs.insert(id, entry);
+                }
+                None => tracing::debug!(?node, id, "response to an unknown or timed-out request"),
+            },
+            wire::PeerFrame::Control(Control::Notice(Notice::SegmentGone { id })) => {
+                if id.home() == Some(node) {
+                    self.drop_local_segment(id);
+                }
+            }
+            wire::PeerFrame::Control(Control::Hello(_) | Control::Auth { .. }) => {
+                return Err(wire::WireError::Malformed(
+                    "handshake frame after the handshake".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Declare a peer lost: nothing it held can be had any more, and every
+    /// wait on it ends now.
+    pub fn peer_lost(&mut self, node: NodeId) {
+        let Some(peer) = self.peers.get_mut(&node) else {
+            return;
+        };
+        let incarnation = match &peer.link {
+            PeerLink::Up { incarnation, .. } => Some(*incarnation),
+            PeerLink::Down { .. } => return,
+            PeerLink::Connecting { .. } => None,
+        };
+        peer.link = PeerLink::Down { incarnation };
+        tracing::warn!(?node, "peer lost");
+        self.engine.handle_peer_down(node, &mut self.store);
+        self.drain_engine();
+        let failed: Vec<u64> = self
+            .rpcs
+            .iter()
+            .filter(|(_, (to, _))| *to == node)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in failed {
+            if let Some((_, tx)) = self.rpcs.remove(&id) {
+                let _ = tx.send(RpcResponse::Err(libc::EHOSTDOWN));
+            }
+        }
+        // Its segments are gone cluster-wide: free their keys here, and
+        // mark the copies of them this node holds.
+        self.keys.retain(|_, id| id.home() != Some(node));
+        for id in self.engine.cached_segments_homed_at(node) {
+            if let Some(seg) = self.store.segments.get_mut(&id) {
+                seg.home_lost = true;
+            }
+        }
+        // Its processes' attachments to segments homed here are gone.
+        let ids: Vec<SegmentId> = self.homes.keys().copied().collect();
+        for id in ids {
+            if let Some(h) = self.homes.get_mut(&id) {
+                h.attaches.remove(&node);
+                h.cached_on.remove(node);
+            }
+            self.destroy_if_done(id);
+        }
+    }
+
+    /// Heartbeat tick: ping every live peer and declare the silent ones lost.
+    pub fn heartbeat(&mut self, timeout: Duration) {
+        let now = Instant::now();
+        let mut lost = Vec::new();
+        for (id, peer) in &self.peers {
+            match &peer.link {
+                PeerLink::Up { last_seen, .. } if now.duration_since(*last_seen) > timeout => {
+                    lost.push(*id)
+                }
+                PeerLink::Connecting { since, .. } if now.duration_since(*since) > timeout => {
+                    lost.push(*id)
+                }
+                _ => {}
+            }
+        }
+        for id in lost {
+            self.peer_lost(id);
+        }
+        let up: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| matches!(p.link, PeerLink::Up { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in up {
+            self.send_control(id, &Control::Ping);
+        }
+    }
+
+    // ---- local segments and processes ------------------------------------------
+
+    /// Make sure this node has a copy of `id` (`size` bytes).
+    pub fn open_local_segment(&mut self, id: SegmentId, size: u64) -> Result<(), i32> {
+        if let Some(seg) = self.store.segments.get(&id) {
+            return if seg.home_lost {
+                Err(libc::EIDRM)
+            } else {
+                Ok(())
+            };
+        }
+        let home = id.home().ok_or(libc::EINVAL)?;
+        let len = u64::from(pages_for(size)) * PAGE_SIZE as u64;
+        let memfd = Memfd::create(&format!("migshm-{}", id.0), len)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOMEM))?;
+        self.store.segments.insert(
+            id,
+            LocalSegment {
+                memfd,
+                size,
+                mappings: vec![],
+                home_lost: false,
+            },
+        );
+        self.engine.open_cache(id, home, pages_for(size));
+        Ok(())
+    }
+
+    fn drop_local_segment(&mut self, id: SegmentId) {
+        if let Some(seg) = self.store.segments.get(&id) {
+            if !seg.mappings.is_empty() {
+                tracing::warn!(?id, "segment destroyed while mapped here");
+            }
+        }
+        self.store.segments.remove(&id);
+        if !self.homes.contains_key(&id) {
+            self.engine.close(id);
+            self.drain_engine();
+        }
+    }
+
+    pub fn add_process(&mut self, pid: i32, uffd: std::sync::Arc<crate::uffd::Uffd>) -> ProcId {
+        let id = self.next_proc;
+        self.next_proc += 1;
+        self.store.procs.insert(id, LocalProcess { pid, uffd });
+        id
+    }
+
+    /// Forget a process's mappings (it detached or exited); returns the
+    /// segments it was attached to, once per attachment.
+    pub fn forget_mappings(
+        &mut self,
+        proc: ProcId,
+        only: Option<(SegmentId, u64)>,
+    ) -> Vec<SegmentId> {
+        let mut gone = Vec::new();
+        for (id, seg) in self.store.segments.iter_mut() {
+            seg.mappings.retain(|m| {
+                let hit = m.proc == proc && only.is_none_or(|(s, a)| s == *id && a == m.addr);
+                if hit {
+                    gone.push(*id);
+                }
+                !hit
+            });
+        }
+        gone
+    }
+
+    // ---- home services ----------------------------------------------------------
+
+    /// Create a segment homed here (the caller registers its key).
+    pub fn create_home_segment(
+        &mut self,
+        key: i32,
+        size: u64,
+        mode: u32,
+        cred: &Credentials,
+    ) -> Result<SegmentId, i32> {
+        if size < self.limits.shmmin || size > self.limits.shmmax {
+            return Err(libc::EINVAL);
+        }
+        if self.homes.len() as u64 >= self.limits.shmmni {
+            return Err(libc::ENOSPC);
+        }
+        let pages_now: u64 = self
+            .homes
+            .values()
+            .map(|h| u64::from(pages_for(h.size)))
+            .sum();
+        if pages_now + u64::from(pages_for(size)) > self.limits.shmall {
+            return Err(libc::ENOSPC);
+        }
+        let id = loop {
+            let candidate = SegmentId::new(self.me, self.next_seq);
+            self.next_seq = (self.next_seq + 1) & SegmentId::SEQ_MASK;
+            if !self.homes.contains_key(&candidate) && candidate.0 > 0 {
+                break candidate;
+            }
+        };
+        let len = u64::from(pages_for(size)) * PAGE_SIZE as u64;
+        let home_copy =
+            Memfd::create(&format!("migshm-home-{}", id.0), len).map_err(|_| libc::ENOMEM)?;
+        self.store.home_copies.insert(id, home_copy);
+        self.engine.create_home(id, pages_for(size));
+        let now = sysv::now_seconds();
+        self.homes.insert(
+            id,
+            HomeSegment {
+                perm: IpcPerm::new(key, mode, cred),
+                size,
+                atime: 0,
+                dtime: 0,
+                ctime: now,
+                cpid: cred.pid,
+                lpid: 0,
+                attaches: BTreeMap::new(),
+                cached_on: NodeSet::EMPTY,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Destroy a removed segment once nothing is attached anywhere.
+    pub fn destroy_if_done(&mut self, id: SegmentId) {
+        let Some(h) = self.homes.get(&id) else { return };
+        if h.perm.mode & SHM_DEST == 0 || h.nattch() > 0 {
+            return;
+        }
+        let cached_on = h.cached_on;
+        self.homes.remove(&id);
+        self.store.home_copies.remove(&id);
+        for node in cached_on.iter() {
+            if node != self.me {
+                self.send_control(node, &Control::Notice(Notice::SegmentGone { id }));
+            }
+        }
+        self.store.segments.remove(&id);
+        self.engine.close(id);
+        self.drain_engine();
+        tracing::debug!(?id, "segment destroyed");
+    }
+
+    fn stat_of(&self, id: SegmentId, h: &HomeSegment) -> ShmStat {
+        ShmStat {
+            id: id.0,
+            perm: h.perm.clone(),
+            size: h.size,
+            atime: h.atime,
+            dtime: h.dtime,
+            ctime: h.ctime,
+            cpid: h.cpid,
+            lpid: h.lpid,
+            nattch: h.nattch(),
+            home: self.me.0,
+        }
+    }
+
+    /// Serve a request from another daemon (or from this one).
+    pub fn handle_rpc(&mut self, from: NodeId, req: RpcRequest) -> RpcResponse {
+        use RpcResponse as R;
+        match req {
+            RpcRequest::KeyLookup { key } => match self.keys.get(&key) {
+                Some(id) => R::KeyFound(*id),
+                None => R::KeyAbsent,
+            },
+            RpcRequest::KeyRegister { key, id } => match self.keys.get(&key) {
+                Some(existing) if *existing != id => R::KeyExists(*existing),
+                _ => {
+                    self.keys.insert(key, id);
+                    R::Ok
+                }
+            },
+            RpcRequest::KeyUnregister { key, id } => {
+                if self.keys.get(&key) == Some(&id) {
+                    self.keys.remove(&key);
+                }
+                R::Ok
+            }
+            RpcRequest::SegOpen {
+                id,
+                size,
+                flags,
+                cred,
+            } => {
+                let Some(h) = self.homes.get(&id) else {
+                    return R::Err(libc::EIDRM);
+                };
+                if h.perm.mode & SHM_DEST != 0 {
+                    return R::Err(libc::EIDRM);
+                }
+                if size > h.size {
+                    return R::Err(libc::EINVAL);
+                }
+                if !h.perm.permits(&cred, (flags & 0o777) as u32) {
+                    return R::Err(libc::EACCES);
+                }
+                R::Opened { size: h.size }
+            }
+            RpcRequest::SegAttach {
+                id,
+                readonly,
+                inherited,
+                cred,
+            } => {
+                let Some(h) = self.homes.get_mut(&id) else {
+                    return R::Err(libc::EINVAL);
+                };
+                if !inherited && !h.perm.permits_attach(&cred, readonly) {
+                    return R::Err(libc::EACCES);
+                }
+                *h.attaches.entry(from).or_default() += 1;
+                h.cached_on.insert(from);
+                h.atime = sysv::now_seconds();
+                h.lpid = cred.pid;
+                R::Opened { size: h.size }
+            }
+            RpcRequest::SegDetach { id, pid } => {
+                let Some(h) = self.homes.get_mut(&id) else {
+                    return R::Err(libc::EINVAL);
+                };
+                match h.attaches.get_mut(&from) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        if *n == 0 {
+                            h.attaches.remove(&from);
+                        }
+                    }
+                    _ => return R::Err(libc::EINVAL),
+                }
+                h.dtime = sysv::now_seconds();
+                h.lpid = pid;
+                self.destroy_if_done(id);
+                R::Ok
+            }
+            RpcRequest::SegStat { id, cred } => {
+                let Some(h) = self.homes.get(&id) else {
+                    return R::Err(libc::EINVAL);
+                };
+                if !h.perm.permits_read(&cred) {
+                    return R::Err(libc::EACCES);
+                }
+                R::Stat(self.stat_of(id, h))
+            }
+            RpcRequest::SegSet {
+                id,
+                cred,
+                uid,
+                gid,
+                mode,
+            } => {
+                let Some(h) = self.homes.get_mut(&id) else {
+                    return R::Err(libc::EINVAL);
+                };
+                if !h.perm.may_control(&cred) {
+                    return R::Err(libc::EPERM);
+                }
+                h.perm.uid = uid;
+                h.perm.gid = gid;
+                h.perm.mode = (h.perm.mode & !0o777) | (mode & 0o777);
+                h.ctime = sysv::now_seconds();
+                R::Ok
+            }
+            RpcRequest::SegRemove { id, cred } => {
+                let Some(h) = self.homes.get_mut(&id) else {
+                    return R::Err(libc::EINVAL);
+                };
+                if !h.perm.may_control(&cred) {
+                    return R::Err(libc::EPERM);
+                }
+                let key = h.perm.key;
+                // As on Linux: the key is freed at once, the memory when the
+                // last attachment goes.
+                h.perm.mode |= SHM_DEST;
+                h.perm.key = 0;
+                h.ctime = sysv::now_seconds();
+                self.destroy_if_done(id);
+                R::Removed { key }
+            }
+            RpcRequest::SegList => R::Segments(
+                self.homes
+                    .iter()
+                    .map(|(id, h)| self.stat_of(*id, h))
+                    .collect(),
+            ),
+            RpcRequest::Status => R::Status(self.status()),
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        NodeStatus {
+            node: self.me.0,
+            segments_homed: self.homes.len() as u64,
+            segments_cached: self.store.segments.len() as u64,
+            resident_pages: self
+                .store
+                .segments
+                .keys()
+                .map(|id| u64::from(self.engine.resident_pages(*id)))
+                .sum(),
+            faults_served: self.store.faults_served,
+            remote_requests: self.remote_requests,
+            bytes_sent: self.bytes_sent,
+            bytes_received: self.bytes_received,
+            attached_processes: self.store.procs.len() as u64,
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! `dsmd`, the node daemon: serves local processes over a unix socket and
+//! the other nodes over TCP, on one thread (the fault path then needs no
+//! hop between threads, DESIGN.md §8).
+
+mod clients;
+pub mod config;
+mod core;
+mod peers;
+mod store;
+
+pub use config::{Args, Config};
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("userfaultfd is not usable here: {0}")]
+    NoUserfaultfd(String),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+    #[error("cannot bind the local socket {0}: {1}")]
+    Socket(String, std::io::Error),
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Run the daemon until SIGTERM/SIGINT.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    match crate::uffd::probe_features() {
+        Ok(f) if f & crate::uffd::REQUIRED_FEATURES == crate::uffd::REQUIRED_FEATURES => {}
+        Ok(f) => {
+            return Err(DaemonError::NoUserfaultfd(format!(
+                "missing features (kernel offers {f:#x})"
+            )))
+        }
+        Err(e) => return Err(DaemonError::NoUserfaultfd(e.to_string())),
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, serve(config))
+}
+
+async fn serve(config: Config) -> Result<(), DaemonError> {
+    let tcp = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| DaemonError::Listen(config.listen.to_string(), e))?;
+    // A socket file left by a daemon that died is replaced; a live one is not.
+    if std::os::unix::net::UnixStream::connect(&config.socket).is_err() {
+        let _ = std::fs::remove_file(&config.socket);
+    }
+    let unix = tokio::net::UnixListener::bind(&config.socket)
+        .map_err(|e| DaemonError::Socket(config.socket.display().to_string(), e))?;
+    let core = Rc::new(RefCell::new(core::Core::new(&config)));
+    let identity = Rc::new(peers::Identity {
+        me: config.node,
+        incarnation: core.borrow().incarnation,
+        secret: config.secret.clone(),
+        members: config.members(),
+    });
+    tracing::info!(node = ?config.node, listen = %config.listen, socket = %config.socket.display(), "dsmd up");
+    tokio::task::spawn_local(peers::accept_loop(core.clone(), tcp, identity.clone()));
+    for (node, address) in &config.peers {
+        if *node > config.node {
+            tokio::task::spawn_local(peers::dial_loop(
+                core.clone(),
+                *node,
+                *address,
+                identity.clone(),
+            ));
+        }
+    }
+    tokio::task::spawn_local(clients::accept_loop(core.clone(), unix));
+    let heartbeat_core = core.clone();
+    let (heartbeat, timeout) = (config.heartbeat, config.peer_timeout);
+    tokio::task::spawn_local(async move {
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            heartbeat_core.borrow_mut().heartbeat(timeout);
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(DaemonError::Runtime)?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("dsmd stopping");
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! Links to the other daemons: TCP, length-delimited frames, a versioned and
+//! authenticated handshake, one reader and one writer task per link.
+//!
+//! The lower node id dials the higher one, so each pair has one link.
+
+use super::core::SharedCore;
+use crate::ids::NodeId;
+use crate::wire::{self, Control, Hello, PeerFrame, MAGIC, PEER_FRAME_MAX, PROTOCOL_VERSION};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error("connection closed")]
+    Closed,
+    #[error("bad frame: {0}")]
+    Wire(#[from] wire::WireError),
+    #[error("unexpected frame during handshake")]
+    Unexpected,
+    #[error("protocol {0:?} version {1} (we speak {PROTOCOL_VERSION})")]
+    Version([u8; 4], u32),
+    #[error("node {0} is not in this cluster, or not the one expected")]
+    UnknownNode(NodeId),
+    #[error("authentication failed: wrong cluster secret")]
+    BadSecret,
+}
+
+pub fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(PEER_FRAME_MAX)
+        .new_codec()
+}
+
+fn mac_of(secret: &[u8], nonce: &[u8; 32], node: NodeId, incarnation: u64) -> Vec<u8> {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return vec![];
+    };
+    mac.update(b"migshm peer auth v1");
+    mac.update(nonce);
+    mac.update(&[node.0]);
+    mac.update(&incarnation.to_le_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn verify(secret: &[u8], nonce: &[u8; 32], node: NodeId, incarnation: u64, tag: &[u8]) -> bool {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return false;
+    };
+    mac.update(b"migshm peer auth v1");
+    mac.update(nonce);
+    mac.update(&[node.0]);
+    mac.update(&incarnation.to_le_bytes());
+    mac.verify_slice(tag).is_ok()
+}
+
+async fn next_control(
+    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
+) -> Result<Control, HandshakeError> {
+    let frame = framed.next().await.ok_or(HandshakeError::Closed)??;
+    match wire::decode_peer(frame.freeze())? {
+        PeerFrame::Control(c) => Ok(c),
+        PeerFrame::Coh(_) => Err(HandshakeError::Unexpected),
+    }
+}
+
+pub struct Identity {
+    pub me: NodeId,
+    pub incarnation: u64,
+    pub secret: Option<Vec<u8>>,
+    pub members: Vec<NodeId>,
+}
+
+/// Both sides: Hello (version, id, incarnation, nonce), then Auth (a MAC of
+/// the other side's nonce). Returns the peer's id and incarnation.
+pub async fn handshake(
+    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
+    id: &Identity,
+    expect: Option<NodeId>,
+) -> Result<(NodeId, u64), HandshakeError> {
+    let fut = async {
+        let nonce: [u8; 32] = rand::random();
+        let hello = Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            node: id.me,
+            incarnation: id.incarnation,
+            nonce,
+        };
+        framed
+            .send(wire::encode_control(&Control::Hello(hello)))
+            .await?;
+        let Control::Hello(theirs) = next_control(framed).await? else {
+            return Err(HandshakeError::Unexpected);
+        };
+        if theirs.magic != MAGIC || theirs.version != PROTOCOL_VERSION {
+            return Err(HandshakeError::Version(theirs.magic, theirs.version));
+        }
+        if !id.members.contains(&theirs.node)
+            || theirs.node == id.me
+            || expect.is_some_and(|e| e != theirs.node)
+        {
+            return Err(HandshakeError::UnknownNode(theirs.node));
+        }
+        let mac = match &id.secret {
+            Some(secret) => mac_of(secret, &theirs.nonce, id.me, id.incarnation),
+            None => vec![],
+        };
+        framed
+            .send(wire::encode_control(&Control::Auth { mac }))
+            .await?;
+        let Control::Auth { mac } = next_control(framed).await? else {
+            return Err(HandshakeError::Unexpected);
+        };
+        let ok = match &id.secret {
+            Some(secret) => verify(secret, &nonce, theirs.node, theirs.incarnation, &mac),
+            None => mac.is_empty(),
+        };
+        if !ok {
+            return Err(HandshakeError::BadSecret);
+        }
+        Ok((theirs.node, theirs.incarnation))
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+        .await
+        .map_err(|_| HandshakeError::Timeout)?
+}
+
+/// Run an authenticated link until it ends; then the peer is lost.
+async fn run_link(
+    core: SharedCore,
+    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    node: NodeId,
+    incarnation: u64,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let Some(generation) = core.borrow_mut().peer_connected(node, incarnation, tx) else {
+        return;
+    };
+    let (mut sink, mut stream) = framed.split();
+    let writer = tokio::task::spawn_local(async move {
+        while let Some(frame) = rx.recv().await {
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+            // Batch whatever else is queued into the same flush.
+            while let Ok(frame) = rx.try_recv() {
+                if sink.feed(frame).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    loop {
+        match stream.next().await {
+            Some(Ok(frame)) => {
+                let result = core
+                    .borrow_mut()
+                    .on_peer_frame(node, generation, frame.freeze());
+                if let Err(e) = result {
+                    tracing::error!(?node, "bad frame from peer, closing the link: {e}");
+                    break;
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(?node, "link error: {e}");
+                break;
+            }
+            None => break,
+        }
+        if !core.borrow().is_current(node, generation) {
+            break; // declared lost meanwhile (heartbeat)
+        }
+    }
+    writer.abort();
+    let mut core = core.borrow_mut();
+    if core.is_current(node, generation) {
+        core.peer_lost(node);
+    }
+}
+
+/// Accept links from lower-numbered nodes.
+pub async fn accept_loop(core: SharedCore, listener: TcpListener, id: std::rc::Rc<Identity>) {
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let core = core.clone();
+        let id = id.clone();
+        tokio::task::spawn_local(async move {
+            let _ = stream.set_nodelay(true);
+            let mut framed = Framed::new(stream, codec());
+            match handshake(&mut framed, &id, None).await {
+                Ok((node, _)) if node > id.me => {
+                    tracing::warn!(%addr, ?node, "higher node dialed us; it should wait for our call");
+                }
+                Ok((node, incarnation)) => run_link(core, framed, node, incarnation).await,
+                Err(e) => tracing::warn!(%addr, "peer refused: {e}"),
+            }
+        });
+    }
+}
+
+/// Keep a link to a higher-numbered node, redialing after any loss.
+pub async fn dial_loop(
+    core: SharedCore,
+    node: NodeId,
+    address: SocketAddr,
+    id: std::rc::Rc<Identity>,
+) {
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match TcpStream::connect(address).await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                let mut framed = Framed::new(stream, codec());
+                match handshake(&mut framed, &id, Some(node)).await {
+                    Ok((_, incarnation)) => {
+                        backoff = Duration::from_millis(20);
+                        run_link(core.clone(), framed, node, incarnation).await;
+                    }
+                    Err(e) => tracing::warn!(?node, "handshake failed: {e}"),
+                }
+            }
+            Err(e) => tracing::debug!(?node, "connect {address}: {e}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
+}

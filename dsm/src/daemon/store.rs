@@ -1,0 +1,202 @@
+//! This node's memory: each segment's memfd (the node copy), the home copies
+//! of segments homed here, and the local processes that map them, each with
+//! its userfaultfd. Implements the engine's [`PageStore`] and applies its
+//! fault resolutions through the processes' uffds.
+
+use crate::coherence::{Access, PageStore, Resolution};
+use crate::ids::{PageKey, SegmentId, PAGE_SIZE};
+use crate::memfd::Memfd;
+use crate::uffd::Uffd;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub type ProcId = u64;
+
+/// A fault waiting in the engine: which process, which page address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Waiter {
+    pub proc: ProcId,
+    pub addr: u64,
+}
+
+/// One process's mapping of one segment.
+#[derive(Clone, Copy, Debug)]
+pub struct MappingRecord {
+    pub proc: ProcId,
+    pub seg: SegmentId,
+    pub addr: u64,
+    pub len: u64,
+    pub readonly: bool,
+}
+
+/// A node's copy of a segment.
+pub struct LocalSegment {
+    pub memfd: Memfd,
+    pub size: u64,
+    pub mappings: Vec<MappingRecord>,
+    /// The home was lost: the id answers EIDRM, pages held here stay usable.
+    pub home_lost: bool,
+}
+
+impl LocalSegment {
+    /// A descriptor of the node copy for a process to map.
+    pub fn memfd_dup(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.memfd.as_fd().try_clone_to_owned()
+    }
+}
+
+pub struct LocalProcess {
+    pub pid: i32,
+    pub uffd: Arc<Uffd>,
+}
+
+#[derive(Default)]
+pub struct NodeStore {
+    pub segments: HashMap<SegmentId, LocalSegment>,
+    pub home_copies: HashMap<SegmentId, Memfd>,
+    pub procs: HashMap<ProcId, LocalProcess>,
+    pub faults_served: u64,
+}
+
+fn offset(page: PageKey) -> u64 {
+    u64::from(page.page.0) * PAGE_SIZE as u64
+}
+
+fn read_page(memfd: &Memfd, page: PageKey) -> Bytes {
+    let mut buf = BytesMut::zeroed(PAGE_SIZE);
+    if let Err(e) = memfd.read_at(offset(page), &mut buf) {
+        tracing::error!(?page, "pread of a page failed: {e}");
+    }
+    buf.freeze()
+}
+
+impl PageStore for NodeStore {
+    fn protect_local(&mut self, page: PageKey) {
+        let Some(seg) = self.segments.get(&page.seg) else {
+            return;
+        };
+        for m in seg.mappings.iter().filter(|m| !m.readonly) {
+            let Some(proc) = self.procs.get(&m.proc) else {
+                continue;
+            };
+            // A process that already exited has no mapping left to protect.
+            if let Err(e) =
+                proc.uffd
+                    .write_protect(m.addr + offset(page), PAGE_SIZE as u64, true, false)
+            {
+                if crate::uffd::process_gone(&e) {
+                    tracing::debug!(?page, pid = proc.pid, "write-protect, process gone: {e}");
+                } else {
+                    tracing::error!(?page, pid = proc.pid, "write-protect failed: {e}");
+                }
+            }
+        }
+    }
+
+    fn read_local(&mut self, page: PageKey) -> Bytes {
+        match self.segments.get(&page.seg) {
+            Some(seg) => read_page(&seg.memfd, page),
+            None => {
+                tracing::error!(?page, "read of a segment with no node copy");
+                Bytes::from(vec![0u8; PAGE_SIZE])
+            }
+        }
+    }
+
+    fn write_local(&mut self, page: PageKey, data: &[u8]) {
+        let Some(seg) = self.segments.get(&page.seg) else {
+            return;
+        };
+        if let Err(e) = seg.memfd.write_at(offset(page), data) {
+            tracing::error!(?page, "pwrite of a page failed: {e}");
+        }
+    }
+
+    fn punch_local(&mut self, page: PageKey) {
+        let Some(seg) = self.segments.get(&page.seg) else {
+            return;
+        };
+        if let Err(e) = seg.memfd.punch(offset(page), PAGE_SIZE as u64) {
+            tracing::error!(?page, "punch failed: {e}");
+        }
+    }
+
+    fn read_home(&mut self, page: PageKey) -> Bytes {
+        match self.home_copies.get(&page.seg) {
+            Some(memfd) => read_page(memfd, page),
+            None => {
+                tracing::error!(?page, "read of a home copy that does not exist");
+                Bytes::from(vec![0u8; PAGE_SIZE])
+            }
+        }
+    }
+
+    fn write_home(&mut self, page: PageKey, data: &[u8]) {
+        let Some(memfd) = self.home_copies.get(&page.seg) else {
+            return;
+        };
+        if let Err(e) = memfd.write_at(offset(page), data) {
+            tracing::error!(?page, "pwrite of a home copy failed: {e}");
+        }
+    }
+}
+
+impl NodeStore {
+    /// The mapping of `proc` that contains `addr`, if any.
+    pub fn mapping_at(&self, proc: ProcId, addr: u64) -> Option<MappingRecord> {
+        self.segments
+            .values()
+            .flat_map(|s| s.mappings.iter())
+            .find(|m| m.proc == proc && addr >= m.addr && addr < m.addr + m.len)
+            .copied()
+    }
+
+    /// Carry out a resolution on the waiting process.
+    pub fn apply(&mut self, res: &Resolution<Waiter>) {
+        let Some(proc) = self.procs.get(&res.waiter.proc) else {
+            return;
+        };
+        self.faults_served += 1;
+        let addr = res.waiter.addr;
+        let page = PAGE_SIZE as u64;
+        let result = match res.access {
+            Access::ReadOnly => match proc.uffd.continue_(addr, page, true) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => proc.uffd.wake(addr, page),
+                other => other.map(|_| ()),
+            },
+            Access::Writable => match proc.uffd.continue_(addr, page, false) {
+                // Already mapped, write-protected: lift the protection, which
+                // also wakes the writer.
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    proc.uffd.write_protect(addr, page, false, true)
+                }
+                other => other.map(|_| ()),
+            },
+            Access::Poison => match proc.uffd.poison(addr, page) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    // A page is mapped there already: take it away first so
+                    // the access cannot see stale data, then poison.
+                    proc.uffd.wake(addr, page)
+                }
+                other => other,
+            },
+        };
+        if let Err(e) = result {
+            // ESRCH/ENOENT: the process is gone; nothing to resolve.
+            if crate::uffd::process_gone(&e) {
+                tracing::debug!(pid = proc.pid, addr, ?res.access, "fault of an exited process: {e}");
+            } else {
+                tracing::error!(pid = proc.pid, addr, ?res.access, "resolving a fault failed: {e}");
+            }
+        }
+        if res.also_mapped > 0 && res.access == Access::ReadOnly {
+            // Read-ahead: map the pages that came along into the same process
+            // now, so a sequential reader does not fault on each one.
+            let _ = proc
+                .uffd
+                .continue_(addr + page, u64::from(res.also_mapped) * page, true);
+        }
+    }
+}

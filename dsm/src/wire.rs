@@ -1,0 +1,548 @@
+//! Every byte that crosses a socket is encoded and decoded here, so the
+//! format can change in one place.
+//!
+//! * Peers (TCP): length-delimited frames (`tokio-util`). The first byte of a
+//!   frame is its kind. Control frames are `postcard`; coherence frames are a
+//!   small `postcard` header followed by the raw page bytes, which are sliced
+//!   out of the received buffer without another copy.
+//! * Local clients (unix stream): a little-endian `u32` length, then a
+//!   `postcard` body; descriptors travel alongside as SCM_RIGHTS.
+//!
+//! A connection starts with [`Hello`] carrying [`PROTOCOL_VERSION`]; a peer
+//! speaking another version is refused.
+
+use crate::coherence::CohMsg;
+use crate::ids::{NodeId, PageKey, SegmentId, PAGE_SIZE};
+use crate::sysv::{Credentials, ShmStat};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const MAGIC: [u8; 4] = *b"MSHM";
+/// Largest peer frame: a read grant with the full read-ahead, plus slack.
+pub const PEER_FRAME_MAX: usize = (crate::coherence::PREFETCH_PAGES_MAX as usize + 2) * PAGE_SIZE;
+/// Largest client frame (an `ipcs` listing of thousands of segments fits).
+pub const CLIENT_FRAME_MAX: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+}
+
+// ---- peers -----------------------------------------------------------------
+
+/// First frame in each direction of a peer connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub magic: [u8; 4],
+    pub version: u32,
+    pub node: NodeId,
+    /// Changes every time a daemon starts, so a restarted node is known as new.
+    pub incarnation: u64,
+    /// Challenge the other side must answer with the cluster secret.
+    pub nonce: [u8; 32],
+}
+
+/// Requests one daemon makes of another (directory and home services).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RpcRequest {
+    /// At a key's directory node.
+    KeyLookup {
+        key: i32,
+    },
+    KeyRegister {
+        key: i32,
+        id: SegmentId,
+    },
+    KeyUnregister {
+        key: i32,
+        id: SegmentId,
+    },
+    /// At a segment's home: `shmget` of an existing key (size and mode checks).
+    SegOpen {
+        id: SegmentId,
+        size: u64,
+        flags: i32,
+        cred: Credentials,
+    },
+    /// `inherited`: a forked child takes over its parent's attachment
+    /// (counted, not permission-checked, as `fork` does).
+    SegAttach {
+        id: SegmentId,
+        readonly: bool,
+        inherited: bool,
+        cred: Credentials,
+    },
+    SegDetach {
+        id: SegmentId,
+        pid: i32,
+    },
+    SegStat {
+        id: SegmentId,
+        cred: Credentials,
+    },
+    SegSet {
+        id: SegmentId,
+        cred: Credentials,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    },
+    SegRemove {
+        id: SegmentId,
+        cred: Credentials,
+    },
+    /// Every segment homed at the node (for a cluster-wide `ipcs`).
+    SegList,
+    /// Counters for `omctl status`.
+    Status,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RpcResponse {
+    Ok,
+    Err(i32),
+    KeyFound(SegmentId),
+    KeyAbsent,
+    /// The key was registered meanwhile by another segment.
+    KeyExists(SegmentId),
+    Opened {
+        size: u64,
+    },
+    /// The segment is marked for removal; its key must now be unregistered.
+    Removed {
+        key: i32,
+    },
+    Stat(ShmStat),
+    Segments(Vec<ShmStat>),
+    Status(NodeStatus),
+}
+
+/// One-way notices between daemons.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Notice {
+    /// The segment was destroyed at its home; drop the node's copy.
+    SegmentGone { id: SegmentId },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    Hello(Hello),
+    /// HMAC-SHA256 of the other side's nonce with the cluster secret.
+    Auth {
+        mac: Vec<u8>,
+    },
+    Ping,
+    Request {
+        id: u64,
+        body: RpcRequest,
+    },
+    Response {
+        id: u64,
+        body: RpcResponse,
+    },
+    Notice(Notice),
+}
+
+/// A decoded peer frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerFrame {
+    Control(Control),
+    Coh(CohMsg),
+}
+
+const KIND_CONTROL: u8 = 1;
+const KIND_COHERENCE: u8 = 2;
+
+/// The coherence message without its pages.
+#[derive(Serialize, Deserialize)]
+enum CohHeader {
+    Read { page: PageKey, prefetch: u32 },
+    Write { page: PageKey, have_copy: bool },
+    Downgrade { page: PageKey },
+    Invalidate { page: PageKey },
+    DowngradeAck { page: PageKey, pages: u32 },
+    InvalidateAck { page: PageKey, pages: u32 },
+    ReadGrant { page: PageKey, pages: u32 },
+    WriteGrant { page: PageKey, pages: u32 },
+    Unavailable { page: PageKey },
+}
+
+pub fn encode_control(msg: &Control) -> Bytes {
+    let mut out = BytesMut::with_capacity(64);
+    out.put_u8(KIND_CONTROL);
+    // Encoding our own types into a Vec cannot fail.
+    let body = postcard::to_stdvec(msg).unwrap_or_default();
+    out.extend_from_slice(&body);
+    out.freeze()
+}
+
+pub fn encode_coherence(msg: &CohMsg) -> Bytes {
+    let some = |d: &Option<Bytes>| u32::from(d.is_some());
+    let (header, pages): (CohHeader, Vec<&Bytes>) = match msg {
+        CohMsg::Read { page, prefetch } => (
+            CohHeader::Read {
+                page: *page,
+                prefetch: *prefetch,
+            },
+            vec![],
+        ),
+        CohMsg::Write { page, have_copy } => (
+            CohHeader::Write {
+                page: *page,
+                have_copy: *have_copy,
+            },
+            vec![],
+        ),
+        CohMsg::Downgrade { page } => (CohHeader::Downgrade { page: *page }, vec![]),
+        CohMsg::Invalidate { page } => (CohHeader::Invalidate { page: *page }, vec![]),
+        CohMsg::DowngradeAck { page, data } => (
+            CohHeader::DowngradeAck {
+                page: *page,
+                pages: some(data),
+            },
+            data.iter().collect(),
+        ),
+        CohMsg::InvalidateAck { page, data } => (
+            CohHeader::InvalidateAck {
+                page: *page,
+                pages: some(data),
+            },
+            data.iter().collect(),
+        ),
+        CohMsg::ReadGrant { page, data, extra } => (
+            CohHeader::ReadGrant {
+                page: *page,
+                pages: 1 + extra.len() as u32,
+            },
+            std::iter::once(data).chain(extra.iter()).collect(),
+        ),
+        CohMsg::WriteGrant { page, data } => (
+            CohHeader::WriteGrant {
+                page: *page,
+                pages: some(data),
+            },
+            data.iter().collect(),
+        ),
+        CohMsg::Unavailable { page } => (CohHeader::Unavailable { page: *page }, vec![]),
+    };
+    let head = postcard::to_stdvec(&header).unwrap_or_default();
+    let mut out = BytesMut::with_capacity(3 + head.len() + pages.len() * PAGE_SIZE);
+    out.put_u8(KIND_COHERENCE);
+    out.put_u16_le(head.len() as u16);
+    out.extend_from_slice(&head);
+    for p in pages {
+        // Pages are always whole; pad defensively so the receiver's length
+        // check holds.
+        let n = p.len().min(PAGE_SIZE);
+        out.extend_from_slice(&p[..n]);
+        out.put_bytes(0, PAGE_SIZE - n);
+    }
+    out.freeze()
+}
+
+pub fn decode_peer(frame: Bytes) -> Result<PeerFrame, WireError> {
+    let Some(&kind) = frame.first() else {
+        return Err(WireError::Empty);
+    };
+    match kind {
+        KIND_CONTROL => postcard::from_bytes(&frame[1..])
+            .map(PeerFrame::Control)
+            .map_err(|e| WireError::Malformed(e.to_string())),
+        KIND_COHERENCE => decode_coherence(frame).map(PeerFrame::Coh),
+        other => Err(WireError::UnknownKind(other)),
+    }
+}
+
+fn decode_coherence(frame: Bytes) -> Result<CohMsg, WireError> {
+    if frame.len() < 3 {
+        return Err(WireError::Malformed("short coherence frame".into()));
+    }
+    let head_len = u16::from_le_bytes([frame[1], frame[2]]) as usize;
+    let head_end = 3 + head_len;
+    if frame.len() < head_end {
+        return Err(WireError::Malformed("truncated coherence header".into()));
+    }
+    let header: CohHeader = postcard::from_bytes(&frame[3..head_end])
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let payload = frame.slice(head_end..);
+    let take = |count: u32| -> Result<Vec<Bytes>, WireError> {
+        if payload.len() != count as usize * PAGE_SIZE {
+            return Err(WireError::Malformed(format!(
+                "{} payload bytes for {count} pages",
+                payload.len()
+            )));
+        }
+        Ok((0..count as usize)
+            .map(|i| payload.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE))
+            .collect())
+    };
+    let one = |count: u32| -> Result<Option<Bytes>, WireError> {
+        if count > 1 {
+            return Err(WireError::Malformed("more than one page".into()));
+        }
+        Ok(take(count)?.pop())
+    };
+    Ok(match header {
+        CohHeader::Read { page, prefetch } => {
+            take(0)?;
+            CohMsg::Read { page, prefetch }
+        }
+        CohHeader::Write { page, have_copy } => {
+            take(0)?;
+            CohMsg::Write { page, have_copy }
+        }
+        CohHeader::Downgrade { page } => {
+            take(0)?;
+            CohMsg::Downgrade { page }
+        }
+        CohHeader::Invalidate { page } => {
+            take(0)?;
+            CohMsg::Invalidate { page }
+        }
+        CohHeader::Unavailable { page } => {
+            take(0)?;
+            CohMsg::Unavailable { page }
+        }
+        CohHeader::DowngradeAck { page, pages } => CohMsg::DowngradeAck {
+            page,
+            data: one(pages)?,
+        },
+        CohHeader::InvalidateAck { page, pages } => CohMsg::InvalidateAck {
+            page,
+            data: one(pages)?,
+        },
+        CohHeader::WriteGrant { page, pages } => CohMsg::WriteGrant {
+            page,
+            data: one(pages)?,
+        },
+        CohHeader::ReadGrant { page, pages } => {
+            if pages == 0 || pages > crate::coherence::PREFETCH_PAGES_MAX + 1 {
+                return Err(WireError::Malformed(format!("read grant of {pages} pages")));
+            }
+            let mut all = take(pages)?;
+            let extra = all.split_off(1);
+            let data = all
+                .pop()
+                .ok_or_else(|| WireError::Malformed("no page".into()))?;
+            CohMsg::ReadGrant { page, data, extra }
+        }
+    })
+}
+
+// ---- local clients -----------------------------------------------------------
+
+/// A node as `omctl nodes` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node: NodeId,
+    pub address: String,
+    pub up: bool,
+    pub this_node: bool,
+}
+
+/// Counters of one node for `omctl status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node: u8,
+    pub segments_homed: u64,
+    pub segments_cached: u64,
+    pub resident_pages: u64,
+    pub faults_served: u64,
+    pub remote_requests: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub attached_processes: u64,
+}
+
+/// A request from a local process to its node's daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    Hello {
+        version: u32,
+    },
+    ShmGet {
+        key: i32,
+        size: u64,
+        flags: i32,
+    },
+    /// Answered with `Attached` and the node's memfd of the segment.
+    ShmAttach {
+        id: i32,
+        readonly: bool,
+    },
+    /// The process mapped the memfd at `addr`; the daemon registers the range
+    /// on the process's userfaultfd, which comes with this message the first
+    /// time (`with_uffd`).
+    ShmMapped {
+        id: i32,
+        addr: u64,
+        len: u64,
+        readonly: bool,
+        with_uffd: bool,
+    },
+    ShmDetach {
+        id: i32,
+        addr: u64,
+    },
+    ShmStat {
+        id: i32,
+    },
+    ShmSet {
+        id: i32,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    },
+    ShmRemove {
+        id: i32,
+    },
+    /// A forked child takes over its inherited attachments, with its own
+    /// new userfaultfd attached.
+    Adopt {
+        attachments: Vec<AttachmentRecord>,
+    },
+    Nodes,
+    Ipcs,
+    Status,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRecord {
+    pub id: i32,
+    pub addr: u64,
+    pub len: u64,
+    pub readonly: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientReply {
+    Ok,
+    /// The errno a Linux program would get.
+    Err(i32),
+    Welcome {
+        node: NodeId,
+        version: u32,
+    },
+    ShmId(i32),
+    Attached {
+        size: u64,
+    },
+    Stat(ShmStat),
+    Nodes(Vec<NodeInfo>),
+    Segments(Vec<ShmStat>),
+    Status(Vec<NodeStatus>),
+}
+
+/// `len (u32 LE) | postcard(id, body)`.
+pub fn encode_client<T: Serialize>(id: u64, body: &T) -> Vec<u8> {
+    let payload = postcard::to_stdvec(&(id, body)).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Length of the frame at the front of `buf`, if its header is complete.
+pub fn client_frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
+    let Some(head) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > CLIENT_FRAME_MAX {
+        return Err(WireError::TooLarge(len));
+    }
+    Ok(Some(4 + len))
+}
+
+pub fn decode_client<T: DeserializeOwned>(frame_body: &[u8]) -> Result<(u64, T), WireError> {
+    postcard::from_bytes(frame_body).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::PageIndex;
+
+    fn page(n: u32) -> PageKey {
+        PageKey {
+            seg: SegmentId(0x0100_0001),
+            page: PageIndex(n),
+        }
+    }
+
+    #[test]
+    fn coherence_round_trips_with_pages() {
+        let data = Bytes::from(vec![7u8; PAGE_SIZE]);
+        let msgs = vec![
+            CohMsg::Read {
+                page: page(1),
+                prefetch: 8,
+            },
+            CohMsg::Write {
+                page: page(2),
+                have_copy: true,
+            },
+            CohMsg::InvalidateAck {
+                page: page(3),
+                data: Some(data.clone()),
+            },
+            CohMsg::InvalidateAck {
+                page: page(3),
+                data: None,
+            },
+            CohMsg::ReadGrant {
+                page: page(4),
+                data: data.clone(),
+                extra: vec![data.clone(), data.clone()],
+            },
+            CohMsg::WriteGrant {
+                page: page(5),
+                data: None,
+            },
+            CohMsg::Unavailable { page: page(6) },
+        ];
+        for m in msgs {
+            assert_eq!(
+                decode_peer(encode_coherence(&m)).unwrap(),
+                PeerFrame::Coh(m)
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let good = encode_coherence(&CohMsg::ReadGrant {
+            page: page(0),
+            data: Bytes::from(vec![1u8; PAGE_SIZE]),
+            extra: vec![],
+        });
+        for cut in 0..good.len() {
+            let _ = decode_peer(good.slice(..cut));
+        }
+        assert!(decode_peer(good.slice(..good.len() - 1)).is_err());
+        assert!(decode_peer(Bytes::from_static(&[9, 1, 2])).is_err());
+        assert!(decode_peer(Bytes::from_static(&[KIND_CONTROL, 0xff, 0xff, 0xff])).is_err());
+        let mut x = 0x1234_5678u32;
+        for _ in 0..2000 {
+            let len = (x % 64) as usize;
+            let mut v = Vec::with_capacity(len);
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                v.push(x as u8);
+            }
+            let _ = decode_peer(Bytes::from(v.clone()));
+            let _ = decode_client::<ClientRequest>(&v);
+        }
+    }
+}

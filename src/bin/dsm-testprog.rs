@@ -1,0 +1,174 @@
+//! Roles the integration tests run as separate processes on different nodes.
+//! The node is the daemon named by `DSMD_SOCKET`. Exit status 0 means the
+//! role saw what it expected; a failure prints why and exits 1.
+//!
+//!   add KEY ITERS [PROCS]     wait for PROCS arrivals, then fetch_add(1)
+//!                             ITERS times on word 0
+//!   mp-write KEY ROUNDS       data words 1..=8, then flag word 0, wait for ack
+//!   mp-read KEY ROUNDS        spin on the flag, check data, then ack
+//!   fork KEY ITERS            fork; parent and child each add ITERS; the child
+//!                             then waits to see word 2 written by another node
+//!   post KEY                  wait for word 1 != 0, then write word 2 = 99
+//!   scan KEY PAGES            read one word of every page, forever
+//!   write-page KEY PAGE VALUE write VALUE to the first word of PAGE
+//!   read-page KEY PAGE        print the first word of PAGE
+//!   read KEY                  print word 0
+
+use dsm::client::{Client, IPC_CREAT};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::{Duration, Instant};
+
+fn fail(msg: String) -> ExitCode {
+    eprintln!("dsm-testprog: {msg}");
+    ExitCode::FAILURE
+}
+
+fn arg(args: &[String], i: usize) -> u64 {
+    args.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        eprintln!("dsm-testprog: missing or bad argument {i}");
+        std::process::exit(2)
+    })
+}
+
+const WORDS_PER_PAGE: usize = 512;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let client = match Client::connect_default() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("connect: {e}")),
+    };
+    let role = args.first().map(String::as_str).unwrap_or("");
+    let key = arg(&args, 1) as i32;
+    let size: u64 = match role {
+        "scan" | "write-page" | "read-page" => 256 * 4096,
+        _ => 4096,
+    };
+    let id = match client.get(key, size, IPC_CREAT | 0o666) {
+        Ok(id) => id,
+        Err(e) => return fail(format!("shmget: {e}")),
+    };
+    let seg = match client.attach(id, false) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("shmat: {e}")),
+    };
+    let words = seg.atomics_u64();
+    match role {
+        "add" => {
+            // Start together: word 1 counts arrivals.
+            let procs = args.get(3).and_then(|s| s.parse::<u64>().ok()).unwrap_or(1);
+            words[1].fetch_add(1, SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while words[1].load(SeqCst) < procs {
+                if Instant::now() > deadline {
+                    return fail("the other processes never arrived".into());
+                }
+                std::hint::spin_loop();
+            }
+            for _ in 0..arg(&args, 2) {
+                words[0].fetch_add(1, SeqCst);
+            }
+        }
+        "mp-write" => {
+            for round in 1..=arg(&args, 2) {
+                for i in 1..=8u64 {
+                    words[i as usize].store(round * 1000 + i, SeqCst);
+                }
+                words[0].store(round, SeqCst);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while words[9].load(SeqCst) != round {
+                    if Instant::now() > deadline {
+                        return fail(format!("no ack for round {round}"));
+                    }
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        "mp-read" => {
+            for round in 1..=arg(&args, 2) {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while words[0].load(SeqCst) < round {
+                    if Instant::now() > deadline {
+                        return fail(format!("flag never reached round {round}"));
+                    }
+                    std::hint::spin_loop();
+                }
+                for i in 1..=8u64 {
+                    let seen = words[i as usize].load(SeqCst);
+                    if seen != round * 1000 + i {
+                        return fail(format!(
+                            "round {round}: word {i} = {seen}, stale (want {})",
+                            round * 1000 + i
+                        ));
+                    }
+                }
+                words[9].store(round, SeqCst);
+            }
+        }
+        "fork" => {
+            let iters = arg(&args, 2);
+            // SAFETY: fork in a single-threaded program; the child only uses
+            // the segment and exits.
+            let pid = unsafe { libc::fork() };
+            if pid < 0 {
+                return fail("fork failed".into());
+            }
+            for _ in 0..iters {
+                words[0].fetch_add(1, SeqCst);
+            }
+            if pid == 0 {
+                words[1].store(u64::from(std::process::id()), SeqCst);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while words[2].load(SeqCst) != 99 {
+                    if Instant::now() > deadline {
+                        eprintln!("dsm-testprog: child never saw word 2 from the other node");
+                        std::process::exit(1);
+                    }
+                    std::hint::spin_loop();
+                }
+                drop(seg);
+                std::process::exit(0);
+            }
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+                return fail(format!("child ended with status {status:#x}"));
+            }
+        }
+        "post" => {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while words[1].load(SeqCst) == 0 {
+                if Instant::now() > deadline {
+                    return fail("word 1 never set".into());
+                }
+                std::hint::spin_loop();
+            }
+            words[2].store(99, SeqCst);
+        }
+        "scan" => {
+            let pages = arg(&args, 2) as usize;
+            let mut sum = 0u64;
+            println!("scanning");
+            loop {
+                for p in 0..pages {
+                    sum = sum.wrapping_add(words[p * WORDS_PER_PAGE].load(SeqCst));
+                    words[p * WORDS_PER_PAGE].store(sum, SeqCst);
+                }
+            }
+        }
+        "write-page" => {
+            let page = arg(&args, 2) as usize;
+            words[page * WORDS_PER_PAGE].store(arg(&args, 3), SeqCst);
+        }
+        "read" => println!("{}", words[0].load(SeqCst)),
+        "read-page" => {
+            let page = arg(&args, 2) as usize;
+            println!("{}", words[page * WORDS_PER_PAGE].load(SeqCst));
+        }
+        other => return fail(format!("unknown role {other:?}")),
+    }
+    println!("ok");
+    ExitCode::SUCCESS
+}
