@@ -57,8 +57,10 @@ pub struct ClusterOptions {
     pub nodes: u8,
     pub peer_timeout_ms: u64,
     pub heartbeat_ms: u64,
-    /// Extra `DSMD_LOG` filter (default: warnings).
+    /// `DSMD_LOG` filter for the daemons' logs.
     pub log: String,
+    /// Cluster secret written to a file and given with `--secret-file`.
+    pub secret: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -67,7 +69,8 @@ impl Default for ClusterOptions {
             nodes: 3,
             peer_timeout_ms: 1000,
             heartbeat_ms: 100,
-            log: "warn".into(),
+            log: "info".into(),
+            secret: None,
         }
     }
 }
@@ -96,6 +99,10 @@ impl Cluster {
                 dir: dir.clone(),
                 nodes: Vec::new(),
             };
+            let secret_file = dir.join("secret");
+            if let Some(secret) = &opts.secret {
+                std::fs::write(&secret_file, secret)?;
+            }
             for id in 1..=opts.nodes {
                 cluster.nodes.push(Node {
                     id,
@@ -113,6 +120,9 @@ impl Cluster {
                 cmd.arg("--peer-timeout-ms")
                     .arg(opts.peer_timeout_ms.to_string());
                 cmd.arg("--heartbeat-ms").arg(opts.heartbeat_ms.to_string());
+                if opts.secret.is_some() {
+                    cmd.arg("--secret-file").arg(&secret_file);
+                }
                 for other in cluster.nodes.iter().filter(|n| n.id != me.id) {
                     cmd.arg("--peer")
                         .arg(format!("{}={}", other.id, other.listen));
@@ -264,11 +274,29 @@ impl Drop for Proc {
 
 /// Run a test program role against a node's socket.
 pub fn spawn_role(socket: &Path, args: &[&str]) -> std::io::Result<Proc> {
-    let child = Command::new(binary("dsm-testprog"))
-        .args(args)
+    spawn_role_as(socket, args, None)
+}
+
+/// Run a role as another user (for permission checks).
+pub fn spawn_role_as(socket: &Path, args: &[&str], uid: Option<u32>) -> std::io::Result<Proc> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(binary("dsm-testprog"));
+    cmd.args(args)
         .env(dsm::client::SOCKET_ENV, socket)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    Ok(Proc { child })
+        .stderr(Stdio::inherit());
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    Ok(Proc {
+        child: cmd.spawn()?,
+    })
+}
+
+/// Run a role to completion and return its stdout (panics on a hang).
+pub fn run_role(socket: &Path, args: &[&str]) -> (std::process::ExitStatus, String) {
+    spawn_role(socket, args)
+        .expect("spawn dsm-testprog")
+        .output(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("dsm-testprog {args:?} hung"))
 }

@@ -364,6 +364,16 @@ pub struct Attachment {
     readonly: bool,
 }
 
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("id", &self.id)
+            .field("addr", &self.as_ptr())
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
 impl Attachment {
     pub fn id(&self) -> i32 {
         self.id

@@ -60,20 +60,29 @@ pub fn create_for_self() -> io::Result<OwnedFd> {
         return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
     }
     let syscall_err = io::Error::last_os_error();
-    let dev = std::fs::OpenOptions::new()
+    if let Ok(dev) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/userfaultfd");
-    let Ok(dev) = dev else {
-        return Err(syscall_err);
-    };
-    // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument and returns a new fd.
-    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
+        .open("/dev/userfaultfd")
+    {
+        // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument and returns a new fd.
+        let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+        if fd >= 0 {
+            // SAFETY: as above, a fresh fd from the kernel.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
     }
-    // SAFETY: as above, a fresh fd from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    // Last resort for unprivileged processes when the administrator has not
+    // opened /dev/userfaultfd to them: user faults only. A syscall that
+    // touches a page not present then fails with EFAULT instead of waiting.
+    let user_only = flags | uapi::UFFD_USER_MODE_ONLY as libc::c_long;
+    // SAFETY: as the first call, with one more flag.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, user_only) };
+    if fd < 0 {
+        return Err(syscall_err);
+    }
+    // SAFETY: a fresh fd from the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// What the kernel supports, probed on a throwaway fd (an API handshake can

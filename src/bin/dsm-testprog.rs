@@ -33,6 +33,34 @@ fn arg(args: &[String], i: usize) -> u64 {
 
 const WORDS_PER_PAGE: usize = 512;
 
+/// `probe get KEY SIZE FLAGS_OCTAL` / `probe attach ID ro|rw` /
+/// `probe rmid ID`: print the id or `ok`, or `errno N`.
+fn probe(client: &Client, args: &[String]) -> ExitCode {
+    let what = args.get(1).map(String::as_str).unwrap_or("");
+    let num = |i: usize| args.get(i).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+    let result = match what {
+        "get" => {
+            let flags = args
+                .get(4)
+                .and_then(|s| i32::from_str_radix(s, 8).ok())
+                .unwrap_or(0);
+            client
+                .get(num(2) as i32, num(3) as u64, flags)
+                .map(|id| id.to_string())
+        }
+        "attach" => client
+            .attach(num(2) as i32, args.get(3).is_some_and(|s| s == "ro"))
+            .map(|_| "ok".to_string()),
+        "rmid" => client.remove(num(2) as i32).map(|_| "ok".to_string()),
+        _ => return fail(format!("unknown probe {what:?}")),
+    };
+    match result {
+        Ok(s) => println!("{s}"),
+        Err(e) => println!("errno {}", e.errno()),
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let client = match Client::connect_default() {
@@ -40,6 +68,9 @@ fn main() -> ExitCode {
         Err(e) => return fail(format!("connect: {e}")),
     };
     let role = args.first().map(String::as_str).unwrap_or("");
+    if role == "probe" {
+        return probe(&client, &args);
+    }
     let key = arg(&args, 1) as i32;
     let size: u64 = match role {
         "scan" | "write-page" | "read-page" => 256 * 4096,

@@ -92,7 +92,13 @@ impl<W> CacheSegment<W> {
 
 impl<W: Clone> Engine<W> {
     /// A local process faulted on `page` (`write`: it wants to write).
-    pub fn handle_fault(&mut self, page: PageKey, write: bool, waiter: W) {
+    pub fn handle_fault(
+        &mut self,
+        page: PageKey,
+        write: bool,
+        waiter: W,
+        store: &mut impl PageStore,
+    ) {
         let me = self.me;
         let Some(seg) = self.cache.get_mut(&page.seg) else {
             self.resolve(waiter, page, Access::Poison, 0);
@@ -110,7 +116,23 @@ impl<W: Clone> Engine<W> {
             _ => {}
         }
         if seg.home_lost {
-            return self.resolve(waiter, page, Access::Poison, 0);
+            let pending = Pending {
+                asked: Asked::Read,
+                reads: vec![],
+                writes: vec![],
+            };
+            let (reads, writes) = if write {
+                (vec![], vec![waiter])
+            } else {
+                (vec![waiter], vec![])
+            };
+            let pending = Pending {
+                reads,
+                writes,
+                ..pending
+            };
+            fail_pending(seg, page, pending, store, &mut self.resolutions);
+            return;
         }
         if let Some(pending) = seg.pending.get_mut(&page.page) {
             // Join the request in flight; a write behind a read is asked for
@@ -316,29 +338,7 @@ impl<W: Clone> Engine<W> {
                     seg.states[index] = PageState::Lost;
                 }
                 if let Some(p) = seg.pending.remove(&page.page) {
-                    // Readers of a page still Shared here can go on reading.
-                    let keep_reading = seg.states[index] == PageState::Shared;
-                    for waiter in p.reads {
-                        let access = if keep_reading {
-                            Access::ReadOnly
-                        } else {
-                            Access::Poison
-                        };
-                        self.resolutions.push_back(Resolution {
-                            waiter,
-                            page,
-                            access,
-                            also_mapped: 0,
-                        });
-                    }
-                    for waiter in p.writes {
-                        self.resolutions.push_back(Resolution {
-                            waiter,
-                            page,
-                            access: Access::Poison,
-                            also_mapped: 0,
-                        });
-                    }
+                    fail_pending(seg, page, p, store, &mut self.resolutions);
                 }
             }
             CohMsg::Read { .. }
@@ -353,7 +353,7 @@ impl<W: Clone> Engine<W> {
     /// The cache side of losing a node: segments homed there can no longer
     /// fetch anything; what this node holds stays usable (nobody else can
     /// write it, so it stays consistent).
-    pub(super) fn cache_peer_down(&mut self, dead: NodeId) {
+    pub(super) fn cache_peer_down(&mut self, dead: NodeId, store: &mut impl PageStore) {
         for (seg_id, seg) in self.cache.iter_mut() {
             if seg.home != dead {
                 continue;
@@ -361,28 +361,7 @@ impl<W: Clone> Engine<W> {
             seg.home_lost = true;
             for (page, pending) in std::mem::take(&mut seg.pending) {
                 let key = PageKey { seg: *seg_id, page };
-                let keep_reading = seg.states[page.0 as usize] == PageState::Shared;
-                for waiter in pending.reads {
-                    let access = if keep_reading {
-                        Access::ReadOnly
-                    } else {
-                        Access::Poison
-                    };
-                    self.resolutions.push_back(Resolution {
-                        waiter,
-                        page: key,
-                        access,
-                        also_mapped: 0,
-                    });
-                }
-                for waiter in pending.writes {
-                    self.resolutions.push_back(Resolution {
-                        waiter,
-                        page: key,
-                        access: Access::Poison,
-                        also_mapped: 0,
-                    });
-                }
+                fail_pending(seg, key, pending, store, &mut self.resolutions);
             }
         }
     }
@@ -394,5 +373,47 @@ impl<W: Clone> Engine<W> {
             .filter(|(_, c)| c.home == node)
             .map(|(s, _)| *s)
             .collect()
+    }
+}
+
+/// End the faults waiting on a page that can no longer be fetched. Readers
+/// of a page still held Shared go on reading it. A writer cannot be granted
+/// the page, and its mapping may already hold it read-only (a SIGBUS could
+/// not be delivered over that), so the node's copy is dropped first: the page
+/// is Lost here, and every access to it ends in SIGBUS rather than stale data.
+fn fail_pending<W>(
+    seg: &mut CacheSegment<W>,
+    page: PageKey,
+    pending: Pending<W>,
+    store: &mut impl PageStore,
+    out: &mut VecDeque<Resolution<W>>,
+) {
+    let index = page.page.0 as usize;
+    let held = seg.states[index] == PageState::Shared;
+    if held && !pending.writes.is_empty() {
+        store.punch_local(page);
+        seg.states[index] = PageState::Lost;
+    }
+    let readable = seg.states[index] == PageState::Shared;
+    for waiter in pending.reads {
+        let access = if readable {
+            Access::ReadOnly
+        } else {
+            Access::Poison
+        };
+        out.push_back(Resolution {
+            waiter,
+            page,
+            access,
+            also_mapped: 0,
+        });
+    }
+    for waiter in pending.writes {
+        out.push_back(Resolution {
+            waiter,
+            page,
+            access: Access::Poison,
+            also_mapped: 0,
+        });
     }
 }

@@ -93,7 +93,7 @@ impl<W: Clone> Engine<W> {
             return;
         }
         self.dead.insert(dead);
-        self.cache_peer_down(dead);
+        self.cache_peer_down(dead, store);
         let mut restart = Vec::new();
         for (seg_id, home) in self.homes.iter_mut() {
             for (index, entry) in home.dir.iter_mut().enumerate() {

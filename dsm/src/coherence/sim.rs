@@ -353,7 +353,7 @@ impl Sim {
                 .nodes
                 .get_mut(&node_id)
                 .ok_or("process on a missing node")?;
-            node.engine.handle_fault(page, write, p);
+            node.engine.handle_fault(page, write, p, &mut node.store);
             return self.after_engine(node_id);
         }
         let node = self

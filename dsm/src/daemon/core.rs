@@ -239,7 +239,9 @@ impl Core {
             Waiter {
                 proc,
                 addr: page_addr,
+                readonly: m.readonly,
             },
+            &mut self.store,
         );
         self.drain_engine();
     }

@@ -54,6 +54,13 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     }
     let unix = tokio::net::UnixListener::bind(&config.socket)
         .map_err(|e| DaemonError::Socket(config.socket.display().to_string(), e))?;
+    // Every local user may connect, as every user may call shmget: access
+    // is checked per segment with the caller's credentials.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o666))
+            .map_err(|e| DaemonError::Socket(config.socket.display().to_string(), e))?;
+    }
     let core = Rc::new(RefCell::new(core::Core::new(&config)));
     let identity = Rc::new(peers::Identity {
         me: config.node,

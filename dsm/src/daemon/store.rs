@@ -18,6 +18,8 @@ pub type ProcId = u64;
 pub struct Waiter {
     pub proc: ProcId,
     pub addr: u64,
+    /// A read-only mapping (PROT_READ, registered without WP): mapped as is.
+    pub readonly: bool,
 }
 
 /// One process's mapping of one segment.
@@ -161,34 +163,44 @@ impl NodeStore {
         self.faults_served += 1;
         let addr = res.waiter.addr;
         let page = PAGE_SIZE as u64;
+        // Read-only mappings are registered without WP; PROT_READ keeps
+        // them read-only anyway.
+        let protect = !res.waiter.readonly;
         let result = match res.access {
-            Access::ReadOnly => match proc.uffd.continue_(addr, page, true) {
+            Access::ReadOnly => match proc.uffd.continue_(addr, page, protect) {
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => proc.uffd.wake(addr, page),
                 other => other.map(|_| ()),
             },
             Access::Writable => match proc.uffd.continue_(addr, page, false) {
                 // Already mapped, write-protected: lift the protection, which
                 // also wakes the writer.
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && protect => {
                     proc.uffd.write_protect(addr, page, false, true)
                 }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => proc.uffd.wake(addr, page),
                 other => other.map(|_| ()),
             },
             Access::Poison => match proc.uffd.poison(addr, page) {
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    // A page is mapped there already: take it away first so
-                    // the access cannot see stale data, then poison.
-                    proc.uffd.wake(addr, page)
-                }
+                // A write-protect marker left on the empty PTE by an earlier
+                // invalidation blocks POISON: clear it, then poison.
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && protect => proc
+                    .uffd
+                    .write_protect(addr, page, false, false)
+                    .and_then(|()| proc.uffd.poison(addr, page)),
                 other => other,
             },
         };
         if let Err(e) = result {
-            // ESRCH/ENOENT: the process is gone; nothing to resolve.
             if crate::uffd::process_gone(&e) {
                 tracing::debug!(pid = proc.pid, addr, ?res.access, "fault of an exited process: {e}");
             } else {
-                tracing::error!(pid = proc.pid, addr, ?res.access, "resolving a fault failed: {e}");
+                // Never leave a thread blocked on a fault we failed to
+                // resolve: a SIGBUS is a defined failure, a hang is not.
+                tracing::error!(pid = proc.pid, addr, ?res.access, "resolving a fault failed, poisoning: {e}");
+                if let Err(e) = proc.uffd.poison(addr, page) {
+                    tracing::error!(pid = proc.pid, addr, "poison failed too: {e}");
+                    let _ = proc.uffd.wake(addr, page);
+                }
             }
         }
         if res.also_mapped > 0 && res.access == Access::ReadOnly {
