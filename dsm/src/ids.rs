@@ -127,9 +127,14 @@ impl IpcKey {
     pub const PRIVATE: IpcKey = IpcKey(0);
 }
 
-/// Number of pages needed to hold `bytes`.
+/// Largest segment: the home keeps a directory entry per page, so the
+/// effective SHMMAX is the kernel's or this, whichever is smaller.
+pub const SEGMENT_BYTES_MAX: u64 = 64 << 30;
+
+/// Number of pages needed to hold `bytes` (at most `SEGMENT_BYTES_MAX`,
+/// which every size is checked against before it gets here).
 pub fn pages_for(bytes: u64) -> u32 {
-    bytes.div_ceil(PAGE_SIZE as u64) as u32
+    bytes.min(SEGMENT_BYTES_MAX).div_ceil(PAGE_SIZE as u64) as u32
 }
 
 #[cfg(test)]

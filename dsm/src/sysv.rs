@@ -163,7 +163,7 @@ impl ShmLimits {
         };
         ShmLimits {
             shmmin: 1,
-            shmmax: read("shmmax", u64::MAX >> 1),
+            shmmax: read("shmmax", u64::MAX >> 1).min(crate::ids::SEGMENT_BYTES_MAX),
             shmmni: read("shmmni", 4096),
             shmall: read("shmall", u64::MAX >> 1),
         }

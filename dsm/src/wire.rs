@@ -15,8 +15,10 @@ use crate::coherence::CohMsg;
 use crate::ids::{NodeId, PageKey, SegmentId, PAGE_SIZE};
 use crate::sysv::{Credentials, ShmStat};
 use bytes::{BufMut, Bytes, BytesMut};
+use hmac::{Hmac, Mac};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAGIC: [u8; 4] = *b"MSHM";
@@ -157,6 +159,39 @@ pub enum Control {
 pub enum PeerFrame {
     Control(Control),
     Coh(CohMsg),
+}
+
+fn auth_hmac(
+    secret: &[u8],
+    nonce: &[u8; 32],
+    node: NodeId,
+    incarnation: u64,
+) -> Option<Hmac<Sha256>> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).ok()?;
+    mac.update(b"migshm peer auth v1");
+    mac.update(nonce);
+    mac.update(&[node.0]);
+    mac.update(&incarnation.to_le_bytes());
+    Some(mac)
+}
+
+/// The answer to a peer's challenge: HMAC-SHA256 over its nonce and our
+/// identity, keyed by the cluster secret.
+pub fn auth_mac(secret: &[u8], nonce: &[u8; 32], node: NodeId, incarnation: u64) -> Vec<u8> {
+    auth_hmac(secret, nonce, node, incarnation)
+        .map(|m| m.finalize().into_bytes().to_vec())
+        .unwrap_or_default()
+}
+
+/// Check a peer's answer to our challenge (in constant time).
+pub fn auth_verify(
+    secret: &[u8],
+    nonce: &[u8; 32],
+    node: NodeId,
+    incarnation: u64,
+    tag: &[u8],
+) -> bool {
+    auth_hmac(secret, nonce, node, incarnation).is_some_and(|m| m.verify_slice(tag).is_ok())
 }
 
 const KIND_CONTROL: u8 = 1;

@@ -451,6 +451,9 @@ impl Core {
             };
         }
         let home = id.home().ok_or(libc::EINVAL)?;
+        if size == 0 || size > crate::ids::SEGMENT_BYTES_MAX {
+            return Err(libc::EINVAL);
+        }
         let len = u64::from(pages_for(size)) * PAGE_SIZE as u64;
         let memfd = Memfd::create(&format!("migshm-{}", id.0), len)
             .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOMEM))?;

@@ -8,8 +8,6 @@ use crate::ids::NodeId;
 use crate::wire::{self, Control, Hello, PeerFrame, MAGIC, PEER_FRAME_MAX, PROTOCOL_VERSION};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -42,28 +40,6 @@ pub fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .max_frame_length(PEER_FRAME_MAX)
         .new_codec()
-}
-
-fn mac_of(secret: &[u8], nonce: &[u8; 32], node: NodeId, incarnation: u64) -> Vec<u8> {
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
-        return vec![];
-    };
-    mac.update(b"migshm peer auth v1");
-    mac.update(nonce);
-    mac.update(&[node.0]);
-    mac.update(&incarnation.to_le_bytes());
-    mac.finalize().into_bytes().to_vec()
-}
-
-fn verify(secret: &[u8], nonce: &[u8; 32], node: NodeId, incarnation: u64, tag: &[u8]) -> bool {
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
-        return false;
-    };
-    mac.update(b"migshm peer auth v1");
-    mac.update(nonce);
-    mac.update(&[node.0]);
-    mac.update(&incarnation.to_le_bytes());
-    mac.verify_slice(tag).is_ok()
 }
 
 async fn next_control(
@@ -115,7 +91,7 @@ pub async fn handshake(
             return Err(HandshakeError::UnknownNode(theirs.node));
         }
         let mac = match &id.secret {
-            Some(secret) => mac_of(secret, &theirs.nonce, id.me, id.incarnation),
+            Some(secret) => wire::auth_mac(secret, &theirs.nonce, id.me, id.incarnation),
             None => vec![],
         };
         framed
@@ -125,7 +101,9 @@ pub async fn handshake(
             return Err(HandshakeError::Unexpected);
         };
         let ok = match &id.secret {
-            Some(secret) => verify(secret, &nonce, theirs.node, theirs.incarnation, &mac),
+            Some(secret) => {
+                wire::auth_verify(secret, &nonce, theirs.node, theirs.incarnation, &mac)
+            }
             None => mac.is_empty(),
         };
         if !ok {

@@ -1,0 +1,437 @@
+//! Hostile or broken input: fake local clients and fake peers send
+//! truncated, oversized and garbage frames and unknown ids. Each gets an
+//! error or a closed connection; the daemon logs it and keeps serving.
+
+use dsm::client::Client;
+use dsm::coherence::CohMsg;
+use dsm::ids::{NodeId, PageIndex, PageKey, SegmentId};
+use dsm::wire::{
+    self, ClientReply, ClientRequest, Control, Hello, PeerFrame, RpcRequest, RpcResponse,
+};
+use migshm::{binary, Cluster, ClusterOptions};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+fn uffd_or_skip() -> bool {
+    match dsm::uffd::probe_features() {
+        Ok(f) if f & dsm::uffd::REQUIRED_FEATURES == dsm::uffd::REQUIRED_FEATURES => true,
+        other => {
+            println!(
+                "SKIP: userfaultfd with shmem WP/MINOR/POISON is not available here: {other:?}"
+            );
+            false
+        }
+    }
+}
+
+fn still_serves(cluster: &Cluster, node: u8) {
+    let client = Client::connect(cluster.socket(node)).expect("daemon no longer accepts clients");
+    let nodes = client.nodes().expect("daemon no longer answers");
+    assert_eq!(nodes.len(), cluster.nodes.len());
+    for n in 1..=cluster.nodes.len() as u8 {
+        assert!(
+            !cluster.log(n).contains("panicked"),
+            "node {n} panicked:\n{}",
+            cluster.log(n)
+        );
+    }
+}
+
+/// True if the peer closed the connection (EOF or reset) within a few seconds.
+fn closed_by_peer(stream: &mut impl Read) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+fn client_call(stream: &mut UnixStream, id: u64, req: &ClientRequest) -> ClientReply {
+    stream.write_all(&wire::encode_client(id, req)).unwrap();
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    stream.read_exact(&mut body).unwrap();
+    let (reply_id, reply): (u64, ClientReply) = wire::decode_client(&body).unwrap();
+    assert_eq!(reply_id, id);
+    reply
+}
+
+#[test]
+fn fake_clients_get_errors_and_the_daemon_keeps_serving() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(2).expect("start cluster");
+    let socket = cluster.socket(1);
+    let connect = || {
+        let s = UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    };
+
+    // Oversized length header: closed.
+    let mut s = connect();
+    s.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    assert!(closed_by_peer(&mut s), "oversized frame was not refused");
+
+    // Garbage body: an error reply, then closed.
+    let mut s = connect();
+    s.write_all(&[5, 0, 0, 0, 0xff, 0xfe, 0xfd, 0xfc, 0xfb])
+        .unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    let (_, reply): (u64, ClientReply) = wire::decode_client(&body).unwrap();
+    assert_eq!(reply, ClientReply::Err(libc::EBADMSG));
+    assert!(closed_by_peer(&mut s));
+
+    // Truncated frame, then the client vanishes mid-request.
+    let mut s = connect();
+    s.write_all(&[100, 0, 0, 0, 1, 2, 3]).unwrap();
+    drop(s);
+
+    // Unknown ids and out-of-order requests: the errno Linux would give.
+    let mut s = connect();
+    let foreign = SegmentId::new(NodeId(99), 5).0; // a node not in the cluster
+    let cases = [
+        (
+            ClientRequest::ShmAttach {
+                id: 0x0100_0000 + 4242,
+                readonly: false,
+            },
+            libc::EINVAL,
+        ),
+        (
+            ClientRequest::ShmAttach {
+                id: -7,
+                readonly: true,
+            },
+            libc::EINVAL,
+        ),
+        (ClientRequest::ShmStat { id: foreign }, libc::EINVAL),
+        (ClientRequest::ShmRemove { id: 0 }, libc::EINVAL),
+        (
+            ClientRequest::ShmDetach {
+                id: 0x0100_0001,
+                addr: 4096,
+            },
+            libc::EINVAL,
+        ),
+        (
+            ClientRequest::ShmMapped {
+                id: 0x0100_0001,
+                addr: 4096,
+                len: 4096,
+                readonly: false,
+                with_uffd: true,
+            },
+            libc::EINVAL,
+        ),
+        (
+            ClientRequest::Adopt {
+                attachments: vec![],
+            },
+            libc::EINVAL,
+        ),
+        (
+            ClientRequest::ShmGet {
+                key: 0,
+                size: 1 << 62,
+                flags: 0o1600,
+            },
+            libc::EINVAL,
+        ),
+        (ClientRequest::Hello { version: 999 }, libc::EPROTONOSUPPORT),
+    ];
+    for (i, (req, errno)) in cases.into_iter().enumerate() {
+        let reply = client_call(&mut s, i as u64 + 1, &req);
+        assert_eq!(reply, ClientReply::Err(errno), "{req:?}");
+    }
+    drop(s);
+
+    still_serves(&cluster, 1);
+    assert!(
+        cluster.log(1).contains("malformed request"),
+        "the garbage was not logged"
+    );
+}
+
+/// Read one length-delimited (u32 BE) peer frame.
+fn read_peer_frame(s: &mut TcpStream) -> std::io::Result<PeerFrame> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body)?;
+    wire::decode_peer(body.into()).map_err(std::io::Error::other)
+}
+
+fn write_peer_frame(s: &mut TcpStream, frame: &[u8]) {
+    let _ = s.write_all(&(frame.len() as u32).to_be_bytes());
+    let _ = s.write_all(frame);
+}
+
+/// Handshake with a daemon, pretending to be `node`, with `secret`.
+fn fake_peer(addr: &str, node: u8, secret: Option<&[u8]>) -> (TcpStream, bool) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let incarnation = 0xfeed_0000 + u64::from(std::process::id());
+    let hello = Hello {
+        magic: wire::MAGIC,
+        version: wire::PROTOCOL_VERSION,
+        node: NodeId(node),
+        incarnation,
+        nonce: [7; 32],
+    };
+    write_peer_frame(&mut s, &wire::encode_control(&Control::Hello(hello)));
+    let Ok(PeerFrame::Control(Control::Hello(theirs))) = read_peer_frame(&mut s) else {
+        return (s, false);
+    };
+    let mac = secret
+        .map(|k| wire::auth_mac(k, &theirs.nonce, NodeId(node), incarnation))
+        .unwrap_or_default();
+    write_peer_frame(&mut s, &wire::encode_control(&Control::Auth { mac }));
+    // The daemon sends its own answer before checking ours: accepted means
+    // it then serves a request.
+    if !matches!(
+        read_peer_frame(&mut s),
+        Ok(PeerFrame::Control(Control::Auth { .. }))
+    ) {
+        return (s, false);
+    }
+    write_peer_frame(
+        &mut s,
+        &wire::encode_control(&Control::Request {
+            id: 1,
+            body: RpcRequest::KeyLookup { key: 1 },
+        }),
+    );
+    loop {
+        match read_peer_frame(&mut s) {
+            Ok(PeerFrame::Control(Control::Response { id: 1, .. })) => return (s, true),
+            Ok(_) => continue,
+            Err(_) => return (s, false),
+        }
+    }
+}
+
+#[test]
+fn fake_peers_are_refused_or_answered_and_the_daemon_keeps_serving() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(3).expect("start cluster");
+    // Node 1 dies; a fake "node 1" (a new incarnation) talks to node 2.
+    cluster.kill(1);
+    let addr = cluster.node(2).listen.clone();
+
+    // Garbage before the handshake: closed.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"\x00\x00\x00\x05hello, anyone?").unwrap();
+    assert!(closed_by_peer(&mut s));
+
+    // Oversized frame length: closed.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    assert!(closed_by_peer(&mut s));
+
+    // Another protocol version: refused.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hello = Hello {
+        magic: wire::MAGIC,
+        version: 999,
+        node: NodeId(1),
+        incarnation: 1,
+        nonce: [0; 32],
+    };
+    write_peer_frame(&mut s, &wire::encode_control(&Control::Hello(hello)));
+    let _ = read_peer_frame(&mut s);
+    assert!(closed_by_peer(&mut s));
+
+    // A proper handshake, then unknown ids and garbage.
+    let (mut s, accepted) = fake_peer(&addr, 1, None);
+    assert!(accepted, "handshake refused");
+    let unknown = PageKey {
+        seg: SegmentId::new(NodeId(2), 77),
+        page: PageIndex(3),
+    };
+    write_peer_frame(
+        &mut s,
+        &wire::encode_coherence(&CohMsg::Read {
+            page: unknown,
+            prefetch: 4,
+        }),
+    );
+    write_peer_frame(
+        &mut s,
+        &wire::encode_control(&Control::Request {
+            id: 9,
+            body: RpcRequest::KeyLookup { key: 12345 },
+        }),
+    );
+    write_peer_frame(
+        &mut s,
+        &wire::encode_control(&Control::Request {
+            id: 10,
+            body: RpcRequest::SegStat {
+                id: SegmentId(5),
+                cred: dsm::sysv::Credentials {
+                    pid: 1,
+                    uid: 0,
+                    gid: 0,
+                    groups: vec![],
+                    cap_ipc_owner: true,
+                    cap_sys_admin: true,
+                },
+            },
+        }),
+    );
+    let mut got_unavailable = false;
+    let mut answers = Vec::new();
+    while !(got_unavailable && answers.len() == 2) {
+        match read_peer_frame(&mut s).expect("no answer from the daemon") {
+            PeerFrame::Coh(CohMsg::Unavailable { page }) => got_unavailable = page == unknown,
+            PeerFrame::Control(Control::Response { id, body }) => answers.push((id, body)),
+            _ => {}
+        }
+    }
+    answers.sort_by_key(|a| a.0);
+    assert_eq!(
+        answers,
+        vec![
+            (9, RpcResponse::KeyAbsent),
+            (10, RpcResponse::Err(libc::EINVAL))
+        ]
+    );
+    // A truncated coherence frame: the link is closed.
+    write_peer_frame(&mut s, &[2, 40, 0, 1, 2]);
+    assert!(closed_by_peer(&mut s));
+
+    still_serves(&cluster, 2);
+    assert!(
+        cluster.log(2).contains("bad frame from peer"),
+        "{}",
+        cluster.log(2)
+    );
+}
+
+#[test]
+fn a_peer_with_the_wrong_secret_is_refused() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let secret = "correct horse battery staple 0123";
+    let mut cluster = Cluster::start_with(ClusterOptions {
+        secret: Some(secret.into()),
+        ..Default::default()
+    })
+    .expect("a cluster with a secret starts and links up");
+    cluster.kill(1);
+    let addr = cluster.node(2).listen.clone();
+    let (_, accepted) = fake_peer(&addr, 1, Some(b"wrong secret, 32 bytes long......"));
+    assert!(!accepted, "a wrong secret was accepted");
+    let (_, accepted) = fake_peer(&addr, 1, None);
+    assert!(
+        !accepted,
+        "no secret was accepted by a cluster that has one"
+    );
+    assert!(
+        cluster.log(2).contains("wrong cluster secret"),
+        "{}",
+        cluster.log(2)
+    );
+    // The right secret is accepted.
+    let (_, accepted) = fake_peer(&addr, 1, Some(secret.as_bytes()));
+    assert!(accepted);
+    still_serves(&cluster, 2);
+}
+
+#[test]
+fn bad_command_lines_fail_with_one_line() {
+    let dsmd = binary("dsmd");
+    let dir = std::env::temp_dir().join(format!("migshm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("s.sock");
+    let sock = sock.to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec![],
+        vec!["--node", "0", "--listen", "127.0.0.1:1", "--socket", sock],
+        vec!["--node", "1", "--listen", "nowhere", "--socket", sock],
+        vec![
+            "--node",
+            "1",
+            "--listen",
+            "127.0.0.1:1",
+            "--socket",
+            sock,
+            "--peer",
+            "2",
+        ],
+        vec![
+            "--node",
+            "1",
+            "--listen",
+            "127.0.0.1:1",
+            "--socket",
+            sock,
+            "--peer",
+            "1=127.0.0.1:2",
+        ],
+        vec!["--node", "1", "--listen", "0.0.0.0:7000", "--socket", sock],
+        vec!["--node", "1", "--bogus"],
+        vec!["--config", "/nonexistent/dsmd.toml"],
+    ];
+    for args in cases {
+        let out = Command::new(&dsmd).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: not one line: {stderr}"
+        );
+        assert!(stderr.starts_with("dsmd: "), "{args:?}: {stderr}");
+    }
+    // A TOML file with the same keys is read.
+    let toml = dir.join("bad.toml");
+    std::fs::write(
+        &toml,
+        "node = 1\nlisten = \"10.1.2.3:7000\"\nsocket = \"/tmp/x.sock\"\n",
+    )
+    .unwrap();
+    let out = Command::new(&dsmd)
+        .arg("--config")
+        .arg(&toml)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without --secret-file"));
+    let out = Command::new(binary("omctl"))
+        .args(["--socket", "/nonexistent.sock", "nodes"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr)
+            .trim_end()
+            .lines()
+            .count(),
+        1
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
