@@ -2,6 +2,7 @@
 
 use super::{page_in_range, Access, CohMsg, Engine, PageStore, Resolution, PREFETCH_PAGES_MAX};
 use crate::ids::{NodeId, PageIndex, PageKey, SegmentId};
+use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 
 /// This node's copy of a page.
@@ -364,6 +365,22 @@ impl<W: Clone> Engine<W> {
                 fail_pending(seg, key, pending, store, &mut self.resolutions);
             }
         }
+    }
+
+    /// Downgrade this node's Exclusive copy to Shared, returning its data.
+    pub(super) fn downgrade_exclusive(
+        &mut self,
+        page: PageKey,
+        store: &mut impl PageStore,
+    ) -> Option<Bytes> {
+        let seg = self.cache.get_mut(&page.seg)?;
+        let state = seg.states.get_mut(page.page.0 as usize)?;
+        if *state != PageState::Exclusive {
+            return None;
+        }
+        store.protect_local(page);
+        *state = PageState::Shared;
+        Some(store.read_local(page))
     }
 
     /// Segments cached here whose home is `node`.

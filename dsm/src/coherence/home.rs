@@ -191,7 +191,21 @@ impl<W: Clone> Engine<W> {
             }
             match request {
                 Request::Read { from, prefetch } => match entry.owner {
+                    Some(owner)
+                        if owner == self.me
+                            && owner != from
+                            && self.downgrade_own_copy(page, store) =>
+                    {
+                        self.grant_read(page, from, prefetch, store);
+                    }
                     Some(owner) if owner != from => {
+                        let Some(busy) = self
+                            .homes
+                            .get_mut(&page.seg)
+                            .and_then(|h| h.busy.get_mut(&page.page))
+                        else {
+                            return;
+                        };
                         busy.txn = Some(Txn::Read {
                             from,
                             prefetch,
@@ -252,14 +266,31 @@ impl<W: Clone> Engine<W> {
         home.dir[page.page.0 as usize].copyset.insert(to);
         let mut extra_pages = 0;
         for q in (page.page.0 + 1)..(page.page.0 + 1 + prefetch) {
-            let Some(entry) = home.dir.get_mut(q as usize) else {
+            let q_key = PageKey {
+                seg: page.seg,
+                page: PageIndex(q),
+            };
+            let Some(home) = self.homes.get(&page.seg) else {
                 break;
             };
-            let busy = home.busy.contains_key(&PageIndex(q));
-            if busy || entry.owner.is_some() || entry.lost || entry.copyset.contains(to) {
+            let Some(entry) = home.dir.get(q as usize).copied() else {
+                break;
+            };
+            if home.busy.contains_key(&PageIndex(q)) || entry.lost || entry.copyset.contains(to) {
                 break;
             }
-            entry.copyset.insert(to);
+            match entry.owner {
+                None => {}
+                Some(owner) if owner == self.me && owner != to => {
+                    if !self.downgrade_own_copy(q_key, store) {
+                        break;
+                    }
+                }
+                Some(_) => break,
+            }
+            if let Some(entry) = self.dir_entry(q_key) {
+                entry.copyset.insert(to);
+            }
             extra_pages += 1;
         }
         let data = store.read_home(page);
@@ -272,6 +303,22 @@ impl<W: Clone> Engine<W> {
             })
             .collect();
         self.send(to, CohMsg::ReadGrant { page, data, extra });
+    }
+
+    /// This node itself holds the page Exclusive: downgrade it here and now,
+    /// which is what Downgrade and DowngradeAck over the self link would do.
+    /// Only when the grant has arrived (state Exclusive); otherwise false.
+    fn downgrade_own_copy(&mut self, page: PageKey, store: &mut impl PageStore) -> bool {
+        let Some(data) = self.downgrade_exclusive(page, store) else {
+            return false;
+        };
+        store.write_home(page, &data);
+        let me = self.me;
+        if let Some(entry) = self.dir_entry(page) {
+            entry.owner = None;
+            entry.copyset.insert(me);
+        }
+        true
     }
 
     fn home_downgrade_ack(

@@ -1,0 +1,279 @@
+//! `dsm-bench`: remote fault latency and throughput between two `dsmd` on
+//! loopback, beside the same operations on plain kernel shared memory.
+//! Prints a table, then (last line) one JSON object.
+//!
+//! The two daemons run in this process, each on its own thread and runtime
+//! exactly as `dsmd` runs them, so the benchmark needs no other binary.
+//! While it runs it holds `/dev/cpu_dma_latency` at 0 when it can (vCPUs that
+//! halt when idle add ~60 µs to every wake-up, DESIGN.md §8) and says so.
+
+use dsm::client::{Attachment, Client};
+use dsm::daemon::Config;
+use dsm::ids::{NodeId, PAGE_SIZE};
+use dsm::memfd::{Mapping, Memfd};
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MISS_PAGES: usize = 4000;
+const PINGPONG_ROUNDS: usize = 5000;
+const SCAN_BYTES: usize = 64 << 20;
+
+struct Stats {
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    Stats {
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+    }
+}
+
+/// Keep the vCPUs out of deep idle while held (closing the file releases it).
+fn hold_low_latency() -> (Option<std::fs::File>, &'static str) {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/cpu_dma_latency")
+    {
+        Ok(mut f) => match f.write_all(&0i32.to_ne_bytes()) {
+            Ok(()) => (Some(f), "cpu_dma_latency=0 (vCPUs kept out of deep idle)"),
+            Err(_) => (None, "default idle states (cpu_dma_latency not writable)"),
+        },
+        Err(_) => (None, "default idle states (no /dev/cpu_dma_latency)"),
+    }
+}
+
+fn start_daemons(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let port = 30000 + (std::process::id() % 20000) as u16;
+    let addrs: Vec<std::net::SocketAddr> = (1..=2u8)
+        .map(|n| {
+            format!("127.0.0.{n}:{port}")
+                .parse()
+                .expect("loopback address")
+        })
+        .collect();
+    let mut sockets = Vec::new();
+    for n in 1..=2u8 {
+        let socket = dir.join(format!("node{n}.sock"));
+        let config = Config {
+            node: NodeId(n),
+            listen: addrs[usize::from(n - 1)],
+            socket: socket.clone(),
+            peers: (1..=2u8)
+                .filter(|m| *m != n)
+                .map(|m| (NodeId(m), addrs[usize::from(m - 1)]))
+                .collect(),
+            secret: None,
+            peer_timeout: Duration::from_secs(5),
+            heartbeat: Duration::from_millis(500),
+        };
+        std::thread::Builder::new()
+            .name(format!("dsmd-{n}"))
+            .spawn(move || {
+                if let Err(e) = dsm::daemon::run(config) {
+                    eprintln!("dsm-bench: daemon {n}: {e}");
+                    std::process::exit(1);
+                }
+            })
+            .expect("spawn daemon thread");
+        sockets.push(socket);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for s in &sockets {
+        loop {
+            let ready = Client::connect(s)
+                .and_then(|c| c.nodes())
+                .is_ok_and(|n| n.iter().all(|x| x.up));
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!("dsm-bench: daemons did not come up");
+                std::process::exit(1);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    sockets
+}
+
+/// A permutation of page indexes with no two neighbours adjacent, so
+/// read-ahead never kicks in and every access is a real miss.
+fn scattered(pages: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..pages).collect();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    for i in (1..pages).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
+fn word(base: *mut u8, page: usize) -> &'static AtomicU64 {
+    // SAFETY: callers pass the base of a live mapping of at least page+1
+    // pages that outlives the benchmark step.
+    unsafe { &*(base.add(page * PAGE_SIZE) as *const AtomicU64) }
+}
+
+fn time_accesses(base: *mut u8, pages: usize, write: bool) -> Vec<Duration> {
+    scattered(pages)
+        .into_iter()
+        .map(|p| {
+            let t = Instant::now();
+            if write {
+                word(base, p).store(p as u64 + 1, SeqCst);
+            } else {
+                std::hint::black_box(word(base, p).load(SeqCst));
+            }
+            t.elapsed()
+        })
+        .collect()
+}
+
+/// Two threads alternately writing one word; returns time per hand-off.
+fn pingpong(a: &'static AtomicU64, b: &'static AtomicU64, rounds: usize) -> Vec<Duration> {
+    a.store(0, SeqCst);
+    let other = std::thread::spawn(move || {
+        for r in 0..rounds as u64 {
+            while b.load(SeqCst) != 2 * r + 1 {
+                std::thread::yield_now();
+            }
+            b.store(2 * r + 2, SeqCst);
+        }
+    });
+    let mut samples = Vec::with_capacity(rounds);
+    let mut last = Instant::now();
+    for r in 0..rounds as u64 {
+        a.store(2 * r + 1, SeqCst);
+        while a.load(SeqCst) != 2 * r + 2 {
+            std::thread::yield_now();
+        }
+        let now = Instant::now();
+        samples.push((now - last) / 2);
+        last = now;
+    }
+    let _ = other.join();
+    samples
+}
+
+fn scan(base: *const u8, bytes: usize) -> f64 {
+    let t = Instant::now();
+    let mut sum = 0u64;
+    for i in (0..bytes).step_by(8) {
+        // SAFETY: inside a live mapping of `bytes` bytes.
+        sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(base.add(i) as *const u64) });
+    }
+    std::hint::black_box(sum);
+    bytes as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+fn leak<T>(v: T) -> &'static T {
+    Box::leak(Box::new(v))
+}
+
+fn main() {
+    let (_latency_guard, mode) = hold_low_latency();
+    let dir = std::env::temp_dir().join(format!("dsm-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let sockets = start_daemons(&dir);
+    let node_a = Client::connect(&sockets[0]).expect("connect node 1");
+    let node_b = Client::connect(&sockets[1]).expect("connect node 2");
+    let seg = |bytes: usize| -> (Attachment, Attachment) {
+        let id = node_a
+            .get(0, bytes as u64, 0o600)
+            .expect("create segment on node 1");
+        let on_a = node_a.attach(id, false).expect("attach on node 1");
+        let on_b = node_b.attach(id, false).expect("attach on node 2");
+        node_a.remove(id).expect("mark for removal");
+        (on_a, on_b)
+    };
+
+    // Remote misses: node 2 touches pages homed on node 1.
+    let (_ha, read_b) = seg(MISS_PAGES * PAGE_SIZE);
+    let read_miss = stats(time_accesses(read_b.as_ptr(), MISS_PAGES, false));
+    let (_hw, write_b) = seg(MISS_PAGES * PAGE_SIZE);
+    let write_miss = stats(time_accesses(write_b.as_ptr(), MISS_PAGES, true));
+    // Hand-offs of one word between the nodes.
+    let (pa, pb) = seg(PAGE_SIZE);
+    let ping = stats(pingpong(
+        leak(pa).atomic_u64(0),
+        leak(pb).atomic_u64(0),
+        PINGPONG_ROUNDS,
+    ));
+    // First sequential read of 64 MiB homed (and written) on node 1.
+    let (sa, sb) = seg(SCAN_BYTES);
+    for p in 0..SCAN_BYTES / PAGE_SIZE {
+        word(sa.as_ptr(), p).store(p as u64, SeqCst);
+    }
+    let scan_mb_s = scan(sb.as_ptr(), SCAN_BYTES);
+    let resident_ok = (0..SCAN_BYTES / PAGE_SIZE)
+        .step_by(997)
+        .all(|p| word(sb.as_ptr(), p).load(SeqCst) == p as u64);
+
+    // The same on plain kernel shared memory (one node, no coherence).
+    let kernel_seg = |bytes: usize, fill: bool| {
+        let memfd = Memfd::create("bench-kernel", bytes as u64).expect("memfd");
+        if fill {
+            let chunk = vec![1u8; 1 << 20];
+            for off in (0..bytes).step_by(chunk.len()) {
+                memfd.write_at(off as u64, &chunk).expect("fill");
+            }
+        }
+        Mapping::map(memfd.as_fd(), bytes, true, None).expect("map")
+    };
+    let k_read = kernel_seg(MISS_PAGES * PAGE_SIZE, true);
+    let k_read_miss = stats(time_accesses(k_read.as_ptr(), MISS_PAGES, false));
+    let k_write = kernel_seg(MISS_PAGES * PAGE_SIZE, false);
+    let k_write_miss = stats(time_accesses(k_write.as_ptr(), MISS_PAGES, true));
+    let k_ping_map = Arc::new(kernel_seg(PAGE_SIZE, false));
+    let k_word: &'static AtomicU64 = word(k_ping_map.as_ptr(), 0);
+    let k_ping = stats(pingpong(k_word, k_word, PINGPONG_ROUNDS));
+    let k_scan_map = kernel_seg(SCAN_BYTES, true);
+    let k_scan = scan(k_scan_map.as_ptr(), SCAN_BYTES);
+
+    println!("dsm-bench: two dsmd on loopback; mode: {mode}");
+    println!(
+        "{:<34} {:>12} {:>12} {:>14}",
+        "operation", "p50 µs", "p99 µs", "kernel p50 µs"
+    );
+    println!(
+        "{:<34} {:>12.1} {:>12.1} {:>14.2}",
+        "read miss (page homed remotely)", read_miss.p50_us, read_miss.p99_us, k_read_miss.p50_us
+    );
+    println!(
+        "{:<34} {:>12.1} {:>12.1} {:>14.2}",
+        "write miss (page homed remotely)",
+        write_miss.p50_us,
+        write_miss.p99_us,
+        k_write_miss.p50_us
+    );
+    println!(
+        "{:<34} {:>12.1} {:>12.1} {:>14.2}",
+        "ping-pong hand-off (one word)", ping.p50_us, ping.p99_us, k_ping.p50_us
+    );
+    println!(
+        "{:<34} {:>12.0} {:>12} {:>14.0}",
+        "first scan of 64 MiB, MB/s", scan_mb_s, "", k_scan
+    );
+    println!(
+        "data check after scan: {}",
+        if resident_ok { "ok" } else { "MISMATCH" }
+    );
+    println!(
+        "{{\"mode\":\"{}\",\"read_miss_p50_us\":{:.1},\"read_miss_p99_us\":{:.1},\"write_miss_p50_us\":{:.1},\"write_miss_p99_us\":{:.1},\"pingpong_p50_us\":{:.1},\"pingpong_p99_us\":{:.1},\"scan_mb_s\":{:.0},\"kernel_read_fault_p50_us\":{:.2},\"kernel_write_fault_p50_us\":{:.2},\"kernel_pingpong_p50_us\":{:.2},\"kernel_scan_mb_s\":{:.0},\"data_ok\":{}}}",
+        if mode.starts_with("cpu_dma") { "low-latency" } else { "default" },
+        read_miss.p50_us, read_miss.p99_us, write_miss.p50_us, write_miss.p99_us, ping.p50_us, ping.p99_us, scan_mb_s,
+        k_read_miss.p50_us, k_write_miss.p50_us, k_ping.p50_us, k_scan, resident_ok
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    // The daemon threads run forever; leave without waiting for them.
+    std::process::exit(if resident_ok { 0 } else { 1 });
+}
