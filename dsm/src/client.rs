@@ -430,9 +430,9 @@ impl Attachment {
             offset + buf.len() <= self.mapped_len(),
             "read beyond the segment"
         );
-        // SAFETY: the range is inside the live mapping; volatile because other
-        // processes write it concurrently.
         for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: the range is inside the live mapping; volatile because
+            // other processes write it concurrently.
             *b = unsafe { std::ptr::read_volatile(self.as_ptr().add(offset + i)) };
         }
     }

@@ -308,24 +308,6 @@ fn decode(msg: uapi::uffd_msg) -> Event {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ioctl_numbers_match_the_kernel_headers() {
-        use linux_raw_sys::ioctl;
-        assert_eq!(UFFDIO_API, u64::from(ioctl::UFFDIO_API));
-        assert_eq!(UFFDIO_REGISTER, u64::from(ioctl::UFFDIO_REGISTER));
-        assert_eq!(UFFDIO_UNREGISTER, u64::from(ioctl::UFFDIO_UNREGISTER));
-        assert_eq!(UFFDIO_WAKE, u64::from(ioctl::UFFDIO_WAKE));
-        assert_eq!(UFFDIO_WRITEPROTECT, u64::from(ioctl::UFFDIO_WRITEPROTECT));
-        assert_eq!(UFFDIO_CONTINUE, u64::from(ioctl::UFFDIO_CONTINUE));
-        // _IOWR(0xAA, 8, struct uffdio_poison) from <linux/userfaultfd.h>.
-        assert_eq!(UFFDIO_POISON, 0xC020_AA08);
-    }
-}
-
 impl AsRawFd for Uffd {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -346,4 +328,22 @@ pub fn async_uffd(
 /// memory is gone, so there is nothing left to protect or resolve).
 pub fn process_gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ESRCH) | Some(libc::ENOENT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        use linux_raw_sys::ioctl;
+        assert_eq!(UFFDIO_API, u64::from(ioctl::UFFDIO_API));
+        assert_eq!(UFFDIO_REGISTER, u64::from(ioctl::UFFDIO_REGISTER));
+        assert_eq!(UFFDIO_UNREGISTER, u64::from(ioctl::UFFDIO_UNREGISTER));
+        assert_eq!(UFFDIO_WAKE, u64::from(ioctl::UFFDIO_WAKE));
+        assert_eq!(UFFDIO_WRITEPROTECT, u64::from(ioctl::UFFDIO_WRITEPROTECT));
+        assert_eq!(UFFDIO_CONTINUE, u64::from(ioctl::UFFDIO_CONTINUE));
+        // _IOWR(0xAA, 8, struct uffdio_poison) from <linux/userfaultfd.h>.
+        assert_eq!(UFFDIO_POISON, 0xC020_AA08);
+    }
 }

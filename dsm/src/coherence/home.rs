@@ -281,10 +281,8 @@ impl<W: Clone> Engine<W> {
             }
             match entry.owner {
                 None => {}
-                Some(owner) if owner == self.me && owner != to => {
-                    if !self.downgrade_own_copy(q_key, store) {
-                        break;
-                    }
+                Some(owner)
+                    if owner == self.me && owner != to && self.downgrade_own_copy(q_key, store) => {
                 }
                 Some(_) => break,
             }

@@ -513,7 +513,7 @@ impl Session {
         readonly: bool,
         uffd_fd: Option<OwnedFd>,
     ) -> Result<(), i32> {
-        if !self.attached.contains(&id) || addr % PAGE_SIZE as u64 != 0 {
+        if !self.attached.contains(&id) || !addr.is_multiple_of(PAGE_SIZE as u64) {
             return Err(libc::EINVAL);
         }
         let proc = self.ensure_process(uffd_fd)?;
