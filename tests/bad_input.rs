@@ -266,7 +266,7 @@ fn fake_peers_are_refused_or_answered_and_the_daemon_keeps_serving() {
 
     // A proper handshake, then unknown ids and garbage.
     let (mut s, accepted) = fake_peer(&addr, 1, None);
-    assert!(accepted, "handshake refused");
+    assert!(accepted, "handshake refused:\n{}", cluster.log(2));
     let unknown = PageKey {
         seg: SegmentId::new(NodeId(2), 77),
         page: PageIndex(3),

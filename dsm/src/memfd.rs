@@ -98,6 +98,49 @@ impl Memfd {
         Ok(())
     }
 
+    /// Write several buffers back to back from `offset` (one `pwritev` per
+    /// batch of up to 512 buffers).
+    pub fn write_vectored_at(&self, offset: u64, bufs: &[&[u8]]) -> io::Result<()> {
+        let mut offset = offset;
+        for batch in bufs.chunks(512) {
+            let iov: Vec<libc::iovec> = batch
+                .iter()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_ptr() as *mut libc::c_void,
+                    iov_len: b.len(),
+                })
+                .collect();
+            let total: usize = batch.iter().map(|b| b.len()).sum();
+            // SAFETY: every iovec points at a live slice of the stated length.
+            let n = unsafe {
+                libc::pwritev(
+                    self.fd.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len() as i32,
+                    offset as libc::off_t,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if (n as usize) < total {
+                // Short write (rare for shmem): finish each buffer's rest.
+                let written = n as usize;
+                let mut pos = 0usize;
+                for b in batch {
+                    let end = pos + b.len();
+                    if end > written {
+                        let skip = written.saturating_sub(pos);
+                        self.write_at(offset + (pos + skip) as u64, &b[skip..])?;
+                    }
+                    pos = end;
+                }
+            }
+            offset += total as u64;
+        }
+        Ok(())
+    }
+
     /// Drop the pages of a range from the node's copy: every mapping loses
     /// them and the next access faults (MISSING).
     pub fn punch(&self, offset: u64, len: u64) -> io::Result<()> {

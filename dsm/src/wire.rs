@@ -220,7 +220,9 @@ pub fn encode_control(msg: &Control) -> Bytes {
     out.freeze()
 }
 
-pub fn encode_coherence(msg: &CohMsg) -> Bytes {
+/// A coherence frame as parts to write back to back: a small header, then
+/// the pages themselves, never copied in user space.
+pub fn encode_coherence_parts(msg: &CohMsg) -> Vec<Bytes> {
     let some = |d: &Option<Bytes>| u32::from(d.is_some());
     let (header, pages): (CohHeader, Vec<&Bytes>) = match msg {
         CohMsg::Read { page, prefetch } => (
@@ -270,16 +272,33 @@ pub fn encode_coherence(msg: &CohMsg) -> Bytes {
         CohMsg::Unavailable { page } => (CohHeader::Unavailable { page: *page }, vec![]),
     };
     let head = postcard::to_stdvec(&header).unwrap_or_default();
-    let mut out = BytesMut::with_capacity(3 + head.len() + pages.len() * PAGE_SIZE);
-    out.put_u8(KIND_COHERENCE);
-    out.put_u16_le(head.len() as u16);
-    out.extend_from_slice(&head);
+    let mut first = BytesMut::with_capacity(3 + head.len());
+    first.put_u8(KIND_COHERENCE);
+    first.put_u16_le(head.len() as u16);
+    first.extend_from_slice(&head);
+    let mut parts = Vec::with_capacity(1 + pages.len());
+    parts.push(first.freeze());
     for p in pages {
-        // Pages are always whole; pad defensively so the receiver's length
-        // check holds.
-        let n = p.len().min(PAGE_SIZE);
-        out.extend_from_slice(&p[..n]);
-        out.put_bytes(0, PAGE_SIZE - n);
+        if p.len() == PAGE_SIZE {
+            parts.push(p.clone());
+        } else {
+            // Pages are always whole; pad defensively so the receiver's
+            // length check holds.
+            let mut whole = BytesMut::zeroed(PAGE_SIZE);
+            let n = p.len().min(PAGE_SIZE);
+            whole[..n].copy_from_slice(&p[..n]);
+            parts.push(whole.freeze());
+        }
+    }
+    parts
+}
+
+/// A coherence frame in one buffer.
+pub fn encode_coherence(msg: &CohMsg) -> Bytes {
+    let parts = encode_coherence_parts(msg);
+    let mut out = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+    for p in parts {
+        out.extend_from_slice(&p);
     }
     out.freeze()
 }

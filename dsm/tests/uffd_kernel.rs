@@ -145,3 +145,31 @@ fn poison_turns_an_access_into_sigbus() {
     assert!(libc::WIFSIGNALED(status), "child exited with {status:#x}");
     assert_eq!(libc::WTERMSIG(status), libc::SIGBUS);
 }
+
+#[test]
+fn continue_maps_a_run_of_pages_into_a_read_only_mapping() {
+    if !uffd_available() {
+        return;
+    }
+    let memfd = Memfd::create("uffd-ro-run", 8 * PAGE).unwrap();
+    let map = Mapping::map(memfd.as_fd(), 8 * PAGE as usize, false, None).unwrap();
+    let base = map.addr() as u64;
+    let uffd = Uffd::from_fd(uffd::create_for_self().unwrap());
+    uffd.api(uffd::REQUIRED_FEATURES).unwrap();
+    let mode = u64::from(
+        linux_raw_sys::general::UFFDIO_REGISTER_MODE_MISSING
+            | linux_raw_sys::general::UFFDIO_REGISTER_MODE_MINOR,
+    );
+    uffd.register(base, 8 * PAGE, mode).unwrap();
+    for p in 0..8 {
+        memfd.write_at(p * PAGE, &(p + 1).to_le_bytes()).unwrap();
+    }
+    let mapped = uffd.continue_(base, 8 * PAGE, false);
+    println!("CONTINUE of 8 pages on a read-only mapping: {mapped:?}");
+    assert_eq!(mapped.unwrap(), 8 * PAGE);
+    for p in 0..8u64 {
+        // SAFETY: inside the live mapping; mapped above, so no fault.
+        let v = unsafe { std::ptr::read_volatile((base + p * PAGE) as *const u64) };
+        assert_eq!(v, p + 1);
+    }
+}

@@ -179,7 +179,37 @@ fn leak<T>(v: T) -> &'static T {
     Box::leak(Box::new(v))
 }
 
+/// `dsm-bench --scan-child SOCKET ID`: attach segment ID through the daemon
+/// at SOCKET, read it all once, check it, print MB/s. A process of its own,
+/// as a reader on another node would be (sharing an address space with the
+/// writer would add TLB shootdowns a real deployment does not have).
+fn scan_child(args: &[String]) -> ! {
+    let (Some(socket), Some(id)) = (
+        args.first(),
+        args.get(1).and_then(|s| s.parse::<i32>().ok()),
+    ) else {
+        eprintln!("dsm-bench: --scan-child SOCKET ID");
+        std::process::exit(2);
+    };
+    let client = Client::connect(socket).unwrap_or_else(|e| {
+        eprintln!("dsm-bench: scan child: {e}");
+        std::process::exit(1)
+    });
+    let seg = client.attach(id, true).unwrap_or_else(|e| {
+        eprintln!("dsm-bench: scan child attach: {e}");
+        std::process::exit(1)
+    });
+    let mb_s = scan(seg.as_ptr(), SCAN_BYTES);
+    let ok = (0..SCAN_BYTES / PAGE_SIZE).all(|p| word(seg.as_ptr(), p).load(SeqCst) == p as u64);
+    println!("{mb_s:.0} {ok}");
+    std::process::exit(0);
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "--scan-child") {
+        scan_child(&args[1..]);
+    }
     let (_latency_guard, mode) = hold_low_latency();
     let dir = std::env::temp_dir().join(format!("dsm-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
@@ -196,6 +226,44 @@ fn main() {
         (on_a, on_b)
     };
 
+    // First sequential read of 64 MiB homed (and written) on node 1, by a
+    // process on node 2.
+    let scan_id = node_a
+        .get(0, SCAN_BYTES as u64, 0o600)
+        .expect("create the scan segment");
+    let writer = node_a.attach(scan_id, false).expect("attach on node 1");
+    for p in 0..SCAN_BYTES / PAGE_SIZE {
+        word(writer.as_ptr(), p).store(p as u64, SeqCst);
+    }
+    let faults_before: u64 = node_b
+        .status()
+        .map(|v| v.iter().map(|s| s.faults_served).sum())
+        .unwrap_or(0);
+    let child = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .arg("--scan-child")
+        .arg(&sockets[1])
+        .arg(scan_id.to_string())
+        .output()
+        .expect("run the scan child");
+    let scan_faults = node_b
+        .status()
+        .map(|v| v.iter().map(|s| s.faults_served).sum::<u64>())
+        .unwrap_or(0)
+        - faults_before;
+    let child_out = String::from_utf8_lossy(&child.stdout);
+    let mut fields = child_out.split_whitespace();
+    let scan_mb_s: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let resident_ok = fields.next() == Some("true");
+    drop(writer);
+    let _ = node_a.remove(scan_id);
+    if std::env::args().any(|a| a == "--scan-only") {
+        println!(
+            "first scan of 64 MiB: {scan_mb_s:.0} MB/s, {scan_faults} faults, data {}",
+            if resident_ok { "ok" } else { "MISMATCH" }
+        );
+        std::process::exit(0);
+    }
+
     // Remote misses: node 2 touches pages homed on node 1.
     let (_ha, read_b) = seg(MISS_PAGES * PAGE_SIZE);
     let read_miss = stats(time_accesses(read_b.as_ptr(), MISS_PAGES, false));
@@ -208,16 +276,6 @@ fn main() {
         leak(pb).atomic_u64(0),
         PINGPONG_ROUNDS,
     ));
-    // First sequential read of 64 MiB homed (and written) on node 1.
-    let (sa, sb) = seg(SCAN_BYTES);
-    for p in 0..SCAN_BYTES / PAGE_SIZE {
-        word(sa.as_ptr(), p).store(p as u64, SeqCst);
-    }
-    let scan_mb_s = scan(sb.as_ptr(), SCAN_BYTES);
-    let resident_ok = (0..SCAN_BYTES / PAGE_SIZE)
-        .step_by(997)
-        .all(|p| word(sb.as_ptr(), p).load(SeqCst) == p as u64);
-
     // The same on plain kernel shared memory (one node, no coherence).
     let kernel_seg = |bytes: usize, fill: bool| {
         let memfd = Memfd::create("bench-kernel", bytes as u64).expect("memfd");
@@ -264,7 +322,7 @@ fn main() {
         "first scan of 64 MiB, MB/s", scan_mb_s, "", k_scan
     );
     println!(
-        "data check after scan: {}",
+        "faults during the scan: {scan_faults}; data check after the scan: {}",
         if resident_ok { "ok" } else { "MISMATCH" }
     );
     println!(

@@ -1,6 +1,11 @@
 //! The cache role: this node's copy of each page and the faults waiting on it.
 
 use super::{page_in_range, Access, CohMsg, Engine, PageStore, Resolution, PREFETCH_PAGES_MAX};
+
+/// A stream is established once the read-ahead window reached this.
+const SPECULATIVE_WINDOW_MIN: u32 = 4;
+/// Speculative reads in flight per segment.
+const SPECULATIVE_DEPTH: u32 = 2;
 use crate::ids::{NodeId, PageIndex, PageKey, SegmentId};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
@@ -29,6 +34,8 @@ pub(super) struct Pending<W> {
     asked: Asked,
     reads: Vec<W>,
     writes: Vec<W>,
+    /// Asked for ahead of any fault (read-ahead of a sequential stream).
+    speculative: bool,
 }
 
 impl<W> Pending<W> {
@@ -54,6 +61,9 @@ pub(super) struct CacheSegment<W> {
     /// pages to ask for beyond the faulting one.
     next_sequential: u32,
     prefetch_window: u32,
+    /// Speculative reads in flight, and the first page none has asked for.
+    speculative_in_flight: u32,
+    speculative_frontier: u32,
 }
 
 impl<W> CacheSegment<W> {
@@ -65,6 +75,8 @@ impl<W> CacheSegment<W> {
             pending: BTreeMap::new(),
             next_sequential: u32::MAX,
             prefetch_window: 0,
+            speculative_in_flight: 0,
+            speculative_frontier: 0,
         }
     }
 
@@ -76,6 +88,27 @@ impl<W> CacheSegment<W> {
         self.states
             .iter()
             .filter(|s| matches!(s, PageState::Shared | PageState::Exclusive))
+            .count() as u32
+    }
+
+    /// Remove the request in flight for `page`, keeping the count of
+    /// speculative ones right.
+    fn take_pending(&mut self, page: PageIndex) -> Option<Pending<W>> {
+        let p = self.pending.remove(&page)?;
+        if p.speculative {
+            self.speculative_in_flight -= 1;
+        }
+        Some(p)
+    }
+
+    /// Pages right after `page` that are held Shared here (at most one
+    /// read-ahead window): a reader may map them at once.
+    fn shared_run_after(&self, page: PageIndex) -> u32 {
+        self.states
+            .iter()
+            .skip(page.0 as usize + 1)
+            .take(PREFETCH_PAGES_MAX as usize)
+            .take_while(|s| **s == PageState::Shared)
             .count() as u32
     }
 
@@ -112,7 +145,11 @@ impl<W: Clone> Engine<W> {
         // Served from the node's copy?
         match (state, write) {
             (PageState::Exclusive, _) => return self.resolve(waiter, page, Access::Writable, 0),
-            (PageState::Shared, false) => return self.resolve(waiter, page, Access::ReadOnly, 0),
+            (PageState::Shared, false) => {
+                let run = seg.shared_run_after(page.page);
+                self.resolve(waiter, page, Access::ReadOnly, run);
+                return self.top_up_read_ahead(page.seg);
+            }
             (PageState::Lost, _) => return self.resolve(waiter, page, Access::Poison, 0),
             _ => {}
         }
@@ -121,6 +158,7 @@ impl<W: Clone> Engine<W> {
                 asked: Asked::Read,
                 reads: vec![],
                 writes: vec![],
+                speculative: false,
             };
             let (reads, writes) = if write {
                 (vec![], vec![waiter])
@@ -153,6 +191,7 @@ impl<W: Clone> Engine<W> {
                     asked: Asked::Write,
                     reads: vec![],
                     writes: vec![waiter],
+                    speculative: false,
                 },
             );
             CohMsg::Write {
@@ -167,6 +206,7 @@ impl<W: Clone> Engine<W> {
                     asked: Asked::Read,
                     reads: vec![waiter],
                     writes: vec![],
+                    speculative: false,
                 },
             );
             CohMsg::Read { page, prefetch }
@@ -248,40 +288,42 @@ impl<W: Clone> Engine<W> {
                 self.send(from, CohMsg::InvalidateAck { page, data });
             }
             CohMsg::ReadGrant { data, extra, .. } => {
-                store.write_local(page, &data);
+                // The page and the run of read-ahead pages still Invalid here
+                // go into the node copy with one write.
+                let installable = extra
+                    .iter()
+                    .enumerate()
+                    .take_while(|(i, _)| seg.states.get(index + 1 + i) == Some(&PageState::Invalid))
+                    .count();
+                let mut run = Vec::with_capacity(1 + installable);
+                run.push(data);
+                run.extend(extra.iter().take(installable).cloned());
+                store.write_local_run(page, &run);
                 seg.states[index] = PageState::Shared;
-                let mut also_mapped = 0;
-                for (offset, extra_data) in extra.iter().enumerate() {
+                for offset in 0..installable {
                     let q = PageIndex(page.page.0 + 1 + offset as u32);
-                    let Some(state) = seg.states.get_mut(q.0 as usize) else {
-                        break;
-                    };
-                    if *state != PageState::Invalid {
-                        break;
-                    }
-                    let q_key = PageKey {
-                        seg: page.seg,
-                        page: q,
-                    };
-                    store.write_local(q_key, extra_data);
-                    *state = PageState::Shared;
+                    seg.states[q.0 as usize] = PageState::Shared;
                     // Faults already waiting on a prefetched page need no
                     // request of their own any more; a write still does.
                     if let Some(p) = seg.pending.get_mut(&q) {
                         for waiter in p.reads.drain(..) {
+                            let page = PageKey {
+                                seg: page.seg,
+                                page: q,
+                            };
                             self.resolutions.push_back(Resolution {
                                 waiter,
-                                page: q_key,
+                                page,
                                 access: Access::ReadOnly,
                                 also_mapped: 0,
                             });
                         }
                     }
-                    also_mapped += 1;
                 }
+                let also_mapped = installable as u32;
                 seg.next_sequential = page.page.0 + 1 + extra.len() as u32;
-                let Some(mut pending) = seg.pending.remove(&page.page) else {
-                    return;
+                let Some(mut pending) = seg.take_pending(page.page) else {
+                    return self.top_up_read_ahead(page.seg);
                 };
                 let mut first = true;
                 for waiter in pending.reads.drain(..) {
@@ -296,6 +338,7 @@ impl<W: Clone> Engine<W> {
                 }
                 if !pending.writes.is_empty() {
                     pending.asked = Asked::Write;
+                    pending.speculative = false;
                     let home = seg.home;
                     seg.pending.insert(page.page, pending);
                     self.send(
@@ -306,6 +349,7 @@ impl<W: Clone> Engine<W> {
                         },
                     );
                 }
+                self.top_up_read_ahead(page.seg);
             }
             CohMsg::WriteGrant { data, .. } => {
                 match data {
@@ -315,7 +359,7 @@ impl<W: Clone> Engine<W> {
                         // mapping the hole would show zeros. Refuse.
                         tracing::error!(?page, "write grant without data for a page not held");
                         seg.states[index] = PageState::Lost;
-                        if let Some(p) = seg.pending.remove(&page.page) {
+                        if let Some(p) = seg.take_pending(page.page) {
                             p.poison_all(page, &mut self.resolutions);
                         }
                         return;
@@ -323,7 +367,7 @@ impl<W: Clone> Engine<W> {
                     None => {}
                 }
                 seg.states[index] = PageState::Exclusive;
-                if let Some(p) = seg.pending.remove(&page.page) {
+                if let Some(p) = seg.take_pending(page.page) {
                     for waiter in p.reads.into_iter().chain(p.writes) {
                         self.resolutions.push_back(Resolution {
                             waiter,
@@ -338,7 +382,7 @@ impl<W: Clone> Engine<W> {
                 if seg.states[index] == PageState::Invalid {
                     seg.states[index] = PageState::Lost;
                 }
-                if let Some(p) = seg.pending.remove(&page.page) {
+                if let Some(p) = seg.take_pending(page.page) {
                     fail_pending(seg, page, p, store, &mut self.resolutions);
                 }
             }
@@ -360,10 +404,66 @@ impl<W: Clone> Engine<W> {
                 continue;
             }
             seg.home_lost = true;
+            seg.speculative_in_flight = 0;
             for (page, pending) in std::mem::take(&mut seg.pending) {
                 let key = PageKey { seg: *seg_id, page };
                 fail_pending(seg, key, pending, store, &mut self.resolutions);
             }
+        }
+    }
+
+    /// Keep a sequential reader's next windows in flight before it faults
+    /// on them, so fetching overlaps reading: once misses have shown a
+    /// stream, up to `SPECULATIVE_DEPTH` reads ahead of it.
+    fn top_up_read_ahead(&mut self, seg_id: SegmentId) {
+        let Some(seg) = self.cache.get_mut(&seg_id) else {
+            return;
+        };
+        if seg.home_lost
+            || seg.prefetch_window < SPECULATIVE_WINDOW_MIN
+            || seg.next_sequential == u32::MAX
+        {
+            return;
+        }
+        let pages = seg.states.len() as u32;
+        seg.speculative_frontier = seg.speculative_frontier.max(seg.next_sequential);
+        let mut requests = Vec::new();
+        let mut skipped = 0;
+        while seg.speculative_in_flight < SPECULATIVE_DEPTH
+            && seg.speculative_frontier < pages
+            && skipped < PREFETCH_PAGES_MAX
+        {
+            let p = PageIndex(seg.speculative_frontier);
+            if seg.states[p.0 as usize] != PageState::Invalid || seg.pending.contains_key(&p) {
+                seg.speculative_frontier += 1;
+                skipped += 1;
+                continue;
+            }
+            // Hits no longer grow the window as misses did: the stream does.
+            seg.prefetch_window = (seg.prefetch_window * 2).min(PREFETCH_PAGES_MAX);
+            let prefetch = seg.prefetch_window.min(pages - p.0 - 1);
+            seg.pending.insert(
+                p,
+                Pending {
+                    asked: Asked::Read,
+                    reads: vec![],
+                    writes: vec![],
+                    speculative: true,
+                },
+            );
+            seg.speculative_in_flight += 1;
+            seg.speculative_frontier = p.0 + 1 + prefetch;
+            requests.push(CohMsg::Read {
+                page: PageKey {
+                    seg: seg_id,
+                    page: p,
+                },
+                prefetch,
+            });
+        }
+        let home = seg.home;
+        for msg in requests {
+            self.send(home, msg);
         }
     }
 
@@ -373,14 +473,32 @@ impl<W: Clone> Engine<W> {
         page: PageKey,
         store: &mut impl PageStore,
     ) -> Option<Bytes> {
-        let seg = self.cache.get_mut(&page.seg)?;
-        let state = seg.states.get_mut(page.page.0 as usize)?;
-        if *state != PageState::Exclusive {
+        if self.page_state(page) != Some(PageState::Exclusive) {
             return None;
         }
-        store.protect_local(page);
-        *state = PageState::Shared;
-        Some(store.read_local(page))
+        self.downgrade_exclusive_run(page, 1, store).pop()
+    }
+
+    /// Downgrade `count` pages from `first`, all Exclusive here, to Shared:
+    /// one write-protect and one read for the whole run.
+    pub(super) fn downgrade_exclusive_run(
+        &mut self,
+        first: PageKey,
+        count: u32,
+        store: &mut impl PageStore,
+    ) -> Vec<Bytes> {
+        let Some(seg) = self.cache.get_mut(&first.seg) else {
+            return vec![];
+        };
+        let range = first.page.0 as usize..(first.page.0 + count) as usize;
+        debug_assert!(seg.states[range.clone()]
+            .iter()
+            .all(|s| *s == PageState::Exclusive));
+        store.protect_local_run(first, count);
+        for state in &mut seg.states[range] {
+            *state = PageState::Shared;
+        }
+        store.read_local_run(first, count)
     }
 
     /// Segments cached here whose home is `node`.

@@ -1,7 +1,7 @@
 //! The home role: the directory of a segment's pages and one transaction per
 //! page at a time.
 
-use super::{page_in_range, CohMsg, Engine, PageStore};
+use super::{page_in_range, CohMsg, Engine, PageState, PageStore};
 use crate::ids::{NodeId, NodeSet, PageIndex, PageKey};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
@@ -264,7 +264,10 @@ impl<W: Clone> Engine<W> {
             return;
         };
         home.dir[page.page.0 as usize].copyset.insert(to);
-        let mut extra_pages = 0;
+        // The read-ahead run: pages that can be handed out right away, either
+        // from the home copy or, if this node holds them Exclusive, from its
+        // own copy after an in-place downgrade.
+        let mut own = Vec::new();
         for q in (page.page.0 + 1)..(page.page.0 + 1 + prefetch) {
             let q_key = PageKey {
                 seg: page.seg,
@@ -280,26 +283,45 @@ impl<W: Clone> Engine<W> {
                 break;
             }
             match entry.owner {
-                None => {}
+                None => own.push(false),
                 Some(owner)
-                    if owner == self.me && owner != to && self.downgrade_own_copy(q_key, store) => {
+                    if owner == self.me
+                        && owner != to
+                        && self.page_state(q_key) == Some(PageState::Exclusive) =>
+                {
+                    own.push(true)
                 }
                 Some(_) => break,
             }
-            if let Some(entry) = self.dir_entry(q_key) {
-                entry.copyset.insert(to);
-            }
-            extra_pages += 1;
         }
         let data = store.read_home(page);
-        let extra = (1..=extra_pages)
-            .map(|i| {
-                store.read_home(PageKey {
-                    seg: page.seg,
-                    page: PageIndex(page.page.0 + i),
-                })
-            })
-            .collect();
+        let mut extra = Vec::with_capacity(own.len());
+        let mut offset = 0;
+        for (is_own, len) in runs(&own) {
+            let first = PageKey {
+                seg: page.seg,
+                page: PageIndex(page.page.0 + 1 + offset),
+            };
+            if is_own {
+                let pages = self.downgrade_exclusive_run(first, len, store);
+                store.write_home_run(first, &pages);
+                extra.extend(pages);
+            } else {
+                extra.extend(store.read_home_run(first, len));
+            }
+            offset += len;
+        }
+        let me = self.me;
+        if let Some(home) = self.homes.get_mut(&page.seg) {
+            for (i, is_own) in own.iter().enumerate() {
+                let entry = &mut home.dir[page.page.0 as usize + 1 + i];
+                if *is_own {
+                    entry.owner = None;
+                    entry.copyset.insert(me);
+                }
+                entry.copyset.insert(to);
+            }
+        }
         self.send(to, CohMsg::ReadGrant { page, data, extra });
     }
 
@@ -471,4 +493,16 @@ impl<W: Clone> Engine<W> {
         let e = self.homes.get(&page.seg)?.dir.get(page.page.0 as usize)?;
         Some((e.owner, e.copyset, e.lost))
     }
+}
+
+/// Consecutive runs of equal flags: (flag, length).
+fn runs(flags: &[bool]) -> Vec<(bool, u32)> {
+    let mut out: Vec<(bool, u32)> = Vec::new();
+    for &f in flags {
+        match out.last_mut() {
+            Some((g, n)) if *g == f => *n += 1,
+            _ => out.push((f, 1)),
+        }
+    }
+    out
 }

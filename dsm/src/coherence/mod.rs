@@ -53,6 +53,39 @@ pub trait PageStore {
     /// exclusively). Only called for segments homed here.
     fn read_home(&mut self, page: PageKey) -> Bytes;
     fn write_home(&mut self, page: PageKey, data: &[u8]);
+
+    // Runs of consecutive pages (read-ahead). A store may do each with one
+    // system call; these defaults do it page by page.
+
+    fn protect_local_run(&mut self, first: PageKey, count: u32) {
+        for page in run(first, count) {
+            self.protect_local(page);
+        }
+    }
+    fn read_local_run(&mut self, first: PageKey, count: u32) -> Vec<Bytes> {
+        run(first, count).map(|p| self.read_local(p)).collect()
+    }
+    fn write_local_run(&mut self, first: PageKey, data: &[Bytes]) {
+        for (page, d) in run(first, data.len() as u32).zip(data) {
+            self.write_local(page, d);
+        }
+    }
+    fn read_home_run(&mut self, first: PageKey, count: u32) -> Vec<Bytes> {
+        run(first, count).map(|p| self.read_home(p)).collect()
+    }
+    fn write_home_run(&mut self, first: PageKey, data: &[Bytes]) {
+        for (page, d) in run(first, data.len() as u32).zip(data) {
+            self.write_home(page, d);
+        }
+    }
+}
+
+/// The `count` pages from `first` on.
+pub fn run(first: PageKey, count: u32) -> impl Iterator<Item = PageKey> {
+    (0..count).map(move |i| PageKey {
+        seg: first.seg,
+        page: PageIndex(first.page.0 + i),
+    })
 }
 
 /// Protocol messages between nodes (encoded by `wire`, payloads raw).

@@ -24,9 +24,12 @@ pub type SharedCore = Rc<RefCell<Core>>;
 /// What a peer link is doing.
 pub enum PeerLink {
     /// Never connected yet: frames wait here (bounded) until it is.
-    Connecting { backlog: Vec<Bytes>, since: Instant },
+    Connecting {
+        backlog: Vec<Vec<Bytes>>,
+        since: Instant,
+    },
     Up {
-        tx: mpsc::UnboundedSender<Bytes>,
+        tx: mpsc::UnboundedSender<Vec<Bytes>>,
         incarnation: u64,
         generation: u64,
         last_seen: Instant,
@@ -148,12 +151,12 @@ impl Core {
 
     // ---- sending -------------------------------------------------------------
 
-    fn send_frame(&mut self, to: NodeId, frame: Bytes) {
+    fn send_frame(&mut self, to: NodeId, frame: Vec<Bytes>) {
         let Some(peer) = self.peers.get_mut(&to) else {
             tracing::warn!(?to, "frame for a node not in the cluster");
             return;
         };
-        self.bytes_sent += frame.len() as u64;
+        self.bytes_sent += frame.iter().map(|b| b.len() as u64).sum::<u64>();
         match &mut peer.link {
             PeerLink::Up { tx, .. } => {
                 let _ = tx.send(frame);
@@ -167,7 +170,7 @@ impl Core {
     }
 
     pub fn send_control(&mut self, to: NodeId, msg: &Control) {
-        self.send_frame(to, wire::encode_control(msg));
+        self.send_frame(to, vec![wire::encode_control(msg)]);
     }
 
     /// Start an RPC; the answer (or EHOSTDOWN if the node is lost) arrives on
@@ -201,11 +204,11 @@ impl Core {
                 if to == self.me {
                     self.self_queue.push_back(msg);
                 } else {
-                    self.send_frame(to, wire::encode_coherence(&msg));
+                    self.send_frame(to, wire::encode_coherence_parts(&msg));
                 }
             }
             while let Some(res) = self.engine.poll_resolution() {
-                tracing::trace!(?res.waiter, ?res.page, ?res.access, "resolve");
+                tracing::trace!(?res.waiter, ?res.page, ?res.access, res.also_mapped, "resolve");
                 self.store.apply(&res);
             }
             match self.self_queue.pop_front() {
@@ -254,7 +257,7 @@ impl Core {
         &mut self,
         node: NodeId,
         incarnation: u64,
-        tx: mpsc::UnboundedSender<Bytes>,
+        tx: mpsc::UnboundedSender<Vec<Bytes>>,
     ) -> Option<u64> {
         let previous = match self.peers.get(&node).map(|p| &p.link) {
             None => return None,

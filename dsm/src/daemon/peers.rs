@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -123,27 +123,19 @@ async fn run_link(
     node: NodeId,
     incarnation: u64,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
     let Some(generation) = core.borrow_mut().peer_connected(node, incarnation, tx) else {
         return;
     };
-    let (mut sink, mut stream) = framed.split();
-    let writer = tokio::task::spawn_local(async move {
-        while let Some(frame) = rx.recv().await {
-            if sink.feed(frame).await.is_err() {
-                return;
-            }
-            // Batch whatever else is queued into the same flush.
-            while let Ok(frame) = rx.try_recv() {
-                if sink.feed(frame).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
-    });
+    // Reading keeps the codec (and what it already buffered during the
+    // handshake); writing is our own, vectored, so pages are not copied.
+    let parts = framed.into_parts();
+    let (read_half, write_half) = parts.io.into_split();
+    // Built from parts so frames already buffered are decoded at once.
+    let mut read_parts = FramedParts::new::<Bytes>(read_half, codec());
+    read_parts.read_buf = parts.read_buf;
+    let mut stream = Framed::from_parts(read_parts);
+    let writer = tokio::task::spawn_local(write_frames(write_half, rx));
     loop {
         match stream.next().await {
             Some(Ok(frame)) => {
@@ -169,6 +161,48 @@ async fn run_link(
     let mut core = core.borrow_mut();
     if core.is_current(node, generation) {
         core.peer_lost(node);
+    }
+}
+
+/// Most slices handed to one `writev` (the kernel's IOV_MAX is 1024).
+const IOV_BATCH: usize = 512;
+
+/// Write queued frames (each a list of parts) with their length prefixes,
+/// as many per `writev` as are queued.
+async fn write_frames(
+    mut out: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>,
+) {
+    use tokio::io::AsyncWriteExt;
+    while let Some(first) = rx.recv().await {
+        let mut frames = vec![first];
+        let mut slices_needed = 1 + frames[0].len();
+        while slices_needed < IOV_BATCH {
+            match rx.try_recv() {
+                Ok(f) => {
+                    slices_needed += 1 + f.len();
+                    frames.push(f);
+                }
+                Err(_) => break,
+            }
+        }
+        let heads: Vec<[u8; 4]> = frames
+            .iter()
+            .map(|f| (f.iter().map(Bytes::len).sum::<usize>() as u32).to_be_bytes())
+            .collect();
+        let mut slices: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(slices_needed);
+        for (head, frame) in heads.iter().zip(&frames) {
+            slices.push(std::io::IoSlice::new(head));
+            slices.extend(frame.iter().map(|b| std::io::IoSlice::new(b)));
+        }
+        let mut pending = &mut slices[..];
+        while !pending.is_empty() {
+            let window = pending.len().min(IOV_BATCH);
+            match out.write_vectored(&pending[..window]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => std::io::IoSlice::advance_slices(&mut pending, n),
+            }
+        }
     }
 }
 

@@ -135,6 +135,61 @@ impl PageStore for NodeStore {
         }
     }
 
+    fn protect_local_run(&mut self, first: PageKey, count: u32) {
+        let Some(seg) = self.segments.get(&first.seg) else {
+            return;
+        };
+        let len = u64::from(count) * PAGE_SIZE as u64;
+        for m in seg.mappings.iter().filter(|m| !m.readonly) {
+            let Some(proc) = self.procs.get(&m.proc) else {
+                continue;
+            };
+            if let Err(e) = proc
+                .uffd
+                .write_protect(m.addr + offset(first), len, true, false)
+            {
+                if !crate::uffd::process_gone(&e) {
+                    tracing::error!(
+                        ?first,
+                        count,
+                        pid = proc.pid,
+                        "write-protect of a run failed: {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn read_local_run(&mut self, first: PageKey, count: u32) -> Vec<Bytes> {
+        match self.segments.get(&first.seg) {
+            Some(seg) => read_run(&seg.memfd, first, count),
+            None => crate::coherence::run(first, count)
+                .map(|p| self.read_local(p))
+                .collect(),
+        }
+    }
+
+    fn write_local_run(&mut self, first: PageKey, data: &[Bytes]) {
+        if let Some(seg) = self.segments.get(&first.seg) {
+            write_run(&seg.memfd, first, data);
+        }
+    }
+
+    fn read_home_run(&mut self, first: PageKey, count: u32) -> Vec<Bytes> {
+        match self.home_copies.get(&first.seg) {
+            Some(memfd) => read_run(memfd, first, count),
+            None => crate::coherence::run(first, count)
+                .map(|p| self.read_home(p))
+                .collect(),
+        }
+    }
+
+    fn write_home_run(&mut self, first: PageKey, data: &[Bytes]) {
+        if let Some(memfd) = self.home_copies.get(&first.seg) {
+            write_run(memfd, first, data);
+        }
+    }
+
     fn write_home(&mut self, page: PageKey, data: &[u8]) {
         let Some(memfd) = self.home_copies.get(&page.seg) else {
             return;
@@ -142,6 +197,24 @@ impl PageStore for NodeStore {
         if let Err(e) = memfd.write_at(offset(page), data) {
             tracing::error!(?page, "pwrite of a home copy failed: {e}");
         }
+    }
+}
+
+fn read_run(memfd: &Memfd, first: PageKey, count: u32) -> Vec<Bytes> {
+    let mut buf = BytesMut::zeroed(count as usize * PAGE_SIZE);
+    if let Err(e) = memfd.read_at(offset(first), &mut buf) {
+        tracing::error!(?first, count, "pread of a run failed: {e}");
+    }
+    let buf = buf.freeze();
+    (0..count as usize)
+        .map(|i| buf.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE))
+        .collect()
+}
+
+fn write_run(memfd: &Memfd, first: PageKey, data: &[Bytes]) {
+    let bufs: Vec<&[u8]> = data.iter().map(|b| b.as_ref()).collect();
+    if let Err(e) = memfd.write_vectored_at(offset(first), &bufs) {
+        tracing::error!(?first, count = data.len(), "pwritev of a run failed: {e}");
     }
 }
 
@@ -206,9 +279,13 @@ impl NodeStore {
         if res.also_mapped > 0 && res.access == Access::ReadOnly {
             // Read-ahead: map the pages that came along into the same process
             // now, so a sequential reader does not fault on each one.
-            let _ = proc
-                .uffd
-                .continue_(addr + page, u64::from(res.also_mapped) * page, true);
+            // EEXIST only means some of them were mapped already.
+            let len = u64::from(res.also_mapped) * page;
+            if let Err(e) = proc.uffd.continue_(addr + page, len, protect) {
+                if e.raw_os_error() != Some(libc::EEXIST) && !crate::uffd::process_gone(&e) {
+                    tracing::warn!(pid = proc.pid, addr, "mapping read-ahead pages: {e}");
+                }
+            }
         }
     }
 }
