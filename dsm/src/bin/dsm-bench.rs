@@ -179,6 +179,39 @@ fn leak<T>(v: T) -> &'static T {
     Box::leak(Box::new(v))
 }
 
+/// Write 64 MiB from node 1, then time a process on node 2 reading it all
+/// once: (MB/s, faults served, data correct).
+fn remote_scan(node_a: &Client, node_b: &Client, socket_b: &std::path::Path) -> (f64, u64, bool) {
+    let faults = || {
+        node_b
+            .status()
+            .map(|v| v.iter().map(|s| s.faults_served).sum::<u64>())
+            .unwrap_or(0)
+    };
+    let scan_id = node_a
+        .get(0, SCAN_BYTES as u64, 0o600)
+        .expect("create the scan segment");
+    let writer = node_a.attach(scan_id, false).expect("attach on node 1");
+    for p in 0..SCAN_BYTES / PAGE_SIZE {
+        word(writer.as_ptr(), p).store(p as u64, SeqCst);
+    }
+    let before = faults();
+    let child = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .arg("--scan-child")
+        .arg(socket_b)
+        .arg(scan_id.to_string())
+        .output()
+        .expect("run the scan child");
+    let scan_faults = faults() - before;
+    let out = String::from_utf8_lossy(&child.stdout);
+    let mut fields = out.split_whitespace();
+    let mb_s: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let ok = fields.next() == Some("true");
+    drop(writer);
+    let _ = node_a.remove(scan_id);
+    (mb_s, scan_faults, ok)
+}
+
 /// `dsm-bench --scan-child SOCKET ID`: attach segment ID through the daemon
 /// at SOCKET, read it all once, check it, print MB/s. A process of its own,
 /// as a reader on another node would be (sharing an address space with the
@@ -227,38 +260,17 @@ fn main() {
     };
 
     // First sequential read of 64 MiB homed (and written) on node 1, by a
-    // process on node 2.
-    let scan_id = node_a
-        .get(0, SCAN_BYTES as u64, 0o600)
-        .expect("create the scan segment");
-    let writer = node_a.attach(scan_id, false).expect("attach on node 1");
-    for p in 0..SCAN_BYTES / PAGE_SIZE {
-        word(writer.as_ptr(), p).store(p as u64, SeqCst);
-    }
-    let faults_before: u64 = node_b
-        .status()
-        .map(|v| v.iter().map(|s| s.faults_served).sum())
-        .unwrap_or(0);
-    let child = std::process::Command::new(std::env::current_exe().expect("own path"))
-        .arg("--scan-child")
-        .arg(&sockets[1])
-        .arg(scan_id.to_string())
-        .output()
-        .expect("run the scan child");
-    let scan_faults = node_b
-        .status()
-        .map(|v| v.iter().map(|s| s.faults_served).sum::<u64>())
-        .unwrap_or(0)
-        - faults_before;
-    let child_out = String::from_utf8_lossy(&child.stdout);
-    let mut fields = child_out.split_whitespace();
-    let scan_mb_s: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let resident_ok = fields.next() == Some("true");
-    drop(writer);
-    let _ = node_a.remove(scan_id);
+    // process on node 2; the median of three fresh segments (one run on
+    // this 2-vCPU VM varies by a factor of two).
+    let mut scans: Vec<(f64, u64, bool)> = (0..3)
+        .map(|_| remote_scan(&node_a, &node_b, &sockets[1]))
+        .collect();
+    scans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (scan_mb_s, scan_faults, _) = scans[1];
+    let resident_ok = scans.iter().all(|s| s.2);
     if std::env::args().any(|a| a == "--scan-only") {
         println!(
-            "first scan of 64 MiB: {scan_mb_s:.0} MB/s, {scan_faults} faults, data {}",
+            "first scan of 64 MiB (median of 3): {scan_mb_s:.0} MB/s, {scan_faults} faults, data {}",
             if resident_ok { "ok" } else { "MISMATCH" }
         );
         std::process::exit(0);
@@ -319,7 +331,7 @@ fn main() {
     );
     println!(
         "{:<34} {:>12.0} {:>12} {:>14.0}",
-        "first scan of 64 MiB, MB/s", scan_mb_s, "", k_scan
+        "first scan of 64 MiB, MB/s (median of 3)", scan_mb_s, "", k_scan
     );
     println!(
         "faults during the scan: {scan_faults}; data check after the scan: {}",
