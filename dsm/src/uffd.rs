@@ -31,6 +31,7 @@ const UFFDIO_WRITEPROTECT: u64 = iowr(
     uapi::_UFFDIO_WRITEPROTECT,
     size_of::<uapi::uffdio_writeprotect>(),
 );
+const UFFDIO_COPY: u64 = iowr(uapi::_UFFDIO_COPY, size_of::<uapi::uffdio_copy>());
 const UFFDIO_CONTINUE: u64 = iowr(uapi::_UFFDIO_CONTINUE, size_of::<uapi::uffdio_continue>());
 const UFFDIO_POISON: u64 = iowr(uapi::_UFFDIO_POISON, size_of::<uapi::uffdio_poison>());
 /// `_IO(0xAA, 0)` on `/dev/userfaultfd`.
@@ -165,6 +166,32 @@ impl Uffd {
         let mut range = uapi::uffdio_range { start, len };
         // SAFETY: UFFDIO_UNREGISTER reads one uffdio_range on our stack.
         check(unsafe { libc::ioctl(self.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut range) })
+    }
+
+    /// Fill absent pages with `src` (in our own memory) and map them into
+    /// this uffd's process, write-protected if asked. On shmem the page also
+    /// enters the shared page cache. Returns bytes copied; EEXIST means a
+    /// page was present already.
+    pub fn copy(&self, dst: u64, src: &[u8], write_protect: bool) -> io::Result<u64> {
+        let mode = if write_protect {
+            u64::from(uapi::UFFDIO_COPY_MODE_WP)
+        } else {
+            0
+        };
+        let mut arg = uapi::uffdio_copy {
+            dst,
+            src: src.as_ptr() as u64,
+            len: src.len() as u64,
+            mode,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads `len` bytes from `src`, a live slice, and
+        // writes the result into the uffdio_copy on our stack.
+        let ret = unsafe { libc::ioctl(self.as_raw_fd(), UFFDIO_COPY as _, &mut arg) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(arg.copy.max(0) as u64)
     }
 
     /// Map pages already in the shared page cache into this uffd's process
@@ -343,6 +370,7 @@ mod tests {
         assert_eq!(UFFDIO_WAKE, u64::from(ioctl::UFFDIO_WAKE));
         assert_eq!(UFFDIO_WRITEPROTECT, u64::from(ioctl::UFFDIO_WRITEPROTECT));
         assert_eq!(UFFDIO_CONTINUE, u64::from(ioctl::UFFDIO_CONTINUE));
+        assert_eq!(UFFDIO_COPY, u64::from(ioctl::UFFDIO_COPY));
         // _IOWR(0xAA, 8, struct uffdio_poison) from <linux/userfaultfd.h>.
         assert_eq!(UFFDIO_POISON, 0xC020_AA08);
     }

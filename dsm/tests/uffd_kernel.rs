@@ -173,3 +173,40 @@ fn continue_maps_a_run_of_pages_into_a_read_only_mapping() {
         assert_eq!(v, p + 1);
     }
 }
+
+#[test]
+fn copy_with_write_protect_fills_the_shared_cache_read_only() {
+    if !uffd_available() {
+        return;
+    }
+    let memfd = Memfd::create("uffd-copy", 2 * PAGE).unwrap();
+    let map = Mapping::map(memfd.as_fd(), 2 * PAGE as usize, true, None).unwrap();
+    let base = map.addr() as u64;
+    let uffd = Uffd::from_fd(uffd::create_for_self().unwrap());
+    uffd.api(uffd::REQUIRED_FEATURES).unwrap();
+    uffd.register(base, 2 * PAGE, uffd::MODE_ALL).unwrap();
+    let mut page = vec![0u8; PAGE as usize];
+    page[..8].copy_from_slice(&31u64.to_le_bytes());
+    assert_eq!(uffd.copy(base, &page, true).unwrap(), PAGE);
+    // The data is in the shared cache (visible through the fd) ...
+    let mut buf = [0u8; 8];
+    memfd.read_at(0, &mut buf).unwrap();
+    assert_eq!(u64::from_le_bytes(buf), 31);
+    // ... a second copy over it is EEXIST ...
+    assert_eq!(
+        uffd.copy(base, &page, true).unwrap_err().raw_os_error(),
+        Some(libc::EEXIST)
+    );
+    // ... and the mapping is read-only: a write raises a WP fault.
+    let addr = map.addr();
+    // SAFETY: inside the live mapping.
+    let writer = std::thread::spawn(move || unsafe {
+        (*(addr as *const AtomicU64)).store(5, Ordering::SeqCst)
+    });
+    let (fault, write, wp, _) = next_fault(&uffd);
+    assert_eq!((fault & !(PAGE - 1), write, wp), (base, true, true));
+    uffd.write_protect(base, PAGE, false, true).unwrap();
+    writer.join().unwrap();
+    memfd.read_at(0, &mut buf).unwrap();
+    assert_eq!(u64::from_le_bytes(buf), 5);
+}

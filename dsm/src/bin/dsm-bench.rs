@@ -2,8 +2,10 @@
 //! loopback, beside the same operations on plain kernel shared memory.
 //! Prints a table, then (last line) one JSON object.
 //!
-//! The two daemons run in this process, each on its own thread and runtime
-//! exactly as `dsmd` runs them, so the benchmark needs no other binary.
+//! The two daemons are this binary again (`--daemon`), each a process of its
+//! own exactly as `dsmd` is, so the benchmark needs no other binary; sharing
+//! one address space with the measured processes would add TLB shootdowns
+//! that a real deployment does not have.
 //! While it runs it holds `/dev/cpu_dma_latency` at 0 when it can (vCPUs that
 //! halt when idle add ~60 µs to every wake-up, DESIGN.md §8) and says so.
 
@@ -49,41 +51,58 @@ fn hold_low_latency() -> (Option<std::fs::File>, &'static str) {
     }
 }
 
-fn start_daemons(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+fn daemon_config(n: u8, port: u16, dir: &std::path::Path) -> Config {
+    let addr =
+        |m: u8| -> std::net::SocketAddr { std::net::SocketAddr::from(([127, 0, 0, m], port)) };
+    Config {
+        node: NodeId(n),
+        listen: addr(n),
+        socket: dir.join(format!("node{n}.sock")),
+        peers: (1..=2u8)
+            .filter(|m| *m != n)
+            .map(|m| (NodeId(m), addr(m)))
+            .collect(),
+        secret: None,
+        peer_timeout: Duration::from_secs(5),
+        heartbeat: Duration::from_millis(500),
+    }
+}
+
+/// `dsm-bench --daemon N PORT DIR`: one of the benchmark's two daemons, a
+/// process of its own as `dsmd` is.
+fn daemon_child(args: &[String]) -> ! {
+    let n = args.first().and_then(|v| v.parse::<u8>().ok());
+    let port = args.get(1).and_then(|v| v.parse::<u16>().ok());
+    let (Some(n), Some(port), Some(dir)) = (n, port, args.get(2)) else {
+        eprintln!("dsm-bench: --daemon N PORT DIR");
+        std::process::exit(2);
+    };
+    if let Err(e) = dsm::daemon::run(daemon_config(n, port, std::path::Path::new(dir))) {
+        eprintln!("dsm-bench: daemon {n}: {e}");
+        std::process::exit(1);
+    }
+    std::process::exit(0);
+}
+
+/// Start the two daemons (this binary again, as processes) and wait until
+/// they see each other.
+fn start_daemons(dir: &std::path::Path) -> (Vec<std::path::PathBuf>, Vec<std::process::Child>) {
     let port = 30000 + (std::process::id() % 20000) as u16;
-    let addrs: Vec<std::net::SocketAddr> = (1..=2u8)
+    let exe = std::env::current_exe().expect("own path");
+    let children: Vec<std::process::Child> = (1..=2u8)
         .map(|n| {
-            format!("127.0.0.{n}:{port}")
-                .parse()
-                .expect("loopback address")
+            std::process::Command::new(&exe)
+                .arg("--daemon")
+                .arg(n.to_string())
+                .arg(port.to_string())
+                .arg(dir)
+                .spawn()
+                .expect("start a daemon")
         })
         .collect();
-    let mut sockets = Vec::new();
-    for n in 1..=2u8 {
-        let socket = dir.join(format!("node{n}.sock"));
-        let config = Config {
-            node: NodeId(n),
-            listen: addrs[usize::from(n - 1)],
-            socket: socket.clone(),
-            peers: (1..=2u8)
-                .filter(|m| *m != n)
-                .map(|m| (NodeId(m), addrs[usize::from(m - 1)]))
-                .collect(),
-            secret: None,
-            peer_timeout: Duration::from_secs(5),
-            heartbeat: Duration::from_millis(500),
-        };
-        std::thread::Builder::new()
-            .name(format!("dsmd-{n}"))
-            .spawn(move || {
-                if let Err(e) = dsm::daemon::run(config) {
-                    eprintln!("dsm-bench: daemon {n}: {e}");
-                    std::process::exit(1);
-                }
-            })
-            .expect("spawn daemon thread");
-        sockets.push(socket);
-    }
+    let sockets: Vec<std::path::PathBuf> = (1..=2u8)
+        .map(|n| daemon_config(n, port, dir).socket)
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(10);
     for s in &sockets {
         loop {
@@ -100,7 +119,7 @@ fn start_daemons(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    sockets
+    (sockets, children)
 }
 
 /// A permutation of page indexes with no two neighbours adjacent, so
@@ -175,13 +194,57 @@ fn scan(base: *const u8, bytes: usize) -> f64 {
     bytes as f64 / t.elapsed().as_secs_f64() / 1e6
 }
 
+/// Stop the daemons this benchmark started, by pid, and clean up.
+fn stop(daemons: &mut [std::process::Child], dir: &std::path::Path) {
+    for d in daemons.iter_mut() {
+        // SAFETY: signalling a child we started and have not reaped.
+        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    }
+    for d in daemons.iter_mut() {
+        let _ = d.wait();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn leak<T>(v: T) -> &'static T {
     Box::leak(Box::new(v))
 }
 
+/// CPU time (ms) used so far by each daemon process.
+fn daemon_cpu_ms(daemons: &[u32]) -> Vec<(String, u64)> {
+    let tick_ms = 1000 / 100; // USER_HZ is 100 on Linux
+    daemons
+        .iter()
+        .enumerate()
+        .map(|(i, pid)| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let ticks: u64 = fields
+                .get(11)
+                .and_then(|u| u.parse::<u64>().ok())
+                .unwrap_or(0)
+                + fields
+                    .get(12)
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0);
+            (format!("dsmd node {}", i + 1), ticks * tick_ms)
+        })
+        .collect()
+}
+
 /// Write 64 MiB from node 1, then time a process on node 2 reading it all
 /// once: (MB/s, faults served, data correct).
-fn remote_scan(node_a: &Client, node_b: &Client, socket_b: &std::path::Path) -> (f64, u64, bool) {
+fn remote_scan(
+    node_a: &Client,
+    node_b: &Client,
+    socket_b: &std::path::Path,
+    daemons: &[u32],
+) -> (f64, u64, bool) {
     let faults = || {
         node_b
             .status()
@@ -196,6 +259,7 @@ fn remote_scan(node_a: &Client, node_b: &Client, socket_b: &std::path::Path) -> 
         word(writer.as_ptr(), p).store(p as u64, SeqCst);
     }
     let before = faults();
+    let cpu0 = daemon_cpu_ms(daemons);
     let child = std::process::Command::new(std::env::current_exe().expect("own path"))
         .arg("--scan-child")
         .arg(socket_b)
@@ -203,6 +267,11 @@ fn remote_scan(node_a: &Client, node_b: &Client, socket_b: &std::path::Path) -> 
         .output()
         .expect("run the scan child");
     let scan_faults = faults() - before;
+    if std::env::var_os("DSM_BENCH_VERBOSE").is_some() {
+        for ((name, a), (_, b)) in cpu0.iter().zip(&daemon_cpu_ms(daemons)) {
+            eprintln!("  scan: {name} used {} ms of CPU", b - a);
+        }
+    }
     let out = String::from_utf8_lossy(&child.stdout);
     let mut fields = out.split_whitespace();
     let mb_s: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
@@ -243,10 +312,14 @@ fn main() {
     if args.first().is_some_and(|a| a == "--scan-child") {
         scan_child(&args[1..]);
     }
+    if args.first().is_some_and(|a| a == "--daemon") {
+        daemon_child(&args[1..]);
+    }
     let (_latency_guard, mode) = hold_low_latency();
     let dir = std::env::temp_dir().join(format!("dsm-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
-    let sockets = start_daemons(&dir);
+    let (sockets, mut daemons) = start_daemons(&dir);
+    let daemon_pids: Vec<u32> = daemons.iter().map(|c| c.id()).collect();
     let node_a = Client::connect(&sockets[0]).expect("connect node 1");
     let node_b = Client::connect(&sockets[1]).expect("connect node 2");
     let seg = |bytes: usize| -> (Attachment, Attachment) {
@@ -262,9 +335,11 @@ fn main() {
     // First sequential read of 64 MiB homed (and written) on node 1, by a
     // process on node 2; the median of three fresh segments (one run on
     // this 2-vCPU VM varies by a factor of two).
+    let cpu_before = daemon_cpu_ms(&daemon_pids);
     let mut scans: Vec<(f64, u64, bool)> = (0..3)
-        .map(|_| remote_scan(&node_a, &node_b, &sockets[1]))
+        .map(|_| remote_scan(&node_a, &node_b, &sockets[1], &daemon_pids))
         .collect();
+    let cpu_after = daemon_cpu_ms(&daemon_pids);
     scans.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (scan_mb_s, scan_faults, _) = scans[1];
     let resident_ok = scans.iter().all(|s| s.2);
@@ -273,6 +348,13 @@ fn main() {
             "first scan of 64 MiB (median of 3): {scan_mb_s:.0} MB/s, {scan_faults} faults, data {}",
             if resident_ok { "ok" } else { "MISMATCH" }
         );
+        for ((name, before), (_, after)) in cpu_before.iter().zip(&cpu_after) {
+            println!(
+                "  {name}: {} ms of CPU for 3 scans (incl. the writes)",
+                after - before
+            );
+        }
+        stop(&mut daemons, &dir);
         std::process::exit(0);
     }
 
@@ -343,7 +425,6 @@ fn main() {
         read_miss.p50_us, read_miss.p99_us, write_miss.p50_us, write_miss.p99_us, ping.p50_us, ping.p99_us, scan_mb_s,
         k_read_miss.p50_us, k_write_miss.p50_us, k_ping.p50_us, k_scan, resident_ok
     );
-    let _ = std::fs::remove_dir_all(&dir);
-    // The daemon threads run forever; leave without waiting for them.
+    stop(&mut daemons, &dir);
     std::process::exit(if resident_ok { 0 } else { 1 });
 }
