@@ -377,3 +377,50 @@ fn concurrent_exclusive_creation_has_exactly_one_winner() {
         );
     }
 }
+
+#[test]
+fn keys_of_live_segments_survive_the_loss_of_a_directory_node() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(3).expect("start cluster");
+    // Fixed keys: with three nodes about a third of them have node 1 as
+    // their primary directory node.
+    let keys: Vec<i32> = (0..24).map(|i| 0x0D1E_0000 + i).collect();
+    let c2 = Client::connect(cluster.socket(2)).unwrap();
+    let ids: Vec<i32> = keys
+        .iter()
+        .map(|k| c2.get(*k, 4096, IPC_CREAT | 0o600).unwrap())
+        .collect();
+    cluster.kill(1);
+    // Wait until the survivors know node 1 is gone.
+    assert!(eventually(Duration::from_secs(5), || {
+        Client::connect(cluster.socket(3))
+            .and_then(|c| c.nodes())
+            .is_ok_and(|n| n.iter().any(|x| x.node.0 == 1 && !x.up))
+    }));
+    for node in [2u8, 3] {
+        let c = Client::connect(cluster.socket(node)).unwrap();
+        for (k, id) in keys.iter().zip(&ids) {
+            assert_eq!(
+                c.get(*k, 4096, 0).map_err(|e| e.errno()),
+                Ok(*id),
+                "key {k:#x} from node {node}"
+            );
+        }
+    }
+    // New keys can still be created, with exactly one winner per key.
+    for i in 0..12 {
+        let k = 0x0D1F_0000 + i;
+        let won: Vec<bool> = [2u8, 3]
+            .iter()
+            .map(|n| {
+                Client::connect(cluster.socket(*n))
+                    .unwrap()
+                    .get(k, 4096, IPC_CREAT | IPC_EXCL | 0o600)
+                    .is_ok()
+            })
+            .collect();
+        assert_eq!(won.iter().filter(|w| **w).count(), 1, "key {k:#x}: {won:?}");
+    }
+}

@@ -133,6 +133,9 @@ pub enum RpcResponse {
 pub enum Notice {
     /// The segment was destroyed at its home; drop the node's copy.
     SegmentGone { id: SegmentId },
+    /// A key directory entry copied between a key's primary and secondary
+    /// directory nodes (`None`: the key was freed).
+    KeyReplica { key: i32, id: Option<SegmentId> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -135,10 +135,31 @@ impl Core {
         }
     }
 
-    /// The node that arbitrates `key`: fixed by hashing over the membership.
+    /// The key's primary directory node (hashed over the membership) and
+    /// its secondary (the next member), which holds a replica of every entry
+    /// and arbitrates while the primary is down.
+    fn directory_pair(&self, key: i32) -> (NodeId, NodeId) {
+        let h = (key as u32).wrapping_mul(0x9E37_79B1) as usize % self.members.len();
+        (self.members[h], self.members[(h + 1) % self.members.len()])
+    }
+
+    /// The node to ask about `key` now: the primary if up, else the secondary.
     pub fn directory_of(&self, key: i32) -> NodeId {
-        let h = (key as u32).wrapping_mul(0x9E37_79B1);
-        self.members[(h % self.members.len() as u32) as usize]
+        let (primary, secondary) = self.directory_pair(key);
+        if self.is_up(primary) {
+            primary
+        } else {
+            secondary
+        }
+    }
+
+    /// After a change to the key table as the primary, keep the secondary's
+    /// replica in step (the link is FIFO, so replicas apply in order).
+    fn replicate_key(&mut self, key: i32, id: Option<SegmentId>) {
+        let (primary, secondary) = self.directory_pair(key);
+        if primary == self.me && secondary != self.me {
+            self.send_control(secondary, &Control::Notice(Notice::KeyReplica { key, id }));
+        }
     }
 
     pub fn is_up(&self, node: NodeId) -> bool {
@@ -306,6 +327,20 @@ impl Core {
             let _ = tx.send(frame);
         }
         self.engine.handle_peer_up(node);
+        // Entries this node holds as secondary for keys whose primary is the
+        // node that just (re)joined: it starts with an empty table.
+        let handed_back: Vec<(i32, SegmentId)> = self
+            .keys
+            .iter()
+            .filter(|(key, _)| self.directory_pair(**key) == (node, self.me))
+            .map(|(k, id)| (*k, *id))
+            .collect();
+        for (key, id) in handed_back {
+            self.send_control(
+                node,
+                &Control::Notice(Notice::KeyReplica { key, id: Some(id) }),
+            );
+        }
         tracing::info!(?node, incarnation, "peer up");
         Some(generation)
     }
@@ -357,6 +392,28 @@ impl Core {
             wire::PeerFrame::Control(Control::Notice(Notice::SegmentGone { id })) => {
                 if id.home() == Some(node) {
                     self.drop_local_segment(id);
+                }
+            }
+            wire::PeerFrame::Control(Control::Notice(Notice::KeyReplica { key, id })) => {
+                // From the key's primary (a replica for us as secondary), or
+                // from its secondary handing entries back to a restarted
+                // primary. Entries of lost homes are never taken.
+                let (primary, secondary) = self.directory_pair(key);
+                let from_directory = (node == primary && secondary == self.me)
+                    || (node == secondary && primary == self.me);
+                match id {
+                    _ if !from_directory => tracing::warn!(
+                        ?node,
+                        key,
+                        "key replica from a node that is not its directory"
+                    ),
+                    Some(id) if id.home().is_some_and(|h| self.is_up(h)) => {
+                        self.keys.insert(key, id);
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.keys.remove(&key);
+                    }
                 }
             }
             wire::PeerFrame::Control(Control::Hello(_) | Control::Auth { .. }) => {
@@ -614,12 +671,14 @@ impl Core {
                 Some(existing) if *existing != id => R::KeyExists(*existing),
                 _ => {
                     self.keys.insert(key, id);
+                    self.replicate_key(key, Some(id));
                     R::Ok
                 }
             },
             RpcRequest::KeyUnregister { key, id } => {
                 if self.keys.get(&key) == Some(&id) {
                     self.keys.remove(&key);
+                    self.replicate_key(key, None);
                 }
                 R::Ok
             }
