@@ -6,6 +6,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// True if userfaultfd with the features migshm needs is usable here;
+/// otherwise says why the caller skips.
+pub fn uffd_or_skip() -> bool {
+    match dsm::uffd::probe_features() {
+        Ok(f) if f & dsm::uffd::REQUIRED_FEATURES == dsm::uffd::REQUIRED_FEATURES => true,
+        other => {
+            println!(
+                "SKIP: userfaultfd with shmem WP/MINOR/POISON is not available here: {other:?}"
+            );
+            false
+        }
+    }
+}
+
 /// Where cargo put the binaries of this build (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();

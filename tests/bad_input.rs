@@ -8,24 +8,12 @@ use dsm::ids::{NodeId, PageIndex, PageKey, SegmentId};
 use dsm::wire::{
     self, ClientReply, ClientRequest, Control, Hello, PeerFrame, RpcRequest, RpcResponse,
 };
-use migshm::{binary, Cluster, ClusterOptions};
+use migshm::{binary, uffd_or_skip, Cluster, ClusterOptions};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
-
-fn uffd_or_skip() -> bool {
-    match dsm::uffd::probe_features() {
-        Ok(f) if f & dsm::uffd::REQUIRED_FEATURES == dsm::uffd::REQUIRED_FEATURES => true,
-        other => {
-            println!(
-                "SKIP: userfaultfd with shmem WP/MINOR/POISON is not available here: {other:?}"
-            );
-            false
-        }
-    }
-}
 
 fn still_serves(cluster: &Cluster, node: u8) {
     let client = Client::connect(cluster.socket(node)).expect("daemon no longer accepts clients");

@@ -2,21 +2,9 @@
 //! library API (through the `dsm-testprog` roles).
 
 use dsm::client::{Client, IPC_CREAT, IPC_EXCL};
-use migshm::{run_role, spawn_role, spawn_role_as, Cluster, ClusterOptions};
+use migshm::{run_role, spawn_role, spawn_role_as, uffd_or_skip, Cluster, ClusterOptions};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
-
-fn uffd_or_skip() -> bool {
-    match dsm::uffd::probe_features() {
-        Ok(f) if f & dsm::uffd::REQUIRED_FEATURES == dsm::uffd::REQUIRED_FEATURES => true,
-        other => {
-            println!(
-                "SKIP: userfaultfd with shmem WP/MINOR/POISON is not available here: {other:?}"
-            );
-            false
-        }
-    }
-}
 
 fn key() -> i32 {
     use std::sync::atomic::{AtomicI32, Ordering};

@@ -55,6 +55,7 @@ pub async fn accept_loop(core: SharedCore, listener: UnixListener) {
                 proc: None,
                 fault_task: None,
                 attached: vec![],
+                unmapped: vec![],
             };
             if let Err(e) = session.serve(&mut conn).await {
                 tracing::debug!(pid = cred.pid, "client connection ended: {e}");
@@ -142,6 +143,8 @@ struct Session {
     fault_task: Option<tokio::task::AbortHandle>,
     /// Attachments counted at their homes, by segment id (one entry each).
     attached: Vec<SegmentId>,
+    /// Attaches answered but not yet mapped (each allows one `ShmMapped`).
+    unmapped: Vec<SegmentId>,
 }
 
 fn errno_of(r: RpcResponse) -> i32 {
@@ -295,13 +298,9 @@ impl Session {
                 ClientReply::Nodes(nodes)
             }
             ClientRequest::Ipcs => {
-                let members = self.core.borrow().members.clone();
                 let mut all = Vec::new();
-                for node in members {
-                    if !self.core.borrow().is_up(node) {
-                        continue;
-                    }
-                    if let RpcResponse::Segments(list) = self.rpc(node, RpcRequest::SegList).await {
+                for reply in self.ask_every_live_node(RpcRequest::SegList).await {
+                    if let RpcResponse::Segments(list) = reply {
                         all.extend(list);
                     }
                 }
@@ -309,20 +308,32 @@ impl Session {
                 ClientReply::Segments(all)
             }
             ClientRequest::Status => {
-                let members = self.core.borrow().members.clone();
-                let mut all = Vec::new();
-                for node in members {
-                    if !self.core.borrow().is_up(node) {
-                        continue;
-                    }
-                    if let RpcResponse::Status(s) = self.rpc(node, RpcRequest::Status).await {
-                        all.push(s);
-                    }
-                }
-                ClientReply::Status(all)
+                let replies = self.ask_every_live_node(RpcRequest::Status).await;
+                ClientReply::Status(
+                    replies
+                        .into_iter()
+                        .filter_map(|r| match r {
+                            RpcResponse::Status(s) => Some(s),
+                            _ => None,
+                        })
+                        .collect(),
+                )
             }
         };
         (reply, None)
+    }
+
+    /// The same request to every node that is up (this one included), in
+    /// member order; the answers of those that answered.
+    async fn ask_every_live_node(&self, req: RpcRequest) -> Vec<RpcResponse> {
+        let members = self.core.borrow().members.clone();
+        let mut replies = Vec::new();
+        for node in members {
+            if self.core.borrow().is_up(node) {
+                replies.push(self.rpc(node, req.clone()).await);
+            }
+        }
+        replies
     }
 
     fn home_of(&self, id: SegmentId) -> Result<crate::ids::NodeId, i32> {
@@ -463,7 +474,10 @@ impl Session {
                 .and_then(|s| s.memfd_dup().ok())
         };
         match fd {
-            Some(fd) => (ClientReply::Attached { size }, Some(fd)),
+            Some(fd) => {
+                self.unmapped.push(id);
+                (ClientReply::Attached { size }, Some(fd))
+            }
             None => {
                 self.undo_attach(id).await;
                 (ClientReply::Err(libc::ENOMEM), None)
@@ -513,7 +527,11 @@ impl Session {
         readonly: bool,
         uffd_fd: Option<OwnedFd>,
     ) -> Result<(), i32> {
-        if !self.attached.contains(&id) || !addr.is_multiple_of(PAGE_SIZE as u64) {
+        let Some(i) = self.unmapped.iter().position(|s| *s == id) else {
+            return Err(libc::EINVAL);
+        };
+        self.unmapped.remove(i);
+        if !addr.is_multiple_of(PAGE_SIZE as u64) {
             return Err(libc::EINVAL);
         }
         let proc = self.ensure_process(uffd_fd)?;
