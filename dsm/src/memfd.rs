@@ -73,6 +73,44 @@ impl Memfd {
         Ok(())
     }
 
+    /// Read `len` bytes from `offset` into a new buffer (holes and the part
+    /// beyond the end read as zeros), without zero-filling it first.
+    pub fn read_bytes(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
+        let mut buf: Vec<u8> = Vec::with_capacity(len);
+        let mut done = 0;
+        while done < len {
+            let rest = &mut buf.spare_capacity_mut()[done..len];
+            // SAFETY: pread writes at most `rest.len()` bytes into the spare
+            // capacity, which is allocated and ours.
+            let n = unsafe {
+                libc::pread(
+                    self.fd.as_raw_fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => {
+                    for b in &mut buf.spare_capacity_mut()[done..len] {
+                        b.write(0);
+                    }
+                    done = len;
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EINTR) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        // SAFETY: every byte of 0..len was written above.
+        unsafe { buf.set_len(len) };
+        Ok(bytes::Bytes::from(buf))
+    }
+
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut done = 0;
         while done < data.len() {

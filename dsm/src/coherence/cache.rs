@@ -5,7 +5,7 @@ use super::{page_in_range, Access, CohMsg, Engine, PageStore, Resolution, PREFET
 /// A stream is established once the read-ahead window reached this.
 const SPECULATIVE_WINDOW_MIN: u32 = 4;
 /// Speculative reads in flight per segment.
-const SPECULATIVE_DEPTH: u32 = 2;
+const SPECULATIVE_DEPTH: u32 = 4;
 use crate::ids::{NodeId, PageIndex, PageKey, SegmentId};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
@@ -232,6 +232,10 @@ impl<W: Clone> Engine<W> {
         store: &mut impl PageStore,
     ) {
         let page = msg.page();
+        if from == self.me && matches!(msg, CohMsg::Invalidate { .. }) {
+            // The home drops its own copy: it may be the only current one.
+            self.before_own_copy_dropped(page, store);
+        }
         let Some(seg) = self.cache.get_mut(&page.seg) else {
             // A segment this node closed: nothing here to give or take. Answer
             // what needs an answer so the home's transaction completes.

@@ -14,6 +14,20 @@ struct DirEntry {
     copyset: NodeSet,
     /// The only up-to-date copy was on a node that was lost.
     lost: bool,
+    /// The home node's own copy (held Shared) is the authoritative data and
+    /// the home copy is stale: set when the home downgrades its own
+    /// Exclusive copy, so the page is not copied a second time; flushed into
+    /// the home copy before that own copy is dropped.
+    in_own_copy: bool,
+}
+
+/// Where the data of a page handed out by a read comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    HomeCopy,
+    OwnCopy,
+    /// Held Exclusive by this node: downgraded in place first.
+    OwnExclusive,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -264,10 +278,10 @@ impl<W: Clone> Engine<W> {
             return;
         };
         home.dir[page.page.0 as usize].copyset.insert(to);
-        // The read-ahead run: pages that can be handed out right away, either
-        // from the home copy or, if this node holds them Exclusive, from its
-        // own copy after an in-place downgrade.
-        let mut own = Vec::new();
+        // The read-ahead run: pages that can be handed out right away, from
+        // the home copy, or from this node's own copy (downgraded in place if
+        // it holds them Exclusive).
+        let mut sources = Vec::new();
         for q in (page.page.0 + 1)..(page.page.0 + 1 + prefetch) {
             let q_key = PageKey {
                 seg: page.seg,
@@ -283,41 +297,43 @@ impl<W: Clone> Engine<W> {
                 break;
             }
             match entry.owner {
-                None => own.push(false),
+                None if entry.in_own_copy => sources.push(Source::OwnCopy),
+                None => sources.push(Source::HomeCopy),
                 Some(owner)
                     if owner == self.me
                         && owner != to
                         && self.page_state(q_key) == Some(PageState::Exclusive) =>
                 {
-                    own.push(true)
+                    sources.push(Source::OwnExclusive)
                 }
                 Some(_) => break,
             }
         }
-        let data = store.read_home(page);
-        let mut extra = Vec::with_capacity(own.len());
+        let data = self.home_data(page, store);
+        let mut extra = Vec::with_capacity(sources.len());
         let mut offset = 0;
-        for (is_own, len) in runs(&own) {
+        for (source, len) in runs(&sources) {
             let first = PageKey {
                 seg: page.seg,
                 page: PageIndex(page.page.0 + 1 + offset),
             };
-            if is_own {
-                let pages = self.downgrade_exclusive_run(first, len, store);
-                store.write_home_run(first, &pages);
-                extra.extend(pages);
-            } else {
-                extra.extend(store.read_home_run(first, len));
+            match source {
+                Source::OwnExclusive => {
+                    extra.extend(self.downgrade_exclusive_run(first, len, store))
+                }
+                Source::OwnCopy => extra.extend(store.read_local_run(first, len)),
+                Source::HomeCopy => extra.extend(store.read_home_run(first, len)),
             }
             offset += len;
         }
         let me = self.me;
         if let Some(home) = self.homes.get_mut(&page.seg) {
-            for (i, is_own) in own.iter().enumerate() {
+            for (i, source) in sources.iter().enumerate() {
                 let entry = &mut home.dir[page.page.0 as usize + 1 + i];
-                if *is_own {
+                if *source == Source::OwnExclusive {
                     entry.owner = None;
                     entry.copyset.insert(me);
+                    entry.in_own_copy = true;
                 }
                 entry.copyset.insert(to);
             }
@@ -325,18 +341,57 @@ impl<W: Clone> Engine<W> {
         self.send(to, CohMsg::ReadGrant { page, data, extra });
     }
 
+    /// The authoritative data of a page no node holds Exclusive.
+    fn home_data(&mut self, page: PageKey, store: &mut impl PageStore) -> Bytes {
+        let in_own_copy = self
+            .homes
+            .get(&page.seg)
+            .and_then(|h| h.dir.get(page.page.0 as usize))
+            .is_some_and(|e| e.in_own_copy);
+        if in_own_copy {
+            store.read_local(page)
+        } else {
+            store.read_home(page)
+        }
+    }
+
+    /// New authoritative data from an owner that let go.
+    fn set_home_data(&mut self, page: PageKey, data: &[u8], store: &mut impl PageStore) {
+        store.write_home(page, data);
+        if let Some(entry) = self.dir_entry(page) {
+            entry.in_own_copy = false;
+        }
+    }
+
+    /// This node is about to drop its own copy of a page homed here: if that
+    /// copy is the authoritative data, save it into the home copy first.
+    pub(super) fn before_own_copy_dropped(&mut self, page: PageKey, store: &mut impl PageStore) {
+        let Some(entry) = self
+            .homes
+            .get_mut(&page.seg)
+            .and_then(|h| h.dir.get_mut(page.page.0 as usize))
+        else {
+            return;
+        };
+        if entry.in_own_copy {
+            entry.in_own_copy = false;
+            let data = store.read_local(page);
+            store.write_home(page, &data);
+        }
+    }
+
     /// This node itself holds the page Exclusive: downgrade it here and now,
     /// which is what Downgrade and DowngradeAck over the self link would do.
     /// Only when the grant has arrived (state Exclusive); otherwise false.
     fn downgrade_own_copy(&mut self, page: PageKey, store: &mut impl PageStore) -> bool {
-        let Some(data) = self.downgrade_exclusive(page, store) else {
+        if self.downgrade_exclusive(page, store).is_none() {
             return false;
-        };
-        store.write_home(page, &data);
+        }
         let me = self.me;
         if let Some(entry) = self.dir_entry(page) {
             entry.owner = None;
             entry.copyset.insert(me);
+            entry.in_own_copy = true;
         }
         true
     }
@@ -371,7 +426,7 @@ impl<W: Clone> Engine<W> {
         }
         match data {
             Some(data) => {
-                store.write_home(page, &data);
+                self.set_home_data(page, &data, store);
                 if let Some(entry) = self.dir_entry(page) {
                     entry.owner = None;
                     entry.copyset.insert(owner);
@@ -412,13 +467,18 @@ impl<W: Clone> Engine<W> {
             return;
         }
         waiting.remove(from);
+        let mut returned = None;
         if *owner == Some(from) {
             match data {
-                Some(data) => store.write_home(page, &data),
+                Some(data) => returned = Some(data),
                 None => *data_lost = true,
             }
         }
-        if waiting.is_empty() {
+        let done = waiting.is_empty();
+        if let Some(data) = returned {
+            self.set_home_data(page, &data, store);
+        }
+        if done {
             self.complete_write(page, store);
         }
     }
@@ -444,10 +504,13 @@ impl<W: Clone> Engine<W> {
                 entry.owner = None;
                 entry.copyset = NodeSet::EMPTY;
             }
-        } else if let Some(entry) = self.dir_entry(page) {
-            entry.owner = Some(from);
-            entry.copyset = NodeSet::EMPTY;
-            let data = send_data.then(|| store.read_home(page));
+        } else {
+            let data = send_data.then(|| self.home_data(page, store));
+            if let Some(entry) = self.dir_entry(page) {
+                entry.owner = Some(from);
+                entry.copyset = NodeSet::EMPTY;
+                entry.in_own_copy = false;
+            }
             self.send(from, CohMsg::WriteGrant { page, data });
         }
         self.finish_txn(page, store);
@@ -495,9 +558,9 @@ impl<W: Clone> Engine<W> {
     }
 }
 
-/// Consecutive runs of equal flags: (flag, length).
-fn runs(flags: &[bool]) -> Vec<(bool, u32)> {
-    let mut out: Vec<(bool, u32)> = Vec::new();
+/// Consecutive runs of equal values: (value, length).
+fn runs<T: Copy + PartialEq>(flags: &[T]) -> Vec<(T, u32)> {
+    let mut out: Vec<(T, u32)> = Vec::new();
     for &f in flags {
         match out.last_mut() {
             Some((g, n)) if *g == f => *n += 1,

@@ -201,11 +201,11 @@ impl PageStore for NodeStore {
 }
 
 fn read_run(memfd: &Memfd, first: PageKey, count: u32) -> Vec<Bytes> {
-    let mut buf = BytesMut::zeroed(count as usize * PAGE_SIZE);
-    if let Err(e) = memfd.read_at(offset(first), &mut buf) {
+    let len = count as usize * PAGE_SIZE;
+    let buf = memfd.read_bytes(offset(first), len).unwrap_or_else(|e| {
         tracing::error!(?first, count, "pread of a run failed: {e}");
-    }
-    let buf = buf.freeze();
+        Bytes::from(vec![0u8; len])
+    });
     (0..count as usize)
         .map(|i| buf.slice(i * PAGE_SIZE..(i + 1) * PAGE_SIZE))
         .collect()
