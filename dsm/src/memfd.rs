@@ -42,26 +42,25 @@ impl Memfd {
         self.len == 0
     }
 
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    /// `pread` until `len` bytes or the end of the file; returns bytes read.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `len` bytes.
+    unsafe fn pread_full(&self, offset: u64, dst: *mut u8, len: usize) -> io::Result<usize> {
         let mut done = 0;
-        while done < buf.len() {
-            let rest = &mut buf[done..];
-            // SAFETY: pread into the live slice `rest` of the stated length.
+        while done < len {
+            // SAFETY: `dst + done .. dst + len` is writable (the caller's promise).
             let n = unsafe {
                 libc::pread(
                     self.fd.as_raw_fd(),
-                    rest.as_mut_ptr().cast(),
-                    rest.len(),
+                    dst.add(done).cast(),
+                    len - done,
                     (offset + done as u64) as libc::off_t,
                 )
             };
             match n {
                 n if n > 0 => done += n as usize,
-                0 => {
-                    // Beyond the end: zeros, as a mapping would show.
-                    rest.fill(0);
-                    return Ok(());
-                }
+                0 => break,
                 _ => {
                     let e = io::Error::last_os_error();
                     if e.raw_os_error() != Some(libc::EINTR) {
@@ -70,6 +69,15 @@ impl Memfd {
                 }
             }
         }
+        Ok(done)
+    }
+
+    /// Fill `buf` from `offset`; beyond the end reads as zeros, as a mapping
+    /// would show.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        // SAFETY: `buf` is a live, writable slice of its length.
+        let n = unsafe { self.pread_full(offset, buf.as_mut_ptr(), buf.len())? };
+        buf[n..].fill(0);
         Ok(())
     }
 
@@ -77,36 +85,12 @@ impl Memfd {
     /// beyond the end read as zeros), without zero-filling it first.
     pub fn read_bytes(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
         let mut buf: Vec<u8> = Vec::with_capacity(len);
-        let mut done = 0;
-        while done < len {
-            let rest = &mut buf.spare_capacity_mut()[done..len];
-            // SAFETY: pread writes at most `rest.len()` bytes into the spare
-            // capacity, which is allocated and ours.
-            let n = unsafe {
-                libc::pread(
-                    self.fd.as_raw_fd(),
-                    rest.as_mut_ptr().cast(),
-                    rest.len(),
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => {
-                    for b in &mut buf.spare_capacity_mut()[done..len] {
-                        b.write(0);
-                    }
-                    done = len;
-                }
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.raw_os_error() != Some(libc::EINTR) {
-                        return Err(e);
-                    }
-                }
-            }
+        // SAFETY: the spare capacity holds at least `len` writable bytes.
+        let n = unsafe { self.pread_full(offset, buf.as_mut_ptr(), len)? };
+        for b in &mut buf.spare_capacity_mut()[n..len] {
+            b.write(0);
         }
-        // SAFETY: every byte of 0..len was written above.
+        // SAFETY: bytes 0..n were written by pread and n..len just above.
         unsafe { buf.set_len(len) };
         Ok(bytes::Bytes::from(buf))
     }

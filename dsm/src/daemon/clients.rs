@@ -233,44 +233,28 @@ impl Session {
             }
             ClientRequest::ShmDetach { id, addr } => self.detach(SegmentId(id), addr).await,
             ClientRequest::ShmStat { id } => {
-                let id = SegmentId(id);
-                match self.home_of(id) {
+                let req = RpcRequest::SegStat {
+                    id: SegmentId(id),
+                    cred: self.cred(),
+                };
+                match self.ask_home(SegmentId(id), req).await {
+                    Ok(RpcResponse::Stat(s)) => ClientReply::Stat(s),
+                    Ok(other) => ClientReply::Err(errno_of(other)),
                     Err(e) => ClientReply::Err(e),
-                    Ok(home) => match self
-                        .rpc(
-                            home,
-                            RpcRequest::SegStat {
-                                id,
-                                cred: self.cred(),
-                            },
-                        )
-                        .await
-                    {
-                        RpcResponse::Stat(s) => ClientReply::Stat(s),
-                        other => ClientReply::Err(self.lost_home_errno(id, errno_of(other))),
-                    },
                 }
             }
             ClientRequest::ShmSet { id, uid, gid, mode } => {
-                let id = SegmentId(id);
-                match self.home_of(id) {
+                let req = RpcRequest::SegSet {
+                    id: SegmentId(id),
+                    cred: self.cred(),
+                    uid,
+                    gid,
+                    mode,
+                };
+                match self.ask_home(SegmentId(id), req).await {
+                    Ok(RpcResponse::Ok) => ClientReply::Ok,
+                    Ok(other) => ClientReply::Err(errno_of(other)),
                     Err(e) => ClientReply::Err(e),
-                    Ok(home) => match self
-                        .rpc(
-                            home,
-                            RpcRequest::SegSet {
-                                id,
-                                cred: self.cred(),
-                                uid,
-                                gid,
-                                mode,
-                            },
-                        )
-                        .await
-                    {
-                        RpcResponse::Ok => ClientReply::Ok,
-                        other => ClientReply::Err(self.lost_home_errno(id, errno_of(other))),
-                    },
                 }
             }
             ClientRequest::ShmRemove { id } => self.remove(SegmentId(id)).await,
@@ -334,6 +318,16 @@ impl Session {
             }
         }
         replies
+    }
+
+    /// Send a request to the segment's home; an error answer becomes the
+    /// errno (EIDRM once the home is known lost).
+    async fn ask_home(&self, id: SegmentId, req: RpcRequest) -> Result<RpcResponse, i32> {
+        let home = self.home_of(id)?;
+        match self.rpc(home, req).await {
+            RpcResponse::Err(e) => Err(self.lost_home_errno(id, e)),
+            other => Ok(other),
+        }
     }
 
     fn home_of(&self, id: SegmentId) -> Result<crate::ids::NodeId, i32> {
@@ -436,29 +430,16 @@ impl Session {
     }
 
     async fn attach(&mut self, id: SegmentId, readonly: bool) -> (ClientReply, Option<OwnedFd>) {
-        let home = match self.home_of(id) {
-            Ok(h) => h,
-            Err(e) => return (ClientReply::Err(e), None),
+        let req = RpcRequest::SegAttach {
+            id,
+            readonly,
+            inherited: false,
+            cred: self.cred(),
         };
-        let size = match self
-            .rpc(
-                home,
-                RpcRequest::SegAttach {
-                    id,
-                    readonly,
-                    inherited: false,
-                    cred: self.cred(),
-                },
-            )
-            .await
-        {
-            RpcResponse::Opened { size } => size,
-            other => {
-                return (
-                    ClientReply::Err(self.lost_home_errno(id, errno_of(other))),
-                    None,
-                )
-            }
+        let size = match self.ask_home(id, req).await {
+            Ok(RpcResponse::Opened { size }) => size,
+            Ok(other) => return (ClientReply::Err(errno_of(other)), None),
+            Err(e) => return (ClientReply::Err(e), None),
         };
         self.attached.push(id);
         let opened = self.core.borrow_mut().open_local_segment(id, size);
@@ -593,13 +574,9 @@ impl Session {
     }
 
     async fn remove(&mut self, id: SegmentId) -> ClientReply {
-        let home = match self.home_of(id) {
-            Ok(h) => h,
-            Err(e) => return ClientReply::Err(e),
-        };
         match self
-            .rpc(
-                home,
+            .ask_home(
+                id,
                 RpcRequest::SegRemove {
                     id,
                     cred: self.cred(),
@@ -607,7 +584,7 @@ impl Session {
             )
             .await
         {
-            RpcResponse::Removed { key } => {
+            Ok(RpcResponse::Removed { key }) => {
                 if key != 0 {
                     // Free the key before answering, so a shmget that follows
                     // this call anywhere in the cluster cannot find it.
@@ -618,7 +595,8 @@ impl Session {
                 }
                 ClientReply::Ok
             }
-            other => ClientReply::Err(self.lost_home_errno(id, errno_of(other))),
+            Ok(other) => ClientReply::Err(errno_of(other)),
+            Err(e) => ClientReply::Err(e),
         }
     }
 
