@@ -202,6 +202,15 @@ impl Cluster {
         }
     }
 
+    /// Send a signal to one daemon (e.g. SIGSTOP: a node that falls silent
+    /// without closing its connections).
+    pub fn signal(&self, node: u8, signal: i32) {
+        if let Some(pid) = self.node(node).pid() {
+            // SAFETY: signalling a child we spawned and have not reaped.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    }
+
     /// The log a daemon wrote so far.
     pub fn log(&self, node: u8) -> String {
         std::fs::read_to_string(self.dir.join(format!("node{node}.log"))).unwrap_or_default()

@@ -412,3 +412,50 @@ fn keys_of_live_segments_survive_the_loss_of_a_directory_node() {
         assert_eq!(won.iter().filter(|w| **w).count(), 1, "key {k:#x}: {won:?}");
     }
 }
+
+#[test]
+fn a_silent_node_is_declared_lost_within_the_peer_timeout() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start_with(ClusterOptions {
+        peer_timeout_ms: 1000,
+        heartbeat_ms: 100,
+        ..Default::default()
+    })
+    .expect("start cluster");
+    let k = key().to_string();
+    let _ = Client::connect(cluster.socket(1))
+        .unwrap()
+        .get(k.parse().unwrap(), 256 * 4096, IPC_CREAT | 0o666)
+        .unwrap();
+    let mut scanners: Vec<_> = [2u8, 3]
+        .iter()
+        .map(|n| spawn_role(cluster.socket(*n), &["scan", &k, "256"]).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Frozen, not dead: its sockets stay open, only heartbeats stop.
+    let frozen_at = Instant::now();
+    cluster.signal(1, libc::SIGSTOP);
+    for s in &mut scanners {
+        let status = s
+            .wait_timeout(Duration::from_secs(10))
+            .expect("a survivor hung behind a silent home node");
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGBUS),
+            "expected SIGBUS, got {status:?}"
+        );
+    }
+    let detected = frozen_at.elapsed();
+    // The bound: the peer timeout (1 s) plus a heartbeat and some slack.
+    assert!(detected < Duration::from_millis(3000), "took {detected:?}");
+    assert!(
+        detected >= Duration::from_millis(900),
+        "declared lost before the timeout: {detected:?}"
+    );
+    let nodes = Client::connect(cluster.socket(2)).unwrap().nodes().unwrap();
+    assert!(nodes.iter().any(|n| n.node.0 == 1 && !n.up));
+    cluster.signal(1, libc::SIGCONT);
+    println!("silent node declared lost after {detected:?}");
+}
