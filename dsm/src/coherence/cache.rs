@@ -39,6 +39,21 @@ pub(super) struct Pending<W> {
 }
 
 impl<W> Pending<W> {
+    /// A request made for one fault.
+    fn for_fault(asked: Asked, write: bool, waiter: W) -> Self {
+        let (reads, writes) = if write {
+            (vec![], vec![waiter])
+        } else {
+            (vec![waiter], vec![])
+        };
+        Pending {
+            asked,
+            reads,
+            writes,
+            speculative: false,
+        }
+    }
+
     pub(super) fn poison_all(self, page: PageKey, out: &mut VecDeque<Resolution<W>>) {
         for waiter in self.reads.into_iter().chain(self.writes) {
             out.push_back(Resolution {
@@ -154,22 +169,7 @@ impl<W: Clone> Engine<W> {
             _ => {}
         }
         if seg.home_lost {
-            let pending = Pending {
-                asked: Asked::Read,
-                reads: vec![],
-                writes: vec![],
-                speculative: false,
-            };
-            let (reads, writes) = if write {
-                (vec![], vec![waiter])
-            } else {
-                (vec![waiter], vec![])
-            };
-            let pending = Pending {
-                reads,
-                writes,
-                ..pending
-            };
+            let pending = Pending::for_fault(Asked::Read, write, waiter);
             fail_pending(seg, page, pending, store, &mut self.resolutions);
             return;
         }
@@ -185,30 +185,16 @@ impl<W: Clone> Engine<W> {
         }
         let home = seg.home;
         let msg = if write {
-            seg.pending.insert(
-                page.page,
-                Pending {
-                    asked: Asked::Write,
-                    reads: vec![],
-                    writes: vec![waiter],
-                    speculative: false,
-                },
-            );
+            seg.pending
+                .insert(page.page, Pending::for_fault(Asked::Write, true, waiter));
             CohMsg::Write {
                 page,
                 have_copy: state == PageState::Shared,
             }
         } else {
             let prefetch = seg.prefetch_for(page.page);
-            seg.pending.insert(
-                page.page,
-                Pending {
-                    asked: Asked::Read,
-                    reads: vec![waiter],
-                    writes: vec![],
-                    speculative: false,
-                },
-            );
+            seg.pending
+                .insert(page.page, Pending::for_fault(Asked::Read, false, waiter));
             CohMsg::Read { page, prefetch }
         };
         debug_assert!(home != me || self.homes.contains_key(&page.seg));
