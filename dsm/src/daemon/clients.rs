@@ -185,6 +185,9 @@ impl Session {
                 }
             };
             let (reply, fd) = self.handle(req, &mut conn.fds).await;
+            // Descriptors belong to the request they came with: any the
+            // request did not take are closed, never handed to a later one.
+            conn.fds.clear();
             conn.send(id, &reply, fd.as_ref()).await?;
         }
         Ok(())
