@@ -145,6 +145,16 @@ impl Cluster {
                 cmd.env("DSMD_LOG", &opts.log)
                     .stdout(Stdio::null())
                     .stderr(log);
+                // The daemons end when the thread that started them ends (the
+                // test or the program), even if it is killed.
+                // SAFETY: the hook runs in the forked child before exec and
+                // only calls prctl, which is async-signal-safe.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                        Ok(())
+                    });
+                }
                 let child = cmd.spawn()?;
                 cluster.nodes[i].child = Some(child);
             }

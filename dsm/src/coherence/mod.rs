@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, VecDeque};
 pub use cache::PageState;
 
 /// Most pages a single read miss may bring along after the faulting one.
-pub const PREFETCH_PAGES_MAX: u32 = 256;
+pub const PREFETCH_PAGES_MAX: u32 = 512;
 
 /// Effects on this node's memory, done by the driver (memfd + uffd in
 /// `dsmd`, plain maps in the simulator).
