@@ -24,6 +24,36 @@ fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// A 1 MiB segment homed on node 1, read and written in a loop by one
+/// process on node 2 and one on node 3, so its pages keep moving through
+/// node 1.
+fn scan_from_nodes_2_and_3(cluster: &Cluster) -> Vec<migshm::Proc> {
+    let k = key().to_string();
+    let home = Client::connect(cluster.socket(1)).unwrap();
+    home.get(k.parse().unwrap(), 256 * 4096, IPC_CREAT | 0o666)
+        .unwrap();
+    let scanners = [2u8, 3]
+        .iter()
+        .map(|n| spawn_role(cluster.socket(*n), &["scan", &k, "256"]).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    scanners
+}
+
+/// Every process ends in SIGBUS within 10 s (never a hang).
+fn expect_sigbus(procs: Vec<migshm::Proc>) {
+    for mut p in procs {
+        let status = p
+            .wait_timeout(Duration::from_secs(10))
+            .expect("a survivor hung after its home node was lost");
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGBUS),
+            "expected SIGBUS, got {status:?}"
+        );
+    }
+}
+
 #[test]
 fn fetch_add_from_processes_on_three_nodes_is_exact() {
     if !uffd_or_skip() {
@@ -161,18 +191,7 @@ fn a_killed_dsmd_gives_sigbus_to_survivors_within_the_bound() {
         ..Default::default()
     })
     .unwrap();
-    // Segment homed on node 1, scanned from nodes 2 and 3 (pages keep
-    // moving through node 1).
-    let k = key().to_string();
-    let _ = Client::connect(cluster.socket(1))
-        .unwrap()
-        .get(k.parse().unwrap(), 256 * 4096, IPC_CREAT | 0o666)
-        .unwrap();
-    let scanners: Vec<_> = [2u8, 3]
-        .iter()
-        .map(|n| spawn_role(cluster.socket(*n), &["scan", &k, "256"]).unwrap())
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let scanners = scan_from_nodes_2_and_3(&cluster);
     // A segment homed on node 2 where node 1 holds page 5 exclusively and
     // node 3 holds page 0: after node 1 dies, page 0 still works, page 5 is
     // lost and must SIGBUS rather than show stale data.
@@ -192,16 +211,7 @@ fn a_killed_dsmd_gives_sigbus_to_survivors_within_the_bound() {
 
     let killed_at = Instant::now();
     cluster.kill(1);
-    for mut s in scanners {
-        let status = s
-            .wait_timeout(Duration::from_secs(10))
-            .expect("a survivor hung after its home node died");
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGBUS),
-            "expected SIGBUS, got {status:?}"
-        );
-    }
+    expect_sigbus(scanners);
     let bound = killed_at.elapsed();
     assert!(bound < Duration::from_secs(10));
     let (status, out) = run_role(cluster.socket(3), &["read-page", &k2, "0"]);
@@ -424,29 +434,11 @@ fn a_silent_node_is_declared_lost_within_the_peer_timeout() {
         ..Default::default()
     })
     .expect("start cluster");
-    let k = key().to_string();
-    let _ = Client::connect(cluster.socket(1))
-        .unwrap()
-        .get(k.parse().unwrap(), 256 * 4096, IPC_CREAT | 0o666)
-        .unwrap();
-    let mut scanners: Vec<_> = [2u8, 3]
-        .iter()
-        .map(|n| spawn_role(cluster.socket(*n), &["scan", &k, "256"]).unwrap())
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let scanners = scan_from_nodes_2_and_3(&cluster);
     // Frozen, not dead: its sockets stay open, only heartbeats stop.
     let frozen_at = Instant::now();
     cluster.signal(1, libc::SIGSTOP);
-    for s in &mut scanners {
-        let status = s
-            .wait_timeout(Duration::from_secs(10))
-            .expect("a survivor hung behind a silent home node");
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGBUS),
-            "expected SIGBUS, got {status:?}"
-        );
-    }
+    expect_sigbus(scanners);
     let detected = frozen_at.elapsed();
     // The bound: the peer timeout (1 s) plus a heartbeat and some slack.
     assert!(detected < Duration::from_millis(3000), "took {detected:?}");
