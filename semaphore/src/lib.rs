@@ -1,6 +1,9 @@
 //! Distributed SysV semaphore sets arbitrated by each set's home node.
 //!
-//! Not built yet: this crate is the home of issue 3's engine. It shares the
-//! cluster-wide IPC namespace and transport of the `dsm` crate.
+//! `engine`: the semantics of one set, as Linux implements them (pure).
+//! The distribution (requests to the home, blocking, cancellation, undo on
+//! process and node loss) and the library API build on it (issue 3).
+
+pub mod engine;
 
 pub use dsm::ids::NodeId;
