@@ -209,3 +209,94 @@ fn random_operations_match_the_kernel() {
     }
     println!("{compared} operations compared with the kernel");
 }
+
+#[test]
+fn undo_adjustments_at_exit_match_the_kernel() {
+    let limits = SemLimits::from_proc();
+    let parent = me();
+    for seed in 0..60u64 {
+        let mut rng = Rng::new(1000 + seed);
+        let n = 1 + rng.below(4) as usize;
+        let kernel = Kernel::create(n as i32).expect("semget");
+        let mut engine = SemSet::create(0, n as i32, 0o600, &parent.cred, &limits, 0).unwrap();
+        let mut start: Vec<u16> = (0..n).map(|_| rng.below(8) as u16).collect();
+        kernel
+            .ctl(0, libc::SETALL, start.as_mut_ptr() as libc::c_ulong)
+            .expect("SETALL");
+        engine.setall(&start, &parent, 0).unwrap();
+        // Everything the child needs is prepared before fork: it only makes
+        // system calls, then exits.
+        let plan: Vec<Vec<libc::sembuf>> = (0..30)
+            .map(|_| {
+                (0..1 + rng.below(3))
+                    .map(|_| libc::sembuf {
+                        sem_num: rng.below(n as u64) as u16,
+                        sem_op: rng.below(7) as i16 - 3,
+                        sem_flg: IPC_NOWAIT | if rng.chance(70) { SEM_UNDO } else { 0 },
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut before_exit = vec![0u16; n];
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe fills the two-element array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child only calls semop/semctl/write/_exit on memory
+        // prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            for sops in &plan {
+                let mut ops = sops.clone();
+                // SAFETY: `ops` holds ops.len() sembufs; failures are part of the test.
+                unsafe { libc::semop(kernel.id, ops.as_mut_ptr(), ops.len()) };
+            }
+            // SAFETY: GETALL into a buffer of n u16; write it to the pipe; exit.
+            unsafe {
+                libc::semctl(
+                    kernel.id,
+                    0,
+                    libc::GETALL,
+                    before_exit.as_mut_ptr() as libc::c_ulong,
+                );
+                libc::write(fds[1], before_exit.as_ptr().cast(), n * 2);
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: closing our copy of the write end; reading the child's values.
+        unsafe {
+            libc::close(fds[1]);
+            libc::read(fds[0], before_exit.as_mut_ptr().cast(), n * 2);
+            libc::close(fds[0]);
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let child = Caller {
+            process: 2,
+            pid,
+            cred: parent.cred.clone(),
+        };
+        for sops in &plan {
+            let ops: Vec<SemBuf> = sops
+                .iter()
+                .map(|s| SemBuf {
+                    num: s.sem_num,
+                    op: s.sem_op,
+                    flags: s.sem_flg,
+                })
+                .collect();
+            let _ = engine.semop(&ops, &child, &limits, 0);
+        }
+        assert_eq!(
+            engine.getall(&parent.cred).unwrap(),
+            before_exit,
+            "SEED={seed}: values before the child exited"
+        );
+        engine.process_exited(2);
+        assert_eq!(
+            engine.getall(&parent.cred).unwrap(),
+            kernel.getall(n),
+            "SEED={seed}: values after its undo"
+        );
+    }
+}
