@@ -6,7 +6,20 @@
 //! (the distributed layer), which retries with [`SemSet::semop`].
 
 use dsm::sysv::{Credentials, IpcPerm};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+
+/// Identifies one waiting `semop` (chosen by the caller, unique per set).
+pub type WaitId = u64;
+
+/// An operation array waiting at the set.
+#[derive(Clone, Debug)]
+struct Waiting {
+    id: WaitId,
+    sops: Vec<SemBuf>,
+    caller: Caller,
+    /// The operation that blocked it (what GETNCNT/GETZCNT count).
+    blocked: usize,
+}
 
 /// Largest semaphore value (`SEMVMX`).
 pub const SEMVMX: i32 = 32767;
@@ -14,6 +27,15 @@ pub const SEMVMX: i32 = 32767;
 pub const SEMAEM: i32 = SEMVMX;
 pub const SEM_UNDO: i16 = 0x1000;
 pub const IPC_NOWAIT: i16 = 0o4000;
+
+/// Limits for retrying queued waiters: their arrays passed the real limits
+/// when they were queued.
+const WAITER_LIMITS: SemLimits = SemLimits {
+    semmsl: i32::MAX,
+    semmns: i64::MAX,
+    semopm: usize::MAX,
+    semmni: usize::MAX,
+};
 
 const S_IRUGO: u32 = 0o444;
 const S_IWUGO: u32 = 0o222;
@@ -98,6 +120,10 @@ pub struct SemSet {
     ctime: i64,
     /// Undo adjustments per process (`semadj`), applied when it exits.
     undo: BTreeMap<u64, Vec<i32>>,
+    /// Blocked operations, oldest first.
+    waiting: VecDeque<Waiting>,
+    /// Waiters that finished (applied, or failed with an errno).
+    finished: VecDeque<(WaitId, Result<(), i32>)>,
 }
 
 impl SemSet {
@@ -121,6 +147,8 @@ impl SemSet {
             otime: 0,
             ctime: now,
             undo: BTreeMap::new(),
+            waiting: VecDeque::new(),
+            finished: VecDeque::new(),
         })
     }
 
@@ -140,7 +168,23 @@ impl SemSet {
     }
 
     /// `semop`: all operations or none. Never waits; see [`SemopOutcome`].
+    /// A change it makes lets queued waiters proceed.
     pub fn semop(
+        &mut self,
+        sops: &[SemBuf],
+        caller: &Caller,
+        limits: &SemLimits,
+        now: i64,
+    ) -> Result<SemopOutcome, i32> {
+        let outcome = self.try_apply(sops, caller, limits, now)?;
+        if outcome == SemopOutcome::Done {
+            self.wake_waiters(now);
+        }
+        Ok(outcome)
+    }
+
+    /// The checks and the atomic application of one operation array.
+    fn try_apply(
         &mut self,
         sops: &[SemBuf],
         caller: &Caller,
@@ -207,6 +251,106 @@ impl SemSet {
         Ok(SemopOutcome::Done)
     }
 
+    /// `semop` that waits when it must: a blocked operation array is queued
+    /// under `id` and finishes later through [`SemSet::poll_finished`].
+    pub fn semop_or_wait(
+        &mut self,
+        id: WaitId,
+        sops: &[SemBuf],
+        caller: &Caller,
+        limits: &SemLimits,
+        now: i64,
+    ) -> Result<SemopOutcome, i32> {
+        let outcome = self.try_apply(sops, caller, limits, now)?;
+        match outcome {
+            SemopOutcome::Done => self.wake_waiters(now),
+            SemopOutcome::Blocked { index } => self.waiting.push_back(Waiting {
+                id,
+                sops: sops.to_vec(),
+                caller: caller.clone(),
+                blocked: index,
+            }),
+        }
+        Ok(outcome)
+    }
+
+    /// After any change of values: retry the waiters oldest first; each that
+    /// completes (or now fails, e.g. ERANGE) leaves the queue, and after one
+    /// completes the scan starts again, since it may unblock older ones.
+    fn wake_waiters(&mut self, now: i64) {
+        'scan: loop {
+            for i in 0..self.waiting.len() {
+                let w = self.waiting[i].clone();
+                match self.try_apply(&w.sops, &w.caller, &WAITER_LIMITS, now) {
+                    Ok(SemopOutcome::Blocked { index }) => self.waiting[i].blocked = index,
+                    Ok(SemopOutcome::Done) => {
+                        self.waiting.remove(i);
+                        self.finished.push_back((w.id, Ok(())));
+                        continue 'scan;
+                    }
+                    Err(e) => {
+                        self.waiting.remove(i);
+                        self.finished.push_back((w.id, Err(e)));
+                        continue 'scan;
+                    }
+                }
+            }
+            return;
+        }
+    }
+
+    /// A waiter that finished, with its result.
+    pub fn poll_finished(&mut self) -> Option<(WaitId, Result<(), i32>)> {
+        self.finished.pop_front()
+    }
+
+    /// The waiter gives up (signal or timeout). True if it was still
+    /// waiting: nothing of it was applied. False if it already finished:
+    /// its result stands and must be delivered, never undone.
+    pub fn cancel(&mut self, id: WaitId) -> bool {
+        match self.waiting.iter().position(|w| w.id == id) {
+            Some(i) => {
+                self.waiting.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `IPC_RMID`: every waiter fails with EIDRM.
+    pub fn remove(&mut self, cred: &Credentials) -> Result<Vec<WaitId>, i32> {
+        self.may_remove(cred)?;
+        Ok(self.waiting.drain(..).map(|w| w.id).collect())
+    }
+
+    /// `GETNCNT`: waiters blocked on decreasing `semnum`.
+    pub fn getncnt(&self, semnum: i32, cred: &Credentials) -> Result<i32, i32> {
+        self.count_blocked(semnum, cred, |op| op < 0)
+    }
+
+    /// `GETZCNT`: waiters blocked until `semnum` is zero.
+    pub fn getzcnt(&self, semnum: i32, cred: &Credentials) -> Result<i32, i32> {
+        self.count_blocked(semnum, cred, |op| op == 0)
+    }
+
+    fn count_blocked(
+        &self,
+        semnum: i32,
+        cred: &Credentials,
+        kind: impl Fn(i16) -> bool,
+    ) -> Result<i32, i32> {
+        self.check_read(cred)?;
+        let i = self.index(semnum)?;
+        Ok(self
+            .waiting
+            .iter()
+            .filter(|w| {
+                let sop = w.sops[w.blocked];
+                usize::from(sop.num) == i && kind(sop.op)
+            })
+            .count() as i32)
+    }
+
     fn check_read(&self, cred: &Credentials) -> Result<(), i32> {
         if self.perm.permits(cred, S_IRUGO) {
             Ok(())
@@ -258,6 +402,7 @@ impl SemSet {
         self.values[i] = value as u16;
         self.pids[i] = caller.pid;
         self.ctime = now;
+        self.wake_waiters(now);
         Ok(())
     }
 
@@ -319,14 +464,15 @@ impl SemSet {
         }
     }
 
-    /// A process ended: apply its undo adjustments, as `exit_sem` does
-    /// (each value clamped to 0..=SEMVMX).
-    pub fn process_exited(&mut self, process: u64) {
-        let Some(adj) = self.undo.remove(&process) else {
-            return;
-        };
-        for (value, a) in self.values.iter_mut().zip(adj) {
-            *value = (i32::from(*value) + a).clamp(0, SEMVMX) as u16;
+    /// A process ended: drop its waiters and apply its undo adjustments, as
+    /// `exit_sem` does (each value clamped to 0..=SEMVMX).
+    pub fn process_exited(&mut self, process: u64, now: i64) {
+        self.waiting.retain(|w| w.caller.process != process);
+        if let Some(adj) = self.undo.remove(&process) {
+            for (value, a) in self.values.iter_mut().zip(adj) {
+                *value = (i32::from(*value) + a).clamp(0, SEMVMX) as u16;
+            }
+            self.wake_waiters(now);
         }
     }
 
@@ -336,5 +482,181 @@ impl SemSet {
             .get(&process)
             .cloned()
             .unwrap_or_else(|| vec![0; self.values.len()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(process: u64) -> Caller {
+        let cred = Credentials {
+            pid: 100 + process as i32,
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            cap_ipc_owner: true,
+            cap_sys_admin: true,
+        };
+        Caller {
+            process,
+            pid: 100 + process as i32,
+            cred,
+        }
+    }
+
+    fn op(num: u16, op: i16) -> SemBuf {
+        SemBuf { num, op, flags: 0 }
+    }
+
+    const L: SemLimits = SemLimits {
+        semmsl: 250,
+        semmns: 32000,
+        semopm: 32,
+        semmni: 128,
+    };
+
+    fn set(n: i32) -> SemSet {
+        SemSet::create(0, n, 0o600, &root(0).cred, &L, 0).unwrap()
+    }
+
+    #[test]
+    fn a_blocked_p_completes_on_a_later_v_and_consumes_it() {
+        let mut s = set(1);
+        assert_eq!(
+            s.semop_or_wait(1, &[op(0, -1)], &root(1), &L, 0),
+            Ok(SemopOutcome::Blocked { index: 0 })
+        );
+        assert_eq!(s.getncnt(0, &root(0).cred), Ok(1));
+        assert_eq!(s.poll_finished(), None);
+        assert_eq!(
+            s.semop(&[op(0, 1)], &root(2), &L, 0),
+            Ok(SemopOutcome::Done)
+        );
+        assert_eq!(s.poll_finished(), Some((1, Ok(()))));
+        assert_eq!(
+            s.getval(0, &root(0).cred),
+            Ok(0),
+            "the waiter took the unit"
+        );
+        assert_eq!(
+            s.getpid(0, &root(0).cred),
+            Ok(101),
+            "GETPID names the last process to operate"
+        );
+        assert_eq!(s.getncnt(0, &root(0).cred), Ok(0));
+    }
+
+    #[test]
+    fn waiters_are_served_oldest_first() {
+        let mut s = set(1);
+        for id in 1..=3 {
+            s.semop_or_wait(id, &[op(0, -1)], &root(id), &L, 0).unwrap();
+        }
+        s.semop(&[op(0, 2)], &root(9), &L, 0).unwrap();
+        assert_eq!(s.poll_finished(), Some((1, Ok(()))));
+        assert_eq!(s.poll_finished(), Some((2, Ok(()))));
+        assert_eq!(s.poll_finished(), None);
+        assert_eq!(s.getncnt(0, &root(0).cred), Ok(1));
+    }
+
+    #[test]
+    fn wait_for_zero_wakes_when_the_value_reaches_zero() {
+        let mut s = set(2);
+        s.setval(1, 3, &root(9), 0).unwrap();
+        assert_eq!(
+            s.semop_or_wait(7, &[op(0, 1), op(1, 0)], &root(1), &L, 0),
+            Ok(SemopOutcome::Blocked { index: 1 })
+        );
+        assert_eq!(
+            s.getval(0, &root(0).cred),
+            Ok(0),
+            "nothing of a blocked array is applied"
+        );
+        assert_eq!(s.getzcnt(1, &root(0).cred), Ok(1));
+        s.semop(&[op(1, -2)], &root(2), &L, 0).unwrap();
+        assert_eq!(s.poll_finished(), None);
+        s.setval(1, 0, &root(2), 0).unwrap();
+        assert_eq!(s.poll_finished(), Some((7, Ok(()))));
+        assert_eq!(s.getval(0, &root(0).cred), Ok(1));
+    }
+
+    #[test]
+    fn cancel_never_loses_or_invents_an_operation() {
+        let mut s = set(1);
+        s.semop_or_wait(1, &[op(0, -1)], &root(1), &L, 0).unwrap();
+        assert!(s.cancel(1), "still waiting: cancelled, nothing applied");
+        s.semop(&[op(0, 1)], &root(2), &L, 0).unwrap();
+        assert_eq!(s.poll_finished(), None);
+        assert_eq!(
+            s.getval(0, &root(0).cred),
+            Ok(1),
+            "the cancelled P took nothing"
+        );
+        s.semop_or_wait(2, &[op(0, -2)], &root(1), &L, 0).unwrap();
+        s.semop(&[op(0, 1)], &root(2), &L, 0).unwrap();
+        assert!(!s.cancel(2), "already applied: the cancel must not undo it");
+        assert_eq!(s.poll_finished(), Some((2, Ok(()))));
+        assert_eq!(s.getval(0, &root(0).cred), Ok(0));
+    }
+
+    #[test]
+    fn removal_fails_every_waiter_and_exit_drops_a_process_waiters() {
+        let mut s = set(1);
+        // A zero-wait on a value that is already 0 completes at once.
+        assert_eq!(
+            s.semop_or_wait(2, &[op(0, 0)], &root(2), &L, 0),
+            Ok(SemopOutcome::Done)
+        );
+        s.semop_or_wait(4, &[op(0, -1)], &root(4), &L, 0).unwrap();
+        s.semop_or_wait(5, &[op(0, -1)], &root(5), &L, 0).unwrap();
+        s.process_exited(4, 0);
+        assert_eq!(s.getncnt(0, &root(0).cred), Ok(1));
+        let user = Credentials {
+            pid: 1,
+            uid: 1000,
+            gid: 1000,
+            groups: vec![],
+            cap_ipc_owner: false,
+            cap_sys_admin: false,
+        };
+        assert_eq!(s.remove(&user), Err(libc::EPERM));
+        assert_eq!(s.remove(&root(0).cred), Ok(vec![5]));
+    }
+
+    #[test]
+    fn a_waiter_that_can_no_longer_succeed_fails_with_the_kernels_errno() {
+        let mut s = set(2);
+        s.setval(1, SEMVMX - 1, &root(9), 0).unwrap();
+        // Waits on sem 0; once it can take it, adding 2 to sem 1 overflows.
+        s.semop_or_wait(1, &[op(0, -1), op(1, 2)], &root(1), &L, 0)
+            .unwrap();
+        s.semop(&[op(0, 1)], &root(2), &L, 0).unwrap();
+        assert_eq!(s.poll_finished(), Some((1, Err(libc::ERANGE))));
+        assert_eq!(
+            s.getval(0, &root(0).cred),
+            Ok(1),
+            "nothing of the failed array was applied"
+        );
+    }
+
+    #[test]
+    fn undo_at_exit_wakes_waiters() {
+        let mut s = set(1);
+        s.setval(0, 1, &root(9), 0).unwrap();
+        let undo = SemBuf {
+            num: 0,
+            op: -1,
+            flags: SEM_UNDO,
+        };
+        assert_eq!(s.semop(&[undo], &root(1), &L, 0), Ok(SemopOutcome::Done));
+        s.semop_or_wait(2, &[op(0, -1)], &root(2), &L, 0).unwrap();
+        s.process_exited(1, 0);
+        assert_eq!(
+            s.poll_finished(),
+            Some((2, Ok(()))),
+            "the dead holder's unit went to the waiter"
+        );
+        assert_eq!(s.getval(0, &root(0).cred), Ok(0));
     }
 }
