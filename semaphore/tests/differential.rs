@@ -129,7 +129,7 @@ fn random_operations_match_the_kernel() {
         };
         let n = nsems as usize;
         for step in 0..80 {
-            let (k, e, desc) = match rng.below(10) {
+            let (k, e, desc) = match rng.below(11) {
                 0..=4 => {
                     let sops = random_sops(&mut rng, n, limits.semopm);
                     let k = kernel.semop(&sops);
@@ -182,6 +182,21 @@ fn random_operations_match_the_kernel() {
                         engine.getpid(semnum, &caller.cred),
                         format!("GETPID {semnum}"),
                     )
+                }
+                9 => {
+                    let semnum = rng.below(n as u64 + 2) as i32 - 1;
+                    let (cmd, name) = if rng.chance(50) {
+                        (libc::GETNCNT, "GETNCNT")
+                    } else {
+                        (libc::GETZCNT, "GETZCNT")
+                    };
+                    let k = kernel.ctl(semnum, cmd, 0);
+                    let e = if cmd == libc::GETNCNT {
+                        engine.getncnt(semnum, &caller.cred)
+                    } else {
+                        engine.getzcnt(semnum, &caller.cred)
+                    };
+                    (k, e, format!("{name} {semnum}"))
                 }
                 _ => {
                     // SAFETY: semid_ds is plain data; all zeros is a valid value.
