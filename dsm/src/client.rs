@@ -249,9 +249,9 @@ impl Client {
         let mapping = match mapped {
             Ok(m) => m,
             Err(e) => {
-                // The daemon counted the attach; it undoes it when told the
-                // mapping never happened (a detach of address 0 is refused,
-                // so report through a mapped-failure below).
+                // The daemon counted the attach. A `ShmMapped` with no
+                // mapping (address and length 0) is refused, and a refused
+                // `ShmMapped` makes the daemon uncount the attach.
                 let errno = e.raw_os_error().unwrap_or(libc::ENOMEM);
                 let req = ClientRequest::ShmMapped {
                     id,

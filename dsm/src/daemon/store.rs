@@ -7,7 +7,7 @@ use crate::coherence::{Access, PageStore, Resolution};
 use crate::ids::{PageKey, SegmentId, PAGE_SIZE};
 use crate::memfd::Memfd;
 use crate::uffd::Uffd;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -67,34 +67,14 @@ fn offset(page: PageKey) -> u64 {
 }
 
 fn read_page(memfd: &Memfd, page: PageKey) -> Bytes {
-    let mut buf = BytesMut::zeroed(PAGE_SIZE);
-    if let Err(e) = memfd.read_at(offset(page), &mut buf) {
-        tracing::error!(?page, "pread of a page failed: {e}");
-    }
-    buf.freeze()
+    read_run(memfd, page, 1)
+        .pop()
+        .unwrap_or_else(|| Bytes::from(vec![0u8; PAGE_SIZE]))
 }
 
 impl PageStore for NodeStore {
     fn protect_local(&mut self, page: PageKey) {
-        let Some(seg) = self.segments.get(&page.seg) else {
-            return;
-        };
-        for m in seg.mappings.iter().filter(|m| !m.readonly) {
-            let Some(proc) = self.procs.get(&m.proc) else {
-                continue;
-            };
-            // A process that already exited has no mapping left to protect.
-            if let Err(e) =
-                proc.uffd
-                    .write_protect(m.addr + offset(page), PAGE_SIZE as u64, true, false)
-            {
-                if crate::uffd::process_gone(&e) {
-                    tracing::debug!(?page, pid = proc.pid, "write-protect, process gone: {e}");
-                } else {
-                    tracing::error!(?page, pid = proc.pid, "write-protect failed: {e}");
-                }
-            }
-        }
+        self.protect_local_run(page, 1);
     }
 
     fn read_local(&mut self, page: PageKey) -> Bytes {
@@ -148,13 +128,16 @@ impl PageStore for NodeStore {
                 .uffd
                 .write_protect(m.addr + offset(first), len, true, false)
             {
-                if !crate::uffd::process_gone(&e) {
-                    tracing::error!(
+                // A process that already exited has no mapping left to protect.
+                if crate::uffd::process_gone(&e) {
+                    tracing::debug!(
                         ?first,
                         count,
                         pid = proc.pid,
-                        "write-protect of a run failed: {e}"
+                        "write-protect, process gone: {e}"
                     );
+                } else {
+                    tracing::error!(?first, count, pid = proc.pid, "write-protect failed: {e}");
                 }
             }
         }
