@@ -5,7 +5,7 @@
 //! report `Blocked`; queueing the caller and waking it is the caller's job
 //! (the distributed layer), which retries with [`SemSet::semop`].
 
-use dsm::sysv::{Credentials, IpcPerm};
+use crate::perm::{Credentials, IpcPerm};
 use std::collections::{BTreeMap, VecDeque};
 
 /// Identifies one waiting `semop` (chosen by the caller, unique per set).

@@ -1,0 +1,173 @@
+//! Who may do what to an IPC object, as the Linux kernel decides it:
+//! credentials, `struct ipc_perm` and the `ipcperms` check.
+
+use serde::{Deserialize, Serialize};
+
+pub const IPC_CREAT: i32 = 0o1000;
+pub const IPC_EXCL: i32 = 0o2000;
+pub const IPC_NOWAIT: i32 = 0o4000;
+
+const S_IRUGO: u32 = 0o444;
+const S_IWUGO: u32 = 0o222;
+
+/// The capability bits that matter here (`linux/capability.h`).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_IPC_OWNER: u32 = 15;
+
+/// Who is asking, as the kernel would see it at the time of the call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub cap_ipc_owner: bool,
+    pub cap_sys_admin: bool,
+}
+
+impl Credentials {
+    /// Read the current effective credentials of a local process from
+    /// `/proc/PID/status` (they change when a server drops privileges, so
+    /// they are read per call, not once at connect). `fallback` (SO_PEERCRED)
+    /// is used if the process is gone.
+    pub fn of_process(pid: i32, fallback_uid: u32, fallback_gid: u32) -> Credentials {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        Self::parse_status(pid, &status).unwrap_or(Credentials {
+            pid,
+            uid: fallback_uid,
+            gid: fallback_gid,
+            groups: vec![],
+            cap_ipc_owner: fallback_uid == 0,
+            cap_sys_admin: fallback_uid == 0,
+        })
+    }
+
+    fn parse_status(pid: i32, status: &str) -> Option<Credentials> {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|rest| rest.split_whitespace().collect::<Vec<_>>())
+        };
+        // Uid:/Gid: list real, effective, saved, filesystem; the kernel's
+        // IPC checks use the effective one.
+        let uid = field("Uid:")?.get(1)?.parse().ok()?;
+        let gid = field("Gid:")?.get(1)?.parse().ok()?;
+        let groups = field("Groups:")
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|g| g.parse().ok())
+            .collect();
+        let caps = u64::from_str_radix(field("CapEff:")?.first()?, 16).ok()?;
+        Some(Credentials {
+            pid,
+            uid,
+            gid,
+            groups,
+            cap_ipc_owner: caps & (1 << CAP_IPC_OWNER) != 0,
+            cap_sys_admin: caps & (1 << CAP_SYS_ADMIN) != 0,
+        })
+    }
+
+    fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+}
+
+/// Ownership and mode of an IPC object (`struct ipc_perm`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcPerm {
+    pub key: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cuid: u32,
+    pub cgid: u32,
+    pub mode: u32,
+}
+
+impl IpcPerm {
+    pub fn new(key: i32, mode: u32, creator: &Credentials) -> IpcPerm {
+        IpcPerm {
+            key,
+            uid: creator.uid,
+            gid: creator.gid,
+            cuid: creator.uid,
+            cgid: creator.gid,
+            mode: mode & 0o777,
+        }
+    }
+
+    /// The kernel's `ipcperms`: may `cred` access with the rwx bits of `flag`?
+    pub fn permits(&self, cred: &Credentials, flag: u32) -> bool {
+        let requested = (flag >> 6) | (flag >> 3) | flag;
+        let mut granted = self.mode;
+        if cred.uid == self.cuid || cred.uid == self.uid {
+            granted >>= 6;
+        } else if cred.in_group(self.cgid) || cred.in_group(self.gid) {
+            granted >>= 3;
+        }
+        requested & !granted & 0o7 == 0 || cred.cap_ipc_owner
+    }
+
+    /// `IPC_SET`/`IPC_RMID` are for the owner, the creator, or an admin.
+    pub fn may_control(&self, cred: &Credentials) -> bool {
+        cred.uid == self.uid || cred.uid == self.cuid || cred.cap_sys_admin
+    }
+
+    /// Read access for `shmat(SHM_RDONLY)`/`IPC_STAT`, read-write for `shmat`.
+    pub fn permits_attach(&self, cred: &Credentials, readonly: bool) -> bool {
+        self.permits(cred, if readonly { S_IRUGO } else { S_IRUGO | S_IWUGO })
+    }
+
+    pub fn permits_read(&self, cred: &Credentials) -> bool {
+        self.permits(cred, S_IRUGO)
+    }
+}
+
+pub fn now_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cred(uid: u32, gid: u32, groups: Vec<u32>) -> Credentials {
+        Credentials {
+            pid: 1,
+            uid,
+            gid,
+            groups,
+            cap_ipc_owner: uid == 0,
+            cap_sys_admin: uid == 0,
+        }
+    }
+
+    #[test]
+    fn ipcperms_follows_owner_group_other() {
+        let owner = cred(1000, 100, vec![]);
+        let perm = IpcPerm::new(1, 0o640, &owner);
+        assert!(perm.permits_attach(&owner, false));
+        assert!(perm.permits_attach(&cred(2000, 100, vec![]), true));
+        assert!(!perm.permits_attach(&cred(2000, 100, vec![]), false));
+        assert!(perm.permits_attach(&cred(2000, 5, vec![100]), true));
+        assert!(!perm.permits_attach(&cred(2000, 5, vec![]), true));
+        assert!(perm.permits_attach(&cred(0, 0, vec![]), false));
+        assert!(!perm.may_control(&cred(2000, 100, vec![])));
+        // shmget with mode bits asks for them.
+        assert!(!perm.permits(&cred(2000, 100, vec![]), 0o660));
+        assert!(perm.permits(&cred(2000, 100, vec![]), 0o040));
+    }
+
+    #[test]
+    fn credentials_parse_effective_ids() {
+        let status = "Name:\tx\nUid:\t0\t33\t33\t33\nGid:\t0\t44\t44\t44\nGroups:\t4 27 \nCapEff:\t0000000000000000\n";
+        let c = Credentials::parse_status(7, status).unwrap();
+        assert_eq!(
+            (c.uid, c.gid, c.groups, c.cap_ipc_owner),
+            (33, 44, vec![4, 27], false)
+        );
+    }
+}
