@@ -278,7 +278,7 @@ fn fake_peers_are_refused_or_answered_and_the_daemon_keeps_serving() {
         &wire::encode_control(&Control::Request {
             id: 10,
             body: RpcRequest::SegStat {
-                id: SegmentId(5),
+                id: IpcId(5),
                 cred: dsm::sysv::Credentials {
                     pid: 1,
                     uid: 0,

@@ -67,18 +67,25 @@ impl fmt::Debug for NodeSet {
     }
 }
 
-/// A segment identifier as `shmget` returns it: a positive `int` whose bits
-/// 30..24 name the home node and bits 23..0 a per-home sequence number, so any
-/// node routes an id to its home without a lookup.
+/// An IPC object's identifier as `shmget`/`semget` return it: a positive
+/// `int` whose bits 30..24 name the home node and bits 23..0 a per-home
+/// sequence number, so any node routes an id to its home without a lookup.
+/// Segments and semaphore sets draw from one sequence per home, so an id
+/// names at most one object.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct SegmentId(pub i32);
+pub struct IpcId(pub i32);
 
-impl SegmentId {
+/// The id of a shared segment.
+pub type SegmentId = IpcId;
+/// The id of a semaphore set.
+pub type SemSetId = IpcId;
+
+impl IpcId {
     const SEQ_BITS: u32 = 24;
     pub const SEQ_MASK: u32 = (1 << Self::SEQ_BITS) - 1;
 
-    pub fn new(home: NodeId, seq: u32) -> SegmentId {
-        SegmentId(((u32::from(home.0) << Self::SEQ_BITS) | (seq & Self::SEQ_MASK)) as i32)
+    pub fn new(home: NodeId, seq: u32) -> IpcId {
+        IpcId(((u32::from(home.0) << Self::SEQ_BITS) | (seq & Self::SEQ_MASK)) as i32)
     }
 
     /// The home node, or `None` for a value no node could have issued.
@@ -90,10 +97,26 @@ impl SegmentId {
     }
 }
 
-impl fmt::Debug for SegmentId {
+impl fmt::Debug for IpcId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "seg{}", self.0)
+        write!(f, "id{}", self.0)
     }
+}
+
+/// The two namespaces of keys (as on Linux, a key may name a segment and,
+/// independently, a semaphore set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum IpcKind {
+    Segment,
+    SemSet,
+}
+
+/// A SysV key (`key_t`, never `IPC_PRIVATE` here) in its namespace: what
+/// the key directory maps to an id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IpcKey {
+    pub kind: IpcKind,
+    pub key: i32,
 }
 
 /// Index of a page inside a segment.
@@ -119,14 +142,6 @@ impl fmt::Debug for PageKey {
     }
 }
 
-/// A SysV IPC key (`key_t`). `IPC_PRIVATE` is 0.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
-pub struct IpcKey(pub i32);
-
-impl IpcKey {
-    pub const PRIVATE: IpcKey = IpcKey(0);
-}
-
 /// Largest segment: the home keeps a directory entry per page, so the
 /// effective SHMMAX is the kernel's or this, whichever is smaller.
 pub const SEGMENT_BYTES_MAX: u64 = 64 << 30;
@@ -147,8 +162,8 @@ mod tests {
         assert!(id.0 > 0);
         assert_eq!(id.home(), Some(NodeId(127)));
         assert_eq!(SegmentId::new(NodeId(3), 7).home(), Some(NodeId(3)));
-        assert_eq!(SegmentId(-1).home(), None);
-        assert_eq!(SegmentId(5).home(), None);
+        assert_eq!(IpcId(-1).home(), None);
+        assert_eq!(IpcId(5).home(), None);
     }
 
     #[test]

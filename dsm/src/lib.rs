@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod fdpass;
 pub mod ids;
 pub mod memfd;
+pub mod pidfd;
 pub mod sysv;
 pub mod uffd;
 pub mod wire;

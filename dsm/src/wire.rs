@@ -12,8 +12,9 @@
 //! speaking another version is refused.
 
 use crate::coherence::CohMsg;
-use crate::ids::{NodeId, PageKey, SegmentId, PAGE_SIZE};
-use crate::sysv::{Credentials, ShmStat};
+use crate::ids::{IpcId, IpcKey, NodeId, PageKey, SegmentId, SemSetId, PAGE_SIZE};
+use crate::sysv::{Credentials, IpcPerm, ShmStat};
+use sysv::sem::SemBuf;
 use bytes::{BufMut, Bytes, BytesMut};
 use hmac::{Hmac, Mac};
 use serde::de::DeserializeOwned;
@@ -58,15 +59,15 @@ pub struct Hello {
 pub enum RpcRequest {
     /// At a key's directory node.
     KeyLookup {
-        key: i32,
+        key: IpcKey,
     },
     KeyRegister {
-        key: i32,
-        id: SegmentId,
+        key: IpcKey,
+        id: IpcId,
     },
     KeyUnregister {
-        key: i32,
-        id: SegmentId,
+        key: IpcKey,
+        id: IpcId,
     },
     /// At a segment's home: `shmget` of an existing key (size and mode checks).
     SegOpen {
@@ -104,6 +105,21 @@ pub enum RpcRequest {
     },
     /// Every segment homed at the node (for a cluster-wide `ipcs`).
     SegList,
+    /// At a set's home: `semget` of an existing key (size and mode checks).
+    SemOpen {
+        id: SemSetId,
+        nsems: i32,
+        flags: i32,
+        cred: Credentials,
+    },
+    /// At a set's home: `semctl`.
+    SemCtl {
+        id: SemSetId,
+        cred: Credentials,
+        cmd: SemCtl,
+    },
+    /// Every semaphore set homed at the node.
+    SemList,
     /// Counters for `omctl status`.
     Status,
 }
@@ -112,10 +128,10 @@ pub enum RpcRequest {
 pub enum RpcResponse {
     Ok,
     Err(i32),
-    KeyFound(SegmentId),
+    KeyFound(IpcId),
     KeyAbsent,
-    /// The key was registered meanwhile by another segment.
-    KeyExists(SegmentId),
+    /// The key was registered meanwhile by another object.
+    KeyExists(IpcId),
     Opened {
         size: u64,
     },
@@ -126,6 +142,12 @@ pub enum RpcResponse {
     Stat(ShmStat),
     Segments(Vec<ShmStat>),
     Status(NodeStatus),
+    /// `semctl` GETVAL, GETPID, GETNCNT, GETZCNT.
+    Value(i32),
+    /// `semctl` GETALL.
+    Values(Vec<u16>),
+    SemStat(SemSetStat),
+    SemSets(Vec<SemSetStat>),
 }
 
 /// One-way notices between daemons.
@@ -135,7 +157,62 @@ pub enum Notice {
     SegmentGone { id: SegmentId },
     /// A key directory entry copied between a key's primary and secondary
     /// directory nodes (`None`: the key was freed).
-    KeyReplica { key: i32, id: Option<SegmentId> },
+    KeyReplica { key: IpcKey, id: Option<IpcId> },
+    /// To a set's home: apply `sops` for process `pid` of the sending node,
+    /// waiting if it must. Always answered by one [`Notice::SemResult`].
+    SemOp {
+        wait: u64,
+        set: SemSetId,
+        sops: Vec<SemBuf>,
+        pid: i32,
+        cred: Credentials,
+    },
+    /// To a set's home: give up waiting (signal, timeout, caller gone). The
+    /// answer is the op's own `SemResult`: `Cancelled`, or the outcome it
+    /// had already reached.
+    SemCancel { set: SemSetId, wait: u64 },
+    /// From a set's home: how a `SemOp` ended.
+    SemResult { wait: u64, result: SemResult },
+    /// To a set's home: a process of the sending node exited; apply its undo
+    /// adjustments and drop its waiters.
+    SemProcessExited { set: SemSetId, pid: i32 },
+}
+
+/// How a `semop` sent to a set's home ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SemResult {
+    /// Applied, atomically, as a whole.
+    Done,
+    /// Not applied, with the errno for the caller.
+    Failed(i32),
+    /// Withdrawn before it could apply: nothing of it was applied.
+    Cancelled,
+}
+
+/// A `semctl` command with its argument.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SemCtl {
+    GetVal { semnum: i32 },
+    SetVal { semnum: i32, value: i32 },
+    GetAll,
+    SetAll { values: Vec<u16> },
+    GetPid { semnum: i32 },
+    GetNcnt { semnum: i32 },
+    GetZcnt { semnum: i32 },
+    Stat,
+    Set { uid: u32, gid: u32, mode: u32 },
+    Remove,
+}
+
+/// What `semctl(IPC_STAT)` and `ipcs -s` show of a set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SemSetStat {
+    pub id: i32,
+    pub perm: IpcPerm,
+    pub otime: i64,
+    pub ctime: i64,
+    pub nsems: u32,
+    pub home: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -411,6 +488,7 @@ pub struct NodeInfo {
 pub struct NodeStatus {
     pub node: u8,
     pub segments_homed: u64,
+    pub sem_sets_homed: u64,
     pub segments_cached: u64,
     pub resident_pages: u64,
     pub faults_served: u64,
@@ -470,6 +548,35 @@ pub enum ClientRequest {
     Nodes,
     Ipcs,
     Status,
+    /// `semget`.
+    SemGet {
+        key: i32,
+        nsems: i32,
+        flags: i32,
+    },
+    /// `semop`/`semtimedop`. Answered when the operation completes, which
+    /// may be much later; meanwhile the connection carries only
+    /// [`ClientRequest::SemCancel`].
+    SemOp {
+        id: i32,
+        sops: Vec<SemBuf>,
+        /// `semtimedop`'s timeout; `None` waits as long as it takes.
+        timeout_ns: Option<u64>,
+        /// The caller's effective uid and gid now: when they differ from
+        /// what the daemon last read for the process it reads them again.
+        euid: u32,
+        egid: u32,
+    },
+    /// The caller was interrupted: withdraw its pending `SemOp`. Not
+    /// answered itself; the `SemOp` is, with EINTR or with the outcome it
+    /// had already reached.
+    SemCancel,
+    SemCtl {
+        id: i32,
+        cmd: SemCtl,
+    },
+    /// Every semaphore set of the cluster, like `ipcs -s`.
+    SemIpcs,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -497,6 +604,11 @@ pub enum ClientReply {
     Nodes(Vec<NodeInfo>),
     Segments(Vec<ShmStat>),
     Status(Vec<NodeStatus>),
+    SemId(i32),
+    Value(i32),
+    Values(Vec<u16>),
+    SemStat(SemSetStat),
+    SemSets(Vec<SemSetStat>),
 }
 
 /// `len (u32 LE) | postcard(id, body)`.
@@ -531,7 +643,7 @@ mod tests {
 
     fn page(n: u32) -> PageKey {
         PageKey {
-            seg: SegmentId(0x0100_0001),
+            seg: IpcId(0x0100_0001),
             page: PageIndex(n),
         }
     }

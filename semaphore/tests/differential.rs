@@ -307,7 +307,7 @@ fn undo_adjustments_at_exit_match_the_kernel() {
             before_exit,
             "SEED={seed}: values before the child exited"
         );
-        engine.process_exited(2, 0);
+        let _ = engine.process_exited(2, 0);
         assert_eq!(
             engine.getall(&parent.cred).unwrap(),
             kernel.getall(n),

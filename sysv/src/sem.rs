@@ -6,6 +6,7 @@
 //! (the distributed layer), which retries with [`SemSet::semop`].
 
 use crate::perm::{Credentials, IpcPerm};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 
 /// Identifies one waiting `semop` (chosen by the caller, unique per set).
@@ -41,7 +42,7 @@ const S_IRUGO: u32 = 0o444;
 const S_IWUGO: u32 = 0o222;
 
 /// One operation of a `semop` array (`struct sembuf`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SemBuf {
     pub num: u16,
     pub op: i16,
@@ -423,17 +424,24 @@ impl SemSet {
             .values_mut()
             .for_each(|adj| adj.iter_mut().for_each(|a| *a = 0));
         self.ctime = now;
+        self.wake_waiters(now);
         Ok(())
     }
 
     pub fn stat(&self, cred: &Credentials) -> Result<SemStat, i32> {
         self.check_read(cred)?;
-        Ok(SemStat {
+        Ok(self.info())
+    }
+
+    /// What `IPC_STAT` shows, without a permission check (for `ipcs`,
+    /// which lists every set as `/proc/sysvipc/sem` does).
+    pub fn info(&self) -> SemStat {
+        SemStat {
             perm: self.perm.clone(),
             otime: self.otime,
             ctime: self.ctime,
             nsems: self.values.len(),
-        })
+        }
     }
 
     /// `IPC_SET`: owner, group and permission bits.
@@ -465,15 +473,34 @@ impl SemSet {
     }
 
     /// A process ended: drop its waiters and apply its undo adjustments, as
-    /// `exit_sem` does (each value clamped to 0..=SEMVMX).
-    pub fn process_exited(&mut self, process: u64, now: i64) {
-        self.waiting.retain(|w| w.caller.process != process);
+    /// `exit_sem` does (each value clamped to 0..=SEMVMX). Returns the
+    /// waiters dropped (nothing of them was applied).
+    pub fn process_exited(&mut self, process: u64, now: i64) -> Vec<WaitId> {
+        let mut dropped = Vec::new();
+        self.waiting.retain(|w| {
+            let keep = w.caller.process != process;
+            if !keep {
+                dropped.push(w.id);
+            }
+            keep
+        });
         if let Some(adj) = self.undo.remove(&process) {
             for (value, a) in self.values.iter_mut().zip(adj) {
                 *value = (i32::from(*value) + a).clamp(0, SEMVMX) as u16;
             }
             self.wake_waiters(now);
         }
+        dropped
+    }
+
+    /// Every queued waiter, oldest first.
+    pub fn waiting_ids(&self) -> impl Iterator<Item = WaitId> + '_ {
+        self.waiting.iter().map(|w| w.id)
+    }
+
+    /// Every process that holds undo adjustments on the set.
+    pub fn undo_processes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.undo.keys().copied()
     }
 
     /// The undo adjustments a process holds on this set.
@@ -518,6 +545,24 @@ mod tests {
 
     fn set(n: i32) -> SemSet {
         SemSet::create(0, n, 0o600, &root(0).cred, &L, 0).unwrap()
+    }
+
+    #[test]
+    fn setall_and_setval_wake_waiters() {
+        let mut s = set(2);
+        assert_eq!(
+            s.semop_or_wait(1, &[op(1, -2)], &root(1), &L, 0),
+            Ok(SemopOutcome::Blocked { index: 0 })
+        );
+        s.setall(&[0, 2], &root(2), 0).unwrap();
+        assert_eq!(s.poll_finished(), Some((1, Ok(()))));
+        assert_eq!(s.getall(&root(0).cred), Ok(vec![0, 0]));
+        assert_eq!(
+            s.semop_or_wait(2, &[op(0, -1)], &root(1), &L, 0),
+            Ok(SemopOutcome::Blocked { index: 0 })
+        );
+        s.setval(0, 1, &root(2), 0).unwrap();
+        assert_eq!(s.poll_finished(), Some((2, Ok(()))));
     }
 
     #[test]
@@ -610,7 +655,7 @@ mod tests {
         );
         s.semop_or_wait(4, &[op(0, -1)], &root(4), &L, 0).unwrap();
         s.semop_or_wait(5, &[op(0, -1)], &root(5), &L, 0).unwrap();
-        s.process_exited(4, 0);
+        let _ = s.process_exited(4, 0);
         assert_eq!(s.getncnt(0, &root(0).cred), Ok(1));
         let user = Credentials {
             pid: 1,
@@ -651,7 +696,7 @@ mod tests {
         };
         assert_eq!(s.semop(&[undo], &root(1), &L, 0), Ok(SemopOutcome::Done));
         s.semop_or_wait(2, &[op(0, -1)], &root(2), &L, 0).unwrap();
-        s.process_exited(1, 0);
+        let _ = s.process_exited(1, 0);
         assert_eq!(
             s.poll_finished(),
             Some((2, Ok(()))),

@@ -4,11 +4,15 @@
 use super::core::SharedCore;
 use super::store::{MappingRecord, ProcId};
 use crate::fdpass;
-use crate::ids::{SegmentId, PAGE_SIZE};
+use crate::pidfd;
+use std::time::Duration;
+use sysv::sem::{SemBuf, SEM_UNDO};
+use crate::ids::{IpcId, IpcKey, IpcKind, SegmentId, SemSetId, PAGE_SIZE};
 use crate::sysv::{Credentials, IPC_CREAT, IPC_EXCL};
 use crate::uffd::{self, Uffd};
 use crate::wire::{
-    self, AttachmentRecord, ClientReply, ClientRequest, NodeInfo, RpcRequest, RpcResponse,
+    self, AttachmentRecord, ClientReply, ClientRequest, NodeInfo, RpcRequest, RpcResponse, SemCtl,
+    SemResult,
 };
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -56,6 +60,7 @@ pub async fn accept_loop(core: SharedCore, listener: UnixListener) {
                 fault_task: None,
                 attached: vec![],
                 unmapped: vec![],
+                cred_cache: None,
             };
             if let Err(e) = session.serve(&mut conn).await {
                 tracing::debug!(pid = cred.pid, "client connection ended: {e}");
@@ -145,6 +150,8 @@ struct Session {
     attached: Vec<SegmentId>,
     /// Attaches answered but not yet mapped (each allows one `ShmMapped`).
     unmapped: Vec<SegmentId>,
+    /// Credentials last read for a `semop` (see [`Session::semop_cred`]).
+    cred_cache: Option<Credentials>,
 }
 
 fn errno_of(r: RpcResponse) -> i32 {
@@ -184,6 +191,32 @@ impl Session {
                     return Ok(());
                 }
             };
+            match req {
+                ClientRequest::SemOp {
+                    id: set,
+                    sops,
+                    timeout_ns,
+                    euid,
+                    egid,
+                } => {
+                    conn.fds.clear();
+                    match self
+                        .semop(conn, IpcId(set), sops, timeout_ns, euid, egid)
+                        .await
+                    {
+                        Some(reply) => conn.send(id, &reply, None).await?,
+                        None => return Ok(()),
+                    }
+                    continue;
+                }
+                // Nothing pending to withdraw (the op it meant already
+                // ended): not answered, as no cancel is.
+                ClientRequest::SemCancel => {
+                    conn.fds.clear();
+                    continue;
+                }
+                _ => {}
+            }
             let (reply, fd) = self.handle(req, &mut conn.fds).await;
             // Descriptors belong to the request they came with: any the
             // request did not take are closed, never handed to a later one.
@@ -215,7 +248,7 @@ impl Session {
                 Err(e) => ClientReply::Err(e),
             },
             ClientRequest::ShmAttach { id, readonly } => {
-                return self.attach(SegmentId(id), readonly).await
+                return self.attach(IpcId(id), readonly).await
             }
             ClientRequest::ShmMapped {
                 id,
@@ -225,22 +258,22 @@ impl Session {
                 with_uffd,
             } => {
                 let uffd = if with_uffd { fds.pop_front() } else { None };
-                match self.mapped(SegmentId(id), addr, len, readonly, uffd) {
+                match self.mapped(IpcId(id), addr, len, readonly, uffd) {
                     Ok(()) => ClientReply::Ok,
                     Err(e) => {
                         // The process holds no usable mapping: uncount it.
-                        self.undo_attach(SegmentId(id)).await;
+                        self.undo_attach(IpcId(id)).await;
                         ClientReply::Err(e)
                     }
                 }
             }
-            ClientRequest::ShmDetach { id, addr } => self.detach(SegmentId(id), addr).await,
+            ClientRequest::ShmDetach { id, addr } => self.detach(IpcId(id), addr).await,
             ClientRequest::ShmStat { id } => {
                 let req = RpcRequest::SegStat {
-                    id: SegmentId(id),
+                    id: IpcId(id),
                     cred: self.cred(),
                 };
-                match self.ask_home(SegmentId(id), req).await {
+                match self.ask_home(IpcId(id), req).await {
                     Ok(RpcResponse::Stat(s)) => ClientReply::Stat(s),
                     Ok(other) => ClientReply::Err(errno_of(other)),
                     Err(e) => ClientReply::Err(e),
@@ -248,19 +281,71 @@ impl Session {
             }
             ClientRequest::ShmSet { id, uid, gid, mode } => {
                 let req = RpcRequest::SegSet {
-                    id: SegmentId(id),
+                    id: IpcId(id),
                     cred: self.cred(),
                     uid,
                     gid,
                     mode,
                 };
-                match self.ask_home(SegmentId(id), req).await {
+                match self.ask_home(IpcId(id), req).await {
                     Ok(RpcResponse::Ok) => ClientReply::Ok,
                     Ok(other) => ClientReply::Err(errno_of(other)),
                     Err(e) => ClientReply::Err(e),
                 }
             }
-            ClientRequest::ShmRemove { id } => self.remove(SegmentId(id)).await,
+            ClientRequest::ShmRemove { id } => {
+                let req = RpcRequest::SegRemove {
+                    id: IpcId(id),
+                    cred: self.cred(),
+                };
+                self.remove(IpcKind::Segment, IpcId(id), req).await
+            }
+            ClientRequest::SemGet { key, nsems, flags } => {
+                match self.semget(key, nsems, flags).await {
+                    Ok(id) => ClientReply::SemId(id.0),
+                    Err(e) => ClientReply::Err(e),
+                }
+            }
+            ClientRequest::SemCtl {
+                id,
+                cmd: SemCtl::Remove,
+            } => {
+                let req = RpcRequest::SemCtl {
+                    id: IpcId(id),
+                    cred: self.cred(),
+                    cmd: SemCtl::Remove,
+                };
+                self.remove(IpcKind::SemSet, IpcId(id), req).await
+            }
+            ClientRequest::SemCtl { id, cmd } => {
+                let req = RpcRequest::SemCtl {
+                    id: IpcId(id),
+                    cred: self.cred(),
+                    cmd,
+                };
+                match self.ask_home(IpcId(id), req).await {
+                    Ok(RpcResponse::Ok) => ClientReply::Ok,
+                    Ok(RpcResponse::Value(v)) => ClientReply::Value(v),
+                    Ok(RpcResponse::Values(v)) => ClientReply::Values(v),
+                    Ok(RpcResponse::SemStat(s)) => ClientReply::SemStat(s),
+                    Ok(other) => ClientReply::Err(errno_of(other)),
+                    Err(e) => ClientReply::Err(e),
+                }
+            }
+            ClientRequest::SemIpcs => {
+                let mut all = Vec::new();
+                for reply in self.ask_every_live_node(RpcRequest::SemList).await {
+                    if let RpcResponse::SemSets(list) = reply {
+                        all.extend(list);
+                    }
+                }
+                all.sort_by_key(|s| s.id);
+                ClientReply::SemSets(all)
+            }
+            // Served by `serve` itself: they involve the connection.
+            ClientRequest::SemOp { .. } | ClientRequest::SemCancel => {
+                ClientReply::Err(libc::EINVAL)
+            }
             ClientRequest::Adopt { attachments } => match fds.pop_front() {
                 Some(fd) => self.adopt(attachments, fd).await,
                 None => ClientReply::Err(libc::EINVAL),
@@ -333,6 +418,115 @@ impl Session {
         }
     }
 
+    /// `semop`: sent to the set's home, answered when it ends. While it
+    /// waits the connection may only withdraw it (`SemCancel`: EINTR); the
+    /// timeout (EAGAIN) and the caller's going withdraw it too. A withdrawal
+    /// never loses an operation the home already applied. `None`: the
+    /// connection ended meanwhile.
+    async fn semop(
+        &mut self,
+        conn: &mut Connection,
+        id: SemSetId,
+        sops: Vec<SemBuf>,
+        timeout_ns: Option<u64>,
+        euid: u32,
+        egid: u32,
+    ) -> Option<ClientReply> {
+        if self.home_of(id).is_err() {
+            return Some(ClientReply::Err(libc::EINVAL));
+        }
+        let cred = self.semop_cred(euid, egid);
+        if sops.iter().any(|s| s.flags & SEM_UNDO != 0) && !self.watch_for_undo(id) {
+            // The process is gone and this frame outlived it: applying it
+            // now would leave an adjustment nobody will ever undo.
+            return None;
+        }
+        let (wait, mut rx) = self.core.borrow_mut().sem_submit(id, sops, cred);
+        let never = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+        let deadline = timeout_ns.map(|ns| tokio::time::Instant::now() + Duration::from_nanos(ns));
+        let timer = tokio::time::sleep_until(deadline.unwrap_or(never));
+        tokio::pin!(timer);
+        let mut withdrawn: Option<i32> = None;
+        let mut connection_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut rx => {
+                    let reply = match result {
+                        Ok(SemResult::Done) => ClientReply::Ok,
+                        Ok(SemResult::Failed(e)) => ClientReply::Err(self.lost_home_errno(id, e)),
+                        Ok(SemResult::Cancelled) => {
+                            ClientReply::Err(withdrawn.unwrap_or(libc::EINTR))
+                        }
+                        Err(_) => ClientReply::Err(libc::EIDRM),
+                    };
+                    return connection_open.then_some(reply);
+                }
+                _ = &mut timer, if deadline.is_some() && withdrawn.is_none() => {
+                    withdrawn = Some(libc::EAGAIN);
+                    self.core.borrow_mut().sem_cancel(wait);
+                }
+                frame = conn.next(), if withdrawn.is_none() => {
+                    match frame {
+                        Ok(Some((_, Ok(ClientRequest::SemCancel)))) => {}
+                        Ok(Some(_)) => {
+                            tracing::warn!(pid = self.pid, "request during a semop; closing");
+                            connection_open = false;
+                        }
+                        Ok(None) | Err(_) => connection_open = false,
+                    }
+                    withdrawn = Some(libc::EINTR);
+                    self.core.borrow_mut().sem_cancel(wait);
+                }
+            }
+        }
+    }
+
+    /// The caller's credentials for a `semop`: read again from `/proc` only
+    /// when the effective ids it reports differ from the last ones read
+    /// (a read costs ~14 µs; the ids change when a server drops privileges).
+    fn semop_cred(&mut self, euid: u32, egid: u32) -> Credentials {
+        match &self.cred_cache {
+            Some(c) if c.uid == euid && c.gid == egid => c.clone(),
+            _ => {
+                let c = self.cred();
+                self.cred_cache = Some(c.clone());
+                c
+            }
+        }
+    }
+
+    /// Before a `SEM_UNDO` operation: make sure the process's exit will be
+    /// seen (a pidfd). False if the process is already gone.
+    fn watch_for_undo(&mut self, id: SemSetId) -> bool {
+        let pid = self.pid;
+        let shared = self.core.clone();
+        let mut core = self.core.borrow_mut();
+        if let Some((generation, fd)) = core.sem_watched.get(&pid) {
+            if !pidfd::has_exited(fd) {
+                core.sems.note_undo(pid, id);
+                return true;
+            }
+            // That process exited and its watcher has not run yet: settle
+            // it now; this caller may be a new process with its pid.
+            let generation = *generation;
+            core.sem_process_exited(pid, generation);
+        }
+        let Ok(fd) = pidfd::open(pid) else {
+            return false;
+        };
+        if pidfd::has_exited(&fd) {
+            return false;
+        }
+        let Ok(watch) = fd.try_clone() else {
+            return false;
+        };
+        let generation = core.watch_process(pid, fd);
+        core.sems.note_undo(pid, id);
+        tokio::task::spawn_local(watch_exit(shared, pid, generation, watch));
+        true
+    }
+
     fn home_of(&self, id: SegmentId) -> Result<crate::ids::NodeId, i32> {
         let home = id.home().ok_or(libc::EINVAL)?;
         let core = self.core.borrow();
@@ -362,6 +556,70 @@ impl Session {
                 .borrow_mut()
                 .create_home_segment(0, size, mode, &cred);
         }
+        let open_cred = cred.clone();
+        self.get_by_key(
+            IpcKey {
+                kind: IpcKind::Segment,
+                key,
+            },
+            flags,
+            move |id| RpcRequest::SegOpen {
+                id,
+                size,
+                flags,
+                cred: open_cred.clone(),
+            },
+            |core| core.create_home_segment(key, size, mode, &cred),
+            |core, id| {
+                if let Some(h) = core.homes.get_mut(&id) {
+                    h.perm.mode |= crate::sysv::SHM_DEST;
+                }
+                core.destroy_if_done(id);
+            },
+        )
+        .await
+    }
+
+    async fn semget(&mut self, key: i32, nsems: i32, flags: i32) -> Result<SemSetId, i32> {
+        let cred = self.cred();
+        let mode = (flags & 0o777) as u32;
+        if key == 0 {
+            return self
+                .core
+                .borrow_mut()
+                .create_home_set(0, nsems, mode, &cred);
+        }
+        let open_cred = cred.clone();
+        self.get_by_key(
+            IpcKey {
+                kind: IpcKind::SemSet,
+                key,
+            },
+            flags,
+            move |id| RpcRequest::SemOpen {
+                id,
+                nsems,
+                flags,
+                cred: open_cred.clone(),
+            },
+            |core| core.create_home_set(key, nsems, mode, &cred),
+            |core, id| core.sems.discard(id),
+        )
+        .await
+    }
+
+    /// `shmget`/`semget` of a key: ask the key's directory; open the object
+    /// at its home, or create one here and register it. When nodes race to
+    /// create, the directory registers exactly one; the losers discard
+    /// theirs, which nobody could have seen.
+    async fn get_by_key(
+        &mut self,
+        key: IpcKey,
+        flags: i32,
+        open: impl Fn(IpcId) -> RpcRequest,
+        create: impl Fn(&mut super::core::Core) -> Result<IpcId, i32>,
+        discard: impl Fn(&mut super::core::Core, IpcId),
+    ) -> Result<IpcId, i32> {
         let directory = self.core.borrow().directory_of(key);
         // Bounded: each retry follows a removal or a lost race.
         for _ in 0..16 {
@@ -371,19 +629,8 @@ impl Session {
                         return Err(libc::EEXIST);
                     }
                     let home = id.home().ok_or(libc::EINVAL)?;
-                    match self
-                        .rpc(
-                            home,
-                            RpcRequest::SegOpen {
-                                id,
-                                size,
-                                flags,
-                                cred: cred.clone(),
-                            },
-                        )
-                        .await
-                    {
-                        RpcResponse::Opened { .. } => return Ok(id),
+                    match self.rpc(home, open(id)).await {
+                        RpcResponse::Opened { .. } | RpcResponse::Ok => return Ok(id),
                         // Removed or lost meanwhile: look the key up again.
                         RpcResponse::Err(libc::EIDRM | libc::EHOSTDOWN) => {
                             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -396,10 +643,7 @@ impl Session {
                     if flags & IPC_CREAT == 0 {
                         return Err(libc::ENOENT);
                     }
-                    let id = self
-                        .core
-                        .borrow_mut()
-                        .create_home_segment(key, size, mode, &cred)?;
+                    let id = create(&mut self.core.borrow_mut())?;
                     match self
                         .rpc(directory, RpcRequest::KeyRegister { key, id })
                         .await
@@ -407,13 +651,13 @@ impl Session {
                         RpcResponse::Ok => return Ok(id),
                         RpcResponse::KeyExists(_) => {
                             // Another node won the race: ours never existed.
-                            self.discard_unpublished(id);
+                            discard(&mut self.core.borrow_mut(), id);
                             if flags & IPC_EXCL != 0 {
                                 return Err(libc::EEXIST);
                             }
                         }
                         other => {
-                            self.discard_unpublished(id);
+                            discard(&mut self.core.borrow_mut(), id);
                             return Err(errno_of(other));
                         }
                     }
@@ -422,14 +666,6 @@ impl Session {
             }
         }
         Err(libc::EAGAIN)
-    }
-
-    fn discard_unpublished(&self, id: SegmentId) {
-        let mut core = self.core.borrow_mut();
-        if let Some(h) = core.homes.get_mut(&id) {
-            h.perm.mode |= crate::sysv::SHM_DEST;
-        }
-        core.destroy_if_done(id);
     }
 
     async fn attach(&mut self, id: SegmentId, readonly: bool) -> (ClientReply, Option<OwnedFd>) {
@@ -576,21 +812,14 @@ impl Session {
         ClientReply::Ok
     }
 
-    async fn remove(&mut self, id: SegmentId) -> ClientReply {
-        match self
-            .ask_home(
-                id,
-                RpcRequest::SegRemove {
-                    id,
-                    cred: self.cred(),
-                },
-            )
-            .await
-        {
+    /// `IPC_RMID` at the object's home; its key is freed at the directory
+    /// before the answer, so a `shmget`/`semget` that follows this call
+    /// anywhere in the cluster cannot find it.
+    async fn remove(&mut self, kind: IpcKind, id: IpcId, req: RpcRequest) -> ClientReply {
+        match self.ask_home(id, req).await {
             Ok(RpcResponse::Removed { key }) => {
                 if key != 0 {
-                    // Free the key before answering, so a shmget that follows
-                    // this call anywhere in the cluster cannot find it.
+                    let key = IpcKey { kind, key };
                     let directory = self.core.borrow().directory_of(key);
                     let _ = self
                         .rpc(directory, RpcRequest::KeyUnregister { key, id })
@@ -614,7 +843,7 @@ impl Session {
         };
         let cred = self.cred();
         for a in attachments {
-            let id = SegmentId(a.id);
+            let id = IpcId(a.id);
             let Ok(home) = self.home_of(id) else {
                 return ClientReply::Err(libc::EINVAL);
             };
@@ -673,6 +902,12 @@ impl Session {
             }
         });
     }
+}
+
+/// Wait for a process holding undo adjustments to exit, then settle them.
+async fn watch_exit(core: SharedCore, pid: i32, generation: u64, fd: OwnedFd) {
+    pidfd::exited(fd).await;
+    core.borrow_mut().sem_process_exited(pid, generation);
 }
 
 /// Read the process's faults as they come and feed them to the engine.

@@ -5,12 +5,14 @@
 //! that asks the key's directory, then the segment's home) live in the client
 //! tasks and call [`Core::rpc`] between short borrows.
 
+use super::sems::{SemAction, SemService};
 use super::store::{LocalProcess, LocalSegment, NodeStore, ProcId, Waiter};
 use crate::coherence::{CohMsg, Engine};
-use crate::ids::{pages_for, NodeId, NodeSet, PageIndex, PageKey, SegmentId, PAGE_SIZE};
+use crate::ids::{pages_for, IpcId, IpcKey, NodeId, NodeSet, PageIndex, PageKey, SegmentId, PAGE_SIZE};
 use crate::memfd::Memfd;
 use crate::sysv::{self, Credentials, IpcPerm, ShmLimits, ShmStat, SHM_DEST};
-use crate::wire::{self, Control, NodeStatus, Notice, RpcRequest, RpcResponse};
+use crate::wire::{self, Control, NodeStatus, Notice, RpcRequest, RpcResponse, SemResult};
+use std::os::fd::OwnedFd;
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -76,7 +78,15 @@ pub struct Core {
     pub store: NodeStore,
     pub homes: BTreeMap<SegmentId, HomeSegment>,
     /// The key directory for keys that hash to this node.
-    pub keys: HashMap<i32, SegmentId>,
+    pub keys: HashMap<IpcKey, IpcId>,
+    /// Semaphore sets homed here, and operations sent to other homes.
+    pub sems: SemService,
+    /// Connections waiting for a semaphore operation, by wait id.
+    sem_waiters: HashMap<u64, oneshot::Sender<SemResult>>,
+    /// Local processes holding undo adjustments: a pidfd each, to know
+    /// when they exit however they die.
+    pub sem_watched: HashMap<i32, (u64, OwnedFd)>,
+    next_watch: u64,
     limits: ShmLimits,
     next_seq: u32,
     next_rpc: u64,
@@ -120,6 +130,10 @@ impl Core {
             store: NodeStore::default(),
             homes: BTreeMap::new(),
             keys: HashMap::new(),
+            sems: SemService::new(config.node, ::sysv::sem::SemLimits::from_proc()),
+            sem_waiters: HashMap::new(),
+            sem_watched: HashMap::new(),
+            next_watch: 1,
             limits: ShmLimits::from_proc(),
             // Start the sequence somewhere new each run so a restarted node
             // does not hand out the ids of its previous life at once.
@@ -138,13 +152,13 @@ impl Core {
     /// The key's primary directory node (hashed over the membership) and
     /// its secondary (the next member), which holds a replica of every entry
     /// and arbitrates while the primary is down.
-    fn directory_pair(&self, key: i32) -> (NodeId, NodeId) {
-        let h = (key as u32).wrapping_mul(0x9E37_79B1) as usize % self.members.len();
+    fn directory_pair(&self, key: IpcKey) -> (NodeId, NodeId) {
+        let h = (key.key as u32).wrapping_mul(0x9E37_79B1) as usize % self.members.len();
         (self.members[h], self.members[(h + 1) % self.members.len()])
     }
 
     /// The node to ask about `key` now: the primary if up, else the secondary.
-    pub fn directory_of(&self, key: i32) -> NodeId {
+    pub fn directory_of(&self, key: IpcKey) -> NodeId {
         let (primary, secondary) = self.directory_pair(key);
         if self.is_up(primary) {
             primary
@@ -155,7 +169,7 @@ impl Core {
 
     /// After a change to the key table as the primary, keep the secondary's
     /// replica in step (the link is FIFO, so replicas apply in order).
-    fn replicate_key(&mut self, key: i32, id: Option<SegmentId>) {
+    fn replicate_key(&mut self, key: IpcKey, id: Option<IpcId>) {
         let (primary, secondary) = self.directory_pair(key);
         if primary == self.me && secondary != self.me {
             self.send_control(secondary, &Control::Notice(Notice::KeyReplica { key, id }));
@@ -329,7 +343,7 @@ impl Core {
         self.engine.handle_peer_up(node);
         // Entries this node holds as secondary for keys whose primary is the
         // node that just (re)joined: it starts with an empty table.
-        let handed_back: Vec<(i32, SegmentId)> = self
+        let handed_back: Vec<(IpcKey, IpcId)> = self
             .keys
             .iter()
             .filter(|(key, _)| self.directory_pair(**key) == (node, self.me))
@@ -404,7 +418,7 @@ impl Core {
                 match id {
                     _ if !from_directory => tracing::warn!(
                         ?node,
-                        key,
+                        ?key,
                         "key replica from a node that is not its directory"
                     ),
                     Some(id) if id.home().is_some_and(|h| self.is_up(h)) => {
@@ -416,6 +430,7 @@ impl Core {
                     }
                 }
             }
+            wire::PeerFrame::Control(Control::Notice(notice)) => self.on_sem_notice(node, notice),
             wire::PeerFrame::Control(Control::Hello(_) | Control::Auth { .. }) => {
                 return Err(wire::WireError::Malformed(
                     "handshake frame after the handshake".into(),
@@ -451,7 +466,9 @@ impl Core {
                 let _ = tx.send(RpcResponse::Err(libc::EHOSTDOWN));
             }
         }
-        // Its segments are gone cluster-wide: free their keys here, and
+        self.sems.peer_lost(node, sysv::now_seconds());
+        self.drain_sems();
+        // Its objects are gone cluster-wide: free their keys here, and
         // mark the copies of them this node holds.
         self.keys.retain(|_, id| id.home() != Some(node));
         for id in self.engine.cached_segments_homed_at(node) {
@@ -594,13 +611,7 @@ impl Core {
         if pages_now + u64::from(pages_for(size)) > self.limits.shmall {
             return Err(libc::ENOSPC);
         }
-        let id = loop {
-            let candidate = SegmentId::new(self.me, self.next_seq);
-            self.next_seq = (self.next_seq + 1) & SegmentId::SEQ_MASK;
-            if !self.homes.contains_key(&candidate) && candidate.0 > 0 {
-                break candidate;
-            }
-        };
+        let id = self.allocate_id();
         let len = u64::from(pages_for(size)) * PAGE_SIZE as u64;
         let home_copy =
             Memfd::create(&format!("migshm-home-{}", id.0), len).map_err(|_| libc::ENOMEM)?;
@@ -622,6 +633,114 @@ impl Core {
             },
         );
         Ok(id)
+    }
+
+    /// A fresh id for an object homed here (segments and sets share the
+    /// sequence, so an id names one object).
+    fn allocate_id(&mut self) -> IpcId {
+        loop {
+            let candidate = IpcId::new(self.me, self.next_seq);
+            self.next_seq = (self.next_seq + 1) & IpcId::SEQ_MASK;
+            if candidate.0 > 0
+                && !self.homes.contains_key(&candidate)
+                && !self.sems.is_homed_here(candidate)
+            {
+                return candidate;
+            }
+        }
+    }
+
+    // ---- semaphore sets ---------------------------------------------------------
+
+    /// `semget` creating a set homed here (the caller registers its key).
+    pub fn create_home_set(
+        &mut self,
+        key: i32,
+        nsems: i32,
+        mode: u32,
+        cred: &Credentials,
+    ) -> Result<IpcId, i32> {
+        let id = self.allocate_id();
+        self.sems
+            .create(id, key, nsems, mode, cred, sysv::now_seconds())?;
+        Ok(id)
+    }
+
+    /// Start a `semop` at the set's home; its result arrives on the
+    /// returned channel (the wait id withdraws it, see [`Core::sem_cancel`]).
+    pub fn sem_submit(
+        &mut self,
+        id: IpcId,
+        sops: Vec<::sysv::sem::SemBuf>,
+        cred: Credentials,
+    ) -> (u64, oneshot::Receiver<SemResult>) {
+        let (tx, rx) = oneshot::channel();
+        let pid = cred.pid;
+        let wait = self
+            .sems
+            .submit(id, sops, pid, cred, sysv::now_seconds());
+        self.sem_waiters.insert(wait, tx);
+        self.drain_sems();
+        (wait, rx)
+    }
+
+    pub fn sem_cancel(&mut self, wait: u64) {
+        self.sems.cancel(wait);
+        self.drain_sems();
+    }
+
+    /// Watch a local process that holds undo adjustments; returns the
+    /// generation its watcher reports the exit with.
+    pub fn watch_process(&mut self, pid: i32, fd: OwnedFd) -> u64 {
+        let generation = self.next_watch;
+        self.next_watch += 1;
+        self.sem_watched.insert(pid, (generation, fd));
+        generation
+    }
+
+    /// A watched local process exited (`generation` tells it from a later
+    /// process with the same pid, already settled).
+    pub fn sem_process_exited(&mut self, pid: i32, generation: u64) {
+        if self.sem_watched.get(&pid).map(|(g, _)| *g) != Some(generation) {
+            return;
+        }
+        self.sem_watched.remove(&pid);
+        self.sems.local_process_exited(pid, sysv::now_seconds());
+        self.drain_sems();
+    }
+
+    /// Carry out what the semaphore service asked for.
+    fn drain_sems(&mut self) {
+        while let Some(action) = self.sems.poll_action() {
+            match action {
+                SemAction::Send(to, notice) => self.send_control(to, &Control::Notice(notice)),
+                SemAction::Complete { wait, result } => {
+                    if let Some(tx) = self.sem_waiters.remove(&wait) {
+                        let _ = tx.send(result);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_sem_notice(&mut self, node: NodeId, notice: Notice) {
+        let now = sysv::now_seconds();
+        match notice {
+            Notice::SemOp {
+                wait,
+                set,
+                sops,
+                pid,
+                cred,
+            } => self.sems.on_op(node, wait, set, &sops, pid, cred, now),
+            Notice::SemCancel { set, wait } => self.sems.on_cancel(node, set, wait),
+            Notice::SemResult { wait, result } => self.sems.on_result(node, wait, result),
+            Notice::SemProcessExited { set, pid } => {
+                self.sems.on_process_exited(node, set, pid, now)
+            }
+            Notice::SegmentGone { .. } | Notice::KeyReplica { .. } => {}
+        }
+        self.drain_sems();
     }
 
     /// Destroy a removed segment once nothing is attached anywhere.
@@ -782,6 +901,21 @@ impl Core {
                 self.destroy_if_done(id);
                 R::Removed { key }
             }
+            RpcRequest::SemOpen {
+                id,
+                nsems,
+                flags,
+                cred,
+            } => match self.sems.open(id, nsems, flags, &cred) {
+                Ok(()) => R::Ok,
+                Err(e) => R::Err(e),
+            },
+            RpcRequest::SemCtl { id, cred, cmd } => {
+                let reply = self.sems.ctl(from, id, &cred, cmd, sysv::now_seconds());
+                self.drain_sems();
+                reply
+            }
+            RpcRequest::SemList => R::SemSets(self.sems.list()),
             RpcRequest::SegList => R::Segments(
                 self.homes
                     .iter()
@@ -796,6 +930,7 @@ impl Core {
         NodeStatus {
             node: self.me.0,
             segments_homed: self.homes.len() as u64,
+            sem_sets_homed: self.sems.sets_homed() as u64,
             segments_cached: self.store.segments.len() as u64,
             resident_pages: self
                 .store

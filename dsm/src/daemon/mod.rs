@@ -6,6 +6,7 @@ mod clients;
 pub mod config;
 mod core;
 mod peers;
+mod sems;
 mod store;
 
 pub use config::{Args, Config};
