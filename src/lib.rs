@@ -312,8 +312,24 @@ pub fn spawn_role(socket: &Path, args: &[&str]) -> std::io::Result<Proc> {
 
 /// Run a role as another user (for permission checks).
 pub fn spawn_role_as(socket: &Path, args: &[&str], uid: Option<u32>) -> std::io::Result<Proc> {
+    spawn_program_as("dsm-testprog", socket, args, uid)
+}
+
+/// Run a `sem-testprog` role against a node's socket.
+pub fn spawn_sem_role(socket: &Path, args: &[&str]) -> std::io::Result<Proc> {
+    spawn_program_as("sem-testprog", socket, args, None)
+}
+
+/// Run one of the workspace's programs against a node's socket, as
+/// another user if `uid` is given.
+pub fn spawn_program_as(
+    program: &str,
+    socket: &Path,
+    args: &[&str],
+    uid: Option<u32>,
+) -> std::io::Result<Proc> {
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(binary("dsm-testprog"));
+    let mut cmd = Command::new(binary(program));
     cmd.args(args)
         .env(dsm::client::SOCKET_ENV, socket)
         .stdout(Stdio::piped())

@@ -4,7 +4,7 @@
 
 use dsm::client::Client;
 use dsm::coherence::CohMsg;
-use dsm::ids::{NodeId, PageIndex, PageKey, SegmentId};
+use dsm::ids::{IpcId, IpcKey, IpcKind, NodeId, PageIndex, PageKey, SegmentId};
 use dsm::wire::{
     self, ClientReply, ClientRequest, Control, Hello, PeerFrame, RpcRequest, RpcResponse,
 };
@@ -204,7 +204,12 @@ fn fake_peer(addr: &str, node: u8, secret: Option<&[u8]>) -> (TcpStream, bool) {
         &mut s,
         &wire::encode_control(&Control::Request {
             id: 1,
-            body: RpcRequest::KeyLookup { key: 1 },
+            body: RpcRequest::KeyLookup {
+                key: IpcKey {
+                    kind: IpcKind::Segment,
+                    key: 1,
+                },
+            },
         }),
     );
     loop {
@@ -270,7 +275,12 @@ fn fake_peers_are_refused_or_answered_and_the_daemon_keeps_serving() {
         &mut s,
         &wire::encode_control(&Control::Request {
             id: 9,
-            body: RpcRequest::KeyLookup { key: 12345 },
+            body: RpcRequest::KeyLookup {
+                key: IpcKey {
+                    kind: IpcKind::SemSet,
+                    key: 12345,
+                },
+            },
         }),
     );
     write_peer_frame(

@@ -31,8 +31,9 @@ pub fn has_exited(fd: &OwnedFd) -> bool {
 pub async fn exited(fd: OwnedFd) {
     // SAFETY: the AsyncFd owns the pidfd, so it stays open and the same for
     // the AsyncFd's whole life.
-    let registered =
-        unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    };
     match registered {
         Ok(afd) => {
             let _ = afd.readable().await;

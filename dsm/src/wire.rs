@@ -14,12 +14,12 @@
 use crate::coherence::CohMsg;
 use crate::ids::{IpcId, IpcKey, NodeId, PageKey, SegmentId, SemSetId, PAGE_SIZE};
 use crate::sysv::{Credentials, IpcPerm, ShmStat};
-use sysv::sem::SemBuf;
 use bytes::{BufMut, Bytes, BytesMut};
 use hmac::{Hmac, Mac};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use sysv::sem::SemBuf;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAGIC: [u8; 4] = *b"MSHM";

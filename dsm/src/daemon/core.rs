@@ -8,15 +8,17 @@
 use super::sems::{SemAction, SemService};
 use super::store::{LocalProcess, LocalSegment, NodeStore, ProcId, Waiter};
 use crate::coherence::{CohMsg, Engine};
-use crate::ids::{pages_for, IpcId, IpcKey, NodeId, NodeSet, PageIndex, PageKey, SegmentId, PAGE_SIZE};
+use crate::ids::{
+    pages_for, IpcId, IpcKey, NodeId, NodeSet, PageIndex, PageKey, SegmentId, PAGE_SIZE,
+};
 use crate::memfd::Memfd;
 use crate::sysv::{self, Credentials, IpcPerm, ShmLimits, ShmStat, SHM_DEST};
 use crate::wire::{self, Control, NodeStatus, Notice, RpcRequest, RpcResponse, SemResult};
-use std::os::fd::OwnedFd;
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -676,9 +678,7 @@ impl Core {
     ) -> (u64, oneshot::Receiver<SemResult>) {
         let (tx, rx) = oneshot::channel();
         let pid = cred.pid;
-        let wait = self
-            .sems
-            .submit(id, sops, pid, cred, sysv::now_seconds());
+        let wait = self.sems.submit(id, sops, pid, cred, sysv::now_seconds());
         self.sem_waiters.insert(wait, tx);
         self.drain_sems();
         (wait, rx)

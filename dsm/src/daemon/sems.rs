@@ -121,7 +121,13 @@ impl SemService {
 
     /// `semget` of an existing set: EIDRM if it went meanwhile (the caller
     /// looks the key up again).
-    pub fn open(&self, id: SemSetId, nsems: i32, flags: i32, cred: &Credentials) -> Result<(), i32> {
+    pub fn open(
+        &self,
+        id: SemSetId,
+        nsems: i32,
+        flags: i32,
+        cred: &Credentials,
+    ) -> Result<(), i32> {
         match self.sets.get(&id) {
             Some(set) => set.open(nsems, flags, cred),
             None => Err(libc::EIDRM),
@@ -350,9 +356,10 @@ impl SemService {
         for id in self.undo_sets.remove(&pid).unwrap_or_default() {
             match id.home() {
                 Some(home) if home == self.me => self.on_process_exited(home, id, pid, now),
-                Some(home) => self
-                    .actions
-                    .push_back(SemAction::Send(home, Notice::SemProcessExited { set: id, pid })),
+                Some(home) => self.actions.push_back(SemAction::Send(
+                    home,
+                    Notice::SemProcessExited { set: id, pid },
+                )),
                 None => {}
             }
         }

@@ -1,0 +1,331 @@
+//! Semaphore sets across three `dsmd` on loopback: processes on different
+//! nodes (the `sem-testprog` roles) and the library API from the test.
+
+use dsm::client::Client;
+use migshm::{spawn_program_as, spawn_sem_role, uffd_or_skip, Cluster, ClusterOptions, Proc};
+use semaphore::{SemBuf, SemSet, Semaphores, IPC_CREAT, IPC_EXCL, IPC_NOWAIT};
+use std::time::{Duration, Instant};
+
+fn key() -> i32 {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    static NEXT: AtomicI32 = AtomicI32::new(0x6000);
+    NEXT.fetch_add(1, Ordering::Relaxed) + (std::process::id() as i32 % 1000) * 0x100
+}
+
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+fn output(p: Proc, limit: Duration, what: &str) -> String {
+    let (status, out) = p.output(limit).unwrap_or_else(|| panic!("{what} hung"));
+    assert!(status.success(), "{what} failed: {out}");
+    out.trim().to_string()
+}
+
+/// A set of one semaphore homed on `node`, with value `value`.
+fn set_on(cluster: &Cluster, node: u8, value: i32) -> (Semaphores, SemSet) {
+    let sems = Semaphores::connect(cluster.socket(node)).unwrap();
+    let set = sems.get(key(), 1, IPC_CREAT | IPC_EXCL | 0o666).unwrap();
+    set.set_value(0, value).unwrap();
+    (sems, set)
+}
+
+fn errno_of<T: std::fmt::Debug>(r: Result<T, semaphore::Error>) -> i32 {
+    r.expect_err("expected an error").errno()
+}
+
+#[test]
+fn mutual_exclusion_across_three_nodes_keeps_a_plain_counter_exact() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(3).expect("start cluster");
+    let (_sems, set) = set_on(&cluster, 1, 1);
+    let segments = Client::connect(cluster.socket(1)).unwrap();
+    let seg = segments.get(key(), 4096, IPC_CREAT | 0o666).unwrap();
+    let (procs, iters) = (6, 150);
+    let running: Vec<Proc> = (0..procs)
+        .map(|i| {
+            let node = (i % 3) as u8 + 1;
+            spawn_sem_role(
+                cluster.socket(node),
+                &[
+                    "mutex",
+                    &set.id().to_string(),
+                    &seg.to_string(),
+                    &iters.to_string(),
+                    &procs.to_string(),
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    for p in running {
+        output(p, Duration::from_secs(120), "a mutex role");
+    }
+    let counter = segments.attach(seg, true).unwrap();
+    let mut word = [0u8; 8];
+    counter.read(0, &mut word);
+    assert_eq!(u64::from_ne_bytes(word), procs * iters, "lost updates");
+    assert_eq!(set.get_value(0).unwrap(), 1, "the mutex ends free");
+}
+
+#[test]
+fn a_waiter_on_node_3_is_woken_by_a_post_on_node_1() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(3).expect("start cluster");
+    let (_sems, set) = set_on(&cluster, 1, 0);
+    let id = set.id().to_string();
+    let waiter = spawn_sem_role(cluster.socket(3), &["p", &id]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || set.get_ncnt(0).unwrap() == 1),
+        "the waiter never queued at the home"
+    );
+    // The waiter's node is not the home: GETNCNT counts it there.
+    let other = Semaphores::connect(cluster.socket(2)).unwrap();
+    assert_eq!(other.open(set.id()).get_ncnt(0).unwrap(), 1);
+    set.op(&[SemBuf {
+        num: 0,
+        op: 1,
+        flags: 0,
+    }])
+    .unwrap();
+    assert_eq!(output(waiter, Duration::from_secs(10), "the waiter"), "ok");
+    assert_eq!(set.get_value(0).unwrap(), 0, "the waiter took the unit");
+    assert_eq!(set.get_ncnt(0).unwrap(), 0);
+}
+
+#[test]
+fn removal_gives_eidrm_to_waiters_on_every_node() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(3).expect("start cluster");
+    let (_sems, set) = set_on(&cluster, 2, 0);
+    let id = set.id().to_string();
+    let waiters: Vec<Proc> = [1u8, 2, 3]
+        .iter()
+        .map(|n| spawn_sem_role(cluster.socket(*n), &["p", &id]).unwrap())
+        .collect();
+    assert!(eventually(Duration::from_secs(10), || set
+        .get_ncnt(0)
+        .unwrap()
+        == 3));
+    let remover = Semaphores::connect(cluster.socket(3)).unwrap();
+    remover.open(set.id()).remove().unwrap();
+    for w in waiters {
+        assert_eq!(
+            output(w, Duration::from_secs(10), "a waiter"),
+            format!("errno {}", libc::EIDRM)
+        );
+    }
+    assert_eq!(errno_of(set.get_value(0)), libc::EINVAL);
+    assert!(remover.list().unwrap().iter().all(|s| s.id != set.id()));
+}
+
+#[test]
+fn a_holder_killed_on_node_2_releases_its_undo() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(3).expect("start cluster");
+    let (_sems, set) = set_on(&cluster, 1, 1);
+    let id = set.id().to_string();
+    let holder = spawn_sem_role(cluster.socket(2), &["hold", &id]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || set.get_value(0).unwrap() == 0),
+        "the holder never took the semaphore"
+    );
+    let waiter = spawn_sem_role(cluster.socket(3), &["p", &id]).unwrap();
+    assert!(eventually(Duration::from_secs(10), || set
+        .get_ncnt(0)
+        .unwrap()
+        == 1));
+    drop(holder); // SIGKILL
+    assert_eq!(output(waiter, Duration::from_secs(10), "the waiter"), "ok");
+    assert_eq!(
+        set.get_value(0).unwrap(),
+        0,
+        "undo restored 1, the waiter took it"
+    );
+}
+
+#[test]
+fn a_lost_node_releases_its_processes_undo() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start_with(ClusterOptions {
+        nodes: 3,
+        peer_timeout_ms: 1000,
+        ..ClusterOptions::default()
+    })
+    .expect("start cluster");
+    let (_sems, set) = set_on(&cluster, 1, 2);
+    let id = set.id().to_string();
+    let _holders: Vec<Proc> = (0..2)
+        .map(|_| spawn_sem_role(cluster.socket(2), &["hold", &id]).unwrap())
+        .collect();
+    assert!(eventually(Duration::from_secs(10), || set
+        .get_value(0)
+        .unwrap()
+        == 0));
+    let waiter = spawn_sem_role(cluster.socket(3), &["p", &id]).unwrap();
+    assert!(eventually(Duration::from_secs(10), || set
+        .get_ncnt(0)
+        .unwrap()
+        == 1));
+    let started = Instant::now();
+    cluster.kill(2);
+    assert_eq!(output(waiter, Duration::from_secs(10), "the waiter"), "ok");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "undo of the lost node took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        set.get_value(0).unwrap(),
+        1,
+        "both holders' units came back"
+    );
+}
+
+#[test]
+fn interrupted_and_timed_out_waits_lose_no_operation() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(3).expect("start cluster");
+    let (_sems, set) = set_on(&cluster, 1, 0);
+    let id = set.id().to_string();
+
+    // A timeout gives EAGAIN and leaves nothing behind.
+    let t = spawn_sem_role(cluster.socket(2), &["p", &id, "plain", "100"]).unwrap();
+    assert_eq!(
+        output(t, Duration::from_secs(10), "a timed P"),
+        format!("errno {}", libc::EAGAIN)
+    );
+    assert_eq!(set.get_ncnt(0).unwrap(), 0);
+
+    // A signal gives EINTR and leaves nothing behind.
+    let w = spawn_sem_role(cluster.socket(3), &["p-interruptible", &id]).unwrap();
+    assert!(eventually(Duration::from_secs(10), || set
+        .get_ncnt(0)
+        .unwrap()
+        == 1));
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(w.child.id() as i32, libc::SIGUSR1) };
+    assert_eq!(
+        output(w, Duration::from_secs(10), "an interrupted P"),
+        format!("errno {}", libc::EINTR)
+    );
+    assert_eq!(set.get_ncnt(0).unwrap(), 0);
+    assert_eq!(set.get_value(0).unwrap(), 0);
+
+    // Timeouts racing posts, across nodes: every V is either taken by a
+    // P that reports success or still in the value.
+    let posts = 1500;
+    let taker = spawn_sem_role(cluster.socket(3), &["timed-p-loop", &id, "2500", "300"]).unwrap();
+    let poster =
+        spawn_sem_role(cluster.socket(2), &["v", &id, &posts.to_string(), "1200"]).unwrap();
+    output(poster, Duration::from_secs(60), "the poster");
+    let taken: i32 = output(taker, Duration::from_secs(60), "the taker")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        taken + set.get_value(0).unwrap(),
+        posts,
+        "an operation was lost or applied twice"
+    );
+}
+
+#[test]
+fn bad_requests_get_the_kernel_errno_and_change_nothing() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(2).expect("start cluster");
+    let (sems, set) = set_on(&cluster, 2, 3);
+    let remote = Semaphores::connect(cluster.socket(1)).unwrap();
+    let op = |num: u16, op: i16, flags: i16| SemBuf { num, op, flags };
+    for s in [&set, &remote.open(set.id())] {
+        assert_eq!(errno_of(s.op(&[])), libc::EINVAL);
+        assert_eq!(errno_of(s.op(&[op(1, -1, 0)])), libc::EFBIG);
+        assert_eq!(errno_of(s.op(&[op(0, 32767, 0)])), libc::ERANGE);
+        assert_eq!(errno_of(s.op(&[op(0, -4, IPC_NOWAIT)])), libc::EAGAIN);
+        let too_many = vec![op(0, 0, IPC_NOWAIT); 100_000];
+        assert_eq!(errno_of(s.op(&too_many)), libc::E2BIG);
+        assert_eq!(errno_of(s.get_value(1)), libc::EINVAL);
+        assert_eq!(errno_of(s.get_value(-1)), libc::EINVAL);
+        assert_eq!(errno_of(s.set_value(0, 32768)), libc::ERANGE);
+        assert_eq!(errno_of(s.set_value(0, -1)), libc::ERANGE);
+        assert_eq!(errno_of(s.set_all(&[1, 2])), libc::EINVAL);
+        assert_eq!(s.get_value(0).unwrap(), 3, "a failed call changed the set");
+    }
+    // Ids no node issued, or of a set that does not exist.
+    for bad in [0, -1, 5, set.id() + 1] {
+        assert_eq!(errno_of(sems.open(bad).get_value(0)), libc::EINVAL, "{bad}");
+        assert_eq!(errno_of(sems.open(bad).op(&[op(0, 1, 0)])), libc::EINVAL);
+    }
+    // semget rules.
+    assert_eq!(errno_of(sems.get(key(), 0, IPC_CREAT)), libc::EINVAL);
+    assert_eq!(
+        errno_of(sems.get(key(), 1_000_000, IPC_CREAT)),
+        libc::EINVAL
+    );
+    assert_eq!(errno_of(sems.get(key(), 1, 0)), libc::ENOENT);
+    let k = set.stat().unwrap().perm.key;
+    assert_eq!(
+        errno_of(remote.get(k, 1, IPC_CREAT | IPC_EXCL)),
+        libc::EEXIST
+    );
+    assert_eq!(errno_of(remote.get(k, 2, 0)), libc::EINVAL);
+    assert_eq!(remote.get(k, 0, 0).unwrap().id(), set.id());
+}
+
+#[test]
+fn permission_rules_apply_to_other_users_on_every_node() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(2).expect("start cluster");
+    let (sems, set) = set_on(&cluster, 1, 1);
+    set.set_perm(0, 0, 0o600).unwrap();
+    let id = set.id().to_string();
+    let key = set.stat().unwrap().perm.key.to_string();
+    let nobody = |node: u8, args: &[&str]| {
+        let p = spawn_program_as("sem-testprog", cluster.socket(node), args, Some(65534)).unwrap();
+        output(p, Duration::from_secs(10), "a probe as nobody")
+    };
+    let eacces = format!("errno {}", libc::EACCES);
+    let eperm = format!("errno {}", libc::EPERM);
+    for node in [1u8, 2] {
+        // As on Linux: semget asks for the mode bits it is given.
+        assert_eq!(nobody(node, &["probe", "get", &key, "1", "600"]), eacces);
+        assert_eq!(nobody(node, &["probe", "get", &key, "1", "0"]), id);
+        assert_eq!(nobody(node, &["probe", "op", &id, "0", "-1"]), eacces);
+        assert_eq!(nobody(node, &["probe", "setval", &id, "0", "5"]), eacces);
+        assert_eq!(nobody(node, &["probe", "rmid", &id]), eperm);
+        assert_eq!(nobody(node, &["probe", "perm", &id, "666"]), eperm);
+    }
+    assert_eq!(set.get_value(0).unwrap(), 1);
+    // Read permission only: wait-for-zero is allowed, altering is not.
+    set.set_perm(0, 0, 0o604).unwrap();
+    assert_eq!(nobody(2, &["probe", "op", &id, "0", "1"]), eacces);
+    assert_eq!(
+        nobody(2, &["probe", "op", &id, "0", "0"]),
+        format!("errno {}", libc::EAGAIN)
+    );
+    set.set_perm(0, 0, 0o606).unwrap();
+    assert_eq!(nobody(2, &["probe", "op", &id, "0", "-1"]), "ok");
+    drop(sems);
+}
