@@ -157,6 +157,11 @@ impl SemSet {
         self.values.len()
     }
 
+    /// Every value, unchecked (for tests and for the daemon's own use).
+    pub fn values(&self) -> Vec<u16> {
+        self.values.clone()
+    }
+
     /// `semget` of an existing set: size and permission checks.
     pub fn open(&self, nsems: i32, flags: i32, cred: &Credentials) -> Result<(), i32> {
         if nsems < 0 || nsems as usize > self.values.len() {

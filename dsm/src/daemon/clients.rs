@@ -4,10 +4,8 @@
 use super::core::SharedCore;
 use super::store::{MappingRecord, ProcId};
 use crate::fdpass;
-use crate::pidfd;
-use std::time::Duration;
-use sysv::sem::{SemBuf, SEM_UNDO};
 use crate::ids::{IpcId, IpcKey, IpcKind, SegmentId, SemSetId, PAGE_SIZE};
+use crate::pidfd;
 use crate::sysv::{Credentials, IPC_CREAT, IPC_EXCL};
 use crate::uffd::{self, Uffd};
 use crate::wire::{
@@ -18,6 +16,8 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::Duration;
+use sysv::sem::{SemBuf, SEM_UNDO};
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixListener;
 

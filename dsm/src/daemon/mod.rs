@@ -7,6 +7,8 @@ pub mod config;
 mod core;
 mod peers;
 mod sems;
+#[cfg(test)]
+mod sems_sim;
 mod store;
 
 pub use config::{Args, Config};

@@ -95,6 +95,12 @@ impl SemService {
         self.sets.len()
     }
 
+    /// The values of a set homed here (for the simulation's checks).
+    #[cfg(test)]
+    pub fn values(&self, id: SemSetId) -> Option<Vec<u16>> {
+        self.sets.get(&id).map(SemSet::values)
+    }
+
     // ---- home side: sets -------------------------------------------------------
 
     /// `semget` creating a set homed here under the id the daemon chose.
