@@ -360,8 +360,8 @@ impl World {
                         }
                     }
                 }
-                Some(SemResult::Failed(e)) if e == libc::EAGAIN => {}
-                Some(other) if other == SemResult::Cancelled => {}
+                Some(SemResult::Failed(libc::EAGAIN)) => {}
+                Some(SemResult::Cancelled) => {}
                 Some(other) => return Err(format!("{node:?} wait {wait} ended {other:?}")),
             }
         }
