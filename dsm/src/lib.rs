@@ -2,6 +2,7 @@
 //!
 //! See `docs/architecture.md` for how the pieces fit.
 
+pub mod bench;
 pub mod client;
 pub mod coherence;
 pub mod daemon;
