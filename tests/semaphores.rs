@@ -132,6 +132,8 @@ fn removal_gives_eidrm_to_waiters_on_every_node() {
     assert!(remover.list().unwrap().iter().all(|s| s.id != set.id()));
 }
 
+/// Holders killed on the set's home node (whose undo lives in the fast
+/// path's shared memory) and on another node both give their unit back.
 #[test]
 fn a_holder_killed_on_node_2_releases_its_undo() {
     if !uffd_or_skip() {
@@ -140,23 +142,25 @@ fn a_holder_killed_on_node_2_releases_its_undo() {
     let cluster = Cluster::start(3).expect("start cluster");
     let (_sems, set) = set_on(&cluster, 1, 1);
     let id = set.id().to_string();
-    let holder = spawn_sem_role(cluster.socket(2), &["hold", &id]).unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || set.get_value(0).unwrap() == 0),
-        "the holder never took the semaphore"
-    );
-    let waiter = spawn_sem_role(cluster.socket(3), &["p", &id]).unwrap();
-    assert!(eventually(Duration::from_secs(10), || set
-        .get_ncnt(0)
-        .unwrap()
-        == 1));
-    drop(holder); // SIGKILL
-    assert_eq!(output(waiter, Duration::from_secs(10), "the waiter"), "ok");
-    assert_eq!(
-        set.get_value(0).unwrap(),
-        0,
-        "undo restored 1, the waiter took it"
-    );
+    for holder_node in [2u8, 1] {
+        let holder = spawn_sem_role(cluster.socket(holder_node), &["hold", &id]).unwrap();
+        assert!(
+            eventually(Duration::from_secs(10), || set.get_value(0).unwrap() == 0),
+            "the holder never took the semaphore"
+        );
+        let waiter = spawn_sem_role(cluster.socket(3), &["p", &id, "undo"]).unwrap();
+        assert!(eventually(Duration::from_secs(10), || set
+            .get_ncnt(0)
+            .unwrap()
+            == 1));
+        drop(holder); // SIGKILL
+        assert_eq!(output(waiter, Duration::from_secs(10), "the waiter"), "ok");
+        // The waiter took it with SEM_UNDO and exited: it came back again.
+        assert!(
+            eventually(Duration::from_secs(10), || set.get_value(0).unwrap() == 1),
+            "the waiter's undo did not apply at its exit"
+        );
+    }
 }
 
 #[test]
@@ -328,4 +332,87 @@ fn permission_rules_apply_to_other_users_on_every_node() {
     set.set_perm(0, 0, 0o606).unwrap();
     assert_eq!(nobody(2, &["probe", "op", &id, "0", "-1"]), "ok");
     drop(sems);
+}
+
+/// The same random non-blocking operations on a kernel set and on ours,
+/// through the library: on a set homed on this node (the shared-memory fast
+/// path, falling back to the daemon) and on one homed on another node.
+/// Every result, errno, value and GETPID must match the kernel's.
+#[test]
+fn library_operations_match_the_kernel() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(2).expect("start cluster");
+    let local = Semaphores::connect(cluster.socket(1)).unwrap();
+    let remote = Semaphores::connect(cluster.socket(2)).unwrap();
+    for (name, ours) in [
+        ("homed here", local.get(0, 3, 0o600).unwrap()),
+        (
+            "homed elsewhere",
+            remote.open(local.get(0, 3, 0o600).unwrap().id()),
+        ),
+    ] {
+        // SAFETY: semget/semop/semctl on a private set of our own, with
+        // arguments of the types each command expects.
+        let kernel = unsafe { libc::semget(libc::IPC_PRIVATE, 3, 0o600) };
+        assert!(kernel >= 0);
+        let kernel_op = |sops: &[SemBuf]| -> Result<(), i32> {
+            let mut raw: Vec<libc::sembuf> = sops
+                .iter()
+                .map(|s| libc::sembuf {
+                    sem_num: s.num,
+                    sem_op: s.op,
+                    sem_flg: s.flags,
+                })
+                .collect();
+            // SAFETY: as above.
+            let r = unsafe { libc::semop(kernel, raw.as_mut_ptr(), raw.len()) };
+            if r < 0 {
+                Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+            } else {
+                Ok(())
+            }
+        };
+        let mut rng = dsm::coherence::sim::Rng::new(0x5e3a);
+        for step in 0..1500 {
+            if rng.chance(5) {
+                let (num, value) = (rng.below(3) as i32, rng.below(6) as i32);
+                // SAFETY: as above.
+                unsafe { libc::semctl(kernel, num, libc::SETVAL, value) };
+                ours.set_value(num, value).unwrap();
+                continue;
+            }
+            let sops: Vec<SemBuf> = (0..1 + rng.below(3))
+                .map(|_| SemBuf {
+                    num: if rng.chance(3) {
+                        3
+                    } else {
+                        rng.below(3) as u16
+                    },
+                    op: rng.below(7) as i16 - 3,
+                    flags: IPC_NOWAIT
+                        | if rng.chance(40) {
+                            semaphore::SEM_UNDO
+                        } else {
+                            0
+                        },
+                })
+                .collect();
+            let theirs = kernel_op(&sops);
+            let mine = ours.op(&sops).map_err(|e| e.errno());
+            assert_eq!(mine, theirs, "{name}, step {step}: {sops:?}");
+            let mut values = vec![0u16; 3];
+            // SAFETY: as above; GETALL writes nsems values.
+            unsafe { libc::semctl(kernel, 0, libc::GETALL, values.as_mut_ptr()) };
+            assert_eq!(ours.get_all().unwrap(), values, "{name}, step {step}");
+            for num in 0..3 {
+                // SAFETY: as above.
+                let pid = unsafe { libc::semctl(kernel, num, libc::GETPID) };
+                assert_eq!(ours.get_pid(num).unwrap(), pid, "{name}, step {step}");
+            }
+        }
+        // SAFETY: as above.
+        unsafe { libc::semctl(kernel, 0, libc::IPC_RMID) };
+    }
 }

@@ -163,4 +163,3 @@ pub fn stop(daemons: &mut [std::process::Child], dir: &std::path::Path) {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
-

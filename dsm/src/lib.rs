@@ -10,6 +10,7 @@ pub mod fdpass;
 pub mod ids;
 pub mod memfd;
 pub mod pidfd;
+pub mod semregion;
 pub mod sysv;
 pub mod uffd;
 pub mod wire;

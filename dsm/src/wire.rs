@@ -577,6 +577,12 @@ pub enum ClientRequest {
     },
     /// Every semaphore set of the cluster, like `ipcs -s`.
     SemIpcs,
+    /// The set's fast-path region (see `semregion`), answered `Ok` with
+    /// its memfd if the set is arbitrated on this node and the caller may
+    /// alter it; ENOENT if it has none here.
+    SemRegion {
+        id: i32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

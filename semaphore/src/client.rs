@@ -18,8 +18,11 @@
 //! case it returns success: an operation is never lost nor applied twice.
 
 use dsm::ids::NodeId;
+use dsm::semregion::{Fast, Region};
+use dsm::sysv::Credentials;
 use dsm::wire::{self, ClientReply, ClientRequest, SemCtl, SemSetStat};
-use std::os::fd::{AsRawFd, RawFd};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Once};
@@ -79,6 +82,13 @@ impl Conn {
     }
 
     fn call(&mut self, req: &ClientRequest) -> Result<ClientReply, Error> {
+        Ok(self.call_with_fd(req)?.0)
+    }
+
+    fn call_with_fd(
+        &mut self,
+        req: &ClientRequest,
+    ) -> Result<(ClientReply, Option<OwnedFd>), Error> {
         let id = self.next_id;
         self.next_id += 1;
         self.send(id, req)?;
@@ -93,10 +103,10 @@ impl Conn {
         id: u64,
         timeout: Option<Duration>,
         interruptible: bool,
-    ) -> Result<ClientReply, Error> {
-        use std::io::Read;
+    ) -> Result<(ClientReply, Option<OwnedFd>), Error> {
         let fd = self.stream.as_raw_fd();
         let mut buf: Vec<u8> = Vec::new();
+        let mut fds: Vec<OwnedFd> = Vec::new();
         let mut cancelled = false;
         loop {
             if let Some(len) =
@@ -109,7 +119,7 @@ impl Conn {
                     if reply_id != id {
                         return Err(Error::Protocol(format!("reply {reply_id} to request {id}")));
                     }
-                    return Ok(reply);
+                    return Ok((reply, fds.pop()));
                 }
             }
             let mut pfd = libc::pollfd {
@@ -137,7 +147,7 @@ impl Conn {
                 return Err(Error::Io(std::io::ErrorKind::TimedOut.into()));
             }
             let mut chunk = [0u8; 4096];
-            let got = self.stream.read(&mut chunk)?;
+            let got = dsm::fdpass::recv_with_fds(fd, &mut chunk, &mut fds)?;
             if got == 0 {
                 return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
@@ -167,7 +177,24 @@ struct Inner {
     path: PathBuf,
     node: NodeId,
     pool: Mutex<Vec<Conn>>,
+    /// The fast path of each set used, once asked for.
+    fast: Mutex<HashMap<i32, FastPath>>,
+    /// Supplementary groups for the fast path's permission check, read
+    /// again whenever the effective ids change.
+    groups: Mutex<(u32, u32, Vec<u32>)>,
 }
+
+/// A set's fast path as this process knows it.
+struct FastPath {
+    region: Option<Arc<Region>>,
+    /// Operations that went to the daemon since the region was asked for:
+    /// asked again after a while (the set may have come to this node).
+    slow_ops: u32,
+}
+
+/// Operations through the daemon before asking again for a region that
+/// was not there.
+const ASK_REGION_EVERY: u32 = 64;
 
 impl Inner {
     fn checkout(&self) -> Result<Conn, Error> {
@@ -191,10 +218,65 @@ impl Inner {
     /// One request, one reply, on a pooled connection. A connection that
     /// failed is dropped, not returned to the pool.
     fn call(&self, req: &ClientRequest) -> Result<ClientReply, Error> {
+        Ok(self.call_with_fd(req)?.0)
+    }
+
+    fn call_with_fd(&self, req: &ClientRequest) -> Result<(ClientReply, Option<OwnedFd>), Error> {
         let mut conn = self.checkout()?;
-        let reply = conn.call(req)?;
+        let reply = conn.call_with_fd(req)?;
         self.checkin(conn);
         Ok(reply)
+    }
+
+    /// The set's region, asking the daemon the first time and again now
+    /// and then while it has none.
+    fn region(&self, id: i32) -> Option<Arc<Region>> {
+        {
+            let mut fast = lock(&self.fast);
+            if let Some(f) = fast.get_mut(&id) {
+                if f.region.is_some() || f.slow_ops < ASK_REGION_EVERY {
+                    return f.region.clone();
+                }
+            }
+        }
+        let region = match self.call_with_fd(&ClientRequest::SemRegion { id }) {
+            Ok((ClientReply::Ok, Some(fd))) => Region::map(fd).ok().map(Arc::new),
+            _ => None,
+        };
+        lock(&self.fast).insert(
+            id,
+            FastPath {
+                region: region.clone(),
+                slow_ops: 0,
+            },
+        );
+        region
+    }
+
+    fn went_slow(&self, id: i32, retired: bool) {
+        if let Some(f) = lock(&self.fast).get_mut(&id) {
+            f.slow_ops += 1;
+            if retired {
+                f.region = None;
+            }
+        }
+    }
+
+    /// The caller's credentials as the fast path checks them. Capabilities
+    /// count as absent: where they would matter, the daemon decides.
+    fn credentials(&self, euid: u32, egid: u32) -> Credentials {
+        let mut cached = lock(&self.groups);
+        if cached.0 != euid || cached.1 != egid || cached.2.is_empty() {
+            *cached = (euid, egid, read_groups());
+        }
+        Credentials {
+            pid: std::process::id() as i32,
+            uid: euid,
+            gid: egid,
+            groups: cached.2.clone(),
+            cap_ipc_owner: false,
+            cap_sys_admin: false,
+        }
     }
 }
 
@@ -212,6 +294,8 @@ impl Semaphores {
             path,
             node,
             pool: Mutex::new(vec![conn]),
+            fast: Mutex::new(HashMap::new()),
+            groups: Mutex::new((u32::MAX, u32::MAX, Vec::new())),
         });
         ATFORK.call_once(|| {
             // SAFETY: registering a plain extern "C" function without arguments.
@@ -290,6 +374,17 @@ impl SemSet {
     pub fn timed_op(&self, sops: &[SemBuf], timeout: Option<Duration>) -> Result<(), Error> {
         // SAFETY: geteuid/getegid only read the calling thread's credentials.
         let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let inner = &self.sems.0;
+        let mut retired = false;
+        if let Some(region) = inner.region(self.id) {
+            let cred = inner.credentials(euid, egid);
+            match region.try_semop(sops, cred.pid, &cred, dsm::sysv::now_seconds()) {
+                Fast::Done(result) => return result.map_err(Error::Errno),
+                Fast::Slow => {}
+                Fast::Retired => retired = true,
+            }
+        }
+        inner.went_slow(self.id, retired);
         let req = ClientRequest::SemOp {
             id: self.id,
             sops: sops.to_vec(),
@@ -297,14 +392,13 @@ impl SemSet {
             euid,
             egid,
         };
-        let inner = &self.sems.0;
         let mut conn = inner.checkout()?;
         let id = conn.next_id;
         conn.next_id += 1;
         conn.send(id, &req)?;
         // The daemon bounds every wait on another node; only the local
         // daemon itself could keep this waiting, and its death ends it.
-        let reply = conn.receive(id, None, true)?;
+        let (reply, _) = conn.receive(id, None, true)?;
         inner.checkin(conn);
         expect_ok(reply)
     }
@@ -385,6 +479,20 @@ impl SemSet {
     pub fn remove(&self) -> Result<(), Error> {
         expect_ok(self.ctl(SemCtl::Remove)?)
     }
+}
+
+/// The calling process's supplementary groups.
+fn read_groups() -> Vec<u32> {
+    let mut groups = vec![0 as libc::gid_t; 256];
+    // SAFETY: getgroups writes at most groups.len() entries into the buffer.
+    let n = unsafe { libc::getgroups(groups.len() as i32, groups.as_mut_ptr()) };
+    groups.truncate(n.max(0) as usize);
+    // Never empty, so the cache above knows it was read.
+    if groups.is_empty() {
+        // SAFETY: getegid only reads the caller's credentials.
+        groups.push(unsafe { libc::getegid() });
+    }
+    groups
 }
 
 fn expect_ok(reply: ClientReply) -> Result<(), Error> {

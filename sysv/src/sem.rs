@@ -162,6 +162,42 @@ impl SemSet {
         self.values.clone()
     }
 
+    /// Every semaphore's last pid, unchecked.
+    pub fn pids(&self) -> Vec<i32> {
+        self.pids.clone()
+    }
+
+    pub fn otime(&self) -> i64 {
+        self.otime
+    }
+
+    pub fn has_waiters(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Take values, pids, otime and some processes' undo adjustments from
+    /// elsewhere (the fast path changed them while the daemon did not look;
+    /// it never does while anyone waits). Lengths that do not match are
+    /// ignored, never trusted.
+    pub fn absorb(&mut self, values: &[u16], pids: &[i32], otime: i64, undo: Vec<(u64, Vec<i32>)>) {
+        let n = self.values.len();
+        if values.len() == n && pids.len() == n {
+            self.values.copy_from_slice(values);
+            self.pids.copy_from_slice(pids);
+            self.otime = otime;
+        }
+        for (process, adj) in undo {
+            if adj.len() == n {
+                self.undo.insert(process, adj);
+            }
+        }
+    }
+
+    /// The undo adjustments of every process, for writing back.
+    pub fn undo_entries(&self) -> impl Iterator<Item = (u64, &[i32])> + '_ {
+        self.undo.iter().map(|(p, a)| (*p, a.as_slice()))
+    }
+
     /// `semget` of an existing set: size and permission checks.
     pub fn open(&self, nsems: i32, flags: i32, cred: &Credentials) -> Result<(), i32> {
         if nsems < 0 || nsems as usize > self.values.len() {

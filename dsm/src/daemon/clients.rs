@@ -332,6 +332,13 @@ impl Session {
                     Err(e) => ClientReply::Err(e),
                 }
             }
+            ClientRequest::SemRegion { id } => {
+                let found = self.core.borrow().sem_region_fd(IpcId(id), &self.cred());
+                return match found {
+                    Ok(fd) => (ClientReply::Ok, Some(fd)),
+                    Err(e) => (ClientReply::Err(e), None),
+                };
+            }
             ClientRequest::SemIpcs => {
                 let mut all = Vec::new();
                 for reply in self.ask_every_live_node(RpcRequest::SemList).await {
@@ -603,7 +610,7 @@ impl Session {
                 cred: open_cred.clone(),
             },
             |core| core.create_home_set(key, nsems, mode, &cred),
-            |core, id| core.sems.discard(id),
+            |core, id| core.discard_home_set(id),
         )
         .await
     }

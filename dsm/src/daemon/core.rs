@@ -12,6 +12,7 @@ use crate::ids::{
     pages_for, IpcId, IpcKey, NodeId, NodeSet, PageIndex, PageKey, SegmentId, PAGE_SIZE,
 };
 use crate::memfd::Memfd;
+use crate::semregion::{self, Region};
 use crate::sysv::{self, Credentials, IpcPerm, ShmLimits, ShmStat, SHM_DEST};
 use crate::wire::{self, Control, NodeStatus, Notice, RpcRequest, RpcResponse, SemResult};
 use bytes::Bytes;
@@ -88,6 +89,9 @@ pub struct Core {
     /// Local processes holding undo adjustments: a pidfd each, to know
     /// when they exit however they die.
     pub sem_watched: HashMap<i32, (u64, OwnedFd)>,
+    /// The fast path of the sets homed here that have one: their values in
+    /// memory shared with the local processes (see `semregion`).
+    sem_regions: HashMap<IpcId, (Region, Memfd)>,
     next_watch: u64,
     limits: ShmLimits,
     next_seq: u32,
@@ -135,6 +139,7 @@ impl Core {
             sems: SemService::new(config.node, ::sysv::sem::SemLimits::from_proc()),
             sem_waiters: HashMap::new(),
             sem_watched: HashMap::new(),
+            sem_regions: HashMap::new(),
             next_watch: 1,
             limits: ShmLimits::from_proc(),
             // Start the sequence somewhere new each run so a restarted node
@@ -468,7 +473,8 @@ impl Core {
                 let _ = tx.send(RpcResponse::Err(libc::EHOSTDOWN));
             }
         }
-        self.sems.peer_lost(node, sysv::now_seconds());
+        let now = sysv::now_seconds();
+        self.with_sems(None, |sems| sems.peer_lost(node, now));
         self.drain_sems();
         // Its objects are gone cluster-wide: free their keys here, and
         // mark the copies of them this node holds.
@@ -665,7 +671,81 @@ impl Core {
         let id = self.allocate_id();
         self.sems
             .create(id, key, nsems, mode, cred, sysv::now_seconds())?;
+        if nsems as usize <= semregion::NSEMS_MAX {
+            match self
+                .sems
+                .perm_of(id)
+                .map(|p| Region::create(nsems as usize, &p))
+            {
+                Some(Ok(region)) => {
+                    self.sem_regions.insert(id, region);
+                    self.with_sems(Some(id), |_| ());
+                }
+                Some(Err(e)) => tracing::warn!(?id, "no fast path for the set: {e}"),
+                None => {}
+            }
+        }
         Ok(id)
+    }
+
+    /// A set created here whose key another node won: it never existed.
+    pub fn discard_home_set(&mut self, id: IpcId) {
+        self.sems.discard(id);
+        if let Some((region, _)) = self.sem_regions.remove(&id) {
+            region.retire();
+        }
+    }
+
+    /// Run `f` with the fast-path state of set `id` (of every set with a
+    /// region if `None`) taken out of its region first and put back after:
+    /// the daemon holds the values meanwhile, and keeps holding them while
+    /// the set has waiters.
+    fn with_sems<R>(&mut self, id: Option<IpcId>, f: impl FnOnce(&mut SemService) -> R) -> R {
+        let ids: Vec<IpcId> = match id {
+            Some(id) if self.sem_regions.contains_key(&id) => vec![id],
+            Some(_) => vec![],
+            None => self.sem_regions.keys().copied().collect(),
+        };
+        for id in &ids {
+            if let Some((region, _)) = self.sem_regions.get(id) {
+                region.acquire();
+                self.sems.absorb(*id, &region.load());
+            }
+        }
+        let out = f(&mut self.sems);
+        for id in &ids {
+            match self.sems.export(*id) {
+                Some((snap, perm, waiters)) => {
+                    if let Some((region, _)) = self.sem_regions.get(id) {
+                        region.store(&snap);
+                        region.set_perm(&perm);
+                        if !waiters {
+                            region.release();
+                        }
+                    }
+                }
+                None => {
+                    if let Some((region, _)) = self.sem_regions.remove(id) {
+                        region.retire();
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The set's region, for a local process that may alter the set.
+    pub fn sem_region_fd(&self, id: IpcId, cred: &Credentials) -> Result<OwnedFd, i32> {
+        let perm = self.sems.perm_of(id).ok_or(libc::ENOENT)?;
+        let (_, memfd) = self.sem_regions.get(&id).ok_or(libc::ENOENT)?;
+        if !perm.permits(cred, 0o222) {
+            return Err(libc::EACCES);
+        }
+        use std::os::fd::AsFd;
+        memfd
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))
     }
 
     /// Start a `semop` at the set's home; its result arrives on the
@@ -678,14 +758,16 @@ impl Core {
     ) -> (u64, oneshot::Receiver<SemResult>) {
         let (tx, rx) = oneshot::channel();
         let pid = cred.pid;
-        let wait = self.sems.submit(id, sops, pid, cred, sysv::now_seconds());
+        let now = sysv::now_seconds();
+        let wait = self.with_sems(Some(id), |sems| sems.submit(id, sops, pid, cred, now));
         self.sem_waiters.insert(wait, tx);
         self.drain_sems();
         (wait, rx)
     }
 
     pub fn sem_cancel(&mut self, wait: u64) {
-        self.sems.cancel(wait);
+        let set = self.sems.set_of_wait(wait);
+        self.with_sems(set, |sems| sems.cancel(wait));
         self.drain_sems();
     }
 
@@ -705,7 +787,8 @@ impl Core {
             return;
         }
         self.sem_watched.remove(&pid);
-        self.sems.local_process_exited(pid, sysv::now_seconds());
+        let now = sysv::now_seconds();
+        self.with_sems(None, |sems| sems.local_process_exited(pid, now));
         self.drain_sems();
     }
 
@@ -732,12 +815,16 @@ impl Core {
                 sops,
                 pid,
                 cred,
-            } => self.sems.on_op(node, wait, set, &sops, pid, cred, now),
-            Notice::SemCancel { set, wait } => self.sems.on_cancel(node, set, wait),
-            Notice::SemResult { wait, result } => self.sems.on_result(node, wait, result),
-            Notice::SemProcessExited { set, pid } => {
-                self.sems.on_process_exited(node, set, pid, now)
+            } => self.with_sems(Some(set), |sems| {
+                sems.on_op(node, wait, set, &sops, pid, cred, now)
+            }),
+            Notice::SemCancel { set, wait } => {
+                self.with_sems(Some(set), |sems| sems.on_cancel(node, set, wait))
             }
+            Notice::SemResult { wait, result } => self.sems.on_result(node, wait, result),
+            Notice::SemProcessExited { set, pid } => self.with_sems(Some(set), |sems| {
+                sems.on_process_exited(node, set, pid, now)
+            }),
             Notice::SegmentGone { .. } | Notice::KeyReplica { .. } => {}
         }
         self.drain_sems();
@@ -911,11 +998,12 @@ impl Core {
                 Err(e) => R::Err(e),
             },
             RpcRequest::SemCtl { id, cred, cmd } => {
-                let reply = self.sems.ctl(from, id, &cred, cmd, sysv::now_seconds());
+                let now = sysv::now_seconds();
+                let reply = self.with_sems(Some(id), |sems| sems.ctl(from, id, &cred, cmd, now));
                 self.drain_sems();
                 reply
             }
-            RpcRequest::SemList => R::SemSets(self.sems.list()),
+            RpcRequest::SemList => R::SemSets(self.with_sems(None, |sems| sems.list())),
             RpcRequest::SegList => R::Segments(
                 self.homes
                     .iter()

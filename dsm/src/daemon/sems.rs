@@ -12,7 +12,8 @@
 //! so a result sent before a cancel arrives is never overtaken.
 
 use crate::ids::{NodeId, SemSetId};
-use crate::sysv::Credentials;
+use crate::semregion::Snapshot;
+use crate::sysv::{Credentials, IpcPerm};
 use crate::wire::{Notice, RpcResponse, SemCtl, SemResult, SemSetStat};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use sysv::sem::{Caller, SemBuf, SemLimits, SemSet, SemopOutcome, WaitId};
@@ -93,6 +94,49 @@ impl SemService {
 
     pub fn sets_homed(&self) -> usize {
         self.sets.len()
+    }
+
+    /// The fast path changed set `id` while the daemon did not hold it:
+    /// take its values, pids, otime and local processes' undo adjustments.
+    pub fn absorb(&mut self, id: SemSetId, snap: &Snapshot) {
+        let me = self.me;
+        if let Some(set) = self.sets.get_mut(&id) {
+            let undo = snap
+                .undo
+                .iter()
+                .map(|(pid, adj)| (process_of(me, *pid), adj.clone()))
+                .collect();
+            set.absorb(&snap.values, &snap.pids, snap.otime, undo);
+        }
+    }
+
+    /// What the set's region must now hold (local processes' undo
+    /// adjustments included), its permissions, and whether it has waiters
+    /// (the daemon then keeps the values). `None` once the set is gone.
+    pub fn export(&self, id: SemSetId) -> Option<(Snapshot, IpcPerm, bool)> {
+        let set = self.sets.get(&id)?;
+        let undo = set
+            .undo_entries()
+            .filter(|(p, _)| process_node(*p) == self.me)
+            .map(|(p, adj)| (p as u32 as i32, adj.to_vec()))
+            .collect();
+        let snap = Snapshot {
+            values: set.values(),
+            pids: set.pids(),
+            otime: set.otime(),
+            undo,
+        };
+        Some((snap, set.info().perm, set.has_waiters()))
+    }
+
+    /// The set's permissions (for handing its region to a process).
+    pub fn perm_of(&self, id: SemSetId) -> Option<IpcPerm> {
+        self.sets.get(&id).map(|s| s.info().perm)
+    }
+
+    /// The set an operation this node sent waits at.
+    pub fn set_of_wait(&self, wait: u64) -> Option<SemSetId> {
+        self.outstanding.get(&wait).copied()
     }
 
     /// The values of a set homed here (for the simulation's checks).

@@ -44,7 +44,10 @@ impl KernelSet {
         // SAFETY: semget takes plain integers.
         let id = unsafe { libc::semget(libc::IPC_PRIVATE, 3, 0o600) };
         if id < 0 {
-            eprintln!("sem-bench: kernel semget: {}", std::io::Error::last_os_error());
+            eprintln!(
+                "sem-bench: kernel semget: {}",
+                std::io::Error::last_os_error()
+            );
             std::process::exit(1);
         }
         KernelSet(id)
@@ -63,7 +66,10 @@ impl Semop for KernelSet {
             .collect();
         // SAFETY: `raw` is a valid array of raw.len() sembufs.
         if unsafe { libc::semop(self.0, raw.as_mut_ptr(), raw.len()) } < 0 {
-            eprintln!("sem-bench: kernel semop: {}", std::io::Error::last_os_error());
+            eprintln!(
+                "sem-bench: kernel semop: {}",
+                std::io::Error::last_os_error()
+            );
             std::process::exit(1);
         }
     }
@@ -220,7 +226,11 @@ fn main() {
         "operation", "p50 µs", "p99 µs", "kernel p50 µs"
     );
     row("P+V uncontended, set homed on this node", &local, &kernel);
-    row("P+V uncontended, set homed on the other node", &remote, &kernel);
+    row(
+        "P+V uncontended, set homed on the other node",
+        &remote,
+        &kernel,
+    );
     println!(
         "{:<44} {:>21.0} {:>14.0}",
         "mutex hand-offs between 2 nodes, per s", handoff_per_s, kernel_handoff_per_s
