@@ -416,3 +416,59 @@ fn library_operations_match_the_kernel() {
         unsafe { libc::semctl(kernel, 0, libc::IPC_RMID) };
     }
 }
+
+/// A set used from one node only is lent to it (then served from that
+/// node's shared memory); a user on another node brings it back; and if
+/// the borrower dies, its processes' undo still applies.
+#[test]
+fn a_set_follows_its_only_user_and_survives_the_borrowers_loss() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start_with(ClusterOptions {
+        nodes: 3,
+        peer_timeout_ms: 1000,
+        ..ClusterOptions::default()
+    })
+    .expect("start cluster");
+    let (sems, set) = set_on(&cluster, 1, 2);
+    let id = set.id().to_string();
+    let arbiter = || {
+        sems.list()
+            .unwrap()
+            .iter()
+            .find(|s| s.id == set.id())
+            .map(|s| s.arbiter)
+    };
+    assert_eq!(arbiter(), Some(1));
+    // 40 P+V pairs from node 2, then it holds one unit.
+    let _holder = spawn_sem_role(cluster.socket(2), &["hold", &id, "40"]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || arbiter() == Some(2)),
+        "the set was not lent to its only user"
+    );
+    // A semctl from elsewhere brings it home, with node 2's changes.
+    assert!(eventually(Duration::from_secs(10), || set
+        .get_value(0)
+        .unwrap()
+        == 1));
+    assert_eq!(arbiter(), Some(1));
+    assert!(set.get_pid(0).unwrap() > 0);
+    // Lent again, then its borrower dies holding a unit with SEM_UNDO.
+    let _second = spawn_sem_role(cluster.socket(2), &["hold", &id, "40"]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || arbiter() == Some(2)),
+        "the set was not lent again"
+    );
+    let waiter = spawn_sem_role(cluster.socket(3), &["p", &id, "undo"]).unwrap();
+    assert!(eventually(Duration::from_secs(10), || set
+        .get_ncnt(0)
+        .unwrap()
+        == 1));
+    cluster.kill(2);
+    assert_eq!(output(waiter, Duration::from_secs(10), "the waiter"), "ok");
+    assert!(
+        eventually(Duration::from_secs(10), || set.get_value(0).unwrap() == 2),
+        "the lost node's units did not all come back"
+    );
+}

@@ -55,6 +55,10 @@ fn daemon_config(n: u8, port: u16, dir: &std::path::Path) -> Config {
         secret: None,
         peer_timeout: Duration::from_secs(5),
         heartbeat: Duration::from_millis(500),
+        sem_lend_after: std::env::var("BENCH_SEM_LEND_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(crate::daemon::sems::LEND_AFTER),
     }
 }
 

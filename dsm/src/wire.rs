@@ -19,7 +19,7 @@ use hmac::{Hmac, Mac};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use sysv::sem::SemBuf;
+use sysv::sem::{SemBuf, SemSet};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAGIC: [u8; 4] = *b"MSHM";
@@ -148,6 +148,8 @@ pub enum RpcResponse {
     Values(Vec<u16>),
     SemStat(SemSetStat),
     SemSets(Vec<SemSetStat>),
+    /// The set is lent and being recalled: ask again shortly.
+    Moving,
 }
 
 /// One-way notices between daemons.
@@ -158,9 +160,11 @@ pub enum Notice {
     /// A key directory entry copied between a key's primary and secondary
     /// directory nodes (`None`: the key was freed).
     KeyReplica { key: IpcKey, id: Option<IpcId> },
-    /// To a set's home: apply `sops` for process `pid` of the sending node,
-    /// waiting if it must. Always answered by one [`Notice::SemResult`].
+    /// To a set's home (or forwarded to the node it is lent to, or sent
+    /// back): apply `sops` for process `pid` of node `origin`, waiting if it
+    /// must. Always answered by one [`Notice::SemResult`] to `origin`.
     SemOp {
+        origin: NodeId,
         wait: u64,
         set: SemSetId,
         sops: Vec<SemBuf>,
@@ -170,12 +174,30 @@ pub enum Notice {
     /// To a set's home: give up waiting (signal, timeout, caller gone). The
     /// answer is the op's own `SemResult`: `Cancelled`, or the outcome it
     /// had already reached.
-    SemCancel { set: SemSetId, wait: u64 },
+    SemCancel {
+        origin: NodeId,
+        set: SemSetId,
+        wait: u64,
+    },
     /// From a set's home: how a `SemOp` ended.
     SemResult { wait: u64, result: SemResult },
-    /// To a set's home: a process of the sending node exited; apply its undo
+    /// To a set's home: a process of node `origin` exited; apply its undo
     /// adjustments and drop its waiters.
-    SemProcessExited { set: SemSetId, pid: i32 },
+    SemProcessExited {
+        origin: NodeId,
+        set: SemSetId,
+        pid: i32,
+    },
+    /// From a set's home: arbitrate the set for now (it is quiet).
+    SemLend { set: SemSetId, state: Box<SemSet> },
+    /// To a set's home: the set lent is given back.
+    SemReturn { set: SemSetId, state: Box<SemSet> },
+    /// From a set's home: give the lent set back.
+    SemRecall { set: SemSetId },
+    /// To a set's home, from the node it lent the set to: that node
+    /// applied the exit of its process `pid` (ops of the process that still
+    /// wait at the home must be followed by the exit).
+    SemExitApplied { set: SemSetId, pid: i32 },
 }
 
 /// How a `semop` sent to a set's home ended.
@@ -213,6 +235,9 @@ pub struct SemSetStat {
     pub ctime: i64,
     pub nsems: u32,
     pub home: u8,
+    /// The node arbitrating the set now: its home, or the node it is lent
+    /// to (values shown are then as of the lending).
+    pub arbiter: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -615,6 +640,8 @@ pub enum ClientReply {
     Values(Vec<u16>),
     SemStat(SemSetStat),
     SemSets(Vec<SemSetStat>),
+    /// The set is lent and being recalled: ask again shortly.
+    Moving,
 }
 
 /// `len (u32 LE) | postcard(id, body)`.

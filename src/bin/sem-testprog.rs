@@ -6,7 +6,8 @@
 //!                              SEG), then ITERS times: P, a plain read of
 //!                              word 0, a pause, a plain write of it + 1, V
 //!   p SET [undo] [TIMEOUT_MS]  one P on semaphore 0; prints `ok` or `errno N`
-//!   hold SET                   P, V, P with SEM_UNDO, then sleep until killed
+//!   hold SET [WARMUP]          WARMUP P+V pairs, then P (all SEM_UNDO), then
+//!                              sleep until killed
 //!   p-interruptible SET        P with a SIGUSR1 handler installed (no
 //!                              SA_RESTART); prints `ok` or `errno N`
 //!   timed-p-loop SET MS US     P's of US µs timeout each for MS ms; prints
@@ -153,13 +154,24 @@ fn main() -> ExitCode {
             print_result(set().timed_op(&p(undo), timeout).map(|()| "ok"));
         }
         Some("hold") => {
-            // P, V, P: on the set's home node the first op gives the
-            // process its undo slot and the others take the fast path, so
-            // the adjustment held at the end lives in shared memory.
-            for sops in [p(true), v(true), p(true)] {
-                if let Err(e) = set().op(&sops) {
-                    return fail(format!("semop: {e}"));
+            // P, V pairs (WARMUP of them, 1 by default), then P: where the
+            // set is arbitrated the first op gives the process its undo
+            // slot and the others take the fast path, so the adjustment
+            // held at the end lives in shared memory; enough pairs get the
+            // set lent to this node.
+            let warmup = args
+                .get(2)
+                .and_then(|s| s.parse::<usize>().ok())
+                .unwrap_or(1);
+            for _ in 0..warmup {
+                for sops in [p(true), v(true)] {
+                    if let Err(e) = set().op(&sops) {
+                        return fail(format!("semop: {e}"));
+                    }
                 }
+            }
+            if let Err(e) = set().op(&p(true)) {
+                return fail(format!("semop: {e}"));
             }
             println!("held");
             loop {

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 pub type WaitId = u64;
 
 /// An operation array waiting at the set.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Waiting {
     id: WaitId,
     sops: Vec<SemBuf>,
@@ -83,7 +83,7 @@ impl SemLimits {
 }
 
 /// Who performs an operation: the process (for undo) and its credentials.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Caller {
     /// Identifies the process cluster-wide (its undo list is keyed by it).
     pub process: u64,
@@ -112,7 +112,9 @@ pub struct SemStat {
 }
 
 /// A semaphore set.
-#[derive(Clone, Debug)]
+/// Serializable, so a set can move to the node that uses it; a set
+/// received from elsewhere is checked with [`SemSet::is_consistent`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SemSet {
     perm: IpcPerm,
     values: Vec<u16>,
@@ -173,6 +175,28 @@ impl SemSet {
 
     pub fn has_waiters(&self) -> bool {
         !self.waiting.is_empty()
+    }
+
+    /// Nothing waiting and nothing finished but not yet delivered: the set
+    /// can move without carrying any operation in flight.
+    pub fn is_quiet(&self) -> bool {
+        self.waiting.is_empty() && self.finished.is_empty()
+    }
+
+    /// Does a set that arrived from elsewhere hold together (lengths,
+    /// semaphore numbers, values in range)?
+    pub fn is_consistent(&self, limits: &SemLimits) -> bool {
+        let n = self.values.len();
+        n > 0
+            && n as i64 <= i64::from(limits.semmsl)
+            && self.pids.len() == n
+            && self.values.iter().all(|v| i32::from(*v) <= SEMVMX)
+            && self.undo.values().all(|a| a.len() == n)
+            && self.waiting.iter().all(|w| {
+                !w.sops.is_empty()
+                    && w.blocked < w.sops.len()
+                    && w.sops.iter().all(|s| usize::from(s.num) < n)
+            })
     }
 
     /// Take values, pids, otime and some processes' undo adjustments from

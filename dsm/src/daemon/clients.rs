@@ -323,7 +323,7 @@ impl Session {
                     cred: self.cred(),
                     cmd,
                 };
-                match self.ask_home(IpcId(id), req).await {
+                match self.ask_sem_home(IpcId(id), req).await {
                     Ok(RpcResponse::Ok) => ClientReply::Ok,
                     Ok(RpcResponse::Value(v)) => ClientReply::Value(v),
                     Ok(RpcResponse::Values(v)) => ClientReply::Values(v),
@@ -819,11 +819,30 @@ impl Session {
         ClientReply::Ok
     }
 
+    /// A `semctl` at the set's home; a lent set is recalled first, which
+    /// takes one round trip to the borrower (or its loss).
+    async fn ask_sem_home(&self, id: SemSetId, req: RpcRequest) -> Result<RpcResponse, i32> {
+        let deadline = tokio::time::Instant::now() + self.core.borrow().rpc_timeout;
+        loop {
+            match self.ask_home(id, req.clone()).await {
+                Ok(RpcResponse::Moving) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+                Ok(RpcResponse::Moving) => return Err(libc::EAGAIN),
+                other => return other,
+            }
+        }
+    }
+
     /// `IPC_RMID` at the object's home; its key is freed at the directory
     /// before the answer, so a `shmget`/`semget` that follows this call
     /// anywhere in the cluster cannot find it.
     async fn remove(&mut self, kind: IpcKind, id: IpcId, req: RpcRequest) -> ClientReply {
-        match self.ask_home(id, req).await {
+        let asked = match kind {
+            IpcKind::SemSet => self.ask_sem_home(id, req).await,
+            IpcKind::Segment => self.ask_home(id, req).await,
+        };
+        match asked {
             Ok(RpcResponse::Removed { key }) => {
                 if key != 0 {
                     let key = IpcKey { kind, key };

@@ -38,6 +38,10 @@ pub struct Args {
     /// Interval between heartbeats.
     #[arg(long = "heartbeat-ms", default_value_t = 200)]
     pub heartbeat_ms: u64,
+    /// Lend a semaphore set to the node that made this many operations on
+    /// it in a row (it then serves them locally); 0: never.
+    #[arg(long = "sem-lend-after", default_value_t = crate::daemon::sems::LEND_AFTER)]
+    pub sem_lend_after: u32,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -51,6 +55,7 @@ struct FileConfig {
     secret_file: Option<PathBuf>,
     peer_timeout_ms: Option<u64>,
     heartbeat_ms: Option<u64>,
+    sem_lend_after: Option<u32>,
 }
 
 /// A validated configuration.
@@ -63,6 +68,8 @@ pub struct Config {
     pub secret: Option<Vec<u8>>,
     pub peer_timeout: Duration,
     pub heartbeat: Duration,
+    /// See `--sem-lend-after`.
+    pub sem_lend_after: u32,
 }
 
 impl Config {
@@ -142,6 +149,7 @@ impl Config {
             secret,
             peer_timeout: Duration::from_millis(peer_timeout_ms),
             heartbeat: Duration::from_millis(heartbeat_ms),
+            sem_lend_after: file.sem_lend_after.unwrap_or(args.sem_lend_after),
         })
     }
 

@@ -136,7 +136,11 @@ impl Core {
             store: NodeStore::default(),
             homes: BTreeMap::new(),
             keys: HashMap::new(),
-            sems: SemService::new(config.node, ::sysv::sem::SemLimits::from_proc()),
+            sems: {
+                let mut sems = SemService::new(config.node, ::sysv::sem::SemLimits::from_proc());
+                sems.set_lend_after(config.sem_lend_after);
+                sems
+            },
             sem_waiters: HashMap::new(),
             sem_watched: HashMap::new(),
             sem_regions: HashMap::new(),
@@ -348,6 +352,7 @@ impl Core {
             let _ = tx.send(frame);
         }
         self.engine.handle_peer_up(node);
+        self.sems.peer_up(node);
         // Entries this node holds as secondary for keys whose primary is the
         // node that just (re)joined: it starts with an empty table.
         let handed_back: Vec<(IpcKey, IpcId)> = self
@@ -671,21 +676,32 @@ impl Core {
         let id = self.allocate_id();
         self.sems
             .create(id, key, nsems, mode, cred, sysv::now_seconds())?;
-        if nsems as usize <= semregion::NSEMS_MAX {
-            match self
-                .sems
-                .perm_of(id)
-                .map(|p| Region::create(nsems as usize, &p))
-            {
-                Some(Ok(region)) => {
-                    self.sem_regions.insert(id, region);
-                    self.with_sems(Some(id), |_| ());
-                }
-                Some(Err(e)) => tracing::warn!(?id, "no fast path for the set: {e}"),
-                None => {}
-            }
-        }
+        self.open_region(id);
         Ok(id)
+    }
+
+    /// Give a set now arbitrated here its fast path (small sets only).
+    fn open_region(&mut self, id: IpcId) {
+        if self.sem_regions.contains_key(&id) {
+            return;
+        }
+        let Some((snap, perm, waiters)) = self.sems.export(id) else {
+            return;
+        };
+        if snap.values.len() > semregion::NSEMS_MAX {
+            return;
+        }
+        // A new region is the daemon's until filled from the set.
+        match Region::create(snap.values.len(), &perm) {
+            Ok((region, memfd)) => {
+                region.store(&snap);
+                if !waiters {
+                    region.release();
+                }
+                self.sem_regions.insert(id, (region, memfd));
+            }
+            Err(e) => tracing::warn!(?id, "no fast path for the set: {e}"),
+        }
     }
 
     /// A set created here whose key another node won: it never existed.
@@ -802,6 +818,7 @@ impl Core {
                         let _ = tx.send(result);
                     }
                 }
+                SemAction::Arbitrating(id) => self.open_region(id),
             }
         }
     }
@@ -810,21 +827,28 @@ impl Core {
         let now = sysv::now_seconds();
         match notice {
             Notice::SemOp {
+                origin,
                 wait,
                 set,
                 sops,
                 pid,
                 cred,
             } => self.with_sems(Some(set), |sems| {
-                sems.on_op(node, wait, set, &sops, pid, cred, now)
+                sems.on_op(origin, wait, set, &sops, pid, cred, now)
             }),
-            Notice::SemCancel { set, wait } => {
-                self.with_sems(Some(set), |sems| sems.on_cancel(node, set, wait))
+            Notice::SemCancel { origin, set, wait } => {
+                self.with_sems(Some(set), |sems| sems.on_cancel(origin, set, wait))
             }
             Notice::SemResult { wait, result } => self.sems.on_result(node, wait, result),
-            Notice::SemProcessExited { set, pid } => self.with_sems(Some(set), |sems| {
-                sems.on_process_exited(node, set, pid, now)
+            Notice::SemProcessExited { origin, set, pid } => self.with_sems(Some(set), |sems| {
+                sems.on_process_exited(origin, set, pid, now)
             }),
+            Notice::SemLend { set, state } => self.sems.on_lend(node, set, *state),
+            Notice::SemReturn { set, state } => self.sems.on_return(node, set, *state, now),
+            Notice::SemExitApplied { set, pid } => self.sems.on_exit_applied(node, set, pid),
+            Notice::SemRecall { set } => {
+                self.with_sems(Some(set), |sems| sems.on_recall(node, set))
+            }
             Notice::SegmentGone { .. } | Notice::KeyReplica { .. } => {}
         }
         self.drain_sems();

@@ -6,7 +6,7 @@ mod clients;
 pub mod config;
 mod core;
 mod peers;
-mod sems;
+pub mod sems;
 #[cfg(test)]
 mod sems_sim;
 mod store;

@@ -6,10 +6,21 @@
 //! The daemon carries the notices and wakes the waiting connections.
 //!
 //! Every operation sent to a home ends with exactly one result: `Done`,
-//! `Failed(errno)` or `Cancelled`. A cancel races the operation only at the
-//! home, which decides once: a waiter still queued is withdrawn (nothing of
-//! it applied), one that already finished keeps its result. Links are FIFO,
-//! so a result sent before a cancel arrives is never overtaken.
+//! `Failed(errno)` or `Cancelled`. A cancel races the operation only where
+//! the set is arbitrated, which decides once: a waiter still queued is
+//! withdrawn (nothing of it applied), one that already finished keeps its
+//! result. Links are FIFO, so a result sent before a cancel arrives is
+//! never overtaken.
+//!
+//! Lending (the adaptive home of DESIGN.md §4): when the last
+//! [`LEND_AFTER`] operations on a quiet set all came from one other node,
+//! the home lends the set to it: that node then arbitrates it, locally (and
+//! through its fast path). Identity stays at the home: requests still go
+//! there. A request for a lent set waits at the home, which recalls the
+//! set and serves it, in order, once the set is back. So the borrower only
+//! ever applies its own processes' operations, and if it dies the home
+//! takes back the set as it lent it (only the dead node's own changes since
+//! are lost), applies the dead processes' undo, and serves what waited.
 
 use crate::ids::{NodeId, SemSetId};
 use crate::semregion::Snapshot;
@@ -25,6 +36,35 @@ pub enum SemAction {
     Send(NodeId, Notice),
     /// An operation this node sent has ended.
     Complete { wait: u64, result: SemResult },
+    /// The set is now arbitrated here: give it a fast path.
+    Arbitrating(SemSetId),
+}
+
+/// Operations in a row from one other node after which its home lends it
+/// a quiet set.
+pub const LEND_AFTER: u32 = 16;
+
+/// A set homed here, lent to another node.
+struct Lent {
+    to: NodeId,
+    /// The set as lent: what the home takes back if the borrower dies.
+    copy: SemSet,
+    /// Requests that arrived since, in order: served when the set is back.
+    pending: Vec<Notice>,
+    recalled: bool,
+}
+
+/// Where a request about a set is served.
+enum Route {
+    Here,
+    /// Lent: it waits here until the set is back.
+    Queue,
+    /// Not arbitrated here: send it to the home.
+    Home(NodeId),
+    /// No such set.
+    Nowhere,
+    /// From a node declared lost: nobody waits for it any more.
+    Dropped,
 }
 
 /// Bits of an engine wait id below the requesting node's id.
@@ -60,7 +100,18 @@ fn result_of(r: Result<(), i32>) -> SemResult {
 pub struct SemService {
     me: NodeId,
     limits: SemLimits,
+    /// The sets arbitrated here: homed here and not lent, or borrowed.
     sets: BTreeMap<SemSetId, SemSet>,
+    /// Sets homed here and lent to another node.
+    lent: BTreeMap<SemSetId, Lent>,
+    /// Per set homed here: the node of the last operations and how many in
+    /// a row came from it.
+    streaks: HashMap<SemSetId, (NodeId, u32)>,
+    lend_after: u32,
+    /// Nodes declared lost (until a new life of one joins): requests that
+    /// still arrive from them, forwarded or sent back, are dropped, and
+    /// their processes' undo applies wherever a set is arbitrated.
+    lost: BTreeSet<NodeId>,
     /// Operations sent from this node that have not ended: the set each
     /// waits at.
     outstanding: HashMap<u64, SemSetId>,
@@ -77,11 +128,20 @@ impl SemService {
             me,
             limits,
             sets: BTreeMap::new(),
+            lent: BTreeMap::new(),
+            streaks: HashMap::new(),
+            lend_after: LEND_AFTER,
+            lost: BTreeSet::new(),
             outstanding: HashMap::new(),
             next_wait: 1,
             undo_sets: HashMap::new(),
             actions: VecDeque::new(),
         }
+    }
+
+    /// Lend sets after `n` operations in a row from one node (0: never).
+    pub fn set_lend_after(&mut self, n: u32) {
+        self.lend_after = n;
     }
 
     pub fn poll_action(&mut self) -> Option<SemAction> {
@@ -93,7 +153,11 @@ impl SemService {
     }
 
     pub fn sets_homed(&self) -> usize {
-        self.sets.len()
+        self.sets
+            .keys()
+            .filter(|id| id.home() == Some(self.me))
+            .count()
+            + self.lent.len()
     }
 
     /// The fast path changed set `id` while the daemon did not hold it:
@@ -157,10 +221,17 @@ impl SemService {
         creator: &Credentials,
         now: i64,
     ) -> Result<(), i32> {
-        if self.sets.len() >= self.limits.semmni {
+        if self.sets_homed() >= self.limits.semmni {
             return Err(libc::ENOSPC);
         }
-        let total: i64 = self.sets.values().map(|s| s.nsems() as i64).sum();
+        let me = self.me;
+        let total: i64 = self
+            .sets
+            .iter()
+            .filter(|(id, _)| id.home() == Some(me))
+            .map(|(_, s)| s.nsems() as i64)
+            .chain(self.lent.values().map(|l| l.copy.nsems() as i64))
+            .sum();
         if total + i64::from(nsems.max(0)) > self.limits.semmns {
             return Err(libc::ENOSPC);
         }
@@ -178,9 +249,12 @@ impl SemService {
         flags: i32,
         cred: &Credentials,
     ) -> Result<(), i32> {
-        match self.sets.get(&id) {
-            Some(set) => set.open(nsems, flags, cred),
-            None => Err(libc::EIDRM),
+        // A lent set's permissions cannot change while it is lent (IPC_SET
+        // recalls it), so the copy answers.
+        match (self.sets.get(&id), self.lent.get(&id)) {
+            (Some(set), _) if id.home() == Some(self.me) => set.open(nsems, flags, cred),
+            (_, Some(lent)) => lent.copy.open(nsems, flags, cred),
+            _ => Err(libc::EIDRM),
         }
     }
 
@@ -199,6 +273,14 @@ impl SemService {
         now: i64,
     ) -> RpcResponse {
         use RpcResponse as R;
+        if self.lent.contains_key(&id) {
+            // Served once the set is back; the caller asks again.
+            self.recall(id);
+            return R::Moving;
+        }
+        if id.home() != Some(self.me) {
+            return R::Err(libc::EINVAL);
+        }
         let Some(set) = self.sets.get_mut(&id) else {
             return R::Err(libc::EINVAL);
         };
@@ -218,7 +300,7 @@ impl SemService {
             SemCtl::SetVal { semnum, value } => done(set.setval(semnum, value, &caller, now)),
             SemCtl::SetAll { values } => done(set.setall(&values, &caller, now)),
             SemCtl::Stat => match set.stat(cred) {
-                Ok(_) => R::SemStat(Self::stat_of(self.me, id, set)),
+                Ok(_) => R::SemStat(Self::stat_of(self.me, self.me, id, set)),
                 Err(e) => R::Err(e),
             },
             SemCtl::Set { uid, gid, mode } => done(set.set(cred, uid, gid, mode, now)),
@@ -238,7 +320,7 @@ impl SemService {
         reply
     }
 
-    fn stat_of(me: NodeId, id: SemSetId, set: &SemSet) -> SemSetStat {
+    fn stat_of(me: NodeId, arbiter: NodeId, id: SemSetId, set: &SemSet) -> SemSetStat {
         let info = set.info();
         SemSetStat {
             id: id.0,
@@ -247,24 +329,35 @@ impl SemService {
             ctime: info.ctime,
             nsems: info.nsems as u32,
             home: me.0,
+            arbiter: arbiter.0,
         }
     }
 
-    /// Every set homed here (for `ipcs`).
+    /// Every set homed here (for `ipcs`; a lent set as it was lent).
     pub fn list(&self) -> Vec<SemSetStat> {
-        self.sets
+        let mut all: Vec<SemSetStat> = self
+            .sets
             .iter()
-            .map(|(id, set)| Self::stat_of(self.me, *id, set))
-            .collect()
+            .filter(|(id, _)| id.home() == Some(self.me))
+            .map(|(id, set)| Self::stat_of(self.me, self.me, *id, set))
+            .chain(
+                self.lent
+                    .iter()
+                    .map(|(id, l)| Self::stat_of(self.me, l.to, *id, &l.copy)),
+            )
+            .collect();
+        all.sort_by_key(|s| s.id);
+        all
     }
 
     // ---- home side: operations --------------------------------------------------
 
-    /// A `semop` arrived from node `from` (this node included).
+    /// A `semop` of process `pid` of node `origin` (this node included),
+    /// as its wait `wait`.
     #[allow(clippy::too_many_arguments)]
     pub fn on_op(
         &mut self,
-        from: NodeId,
+        origin: NodeId,
         wait: u64,
         id: SemSetId,
         sops: &[SemBuf],
@@ -272,13 +365,36 @@ impl SemService {
         cred: Credentials,
         now: i64,
     ) {
-        let key = engine_wait(from, wait);
+        let key = engine_wait(origin, wait);
+        let notice = || Notice::SemOp {
+            origin,
+            wait,
+            set: id,
+            sops: sops.to_vec(),
+            pid,
+            cred: cred.clone(),
+        };
+        match self.route(id, origin) {
+            Route::Here => {}
+            Route::Queue => {
+                self.queue(id, notice());
+                return;
+            }
+            Route::Home(home) => {
+                self.actions.push_back(SemAction::Send(home, notice()));
+                return;
+            }
+            Route::Nowhere => {
+                self.answer(key, SemResult::Failed(libc::EINVAL));
+                return;
+            }
+            Route::Dropped => return,
+        }
         let Some(set) = self.sets.get_mut(&id) else {
-            self.answer(key, SemResult::Failed(libc::EINVAL));
             return;
         };
         let caller = Caller {
-            process: process_of(from, pid),
+            process: process_of(origin, pid),
             pid,
             cred,
         };
@@ -290,29 +406,301 @@ impl SemService {
             Ok(SemopOutcome::Blocked { .. }) => {}
             Err(e) => self.answer(key, SemResult::Failed(e)),
         }
+        self.consider_lending(id, origin);
     }
 
     /// The requester withdraws `wait`. If it still waits, it ends
     /// `Cancelled`; if it already ended, its result is on its way.
-    pub fn on_cancel(&mut self, from: NodeId, id: SemSetId, wait: u64) {
-        let key = engine_wait(from, wait);
-        if let Some(set) = self.sets.get_mut(&id) {
-            if set.cancel(key) {
-                self.answer(key, SemResult::Cancelled);
+    pub fn on_cancel(&mut self, origin: NodeId, id: SemSetId, wait: u64) {
+        let notice = Notice::SemCancel {
+            origin,
+            set: id,
+            wait,
+        };
+        match self.route(id, origin) {
+            Route::Here => {
+                let key = engine_wait(origin, wait);
+                let withdrawn = self.sets.get_mut(&id).is_some_and(|set| set.cancel(key));
+                if withdrawn {
+                    self.answer(key, SemResult::Cancelled);
+                } else if origin == self.me && id.home() != Some(self.me) {
+                    // A borrower's own op sent to the home before the set
+                    // came here may still wait there.
+                    if let Some(home) = id.home() {
+                        self.actions.push_back(SemAction::Send(
+                            home,
+                            Notice::SemCancel {
+                                origin,
+                                set: id,
+                                wait,
+                            },
+                        ));
+                    }
+                }
+            }
+            Route::Queue => self.queue(id, notice),
+            Route::Home(home) => self.actions.push_back(SemAction::Send(home, notice)),
+            Route::Nowhere | Route::Dropped => {}
+        }
+    }
+
+    /// Process `pid` of node `origin` exited: its undo adjustments apply
+    /// and its waiters end.
+    pub fn on_process_exited(&mut self, origin: NodeId, id: SemSetId, pid: i32, now: i64) {
+        let notice = Notice::SemProcessExited {
+            origin,
+            set: id,
+            pid,
+        };
+        match self.route(id, origin) {
+            Route::Here => {}
+            Route::Queue => {
+                self.queue(id, notice);
+                return;
+            }
+            Route::Home(home) => {
+                self.actions.push_back(SemAction::Send(home, notice));
+                return;
+            }
+            Route::Nowhere | Route::Dropped => return,
+        }
+        let Some(set) = self.sets.get_mut(&id) else {
+            return;
+        };
+        for w in set.process_exited(process_of(origin, pid), now) {
+            self.answer(w, SemResult::Cancelled);
+        }
+        self.deliver_finished(id);
+    }
+
+    /// Where a request about set `id` from node `origin` is served. A
+    /// borrower gives the set back at the first request of another node.
+    fn route(&mut self, id: SemSetId, origin: NodeId) -> Route {
+        if self.lost.contains(&origin) {
+            return Route::Dropped;
+        }
+        let home = id.home();
+        if self.sets.contains_key(&id) {
+            if home != Some(self.me) && origin != self.me {
+                self.give_back(id);
+                return home.map_or(Route::Nowhere, Route::Home);
+            }
+            return Route::Here;
+        }
+        if self.lent.contains_key(&id) {
+            return Route::Queue;
+        }
+        match home {
+            Some(h) if h != self.me => Route::Home(h),
+            _ => Route::Nowhere,
+        }
+    }
+
+    // ---- lending -------------------------------------------------------------------
+
+    /// A request for a lent set: keep it, and have the set come back.
+    fn queue(&mut self, id: SemSetId, notice: Notice) {
+        self.recall(id);
+        if let Some(lent) = self.lent.get_mut(&id) {
+            lent.pending.push(notice);
+        }
+    }
+
+    fn recall(&mut self, id: SemSetId) {
+        if let Some(lent) = self.lent.get_mut(&id) {
+            if !lent.recalled {
+                lent.recalled = true;
+                let to = lent.to;
+                self.actions
+                    .push_back(SemAction::Send(to, Notice::SemRecall { set: id }));
             }
         }
     }
 
-    /// Process `pid` of node `from` exited: its undo adjustments apply and
-    /// its waiters end.
-    pub fn on_process_exited(&mut self, from: NodeId, id: SemSetId, pid: i32, now: i64) {
+    /// The set is back here: serve what waited for it, in order.
+    fn serve_pending(&mut self, pending: Vec<Notice>, now: i64) {
+        for notice in pending {
+            match notice {
+                Notice::SemOp {
+                    origin,
+                    wait,
+                    set,
+                    sops,
+                    pid,
+                    cred,
+                } => self.on_op(origin, wait, set, &sops, pid, cred, now),
+                Notice::SemCancel { origin, set, wait } => self.on_cancel(origin, set, wait),
+                Notice::SemProcessExited { origin, set, pid } => {
+                    self.on_process_exited(origin, set, pid, now)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// After an operation from `origin` on a set homed here: lend the set to
+    /// `origin` once it alone has used it for a while.
+    fn consider_lending(&mut self, id: SemSetId, origin: NodeId) {
+        if id.home() != Some(self.me) || self.lend_after == 0 {
+            return;
+        }
+        let streak = self.streaks.entry(id).or_insert((origin, 0));
+        if streak.0 == origin {
+            streak.1 += 1;
+        } else {
+            *streak = (origin, 1);
+        }
+        if origin == self.me || streak.1 < self.lend_after {
+            return;
+        }
+        if !self.sets.get(&id).is_some_and(SemSet::is_quiet) {
+            return;
+        }
+        let Some(set) = self.sets.remove(&id) else {
+            return;
+        };
+        self.streaks.remove(&id);
+        self.actions.push_back(SemAction::Send(
+            origin,
+            Notice::SemLend {
+                set: id,
+                state: Box::new(set.clone()),
+            },
+        ));
+        self.lent.insert(
+            id,
+            Lent {
+                to: origin,
+                copy: set,
+                pending: Vec::new(),
+                recalled: false,
+            },
+        );
+    }
+
+    /// The home lent us a set.
+    pub fn on_lend(&mut self, from: NodeId, id: SemSetId, state: SemSet) {
+        if id.home() != Some(from) || self.sets.contains_key(&id) {
+            tracing::warn!(
+                ?from,
+                ?id,
+                "refusing a set lent by a node that is not its home"
+            );
+            return;
+        }
+        if !state.is_consistent(&self.limits) {
+            // Sent straight back: the home then checks it and keeps its copy.
+            tracing::warn!(?from, ?id, "refusing an inconsistent lent set");
+            self.actions.push_back(SemAction::Send(
+                from,
+                Notice::SemReturn {
+                    set: id,
+                    state: Box::new(state),
+                },
+            ));
+            return;
+        }
+        self.sets.insert(id, state);
+        self.purge_lost(id, 0);
+        self.actions.push_back(SemAction::Arbitrating(id));
+    }
+
+    /// The borrower applied the exit of its process `pid`. Ops of that
+    /// process sent before the set reached it may wait here: the exit must
+    /// then follow them.
+    pub fn on_exit_applied(&mut self, from: NodeId, id: SemSetId, pid: i32) {
+        let Some(lent) = self.lent.get_mut(&id) else {
+            return;
+        };
+        let behind_ops = lent.to == from
+            && lent.pending.iter().any(|n| {
+                matches!(n, Notice::SemOp { origin, pid: p, .. } if *origin == from && *p == pid)
+            });
+        if behind_ops {
+            lent.pending.push(Notice::SemProcessExited {
+                origin: from,
+                set: id,
+                pid,
+            });
+        }
+    }
+
+    /// The home wants its set back (a `semctl`).
+    pub fn on_recall(&mut self, from: NodeId, id: SemSetId) {
+        if id.home() == Some(from) && self.sets.contains_key(&id) {
+            self.give_back(id);
+        }
+    }
+
+    fn give_back(&mut self, id: SemSetId) {
+        let (Some(home), Some(set)) = (id.home(), self.sets.remove(&id)) else {
+            return;
+        };
+        self.actions.push_back(SemAction::Send(
+            home,
+            Notice::SemReturn {
+                set: id,
+                state: Box::new(set),
+            },
+        ));
+    }
+
+    /// A borrower gave a set back.
+    pub fn on_return(&mut self, from: NodeId, id: SemSetId, state: SemSet, now: i64) {
+        let Some(lent) = self.lent.remove(&id) else {
+            tracing::warn!(?from, ?id, "a set returned that was not lent");
+            return;
+        };
+        if lent.to != from {
+            tracing::warn!(?from, ?id, "a set returned by a node it was not lent to");
+            self.lent.insert(id, lent);
+            return;
+        }
+        let state = if state.is_consistent(&self.limits) {
+            state
+        } else {
+            tracing::warn!(
+                ?from,
+                ?id,
+                "an inconsistent set came back; keeping the lent copy"
+            );
+            lent.copy.clone()
+        };
+        self.sets.insert(id, state);
+        self.purge_lost(id, now);
+        self.actions.push_back(SemAction::Arbitrating(id));
+        self.deliver_finished(id);
+        self.serve_pending(lent.pending, now);
+    }
+
+    /// Drop the waiters of lost nodes from a set and apply their
+    /// processes' undo adjustments (a set that was elsewhere when a node
+    /// was lost may still hold them).
+    fn purge_lost(&mut self, id: SemSetId, now: i64) {
+        let lost = &self.lost;
         let Some(set) = self.sets.get_mut(&id) else {
             return;
         };
-        for w in set.process_exited(process_of(from, pid), now) {
-            self.answer(w, SemResult::Cancelled);
+        let waits: Vec<WaitId> = set
+            .waiting_ids()
+            .filter(|w| lost.contains(&wait_origin(*w).0))
+            .collect();
+        for w in waits {
+            set.cancel(w);
+        }
+        let processes: Vec<u64> = set
+            .undo_processes()
+            .filter(|p| lost.contains(&process_node(*p)))
+            .collect();
+        for p in processes {
+            let _ = set.process_exited(p, now);
         }
         self.deliver_finished(id);
+    }
+
+    /// A node joined (again, as a new life): its requests count again.
+    pub fn peer_up(&mut self, node: NodeId) {
+        self.lost.remove(&node);
     }
 
     /// Send every result the set produced to whoever waits for it.
@@ -347,19 +735,10 @@ impl SemService {
         let wait = self.next_wait;
         self.next_wait += 1;
         self.outstanding.insert(wait, id);
-        match id.home() {
-            Some(home) if home == self.me => self.on_op(home, wait, id, &sops, pid, cred, now),
-            Some(home) => self.actions.push_back(SemAction::Send(
-                home,
-                Notice::SemOp {
-                    wait,
-                    set: id,
-                    sops,
-                    pid,
-                    cred,
-                },
-            )),
-            None => self.complete(wait, SemResult::Failed(libc::EINVAL)),
+        if id.home().is_none() {
+            self.complete(wait, SemResult::Failed(libc::EINVAL));
+        } else {
+            self.on_op(self.me, wait, id, &sops, pid, cred, now);
         }
         wait
     }
@@ -369,13 +748,7 @@ impl SemService {
         let Some(id) = self.outstanding.get(&wait).copied() else {
             return;
         };
-        match id.home() {
-            Some(home) if home == self.me => self.on_cancel(home, id, wait),
-            Some(home) => self
-                .actions
-                .push_back(SemAction::Send(home, Notice::SemCancel { set: id, wait })),
-            None => {}
-        }
+        self.on_cancel(self.me, id, wait);
     }
 
     /// A home answered an operation of ours.
@@ -404,13 +777,15 @@ impl SemService {
     /// applies them.
     pub fn local_process_exited(&mut self, pid: i32, now: i64) {
         for id in self.undo_sets.remove(&pid).unwrap_or_default() {
-            match id.home() {
-                Some(home) if home == self.me => self.on_process_exited(home, id, pid, now),
-                Some(home) => self.actions.push_back(SemAction::Send(
+            let borrowed = self.sets.contains_key(&id) && id.home() != Some(self.me);
+            self.on_process_exited(self.me, id, pid, now);
+            if let (true, Some(home)) = (borrowed, id.home()) {
+                // Ops of the process sent to the home before the set came
+                // here may wait there: the exit must follow them.
+                self.actions.push_back(SemAction::Send(
                     home,
-                    Notice::SemProcessExited { set: id, pid },
-                )),
-                None => {}
+                    Notice::SemExitApplied { set: id, pid },
+                ));
             }
         }
     }
@@ -421,6 +796,7 @@ impl SemService {
     /// sets are gone), and at the sets homed here its processes' waiters
     /// vanish and their undo adjustments apply, as if they had all exited.
     pub fn peer_lost(&mut self, node: NodeId, now: i64) {
+        self.lost.insert(node);
         let mut ended: Vec<u64> = self
             .outstanding
             .iter()
@@ -431,26 +807,29 @@ impl SemService {
         for wait in ended {
             self.complete(wait, SemResult::Failed(libc::EIDRM));
         }
+        // Sets it lent us went with it.
+        self.sets.retain(|id, _| id.home() != Some(node));
+        // Sets we lent it come back as they were lent; what waited for
+        // them is served after its processes' undo.
+        let taken_back: Vec<SemSetId> = self
+            .lent
+            .iter()
+            .filter(|(_, l)| l.to == node)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut pending = Vec::new();
+        for id in &taken_back {
+            if let Some(lent) = self.lent.remove(id) {
+                self.sets.insert(*id, lent.copy);
+                self.actions.push_back(SemAction::Arbitrating(*id));
+                pending.extend(lent.pending);
+            }
+        }
         let ids: Vec<SemSetId> = self.sets.keys().copied().collect();
         for id in ids {
-            let Some(set) = self.sets.get_mut(&id) else {
-                continue;
-            };
-            let waits: Vec<WaitId> = set
-                .waiting_ids()
-                .filter(|w| wait_origin(*w).0 == node)
-                .collect();
-            for w in waits {
-                set.cancel(w);
-            }
-            let processes: Vec<u64> = set
-                .undo_processes()
-                .filter(|p| process_node(*p) == node)
-                .collect();
-            for p in processes {
-                let _ = set.process_exited(p, now);
-            }
-            self.deliver_finished(id);
+            self.purge_lost(id, now);
         }
+        // (The dead node's own requests are dropped by `route`.)
+        self.serve_pending(pending, now);
     }
 }

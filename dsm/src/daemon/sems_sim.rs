@@ -58,8 +58,15 @@ impl World {
             semopm: 32,
             semmni: 32,
         };
+        let mut rng = Rng::new(seed);
+        // Lend after 1 to 4 operations in a row (often), or never.
+        let lend_after = rng.below(5) as u32;
         let mut services: BTreeMap<NodeId, SemService> = (1..=NODES)
-            .map(|n| (NodeId(n), SemService::new(NodeId(n), limits)))
+            .map(|n| {
+                let mut s = SemService::new(NodeId(n), limits);
+                s.set_lend_after(lend_after);
+                (NodeId(n), s)
+            })
             .collect();
         let set = IpcId::new(HOME, 7);
         let home = services.get_mut(&HOME).expect("home");
@@ -73,7 +80,7 @@ impl World {
         );
         assert_eq!(reply, crate::wire::RpcResponse::Ok);
         World {
-            rng: Rng::new(seed),
+            rng,
             services,
             links: BTreeMap::new(),
             ops: BTreeMap::new(),
@@ -101,6 +108,7 @@ impl World {
                         self.links.entry((node, to)).or_default().push_back(notice);
                     }
                 }
+                SemAction::Arbitrating(id) => self.log.push(format!("{node:?} arbitrates {id:?}")),
                 SemAction::Complete { wait, result } => {
                     self.log
                         .push(format!("{node:?} wait {wait} ended {result:?}"));
@@ -284,15 +292,22 @@ impl World {
         let service = self.services.get_mut(&to).ok_or("no service")?;
         match notice {
             Notice::SemOp {
+                origin,
                 wait,
                 set,
                 sops,
                 pid,
                 cred,
-            } => service.on_op(from, wait, set, &sops, pid, cred, 0),
-            Notice::SemCancel { set, wait } => service.on_cancel(from, set, wait),
+            } => service.on_op(origin, wait, set, &sops, pid, cred, 0),
+            Notice::SemCancel { origin, set, wait } => service.on_cancel(origin, set, wait),
             Notice::SemResult { wait, result } => service.on_result(from, wait, result),
-            Notice::SemProcessExited { set, pid } => service.on_process_exited(from, set, pid, 0),
+            Notice::SemProcessExited { origin, set, pid } => {
+                service.on_process_exited(origin, set, pid, 0)
+            }
+            Notice::SemLend { set, state } => service.on_lend(from, set, *state),
+            Notice::SemReturn { set, state } => service.on_return(from, set, *state, 0),
+            Notice::SemRecall { set } => service.on_recall(from, set),
+            Notice::SemExitApplied { set, pid } => service.on_exit_applied(from, set, pid),
             other => return Err(format!("unexpected notice {other:?}")),
         }
         self.drain(to)
@@ -339,6 +354,16 @@ impl World {
             }
         }
         while self.deliver_one()? {}
+        // Bring a lent set home (a semctl recalls it) to read it there.
+        for _ in 0..10 {
+            let home = self.services.get_mut(&HOME).ok_or("no home")?;
+            let reply = home.ctl(HOME, self.set, &root(1), SemCtl::Stat, 0);
+            self.drain(HOME)?;
+            if reply != crate::wire::RpcResponse::Moving {
+                break;
+            }
+            while self.deliver_one()? {}
+        }
         self.check(crash)
     }
 
@@ -391,7 +416,12 @@ fn home_values(home: &SemService, set: SemSetId) -> Result<[i64; 2], String> {
 fn run_seed(seed: u64) -> Result<(), String> {
     let mut world = World::new(seed);
     world.run().map_err(|e| {
-        let tail: Vec<&String> = world.log.iter().rev().take(30).collect();
+        let keep = if std::env::var_os("SEM_SIM_FULL_LOG").is_some() {
+            usize::MAX
+        } else {
+            30
+        };
+        let tail: Vec<&String> = world.log.iter().rev().take(keep).collect();
         let tail: Vec<&&String> = tail.iter().rev().collect();
         format!("SEED={seed}: {e}\nlast events:\n{tail:#?}")
     })

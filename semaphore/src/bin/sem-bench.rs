@@ -3,7 +3,10 @@
 //! JSON object.
 //!
 //! * local: uncontended P+V by a process on node 1, set homed on node 1;
-//! * remote: the same by a process on node 2, set homed on node 1;
+//! * remote: the same by a process on node 2, set homed on node 1. After a
+//!   few operations node 1 lends the set to node 2 (its only user), which
+//!   then serves them from its own shared memory; the same figure with
+//!   lending off (`--sem-lend-after 0`) is shown too;
 //! * hand-off: a mutex passed back and forth between a process on node 1
 //!   and one on node 2, set homed on node 1. The mutex is a baton of two
 //!   semaphores (each process takes its own and gives the other's), so
@@ -153,6 +156,13 @@ fn contender(args: &[String]) -> ! {
     std::process::exit(0);
 }
 
+fn connect_to(socket: &std::path::Path) -> Semaphores {
+    Semaphores::connect(socket).unwrap_or_else(|e| {
+        eprintln!("sem-bench: connect: {e}");
+        std::process::exit(1)
+    })
+}
+
 fn row(name: &str, ours: &Stats, kernel: &Stats) {
     println!(
         "{name:<44} {:>10.1} {:>10.1} {:>14.2}",
@@ -171,13 +181,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("sem-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let (sockets, mut daemons) = start_daemons(&dir);
-    let connect = |i: usize| {
-        Semaphores::connect(&sockets[i]).unwrap_or_else(|e| {
-            eprintln!("sem-bench: connect: {e}");
-            std::process::exit(1)
-        })
-    };
-    let (node1, node2) = (connect(0), connect(1));
+    let (node1, node2) = (connect_to(&sockets[0]), connect_to(&sockets[1]));
     let new_set = || {
         node1.get(0, 3, 0o600).unwrap_or_else(|e| {
             eprintln!("sem-bench: semget: {e}");
@@ -220,6 +224,21 @@ fn main() {
     }
     stop(&mut daemons, &dir);
 
+    // Again with lending off: every operation of node 2 crosses to node 1.
+    std::env::set_var("BENCH_SEM_LEND_AFTER", "0");
+    let _ = std::fs::create_dir_all(&dir);
+    let (sockets, mut daemons) = start_daemons(&dir);
+    let (node1, node2) = (connect_to(&sockets[0]), connect_to(&sockets[1]));
+    let fixed_set = node1.get(0, 3, 0o600).unwrap_or_else(|e| {
+        eprintln!("sem-bench: semget: {e}");
+        std::process::exit(1)
+    });
+    pin_to_node(2);
+    let unlent = stats(time_pv(&node2.open(fixed_set.id()), PV_ROUNDS / 4));
+    unpin();
+    let _ = fixed_set.remove();
+    stop(&mut daemons, &dir);
+
     println!("sem-bench: two dsmd on loopback, one per CPU; mode: {mode}");
     println!(
         "{:<44} {:>10} {:>10} {:>14}",
@@ -231,14 +250,19 @@ fn main() {
         &remote,
         &kernel,
     );
+    row(
+        "  the same, lending off (--sem-lend-after 0)",
+        &unlent,
+        &kernel,
+    );
     println!(
         "{:<44} {:>21.0} {:>14.0}",
         "mutex hand-offs between 2 nodes, per s", handoff_per_s, kernel_handoff_per_s
     );
     println!(
-        "{{\"mode\":\"{}\",\"semop_local_p50_us\":{:.2},\"semop_local_p99_us\":{:.2},\"semop_remote_p50_us\":{:.2},\"semop_remote_p99_us\":{:.2},\"handoff_per_s\":{:.0},\"kernel_semop_p50_us\":{:.2},\"kernel_handoff_per_s\":{:.0}}}",
+        "{{\"mode\":\"{}\",\"semop_local_p50_us\":{:.2},\"semop_local_p99_us\":{:.2},\"semop_remote_p50_us\":{:.2},\"semop_remote_p99_us\":{:.2},\"semop_remote_unlent_p50_us\":{:.2},\"semop_remote_unlent_p99_us\":{:.2},\"handoff_per_s\":{:.0},\"kernel_semop_p50_us\":{:.2},\"kernel_handoff_per_s\":{:.0}}}",
         if mode.starts_with("cpu_dma") { "low-latency" } else { "default" },
-        local.p50_us, local.p99_us, remote.p50_us, remote.p99_us, handoff_per_s,
+        local.p50_us, local.p99_us, remote.p50_us, remote.p99_us, unlent.p50_us, unlent.p99_us, handoff_per_s,
         kernel.p50_us, kernel_handoff_per_s
     );
 }
