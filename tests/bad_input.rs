@@ -433,3 +433,171 @@ fn bad_command_lines_fail_with_one_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Semaphore requests from fake clients and fake peers: the kernel's errno
+/// or nothing at all, the set unchanged, the daemon still serving.
+#[test]
+fn bad_semaphore_requests_change_nothing() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start cluster");
+    let sems = semaphore::Semaphores::connect(cluster.socket(2)).unwrap();
+    let set = sems.get(0, 2, 0o600).unwrap();
+    set.set_all(&[0, 5]).unwrap();
+    let connect = || {
+        let s = UnixStream::connect(cluster.socket(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    };
+    let sop = |num: u16, op: i16| semaphore::SemBuf { num, op, flags: 0 };
+    let semop = |id: i32, sops: Vec<semaphore::SemBuf>| ClientRequest::SemOp {
+        id,
+        sops,
+        timeout_ns: None,
+        euid: 0,
+        egid: 0,
+    };
+
+    // Unknown ids and bad arrays: the errno Linux gives.
+    let mut s = connect();
+    let foreign = IpcId::new(NodeId(99), 5).0;
+    let cases = [
+        (semop(foreign, vec![sop(0, 1)]), libc::EINVAL),
+        (semop(-3, vec![sop(0, 1)]), libc::EINVAL),
+        (semop(set.id(), vec![sop(7, 1)]), libc::EFBIG),
+        (semop(set.id(), vec![]), libc::EINVAL),
+        (semop(set.id(), vec![sop(1, i16::MAX)]), libc::ERANGE),
+        (ClientRequest::SemRegion { id: foreign }, libc::ENOENT),
+        (
+            ClientRequest::SemCtl {
+                id: set.id(),
+                cmd: wire::SemCtl::SetVal {
+                    semnum: 2,
+                    value: 1,
+                },
+            },
+            libc::EINVAL,
+        ),
+        (
+            ClientRequest::SemGet {
+                key: 0,
+                nsems: -1,
+                flags: 0o1600,
+            },
+            libc::EINVAL,
+        ),
+    ];
+    // A cancel with nothing pending is ignored, not answered.
+    s.write_all(&wire::encode_client(99, &ClientRequest::SemCancel))
+        .unwrap();
+    for (i, (req, errno)) in cases.into_iter().enumerate() {
+        let reply = client_call(&mut s, i as u64 + 1, &req);
+        assert_eq!(reply, ClientReply::Err(errno), "{req:?}");
+    }
+
+    // A client that sends another request while its semop waits is cut
+    // off, and its operation withdrawn; so is one that vanishes.
+    let mut s = connect();
+    s.write_all(&wire::encode_client(1, &semop(set.id(), vec![sop(0, -1)])))
+        .unwrap();
+    let mut other = connect();
+    other
+        .write_all(&wire::encode_client(1, &semop(set.id(), vec![sop(0, -1)])))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while set.get_ncnt(0).unwrap() != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waits never queued"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    s.write_all(&wire::encode_client(2, &ClientRequest::Nodes))
+        .unwrap();
+    assert!(closed_by_peer(&mut s));
+    drop(other);
+    while set.get_ncnt(0).unwrap() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waits were not withdrawn"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(set.get_all().unwrap(), vec![0, 5]);
+
+    // A fake peer (a new life of node 1, after node 1 dies) sends
+    // semaphore notices about sets and waits that do not exist, and a set
+    // that does not hold together.
+    cluster.kill(1);
+    let addr = cluster.node(2).listen.clone();
+    let (mut p, accepted) = fake_peer(&addr, 1, None);
+    assert!(accepted, "handshake refused:\n{}", cluster.log(2));
+    let cred = dsm::sysv::Credentials {
+        pid: 1,
+        uid: 0,
+        gid: 0,
+        groups: vec![],
+        cap_ipc_owner: true,
+        cap_sys_admin: true,
+    };
+    let notices = [
+        wire::Notice::SemOp {
+            origin: NodeId(1),
+            wait: 5,
+            set: IpcId::new(NodeId(2), 4242),
+            sops: vec![sop(0, 1)],
+            pid: 1,
+            cred: cred.clone(),
+        },
+        wire::Notice::SemResult {
+            wait: 77,
+            result: wire::SemResult::Done,
+        },
+        wire::Notice::SemReturn {
+            set: IpcId(set.id()),
+            state: Box::new(
+                semaphore::engine::SemSet::create(
+                    0,
+                    1,
+                    0o600,
+                    &cred,
+                    &semaphore::engine::SemLimits::from_proc(),
+                    0,
+                )
+                .unwrap(),
+            ),
+        },
+        wire::Notice::SemCancel {
+            origin: NodeId(1),
+            set: IpcId(set.id()),
+            wait: 1234,
+        },
+        wire::Notice::SemProcessExited {
+            origin: NodeId(1),
+            set: IpcId(set.id()),
+            pid: 4321,
+        },
+        wire::Notice::SemRecall {
+            set: IpcId(set.id()),
+        },
+    ];
+    for n in notices {
+        write_peer_frame(&mut p, &wire::encode_control(&Control::Notice(n)));
+    }
+    loop {
+        match read_peer_frame(&mut p).expect("no answer to the unknown set") {
+            PeerFrame::Control(Control::Notice(wire::Notice::SemResult { wait: 5, result })) => {
+                assert_eq!(result, wire::SemResult::Failed(libc::EINVAL));
+                break;
+            }
+            _ => continue,
+        }
+    }
+    assert_eq!(
+        set.get_all().unwrap(),
+        vec![0, 5],
+        "a fake notice changed the set"
+    );
+    still_serves(&cluster, 2);
+}
