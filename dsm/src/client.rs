@@ -20,7 +20,9 @@ use crate::memfd::Mapping;
 use crate::sysv::ShmStat;
 pub use crate::sysv::{IPC_CREAT, IPC_EXCL};
 use crate::uffd;
-use crate::wire::{self, AttachmentRecord, ClientReply, ClientRequest, NodeInfo, NodeStatus};
+use crate::wire::{
+    self, AttachmentRecord, ClientReply, ClientRequest, NodeInfo, NodeStatus, SemSetStat,
+};
 use parking_lot::Mutex;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -341,6 +343,16 @@ impl Client {
     pub fn ipcs(&self) -> Result<Vec<ShmStat>, Error> {
         match self.call(&ClientRequest::Ipcs)? {
             ClientReply::Segments(s) => Ok(s),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Every semaphore set of the cluster, like `ipcs -s` (the semaphore
+    /// crate's `Semaphores` works on them).
+    pub fn sem_ipcs(&self) -> Result<Vec<SemSetStat>, Error> {
+        match self.call(&ClientRequest::SemIpcs)? {
+            ClientReply::SemSets(list) => Ok(list),
             ClientReply::Err(e) => Err(Error::Errno(e)),
             other => Err(Error::Protocol(format!("{other:?}"))),
         }

@@ -76,34 +76,56 @@ fn main() -> ExitCode {
                 );
             }
         }),
-        "ipcs" => client.ipcs().map(|segments| {
-            println!("------ Shared Memory Segments --------");
-            println!(
-                "{:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<5}",
-                "key", "shmid", "owner", "perms", "bytes", "nattch", "status", "home"
-            );
-            for s in segments {
-                let status = if s.perm.mode & SHM_DEST != 0 {
-                    "dest"
-                } else {
-                    ""
-                };
+        "ipcs" => client
+            .ipcs()
+            .map(|segments| {
+                println!("------ Shared Memory Segments --------");
                 println!(
-                    "{:<10} {:<10} {:<10} {:<10o} {:<10} {:<10} {:<10} {:<5}",
-                    format!("{:#010x}", s.perm.key as u32),
-                    s.id,
-                    user_name(s.perm.uid),
-                    s.perm.mode & 0o777,
-                    s.size,
-                    s.nattch,
-                    status,
-                    s.home
+                    "{:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<5}",
+                    "key", "shmid", "owner", "perms", "bytes", "nattch", "status", "home"
                 );
-            }
-        }),
+                for s in segments {
+                    let status = if s.perm.mode & SHM_DEST != 0 {
+                        "dest"
+                    } else {
+                        ""
+                    };
+                    println!(
+                        "{:<10} {:<10} {:<10} {:<10o} {:<10} {:<10} {:<10} {:<5}",
+                        format!("{:#010x}", s.perm.key as u32),
+                        s.id,
+                        user_name(s.perm.uid),
+                        s.perm.mode & 0o777,
+                        s.size,
+                        s.nattch,
+                        status,
+                        s.home
+                    );
+                }
+            })
+            .and_then(|()| client.sem_ipcs())
+            .map(|sets| {
+                println!("\n------ Semaphore Arrays --------");
+                println!(
+                    "{:<10} {:<10} {:<10} {:<10} {:<10} {:<5} {:<7}",
+                    "key", "semid", "owner", "perms", "nsems", "home", "arbiter"
+                );
+                for s in sets {
+                    println!(
+                        "{:<10} {:<10} {:<10} {:<10o} {:<10} {:<5} {:<7}",
+                        format!("{:#010x}", s.perm.key as u32),
+                        s.id,
+                        user_name(s.perm.uid),
+                        s.perm.mode & 0o777,
+                        s.nsems,
+                        s.home,
+                        s.arbiter
+                    );
+                }
+            }),
         _ => client.status().map(|nodes| {
             println!(
-                "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6}",
+                "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9}",
                 "node",
                 "homed",
                 "cached",
@@ -112,11 +134,12 @@ fn main() -> ExitCode {
                 "requests",
                 "bytes_sent",
                 "bytes_recv",
-                "procs"
+                "procs",
+                "sem_sets"
             );
             for s in nodes {
                 println!(
-                    "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6}",
+                    "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9}",
                     s.node,
                     s.segments_homed,
                     s.segments_cached,
@@ -125,7 +148,8 @@ fn main() -> ExitCode {
                     s.remote_requests,
                     s.bytes_sent,
                     s.bytes_received,
-                    s.attached_processes
+                    s.attached_processes,
+                    s.sem_sets_homed
                 );
             }
         }),
