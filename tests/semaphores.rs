@@ -472,3 +472,51 @@ fn a_set_follows_its_only_user_and_survives_the_borrowers_loss() {
         "the lost node's units did not all come back"
     );
 }
+
+/// A process stopped inside a fast-path operation pauses that set only:
+/// the daemon keeps serving everything else, and the set's waiting
+/// requests run once the process goes on, or dies (its half operation
+/// undone).
+#[test]
+fn a_process_stopped_inside_the_fast_path_pauses_only_its_set() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(2).expect("start cluster");
+    let (_sems, set) = set_on(&cluster, 1, 1);
+    let (_other_sems, other) = set_on(&cluster, 1, 5);
+    let id = set.id().to_string();
+    for ending in ["continue", "kill"] {
+        let staller = spawn_sem_role(cluster.socket(1), &["stall", &id]).unwrap();
+        let pid = staller.child.id() as i32;
+        // Wait until it is stopped holding the lock.
+        assert!(eventually(Duration::from_secs(10), || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('T'))
+            })
+        }));
+        // An operation on that set from the other node waits...
+        let waiter = spawn_sem_role(cluster.socket(2), &["p", &id]).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        // ...while the daemon serves everything else (a process on its
+        // node, so that a stuck daemon fails the test instead of hanging it).
+        let served = spawn_sem_role(cluster.socket(1), &["p", &other.id().to_string()]).unwrap();
+        assert_eq!(
+            output(served, Duration::from_secs(10), "an op on another set"),
+            "ok"
+        );
+        other.set_value(0, 5).unwrap();
+        if ending == "continue" {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            output(staller, Duration::from_secs(10), "the staller");
+        } else {
+            drop(staller); // SIGKILL
+        }
+        assert_eq!(output(waiter, Duration::from_secs(10), "the waiter"), "ok");
+        assert_eq!(set.get_value(0).unwrap(), 0);
+        set.set_value(0, 1).unwrap();
+    }
+}

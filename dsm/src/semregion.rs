@@ -272,46 +272,56 @@ impl Region {
     // ---- the daemon side ---------------------------------------------------------
 
     /// Take the values for the daemon (it may already hold them). Waits
-    /// out a process in the middle of an operation; undoes the operation of
-    /// one that died there.
-    pub fn acquire(&self) {
+    /// out a process in the middle of an operation for at most `patience`
+    /// (false then: the process is stopped or starved; the daemon comes
+    /// back later rather than wait on it); undoes the operation of one that
+    /// died there.
+    pub fn try_acquire(&self, patience: std::time::Duration) -> bool {
         let l = self.layout();
+        let started = std::time::Instant::now();
         let mut spins = 0u32;
         loop {
             let holder = l.lock.load(Acquire);
             if holder == DAEMON {
-                return;
+                return true;
             }
             if holder == FREE {
                 if l.lock
                     .compare_exchange(FREE, DAEMON, Acquire, Relaxed)
                     .is_ok()
                 {
-                    return;
+                    return true;
                 }
                 continue;
             }
             spins += 1;
-            if spins.is_multiple_of(1024) && holder_is_gone(holder as i32) {
-                if l.lock
-                    .compare_exchange(holder, DAEMON, Acquire, Relaxed)
-                    .is_ok()
-                {
-                    self.roll_back(l);
-                    tracing::warn!(
-                        pid = holder,
-                        "a process died inside a semaphore operation; undone"
-                    );
-                    return;
-                }
-                continue;
-            }
             if spins.is_multiple_of(64) {
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
+                if holder_is_gone(holder as i32) {
+                    if l.lock
+                        .compare_exchange(holder, DAEMON, Acquire, Relaxed)
+                        .is_ok()
+                    {
+                        self.roll_back(l);
+                        tracing::warn!(
+                            pid = holder,
+                            "a process died inside a semaphore operation; undone"
+                        );
+                        return true;
+                    }
+                    continue;
+                }
+                if started.elapsed() >= patience {
+                    return false;
+                }
             }
+            std::hint::spin_loop();
         }
+    }
+
+    /// Take the values for the daemon, however long it takes.
+    #[cfg(test)]
+    fn acquire(&self) {
+        while !self.try_acquire(std::time::Duration::from_millis(10)) {}
     }
 
     fn roll_back(&self, l: &Layout) {
@@ -342,10 +352,15 @@ impl Region {
         }
     }
 
-    /// For good: processes drop the region and ask the daemon.
+    /// For good: processes drop the region and ask the daemon. The
+    /// daemon holds the values when it retires a region; a process still
+    /// inside an operation sees RETIRED when it next tries.
     pub fn retire(&self) {
-        self.acquire();
         self.layout().state.fetch_or(RETIRED, Release);
+        let _ = self
+            .layout()
+            .lock
+            .compare_exchange(FREE, DAEMON, Acquire, Relaxed);
     }
 
     /// Read the values (the daemon holds them).
@@ -533,6 +548,18 @@ mod tests {
             r.try_semop(&[op(0, -1, 0)], 2, &nobody, 0),
             Fast::Done(Ok(()))
         );
+    }
+
+    #[test]
+    fn a_live_holder_is_waited_for_a_bounded_time() {
+        let r = region(&[3]);
+        // This process "holds" the lock and never lets go.
+        r.layout().lock.store(std::process::id(), Release);
+        let t = std::time::Instant::now();
+        assert!(!r.try_acquire(std::time::Duration::from_millis(2)));
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        r.layout().lock.store(FREE, Release);
+        assert!(r.try_acquire(std::time::Duration::from_millis(2)));
     }
 
     #[test]

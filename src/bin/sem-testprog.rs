@@ -13,6 +13,8 @@
 //!   timed-p-loop SET MS US     P's of US µs timeout each for MS ms; prints
 //!                              how many succeeded
 //!   v SET N [GAP_US]           N V's, with irregular pauses below GAP_US
+//!   stall SET                  take the set's fast-path lock, stop itself
+//!                              (SIGSTOP), and on SIGCONT let go and exit
 //!   probe get KEY NSEMS FLAGS_OCTAL | probe op SET NUM OP | probe setval
 //!     SET NUM VALUE | probe rmid SET | probe perm SET MODE_OCTAL
 //!                              print the result or `errno N`
@@ -136,6 +138,71 @@ fn probe(sems: &Semaphores, args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Take a set's fast-path lock as this process, as if inside an operation,
+/// then stop (SIGSTOP); on SIGCONT let it go and exit. The lock is the
+/// region's first word (`dsm::semregion`); holding it is what a process
+/// stopped at the wrong instant does.
+fn stall(args: &[String]) -> ExitCode {
+    use std::os::unix::net::UnixStream;
+    let id = arg(args, 1) as i32;
+    let Some(path) = std::env::var_os(dsm::client::SOCKET_ENV) else {
+        return fail("no socket".into());
+    };
+    let Ok(mut stream) = UnixStream::connect(path) else {
+        return fail("connect".into());
+    };
+    let call = |stream: &mut UnixStream, n: u64, req: &dsm::wire::ClientRequest| {
+        use std::io::Write;
+        stream.write_all(&dsm::wire::encode_client(n, req)).ok()?;
+        let mut buf = vec![0u8; 4096];
+        let mut fds = Vec::new();
+        let got =
+            dsm::fdpass::recv_with_fds(std::os::fd::AsRawFd::as_raw_fd(stream), &mut buf, &mut fds)
+                .ok()?;
+        let (_, reply): (u64, dsm::wire::ClientReply) =
+            dsm::wire::decode_client(buf.get(4..got)?).ok()?;
+        Some((reply, fds.pop()))
+    };
+    let hello = dsm::wire::ClientRequest::Hello {
+        version: dsm::wire::PROTOCOL_VERSION,
+    };
+    if call(&mut stream, 1, &hello).is_none() {
+        return fail("hello".into());
+    }
+    let Some((_, Some(fd))) = call(&mut stream, 2, &dsm::wire::ClientRequest::SemRegion { id })
+    else {
+        return fail("no region for the set".into());
+    };
+    let Ok(region) = dsm::memfd::Mapping::map(
+        std::os::fd::AsFd::as_fd(&fd),
+        dsm::semregion::REGION_BYTES,
+        true,
+        None,
+    ) else {
+        return fail("map".into());
+    };
+    // SAFETY: the region's first word is its lock, an aligned u32 that is
+    // only ever accessed atomically.
+    let lock = unsafe { &*(region.as_ptr() as *const std::sync::atomic::AtomicU32) };
+    let me = std::process::id();
+    while lock
+        .compare_exchange(
+            0,
+            me,
+            std::sync::atomic::Ordering::Acquire,
+            std::sync::atomic::Ordering::Relaxed,
+        )
+        .is_err()
+    {
+        std::thread::yield_now();
+    }
+    println!("held");
+    // SAFETY: stopping ourselves, as a job-control stop would.
+    unsafe { libc::raise(libc::SIGSTOP) };
+    lock.store(0, std::sync::atomic::Ordering::Release);
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let sems = match Semaphores::connect_default() {
@@ -214,6 +281,7 @@ fn main() -> ExitCode {
             }
         }
         Some("probe") => return probe(&sems, &args),
+        Some("stall") => return stall(&args),
         other => return fail(format!("unknown role {other:?}")),
     }
     ExitCode::SUCCESS

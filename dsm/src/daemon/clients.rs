@@ -471,7 +471,7 @@ impl Session {
                 }
                 _ = &mut timer, if deadline.is_some() && withdrawn.is_none() => {
                     withdrawn = Some(libc::EAGAIN);
-                    self.core.borrow_mut().sem_cancel(wait);
+                    self.core.borrow_mut().sem_cancel(id, wait);
                 }
                 frame = conn.next(), if withdrawn.is_none() => {
                     match frame {
@@ -483,7 +483,7 @@ impl Session {
                         Ok(None) | Err(_) => connection_open = false,
                     }
                     withdrawn = Some(libc::EINTR);
-                    self.core.borrow_mut().sem_cancel(wait);
+                    self.core.borrow_mut().sem_cancel(id, wait);
                 }
             }
         }

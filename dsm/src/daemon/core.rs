@@ -26,6 +26,13 @@ use tokio::sync::{mpsc, oneshot};
 
 pub type SharedCore = Rc<RefCell<Core>>;
 
+/// Work on a set, waiting for a process to let go of its values.
+type DeferredSemWork = Box<dyn FnOnce(&mut SemService)>;
+
+/// How long the daemon waits for a process inside a fast-path semaphore
+/// operation (a few hundred ns when it runs) before deferring the set's work.
+const REGION_PATIENCE: Duration = Duration::from_micros(50);
+
 /// What a peer link is doing.
 pub enum PeerLink {
     /// Never connected yet: frames wait here (bounded) until it is.
@@ -92,6 +99,10 @@ pub struct Core {
     /// The fast path of the sets homed here that have one: their values in
     /// memory shared with the local processes (see `semregion`).
     sem_regions: HashMap<IpcId, (Region, Memfd)>,
+    /// Requests for sets whose values a process holds, in order (see
+    /// [`Core::with_set`]); `sem_retry` wakes the task that retries them.
+    sem_deferred: BTreeMap<IpcId, VecDeque<DeferredSemWork>>,
+    pub sem_retry: Rc<tokio::sync::Notify>,
     next_watch: u64,
     limits: ShmLimits,
     next_seq: u32,
@@ -144,6 +155,8 @@ impl Core {
             sem_waiters: HashMap::new(),
             sem_watched: HashMap::new(),
             sem_regions: HashMap::new(),
+            sem_deferred: BTreeMap::new(),
+            sem_retry: Rc::new(tokio::sync::Notify::new()),
             next_watch: 1,
             limits: ShmLimits::from_proc(),
             // Start the sequence somewhere new each run so a restarted node
@@ -479,7 +492,16 @@ impl Core {
             }
         }
         let now = sysv::now_seconds();
-        self.with_sems(None, |sems| sems.peer_lost(node, now));
+        let ids: Vec<IpcId> = self.sem_regions.keys().copied().collect();
+        let (taken, held): (Vec<IpcId>, Vec<IpcId>) =
+            ids.into_iter().partition(|id| self.take_set(*id));
+        self.sems.peer_lost(node, now, &held);
+        for id in taken {
+            self.put_back_set(id);
+        }
+        for id in held {
+            self.with_set(id, move |sems| sems.purge_lost(id, now));
+        }
         self.drain_sems();
         // Its objects are gone cluster-wide: free their keys here, and
         // mark the copies of them this node holds.
@@ -712,42 +734,109 @@ impl Core {
         }
     }
 
-    /// Run `f` with the fast-path state of set `id` (of every set with a
-    /// region if `None`) taken out of its region first and put back after:
-    /// the daemon holds the values meanwhile, and keeps holding them while
-    /// the set has waiters.
-    fn with_sems<R>(&mut self, id: Option<IpcId>, f: impl FnOnce(&mut SemService) -> R) -> R {
-        let ids: Vec<IpcId> = match id {
-            Some(id) if self.sem_regions.contains_key(&id) => vec![id],
-            Some(_) => vec![],
-            None => self.sem_regions.keys().copied().collect(),
+    /// Take set `id`'s values out of its region (if it has one) into the
+    /// engine; false if a process holds them too long (see `semregion`).
+    fn take_set(&mut self, id: IpcId) -> bool {
+        if self.sem_deferred.contains_key(&id) {
+            return false;
+        }
+        let Some((region, _)) = self.sem_regions.get(&id) else {
+            return true;
         };
-        for id in &ids {
-            if let Some((region, _)) = self.sem_regions.get(id) {
-                region.acquire();
-                self.sems.absorb(*id, &region.load());
+        if !region.try_acquire(REGION_PATIENCE) {
+            return false;
+        }
+        let snap = region.load();
+        self.sems.absorb(id, &snap);
+        true
+    }
+
+    /// Put set `id`'s values back into its region after the engine worked
+    /// on them; the daemon keeps holding them while the set has waiters,
+    /// and retires the region once the set is gone from here.
+    fn put_back_set(&mut self, id: IpcId) {
+        match self.sems.export(id) {
+            Some((snap, perm, waiters)) => {
+                if let Some((region, _)) = self.sem_regions.get(&id) {
+                    region.store(&snap);
+                    region.set_perm(&perm);
+                    if !waiters {
+                        region.release();
+                    }
+                }
             }
+            None => {
+                if let Some((region, _)) = self.sem_regions.remove(&id) {
+                    region.retire();
+                }
+            }
+        }
+    }
+
+    /// Run `f` on the semaphore service with set `id`'s values taken out of
+    /// its region. If a process holds them (stopped inside an operation, or
+    /// starved of CPU), `f` waits, after whatever waits already, until it
+    /// lets go: the set pauses, the daemon does not.
+    fn with_set(&mut self, id: IpcId, f: impl FnOnce(&mut SemService) + 'static) {
+        if self.take_set(id) {
+            f(&mut self.sems);
+            self.put_back_set(id);
+        } else {
+            if !self.sem_deferred.contains_key(&id) {
+                tracing::warn!(?id, "a process holds the set's values; its requests wait");
+            }
+            self.sem_deferred
+                .entry(id)
+                .or_default()
+                .push_back(Box::new(f));
+            self.sem_retry.notify_one();
+        }
+        self.drain_sems();
+    }
+
+    /// Like `with_set`, for a call that must answer now: `None` if the
+    /// set's values are held by a process.
+    fn with_set_now<R>(&mut self, id: IpcId, f: impl FnOnce(&mut SemService) -> R) -> Option<R> {
+        if !self.take_set(id) {
+            return None;
         }
         let out = f(&mut self.sems);
-        for id in &ids {
-            match self.sems.export(*id) {
-                Some((snap, perm, waiters)) => {
-                    if let Some((region, _)) = self.sem_regions.get(id) {
-                        region.store(&snap);
-                        region.set_perm(&perm);
-                        if !waiters {
-                            region.release();
-                        }
-                    }
-                }
-                None => {
-                    if let Some((region, _)) = self.sem_regions.remove(id) {
-                        region.retire();
-                    }
-                }
+        self.put_back_set(id);
+        self.drain_sems();
+        Some(out)
+    }
+
+    /// Run the requests that waited for sets whose values a process held.
+    /// True while some still wait.
+    pub fn retry_deferred_sems(&mut self) -> bool {
+        let ids: Vec<IpcId> = self.sem_deferred.keys().copied().collect();
+        for id in ids {
+            let Some(queue) = self.sem_deferred.remove(&id) else {
+                continue;
+            };
+            if !self.take_set(id) {
+                self.sem_deferred.insert(id, queue);
+                continue;
             }
+            for f in queue {
+                f(&mut self.sems);
+            }
+            self.put_back_set(id);
         }
-        out
+        self.drain_sems();
+        !self.sem_deferred.is_empty()
+    }
+
+    /// Every set homed here, for `ipcs` (a set whose values a process holds
+    /// is shown as the daemon last saw it).
+    fn sem_list(&mut self) -> Vec<wire::SemSetStat> {
+        let ids: Vec<IpcId> = self.sem_regions.keys().copied().collect();
+        let taken: Vec<IpcId> = ids.into_iter().filter(|id| self.take_set(*id)).collect();
+        let list = self.sems.list();
+        for id in taken {
+            self.put_back_set(id);
+        }
+        list
     }
 
     /// The set's region, for a local process that may alter the set.
@@ -775,16 +864,17 @@ impl Core {
         let (tx, rx) = oneshot::channel();
         let pid = cred.pid;
         let now = sysv::now_seconds();
-        let wait = self.with_sems(Some(id), |sems| sems.submit(id, sops, pid, cred, now));
+        let wait = self.sems.reserve_wait();
         self.sem_waiters.insert(wait, tx);
-        self.drain_sems();
+        self.with_set(id, move |sems| {
+            sems.submit_as(wait, id, sops, pid, cred, now)
+        });
         (wait, rx)
     }
 
-    pub fn sem_cancel(&mut self, wait: u64) {
-        let set = self.sems.set_of_wait(wait);
-        self.with_sems(set, |sems| sems.cancel(wait));
-        self.drain_sems();
+    /// Withdraw the `semop` `wait` on set `id` (see [`Core::sem_submit`]).
+    pub fn sem_cancel(&mut self, id: IpcId, wait: u64) {
+        self.with_set(id, move |sems| sems.cancel(wait));
     }
 
     /// Watch a local process that holds undo adjustments; returns the
@@ -804,8 +894,9 @@ impl Core {
         }
         self.sem_watched.remove(&pid);
         let now = sysv::now_seconds();
-        self.with_sems(None, |sems| sems.local_process_exited(pid, now));
-        self.drain_sems();
+        for id in self.sems.take_undo_sets(pid) {
+            self.with_set(id, move |sems| sems.local_process_exited_at(id, pid, now));
+        }
     }
 
     /// Carry out what the semaphore service asked for.
@@ -833,22 +924,20 @@ impl Core {
                 sops,
                 pid,
                 cred,
-            } => self.with_sems(Some(set), |sems| {
+            } => self.with_set(set, move |sems| {
                 sems.on_op(origin, wait, set, &sops, pid, cred, now)
             }),
             Notice::SemCancel { origin, set, wait } => {
-                self.with_sems(Some(set), |sems| sems.on_cancel(origin, set, wait))
+                self.with_set(set, move |sems| sems.on_cancel(origin, set, wait))
             }
             Notice::SemResult { wait, result } => self.sems.on_result(node, wait, result),
-            Notice::SemProcessExited { origin, set, pid } => self.with_sems(Some(set), |sems| {
+            Notice::SemProcessExited { origin, set, pid } => self.with_set(set, move |sems| {
                 sems.on_process_exited(origin, set, pid, now)
             }),
             Notice::SemLend { set, state } => self.sems.on_lend(node, set, *state),
             Notice::SemReturn { set, state } => self.sems.on_return(node, set, *state, now),
             Notice::SemExitApplied { set, pid } => self.sems.on_exit_applied(node, set, pid),
-            Notice::SemRecall { set } => {
-                self.with_sems(Some(set), |sems| sems.on_recall(node, set))
-            }
+            Notice::SemRecall { set } => self.with_set(set, move |sems| sems.on_recall(node, set)),
             Notice::SegmentGone { .. } | Notice::KeyReplica { .. } => {}
         }
         self.drain_sems();
@@ -1023,11 +1112,13 @@ impl Core {
             },
             RpcRequest::SemCtl { id, cred, cmd } => {
                 let now = sysv::now_seconds();
-                let reply = self.with_sems(Some(id), |sems| sems.ctl(from, id, &cred, cmd, now));
+                let reply = self
+                    .with_set_now(id, |sems| sems.ctl(from, id, &cred, cmd, now))
+                    .unwrap_or(RpcResponse::Moving);
                 self.drain_sems();
                 reply
             }
-            RpcRequest::SemList => R::SemSets(self.with_sems(None, |sems| sems.list())),
+            RpcRequest::SemList => R::SemSets(self.sem_list()),
             RpcRequest::SegList => R::Segments(
                 self.homes
                     .iter()

@@ -84,6 +84,20 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     }
     tokio::task::spawn_local(clients::accept_loop(core.clone(), unix));
+    // Semaphore work that waits for a process to let go of a set's values.
+    let retry_core = core.clone();
+    let retry = core.borrow().sem_retry.clone();
+    tokio::task::spawn_local(async move {
+        loop {
+            retry.notified().await;
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                if !retry_core.borrow_mut().retry_deferred_sems() {
+                    break;
+                }
+            }
+        }
+    });
     let heartbeat_core = core.clone();
     let (heartbeat, timeout) = (config.heartbeat, config.peer_timeout);
     tokio::task::spawn_local(async move {

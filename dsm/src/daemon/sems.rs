@@ -198,11 +198,6 @@ impl SemService {
         self.sets.get(&id).map(|s| s.info().perm)
     }
 
-    /// The set an operation this node sent waits at.
-    pub fn set_of_wait(&self, wait: u64) -> Option<SemSetId> {
-        self.outstanding.get(&wait).copied()
-    }
-
     /// The values of a set homed here (for the simulation's checks).
     #[cfg(test)]
     pub fn values(&self, id: SemSetId) -> Option<Vec<u16>> {
@@ -676,7 +671,7 @@ impl SemService {
     /// Drop the waiters of lost nodes from a set and apply their
     /// processes' undo adjustments (a set that was elsewhere when a node
     /// was lost may still hold them).
-    fn purge_lost(&mut self, id: SemSetId, now: i64) {
+    pub fn purge_lost(&mut self, id: SemSetId, now: i64) {
         let lost = &self.lost;
         let Some(set) = self.sets.get_mut(&id) else {
             return;
@@ -724,6 +719,7 @@ impl SemService {
 
     /// Send a `semop` to the set's home; it ends with one
     /// [`SemAction::Complete`] carrying the returned wait id.
+    #[cfg(test)]
     pub fn submit(
         &mut self,
         id: SemSetId,
@@ -732,15 +728,35 @@ impl SemService {
         cred: Credentials,
         now: i64,
     ) -> u64 {
+        let wait = self.reserve_wait();
+        self.submit_as(wait, id, sops, pid, cred, now);
+        wait
+    }
+
+    /// A wait id for an operation about to be submitted.
+    pub fn reserve_wait(&mut self) -> u64 {
         let wait = self.next_wait;
         self.next_wait += 1;
+        wait
+    }
+
+    /// Send a `semop` as wait `wait` (from [`SemService::reserve_wait`]);
+    /// it ends with one [`SemAction::Complete`] for that wait.
+    pub fn submit_as(
+        &mut self,
+        wait: u64,
+        id: SemSetId,
+        sops: Vec<SemBuf>,
+        pid: i32,
+        cred: Credentials,
+        now: i64,
+    ) {
         self.outstanding.insert(wait, id);
         if id.home().is_none() {
             self.complete(wait, SemResult::Failed(libc::EINVAL));
         } else {
             self.on_op(self.me, wait, id, &sops, pid, cred, now);
         }
-        wait
     }
 
     /// Withdraw an operation this node sent (no effect once it ended).
@@ -775,18 +791,34 @@ impl SemService {
 
     /// Local process `pid` exited: every home it holds undo adjustments at
     /// applies them.
+    #[cfg(test)]
     pub fn local_process_exited(&mut self, pid: i32, now: i64) {
-        for id in self.undo_sets.remove(&pid).unwrap_or_default() {
-            let borrowed = self.sets.contains_key(&id) && id.home() != Some(self.me);
-            self.on_process_exited(self.me, id, pid, now);
-            if let (true, Some(home)) = (borrowed, id.home()) {
-                // Ops of the process sent to the home before the set came
-                // here may wait there: the exit must follow them.
-                self.actions.push_back(SemAction::Send(
-                    home,
-                    Notice::SemExitApplied { set: id, pid },
-                ));
-            }
+        for id in self.take_undo_sets(pid) {
+            self.local_process_exited_at(id, pid, now);
+        }
+    }
+
+    /// The sets local process `pid` holds undo adjustments on (forgotten
+    /// here: its exit is being settled).
+    pub fn take_undo_sets(&mut self, pid: i32) -> Vec<SemSetId> {
+        self.undo_sets
+            .remove(&pid)
+            .unwrap_or_default()
+            .into_iter()
+            .collect()
+    }
+
+    /// Settle the exit of local process `pid` at set `id`.
+    pub fn local_process_exited_at(&mut self, id: SemSetId, pid: i32, now: i64) {
+        let borrowed = self.sets.contains_key(&id) && id.home() != Some(self.me);
+        self.on_process_exited(self.me, id, pid, now);
+        if let (true, Some(home)) = (borrowed, id.home()) {
+            // Ops of the process sent to the home before the set came
+            // here may wait there: the exit must follow them.
+            self.actions.push_back(SemAction::Send(
+                home,
+                Notice::SemExitApplied { set: id, pid },
+            ));
         }
     }
 
@@ -795,7 +827,9 @@ impl SemService {
     /// `node` is lost: operations waiting at its sets fail with EIDRM (its
     /// sets are gone), and at the sets homed here its processes' waiters
     /// vanish and their undo adjustments apply, as if they had all exited.
-    pub fn peer_lost(&mut self, node: NodeId, now: i64) {
+    /// Sets in `held` (their values are held by a local process) are not
+    /// purged here: the caller purges them once it can ([`SemService::purge_lost`]).
+    pub fn peer_lost(&mut self, node: NodeId, now: i64, held: &[SemSetId]) {
         self.lost.insert(node);
         let mut ended: Vec<u64> = self
             .outstanding
@@ -826,7 +860,7 @@ impl SemService {
             }
         }
         let ids: Vec<SemSetId> = self.sets.keys().copied().collect();
-        for id in ids {
+        for id in ids.into_iter().filter(|id| !held.contains(id)) {
             self.purge_lost(id, now);
         }
         // (The dead node's own requests are dropped by `route`.)

@@ -273,7 +273,7 @@ impl World {
         }
         for n in self.live_nodes() {
             if let Some(s) = self.services.get_mut(&n) {
-                s.peer_lost(node, 0);
+                s.peer_lost(node, 0, &[]);
             }
             self.drain(n)?;
         }
