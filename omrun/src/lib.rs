@@ -1,0 +1,23 @@
+//! `libmigshm_preload.so`: preloaded by `omrun`, it takes over the SysV IPC
+//! calls of an unmodified program (`shmget shmat shmdt shmctl semget semop
+//! semtimedop semctl`) and serves them from the local `dsmd`, so that the
+//! program's segments and semaphore sets are the cluster-wide ones.
+//! Everything else the program does is untouched.
+//!
+//! * Outside `omrun` (no `DSMD_SOCKET`) every call goes to libc unchanged.
+//! * Nothing happens at load time: the connection to the daemon is made by
+//!   the first call (no constructor, no thread, no async runtime).
+//! * `fork`: the `dsm` and `semaphore` libraries re-register inherited
+//!   attachments and drop inherited connections in the child.
+//! * `exec`: the mappings go and the daemon's connection closes (CLOEXEC):
+//!   the daemon detaches them, as Linux does; undo adjustments survive, as
+//!   on Linux, until the process exits.
+//! * Calls that bypass libc (static binaries, raw `syscall`) are not seen.
+//!
+//! `unsafe` lives here: this is the C boundary. Each export checks its
+//! pointers as far as it can and never unwinds into C.
+
+mod ffi;
+mod runtime;
+
+pub use ffi::{semctl, semget, semop, semtimedop, shmat, shmctl, shmdt, shmget};
