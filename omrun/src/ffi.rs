@@ -98,7 +98,7 @@ pub unsafe extern "C" fn shmat(shmid: c_int, shmaddr: *const c_void, shmflg: c_i
             if addr != 0 {
                 if shmflg & SHM_RND != 0 {
                     addr &= !(SHMLBA - 1);
-                } else if addr % SHMLBA != 0 {
+                } else if !addr.is_multiple_of(SHMLBA) {
                     return Err(libc::EINVAL);
                 }
             }
@@ -137,7 +137,7 @@ pub unsafe extern "C" fn shmdt(shmaddr: *const c_void) -> c_int {
                 let mut attached = lock(&rt.attached);
                 let i = attached
                     .iter()
-                    .position(|a| a.as_ptr() as usize == shmaddr as usize)
+                    .position(|a| std::ptr::eq(a.as_ptr() as *const c_void, shmaddr))
                     .ok_or(libc::EINVAL)?;
                 attached.swap_remove(i)
             };
