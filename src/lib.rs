@@ -342,6 +342,68 @@ pub fn spawn_program_as(
     })
 }
 
+/// Compile `tests/c/NAME.c` with the system C compiler into the build
+/// directory (once per test process) and return the executable's path.
+pub fn c_program(name: &str) -> std::io::Result<PathBuf> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/c")
+        .join(format!("{name}.c"));
+    let out_dir = bin_dir().join("c-programs");
+    std::fs::create_dir_all(&out_dir)?;
+    // One file per test process: tests run in parallel.
+    let out = out_dir.join(format!("{name}-{}", std::process::id()));
+    if out.exists() {
+        return Ok(out);
+    }
+    let status = Command::new("cc")
+        .args(["-O1", "-Wall", "-o"])
+        .arg(&out)
+        .arg(&source)
+        .status()?;
+    if !status.success() {
+        return Err(std::io::Error::other(format!(
+            "cc {} failed",
+            source.display()
+        )));
+    }
+    Ok(out)
+}
+
+/// Run `program ARGS` under `omrun` on a node; killed if it outlives
+/// `limit`. Returns the exit status and stdout.
+pub fn run_under_omrun(
+    socket: &Path,
+    program: &Path,
+    args: &[&str],
+    limit: Duration,
+) -> Option<(std::process::ExitStatus, String)> {
+    let child = Command::new(binary("omrun"))
+        .arg("--socket")
+        .arg(socket)
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .ok()?;
+    Proc { child }.output(limit)
+}
+
+/// Start `program ARGS` under `omrun` on a node.
+pub fn spawn_under_omrun(socket: &Path, program: &Path, args: &[&str]) -> std::io::Result<Proc> {
+    let child = Command::new(binary("omrun"))
+        .arg("--socket")
+        .arg(socket)
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    Ok(Proc { child })
+}
+
 /// Run a role to completion and return its stdout (panics on a hang).
 pub fn run_role(socket: &Path, args: &[&str]) -> (std::process::ExitStatus, String) {
     spawn_role(socket, args)

@@ -1,0 +1,156 @@
+//! Unmodified C programs under `omrun`: their SysV calls are served by the
+//! cluster, and they behave exactly as they do natively.
+
+use migshm::{binary, c_program, run_under_omrun, spawn_under_omrun, uffd_or_skip, Cluster};
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+use std::time::Duration;
+
+fn key_base() -> i32 {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    static NEXT: AtomicI32 = AtomicI32::new(0);
+    0x7000_0000
+        + (std::process::id() as i32 % 5000) * 0x1000
+        + NEXT.fetch_add(0x40, Ordering::Relaxed)
+}
+
+fn native(program: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .expect("run natively");
+    assert!(out.status.success(), "native run failed: {:?}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The walk of SysV semantics prints the same lines natively and under
+/// omrun, on the node of a three-node cluster it runs on and on another.
+#[test]
+fn sysv_walk_prints_the_same_natively_and_under_omrun() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let walk = c_program("sysv_walk").expect("compile sysv_walk.c");
+    let expected = native(&walk, &[&key_base().to_string()]);
+    let cluster = Cluster::start(3).expect("start cluster");
+    for node in [1u8, 3] {
+        let (status, out) = run_under_omrun(
+            cluster.socket(node),
+            &walk,
+            &[&key_base().to_string()],
+            Duration::from_secs(60),
+        )
+        .expect("sysv_walk hung under omrun");
+        assert!(status.success(), "under omrun: {status:?}\n{out}");
+        let diff: Vec<String> = expected
+            .lines()
+            .zip(out.lines())
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| format!("native: {a}\nomrun:  {b}"))
+            .collect();
+        assert!(
+            diff.is_empty() && expected.lines().count() == out.lines().count(),
+            "node {node} differs from native:\n{}",
+            diff.join("\n")
+        );
+    }
+    // Nothing left behind: every object the walk made was removed.
+    let admin = dsm::client::Client::connect(cluster.socket(2)).unwrap();
+    assert!(admin.ipcs().unwrap().is_empty(), "{:?}", admin.ipcs());
+    assert!(
+        admin.sem_ipcs().unwrap().is_empty(),
+        "{:?}",
+        admin.sem_ipcs()
+    );
+}
+
+/// A ring buffer guarded by SysV semaphores: producers on nodes 1 and 2, a
+/// consumer on node 3, an exact sum.
+#[test]
+fn a_c_ring_buffer_across_three_nodes_is_exact() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let ring = c_program("ring").expect("compile ring.c");
+    let cluster = Cluster::start(3).expect("start cluster");
+    let key = key_base().to_string();
+    let limit = Duration::from_secs(120);
+    let run = |node: u8, args: &[&str]| {
+        let (status, out) =
+            run_under_omrun(cluster.socket(node), &ring, args, limit).expect("ring hung");
+        assert!(status.success(), "ring {args:?} on node {node}: {status:?}");
+        out
+    };
+    run(1, &["init", &key]);
+    let count = 2000i64;
+    let consumer = spawn_under_omrun(
+        cluster.socket(3),
+        &ring,
+        &["consume", &key, &(2 * count).to_string()],
+    )
+    .unwrap();
+    let producers: Vec<_> = [(1u8, "1"), (2, "2")]
+        .iter()
+        .map(|(node, id)| {
+            spawn_under_omrun(
+                cluster.socket(*node),
+                &ring,
+                &["produce", &key, id, &count.to_string()],
+            )
+            .unwrap()
+        })
+        .collect();
+    for p in producers {
+        let (status, _) = p.output(limit).expect("a producer hung");
+        assert!(status.success(), "a producer failed: {status:?}");
+    }
+    let (status, out) = consumer.output(limit).expect("the consumer hung");
+    assert!(status.success(), "the consumer failed: {status:?}");
+    let expected: i64 = [1i64, 2]
+        .iter()
+        .map(|id| (0..count).map(|i| id * 1_000_000 + i).sum::<i64>())
+        .sum();
+    assert_eq!(out.trim().parse::<i64>().unwrap(), expected);
+    run(2, &["remove", &key]);
+}
+
+/// The program's exit status (or the signal that ended it) is omrun's; a
+/// missing daemon is a one-line error, not a hang.
+#[test]
+fn omrun_passes_the_exit_status_and_reports_a_missing_daemon() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(1).expect("start cluster");
+    let sh = std::path::Path::new("/bin/sh");
+    let (status, _) = run_under_omrun(
+        cluster.socket(1),
+        sh,
+        &["-c", "exit 3"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(status.code(), Some(3));
+    let (status, _) = run_under_omrun(
+        cluster.socket(1),
+        sh,
+        &["-c", "kill -TERM $$"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGTERM));
+    let out = Command::new(binary("omrun"))
+        .args(["--socket", "/nonexistent/dsmd.sock", "--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(127));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("no dsmd"), "{err}");
+    let out = Command::new(binary("omrun"))
+        .env_remove("DSMD_SOCKET")
+        .args(["--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(127));
+}
