@@ -54,6 +54,31 @@ fn sysv_walk_prints_the_same_natively_and_under_omrun() {
             diff.join("\n")
         );
     }
+    // Objects homed on another node: created there, walked here.
+    let base = key_base().to_string();
+    native(&walk, &[&base, "create"]);
+    let expected = native(&walk, &[&base, "use"]);
+    let base = key_base().to_string();
+    let created = run_under_omrun(
+        cluster.socket(2),
+        &walk,
+        &[&base, "create"],
+        Duration::from_secs(60),
+    )
+    .expect("create hung");
+    assert!(created.0.success());
+    let (status, out) = run_under_omrun(
+        cluster.socket(1),
+        &walk,
+        &[&base, "use"],
+        Duration::from_secs(60),
+    )
+    .expect("sysv_walk use hung under omrun");
+    assert!(status.success(), "under omrun: {status:?}\n{out}");
+    assert_eq!(
+        out, expected,
+        "objects homed on node 2, walked on node 1: differs from native"
+    );
     // Nothing left behind: every object the walk made was removed.
     let admin = dsm::client::Client::connect(cluster.socket(2)).unwrap();
     assert!(admin.ipcs().unwrap().is_empty(), "{:?}", admin.ipcs());

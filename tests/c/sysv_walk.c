@@ -3,7 +3,10 @@
  * no pids, no addresses). The same binary run natively and under omrun
  * must print exactly the same lines.
  *
- *   sysv_walk KEYBASE    keys KEYBASE..KEYBASE+15 must be free
+ *   sysv_walk KEYBASE          keys KEYBASE and KEYBASE+1 must be free
+ *   sysv_walk KEYBASE create   only create the segment and the set (so
+ *                              another process, on another node, owns them)
+ *   sysv_walk KEYBASE use      the walk on objects `create` made
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -72,14 +75,25 @@ static void child_status(const char *what, pid_t pid)
 	fflush(stdout);
 }
 
+/* 0: the full walk; 1: create only; 2: use what `create` made. */
+static int mode;
+
 static void shm_walk(key_t base)
 {
 	struct shmid_ds ds;
+	int id;
 
-	show("shmget new key without IPC_CREAT", shmget(base, 4096, 0600));
-	show("shmget size 0", shmget(base, 0, IPC_CREAT | 0600));
-	int id = shmget(base, 10000, IPC_CREAT | IPC_EXCL | 0640);
-	show("shmget create", id);
+	if (mode != 2) {
+		show("shmget new key without IPC_CREAT", shmget(base, 4096, 0600));
+		show("shmget size 0", shmget(base, 0, IPC_CREAT | 0600));
+		id = shmget(base, 10000, IPC_CREAT | IPC_EXCL | 0640);
+		show("shmget create", id);
+		if (mode == 1)
+			return;
+	} else {
+		id = shmget(base, 10000, 0640);
+		show("shmget existing", id);
+	}
 	show("shmget IPC_EXCL again", shmget(base, 10000, IPC_CREAT | IPC_EXCL | 0640));
 	show("shmget existing, larger", shmget(base, 20000, 0640));
 	value("shmget existing, same id", shmget(base, 100, 0) == id);
@@ -95,7 +109,7 @@ static void shm_walk(key_t base)
 	value("shm_segsz", ds.shm_segsz);
 	value("shm_nattch (2 attaches)", ds.shm_nattch);
 	value("mode bits", ds.shm_perm.mode & 0777);
-	value("cpid is mine", ds.shm_cpid == getpid());
+	value("cpid is mine", ds.shm_cpid == getpid() && mode == 0);
 	value("lpid is mine", ds.shm_lpid == getpid());
 	value("key", ds.shm_perm.__key == base);
 	show("shmdt second", shmdt(b));
@@ -168,11 +182,19 @@ static void sem_walk(key_t base)
 	struct semid_ds ds;
 	struct sembuf op;
 	unsigned short vals[3];
+	int id;
 
-	show("semget new key without IPC_CREAT", semget(base, 1, 0600));
-	show("semget nsems 0 creating", semget(base, 0, IPC_CREAT | 0600));
-	int id = semget(base, 3, IPC_CREAT | IPC_EXCL | 0600);
-	show("semget create", id);
+	if (mode != 2) {
+		show("semget new key without IPC_CREAT", semget(base, 1, 0600));
+		show("semget nsems 0 creating", semget(base, 0, IPC_CREAT | 0600));
+		id = semget(base, 3, IPC_CREAT | IPC_EXCL | 0600);
+		show("semget create", id);
+		if (mode == 1)
+			return;
+	} else {
+		id = semget(base, 3, 0600);
+		show("semget existing", id);
+	}
 	show("semget IPC_EXCL again", semget(base, 3, IPC_CREAT | IPC_EXCL | 0600));
 	show("semget more sems than the set", semget(base, 4, 0600));
 	value("semget nsems 0, same id", semget(base, 0, 0) == id);
@@ -313,6 +335,8 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	key_t base = (key_t)strtol(argv[1], NULL, 0);
+	if (argc > 2)
+		mode = !strcmp(argv[2], "create") ? 1 : !strcmp(argv[2], "use") ? 2 : 0;
 	printf("== shared memory\n");
 	shm_walk(base);
 	printf("== semaphores\n");
