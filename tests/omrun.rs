@@ -179,3 +179,91 @@ fn omrun_passes_the_exit_status_and_reports_a_missing_daemon() {
         .unwrap();
     assert_eq!(out.status.code(), Some(127));
 }
+
+/// Wrong ids, bad pointers and bad arguments: the same errnos as natively.
+#[test]
+fn bad_calls_get_the_same_errnos_as_natively() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let bad = c_program("sysv_bad").expect("compile sysv_bad.c");
+    let expected = native(&bad, &[&key_base().to_string()]);
+    let cluster = Cluster::start(2).expect("start cluster");
+    let (status, out) = run_under_omrun(
+        cluster.socket(2),
+        &bad,
+        &[&key_base().to_string()],
+        Duration::from_secs(60),
+    )
+    .expect("sysv_bad hung under omrun");
+    assert!(status.success());
+    assert_eq!(out, expected);
+}
+
+/// A thousand children that inherit a segment, attach it again, count and
+/// post, and exit: exact counts, nothing leaked, no process left counted.
+#[test]
+fn a_thousand_forked_children_leave_nothing_behind() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let storm = c_program("forkstorm").expect("compile forkstorm.c");
+    let cluster = Cluster::start(2).expect("start cluster");
+    let (status, out) = run_under_omrun(
+        cluster.socket(1),
+        &storm,
+        &["1000"],
+        Duration::from_secs(120),
+    )
+    .expect("forkstorm hung under omrun");
+    assert!(status.success(), "{out}");
+    assert!(out.contains("ok 1000"), "{out}");
+    let admin = dsm::client::Client::connect(cluster.socket(2)).unwrap();
+    assert!(admin.ipcs().unwrap().is_empty());
+    assert!(admin.sem_ipcs().unwrap().is_empty());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let procs: u64 = admin
+            .status()
+            .unwrap()
+            .iter()
+            .map(|s| s.attached_processes)
+            .sum();
+        if procs <= 1 {
+            break; // the admin connection itself may count once
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{procs} processes still counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The node's daemon dies while a program waits in semop: the call fails
+/// (EIDRM), the program goes on to exit; nothing hangs.
+#[test]
+fn a_dead_daemon_fails_calls_instead_of_hanging() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let ring = c_program("ring").expect("compile ring.c");
+    let mut cluster = Cluster::start(2).expect("start cluster");
+    let key = key_base().to_string();
+    let (status, _) = run_under_omrun(
+        cluster.socket(2),
+        &ring,
+        &["init", &key],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert!(status.success());
+    // Nothing will ever be produced: the consumer waits at node 2's set.
+    let consumer = spawn_under_omrun(cluster.socket(1), &ring, &["consume", &key, "1"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.kill(1);
+    let (status, _) = consumer
+        .output(Duration::from_secs(10))
+        .expect("the program hung after its daemon died");
+    assert_eq!(status.code(), Some(1), "semop should have failed");
+}

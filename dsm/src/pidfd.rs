@@ -47,3 +47,29 @@ pub async fn exited(fd: OwnedFd) {
         }
     }
 }
+
+/// Which of `fds` (pidfds) belong to processes that exited: one `poll` for
+/// all of them.
+pub fn exited_among(fds: &[std::os::fd::BorrowedFd<'_>]) -> Vec<usize> {
+    if fds.is_empty() {
+        return Vec::new();
+    }
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a valid array of pfds.len() pollfds; zero timeout.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 0) };
+    if n <= 0 {
+        return Vec::new();
+    }
+    pfds.iter()
+        .enumerate()
+        .filter(|(_, p)| p.revents & libc::POLLIN != 0)
+        .map(|(i, _)| i)
+        .collect()
+}

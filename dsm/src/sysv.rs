@@ -45,7 +45,7 @@ impl ShmLimits {
         };
         ShmLimits {
             shmmin: 1,
-            shmmax: read("shmmax", u64::MAX >> 1).min(crate::ids::SEGMENT_BYTES_MAX),
+            shmmax: read("shmmax", u64::MAX >> 1),
             shmmni: read("shmmni", 4096),
             shmall: read("shmall", u64::MAX >> 1),
         }

@@ -166,10 +166,11 @@ pub unsafe extern "C" fn shmctl(shmid: c_int, cmd: c_int, buf: *mut shmid_ds) ->
     guarded(-1, || {
         daemon(|rt| match cmd & !IPC_64 {
             libc::IPC_STAT => {
+                // As the kernel: the id first, then the buffer.
+                let s = rt.segments.stat(shmid).map_err(|e| errno_of(&e))?;
                 if buf.is_null() {
                     return Err(libc::EFAULT);
                 }
-                let s = rt.segments.stat(shmid).map_err(|e| errno_of(&e))?;
                 // SAFETY: all-zero is a valid shmid_ds (integers only).
                 let mut ds: shmid_ds = unsafe { std::mem::zeroed() };
                 ds.shm_perm.__key = s.perm.key;
@@ -268,14 +269,12 @@ fn read_sops(sops: *const sembuf, nsops: size_t) -> Result<Vec<SemBuf>, i32> {
 fn daemon_semop(
     rt: &Runtime,
     semid: c_int,
-    sops: *const sembuf,
-    nsops: size_t,
+    ops: &[SemBuf],
     timeout: Option<Duration>,
 ) -> Result<c_int, i32> {
-    let ops = read_sops(sops, nsops)?;
     rt.sems
         .open(semid)
-        .timed_op(&ops, timeout)
+        .timed_op(ops, timeout)
         .map(|()| 0)
         .map_err(|e| errno_of(&e))
 }
@@ -285,7 +284,7 @@ fn daemon_semop(
 #[no_mangle]
 pub unsafe extern "C" fn semop(semid: c_int, sops: *mut sembuf, nsops: size_t) -> c_int {
     guarded(-1, || {
-        daemon(|rt| daemon_semop(rt, semid, sops, nsops, None)).unwrap_or_else(|| {
+        daemon(|rt| daemon_semop(rt, semid, &read_sops(sops, nsops)?, None)).unwrap_or_else(|| {
             let f = native!(
                 c"semop",
                 unsafe extern "C" fn(c_int, *mut sembuf, size_t) -> c_int
@@ -307,6 +306,8 @@ pub unsafe extern "C" fn semtimedop(
 ) -> c_int {
     guarded(-1, || {
         daemon(|rt| {
+            // As the kernel: the array is checked before the timeout.
+            let ops = read_sops(sops, nsops)?;
             let limit = if timeout.is_null() {
                 None
             } else {
@@ -317,7 +318,7 @@ pub unsafe extern "C" fn semtimedop(
                 }
                 Some(Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
             };
-            daemon_semop(rt, semid, sops, nsops, limit)
+            daemon_semop(rt, semid, &ops, limit)
         })
         .unwrap_or_else(|| {
             let f = native!(
@@ -380,11 +381,12 @@ pub unsafe extern "C" fn semctl(semid: c_int, semnum: c_int, cmd: c_int, arg: c_
                     set.set_all(values).map(|()| 0).map_err(fail)
                 }
                 libc::IPC_STAT => {
+                    // As the kernel: the id first, then the buffer.
+                    let s = set.stat().map_err(fail)?;
                     let out = arg as *mut semid_ds;
                     if out.is_null() {
                         return Err(libc::EFAULT);
                     }
-                    let s = set.stat().map_err(fail)?;
                     // SAFETY: all-zero is a valid semid_ds (integers only).
                     let mut ds: semid_ds = unsafe { std::mem::zeroed() };
                     ds.sem_perm.__key = s.perm.key;

@@ -51,6 +51,7 @@ pub async fn accept_loop(core: SharedCore, listener: UnixListener) {
                 inbuf: Vec::new(),
                 fds: VecDeque::new(),
             };
+            let session_id = core.borrow_mut().new_session();
             let mut session = Session {
                 core,
                 pid: cred.pid,
@@ -58,10 +59,11 @@ pub async fn accept_loop(core: SharedCore, listener: UnixListener) {
                 gid: cred.gid,
                 proc: None,
                 fault_task: None,
-                attached: vec![],
+                session: 0,
                 unmapped: vec![],
                 cred_cache: None,
             };
+            session.session = session_id;
             if let Err(e) = session.serve(&mut conn).await {
                 tracing::debug!(pid = cred.pid, "client connection ended: {e}");
             }
@@ -146,8 +148,9 @@ struct Session {
     gid: u32,
     proc: Option<ProcId>,
     fault_task: Option<tokio::task::AbortHandle>,
-    /// Attachments counted at their homes, by segment id (one entry each).
-    attached: Vec<SegmentId>,
+    /// This connection's key in the daemon's table of attachments counted
+    /// at their homes (`Core::attachments`).
+    session: u64,
     /// Attaches answered but not yet mapped (each allows one `ShmMapped`).
     unmapped: Vec<SegmentId>,
     /// Credentials last read for a `semop` (see [`Session::semop_cred`]).
@@ -269,6 +272,7 @@ impl Session {
             }
             ClientRequest::ShmDetach { id, addr } => self.detach(IpcId(id), addr).await,
             ClientRequest::ShmStat { id } => {
+                self.core.borrow_mut().flush_exited_processes();
                 let req = RpcRequest::SegStat {
                     id: IpcId(id),
                     cred: self.cred(),
@@ -310,6 +314,7 @@ impl Session {
                 id,
                 cmd: SemCtl::Remove,
             } => {
+                self.core.borrow_mut().flush_exited_processes();
                 let req = RpcRequest::SemCtl {
                     id: IpcId(id),
                     cred: self.cred(),
@@ -318,6 +323,7 @@ impl Session {
                 self.remove(IpcKind::SemSet, IpcId(id), req).await
             }
             ClientRequest::SemCtl { id, cmd } => {
+                self.core.borrow_mut().flush_exited_processes();
                 let req = RpcRequest::SemCtl {
                     id: IpcId(id),
                     cred: self.cred(),
@@ -377,6 +383,7 @@ impl Session {
                 ClientReply::Nodes(nodes)
             }
             ClientRequest::Ipcs => {
+                self.core.borrow_mut().flush_exited_processes();
                 let mut all = Vec::new();
                 for reply in self.ask_every_live_node(RpcRequest::SegList).await {
                     if let RpcResponse::Segments(list) = reply {
@@ -443,6 +450,7 @@ impl Session {
             return Some(ClientReply::Err(libc::EINVAL));
         }
         let cred = self.semop_cred(euid, egid);
+        self.core.borrow_mut().flush_exited_processes();
         if sops.iter().any(|s| s.flags & SEM_UNDO != 0) && !self.watch_for_undo(id) {
             // The process is gone and this frame outlived it: applying it
             // now would leave an adjustment nobody will ever undo.
@@ -687,7 +695,9 @@ impl Session {
             Ok(other) => return (ClientReply::Err(errno_of(other)), None),
             Err(e) => return (ClientReply::Err(e), None),
         };
-        self.attached.push(id);
+        self.core
+            .borrow_mut()
+            .session_attached(self.session, self.pid, id);
         let opened = self.core.borrow_mut().open_local_segment(id, size);
         if let Err(e) = opened {
             self.undo_attach(id).await;
@@ -713,8 +723,7 @@ impl Session {
     }
 
     async fn undo_attach(&mut self, id: SegmentId) {
-        if let Some(i) = self.attached.iter().position(|s| *s == id) {
-            self.attached.remove(i);
+        if self.core.borrow_mut().session_detached(self.session, id) {
             if let Some(home) = id.home() {
                 let _ = self
                     .rpc(home, RpcRequest::SegDetach { id, pid: self.pid })
@@ -885,7 +894,11 @@ impl Session {
                 )
                 .await
             {
-                RpcResponse::Opened { .. } => self.attached.push(id),
+                RpcResponse::Opened { .. } => {
+                    self.core
+                        .borrow_mut()
+                        .session_attached(self.session, self.pid, id)
+                }
                 other => return ClientReply::Err(self.lost_home_errno(id, errno_of(other))),
             }
             let m = MappingRecord {
@@ -904,29 +917,15 @@ impl Session {
 
     /// The process is gone (or closed its connection): detach everything.
     fn cleanup(&mut self) {
-        let attached = std::mem::take(&mut self.attached);
-        let pid = self.pid;
-        let core = self.core.clone();
         if let Some(task) = self.fault_task.take() {
             task.abort();
         }
+        let mut core = self.core.borrow_mut();
         if let Some(proc) = self.proc.take() {
-            let mut c = core.borrow_mut();
-            c.forget_mappings(proc, None);
-            c.store.procs.remove(&proc);
+            core.forget_mappings(proc, None);
+            core.store.procs.remove(&proc);
         }
-        if attached.is_empty() {
-            return;
-        }
-        tokio::task::spawn_local(async move {
-            for id in attached {
-                let Some(home) = id.home() else { continue };
-                let rx = core
-                    .borrow_mut()
-                    .start_rpc(home, RpcRequest::SegDetach { id, pid });
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(10), rx).await;
-            }
-        });
+        core.session_ended(self.session);
     }
 }
 

@@ -26,6 +26,14 @@ use tokio::sync::{mpsc, oneshot};
 
 pub type SharedCore = Rc<RefCell<Core>>;
 
+/// What one local connection has attached (counted at the homes).
+struct SessionAttachments {
+    pid: i32,
+    /// To see the process's exit before its connection's end is read.
+    exited: Option<OwnedFd>,
+    segments: Vec<SegmentId>,
+}
+
 /// Work on a set, waiting for a process to let go of its values.
 type DeferredSemWork = Box<dyn FnOnce(&mut SemService)>;
 
@@ -99,6 +107,10 @@ pub struct Core {
     /// The fast path of the sets homed here that have one: their values in
     /// memory shared with the local processes (see `semregion`).
     sem_regions: HashMap<IpcId, (Region, Memfd)>,
+    /// Segment attachments of local processes, counted at their homes, by
+    /// connection: what a process's exit must uncount.
+    attachments: HashMap<u64, SessionAttachments>,
+    next_session: u64,
     /// Requests for sets whose values a process holds, in order (see
     /// [`Core::with_set`]); `sem_retry` wakes the task that retries them.
     sem_deferred: BTreeMap<IpcId, VecDeque<DeferredSemWork>>,
@@ -156,6 +168,8 @@ impl Core {
             sem_watched: HashMap::new(),
             sem_regions: HashMap::new(),
             sem_deferred: BTreeMap::new(),
+            attachments: HashMap::new(),
+            next_session: 1,
             sem_retry: Rc::new(tokio::sync::Notify::new()),
             next_watch: 1,
             limits: ShmLimits::from_proc(),
@@ -595,6 +609,99 @@ impl Core {
         }
     }
 
+    // ---- attachments counted at the homes ------------------------------------------
+
+    pub fn new_session(&mut self) -> u64 {
+        let id = self.next_session;
+        self.next_session += 1;
+        id
+    }
+
+    /// Connection `session` (of process `pid`) holds one more attachment
+    /// of `id`, counted at its home.
+    pub fn session_attached(&mut self, session: u64, pid: i32, id: SegmentId) {
+        self.attachments
+            .entry(session)
+            .or_insert_with(|| SessionAttachments {
+                pid,
+                exited: crate::pidfd::open(pid).ok(),
+                segments: Vec::new(),
+            })
+            .segments
+            .push(id);
+    }
+
+    /// One attachment of `id` by `session` is gone; false if it had none
+    /// (already uncounted).
+    pub fn session_detached(&mut self, session: u64, id: SegmentId) -> bool {
+        let Some(entry) = self.attachments.get_mut(&session) else {
+            return false;
+        };
+        match entry.segments.iter().position(|s| *s == id) {
+            Some(i) => {
+                entry.segments.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connection ended: uncount what it still had attached.
+    pub fn session_ended(&mut self, session: u64) {
+        if let Some(entry) = self.attachments.remove(&session) {
+            self.uncount(entry);
+        }
+    }
+
+    fn uncount(&mut self, entry: SessionAttachments) {
+        for id in entry.segments {
+            if let Some(home) = id.home() {
+                // The answer is not awaited: nobody waits for this detach.
+                let _ = self.start_rpc(home, RpcRequest::SegDetach { id, pid: entry.pid });
+            }
+        }
+    }
+
+    /// Settle now the exits of local processes whose end the daemon has
+    /// not read yet (their attachments are uncounted, their semaphore undo
+    /// applied), so that a call that follows a `wait()` for them sees what
+    /// Linux shows then. The notices reach each home before the request
+    /// that follows: links are FIFO. One `poll` for all of them.
+    pub fn flush_exited_processes(&mut self) {
+        use std::os::fd::AsFd;
+        let sessions: Vec<u64> = self
+            .attachments
+            .iter()
+            .filter(|(_, a)| a.exited.is_some())
+            .map(|(s, _)| *s)
+            .collect();
+        let watched: Vec<(i32, u64)> = self
+            .sem_watched
+            .iter()
+            .map(|(pid, (generation, _))| (*pid, *generation))
+            .collect();
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> = sessions
+            .iter()
+            .filter_map(|s| self.attachments.get(s)?.exited.as_ref().map(|f| f.as_fd()))
+            .chain(
+                watched
+                    .iter()
+                    .filter_map(|(pid, _)| self.sem_watched.get(pid).map(|(_, f)| f.as_fd())),
+            )
+            .collect();
+        let exited = crate::pidfd::exited_among(&fds);
+        drop(fds);
+        for i in exited {
+            if let Some(session) = sessions.get(i) {
+                if let Some(entry) = self.attachments.remove(session) {
+                    self.uncount(entry);
+                }
+            } else if let Some((pid, generation)) = watched.get(i - sessions.len()) {
+                self.sem_process_exited(*pid, *generation);
+            }
+        }
+    }
+
     pub fn add_process(&mut self, pid: i32, uffd: std::sync::Arc<crate::uffd::Uffd>) -> ProcId {
         let id = self.next_proc;
         self.next_proc += 1;
@@ -634,6 +741,11 @@ impl Core {
     ) -> Result<SegmentId, i32> {
         if size < self.limits.shmmin || size > self.limits.shmmax {
             return Err(libc::EINVAL);
+        }
+        // Within the kernel's SHMMAX but more than a segment can be here:
+        // what Linux says when it cannot back a segment.
+        if size > crate::ids::SEGMENT_BYTES_MAX {
+            return Err(libc::ENOMEM);
         }
         if self.homes.len() as u64 >= self.limits.shmmni {
             return Err(libc::ENOSPC);
