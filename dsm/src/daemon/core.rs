@@ -657,7 +657,7 @@ impl Core {
         for id in entry.segments {
             if let Some(home) = id.home() {
                 // The answer is not awaited: nobody waits for this detach.
-                let _ = self.start_rpc(home, RpcRequest::SegDetach { id, pid: entry.pid });
+                drop(self.start_rpc(home, RpcRequest::SegDetach { id, pid: entry.pid }));
             }
         }
     }
