@@ -9,6 +9,20 @@ export CARGO_TERM_COLOR=never
 # Simulator schedules checked in CI (each a full random run with crashes).
 export DSM_SIM_SEEDS="${DSM_SIM_SEEDS:-20000}"
 
+echo "== packages the real-program tests run"
+# Apache (prefork, SysV accept mutex) and ab; installed when missing.
+need=()
+command -v apache2 >/dev/null || [ -x /usr/sbin/apache2 ] || need+=(apache2)
+command -v ab >/dev/null || need+=(apache2-utils)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null; }
+    else
+        echo "cannot install ${need[*]} (not root or no apt-get): those tests will say so and skip"
+    fi
+fi
+
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings

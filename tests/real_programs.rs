@@ -1,0 +1,211 @@
+//! Real programs under `omrun`, unchanged: their SysV calls become the
+//! cluster's. `scripts/test.sh` installs the Debian packages they need.
+
+use migshm::{binary, uffd_or_skip, Cluster};
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const APACHE: &str = "/usr/sbin/apache2";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_for_port(port: u16, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A program started in a process group of its own (Apache signals its
+/// whole group when it stops), ended with it if the test fails.
+struct Group(Child);
+
+impl Group {
+    fn stop(&mut self, signal: i32, limit: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: signalling the process group we created.
+        unsafe { libc::kill(-(self.0.id() as i32), signal) };
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: killing the process group we created.
+            unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// An Apache prefork configuration with two `Listen` lines, so that the
+/// children take turns accepting under the SysV accept mutex.
+fn apache_conf(dir: &Path, ports: [u16; 2]) -> PathBuf {
+    let htdocs = dir.join("htdocs");
+    std::fs::create_dir_all(&htdocs).unwrap();
+    std::fs::write(htdocs.join("index.html"), "hello from migshm\n").unwrap();
+    let conf = format!(
+        r#"ServerRoot {d}
+ServerName localhost
+Listen 127.0.0.1:{p0}
+Listen 127.0.0.1:{p1}
+PidFile {d}/httpd.pid
+ErrorLog {d}/error.log
+LogLevel warn
+LoadModule mpm_prefork_module /usr/lib/apache2/modules/mod_mpm_prefork.so
+LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
+LoadModule mime_module /usr/lib/apache2/modules/mod_mime.so
+LoadModule dir_module /usr/lib/apache2/modules/mod_dir.so
+TypesConfig /etc/mime.types
+User www-data
+Group www-data
+Mutex sysvsem default
+DocumentRoot {d}/htdocs
+<Directory {d}/htdocs>
+  Require all granted
+</Directory>
+StartServers 4
+MinSpareServers 2
+MaxSpareServers 8
+MaxRequestWorkers 16
+"#,
+        d = dir.display(),
+        p0 = ports[0],
+        p1 = ports[1]
+    );
+    let path = dir.join("httpd.conf");
+    std::fs::write(&path, conf).unwrap();
+    // The children run as www-data and read the document root.
+    let _ = Command::new("chmod")
+        .arg("-R")
+        .arg("a+rX")
+        .arg(dir)
+        .status();
+    path
+}
+
+/// `ab` against `url`: (complete, failed, requests per second).
+fn ab(url: &str, requests: u32, concurrency: u32) -> (u32, u32, f64) {
+    let out = Command::new("ab")
+        .args([
+            "-q",
+            "-n",
+            &requests.to_string(),
+            "-c",
+            &concurrency.to_string(),
+            url,
+        ])
+        .output()
+        .expect("run ab");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.parse::<f64>().ok()))
+            .unwrap_or(-1.0)
+    };
+    (
+        field("Complete requests:") as u32,
+        field("Failed requests:") as u32,
+        field("Requests per second:"),
+    )
+}
+
+fn apache_or_skip() -> bool {
+    let present = Path::new(APACHE).exists()
+        && Command::new("ab")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !present {
+        eprintln!("SKIP: apache2/ab not installed (scripts/test.sh installs them)");
+    }
+    present
+}
+
+/// Apache 2.4 prefork, two Listen lines, `Mutex sysvsem`, children as
+/// www-data, under omrun: ab gets no failed request, and stopping Apache
+/// leaves no segment or set behind.
+#[test]
+fn apache_prefork_with_a_sysv_accept_mutex_serves_under_omrun() {
+    if !uffd_or_skip() || !apache_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(2).expect("start cluster");
+    let dir = std::env::temp_dir().join(format!("migshm-apache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ports = [free_port(), free_port()];
+    let conf = apache_conf(&dir, ports);
+    let mut apache = Group(
+        Command::new(binary("omrun"))
+            .arg("--socket")
+            .arg(cluster.socket(1))
+            .args(["--", APACHE, "-f"])
+            .arg(&conf)
+            .arg("-DFOREGROUND")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("start apache under omrun"),
+    );
+    assert!(
+        wait_for_port(ports[0], Duration::from_secs(20)),
+        "apache did not come up: {}",
+        std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+    );
+    let admin = dsm::client::Client::connect(cluster.socket(2)).unwrap();
+    let sets = admin.sem_ipcs().unwrap();
+    assert_eq!(sets.len(), 1, "the accept mutex: {sets:?}");
+    assert_eq!(sets[0].home, 1);
+    let www_data = std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("www-data:"))
+        .and_then(|l| l.split(':').nth(2)?.parse::<u32>().ok());
+    assert_eq!(
+        Some(sets[0].perm.uid),
+        www_data,
+        "IPC_SET to the children's user"
+    );
+    for port in ports {
+        let (complete, failed, rate) = ab(&format!("http://127.0.0.1:{port}/index.html"), 3000, 8);
+        eprintln!(
+            "apache under omrun, port {port}: {complete} requests, {failed} failed, {rate:.0}/s"
+        );
+        assert_eq!((complete, failed), (3000, 0));
+    }
+    let status = apache
+        .stop(libc::SIGTERM, Duration::from_secs(20))
+        .expect("apache did not stop");
+    let mut err = String::new();
+    if let Some(mut e) = apache.0.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "apache stopped with {status:?}: {err}");
+    assert!(
+        admin.sem_ipcs().unwrap().is_empty(),
+        "the accept mutex was left behind"
+    );
+    assert!(admin.ipcs().unwrap().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
