@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const APACHE: &str = "/usr/sbin/apache2";
+const MOD_PHP: &str = "/usr/lib/apache2/modules/libphp8.2.so";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -92,6 +93,28 @@ MaxRequestWorkers 16
         p0 = ports[0],
         p1 = ports[1]
     );
+    // PHP with opcache in a SysV segment (created by the parent, removed at
+    // once, inherited by the children), when mod_php is installed.
+    let conf = if Path::new(MOD_PHP).exists() {
+        let php = dir.join("php");
+        std::fs::create_dir_all(&php).unwrap();
+        std::fs::write(
+            php.join("php.ini"),
+            "zend_extension=opcache.so\nopcache.enable=1\nopcache.preferred_memory_model=shm\nopcache.memory_consumption=32\n",
+        )
+        .unwrap();
+        std::fs::write(
+            htdocs.join("info.php"),
+            "<?php $s = opcache_get_status(false);\necho 'opcache:', ($s && $s['opcache_enabled']) ? 'on' : 'off', \"\\n\";\necho 'sum:', array_sum(range(1, 1000)), \"\\n\";\n",
+        )
+        .unwrap();
+        format!(
+            "{conf}LoadModule php_module {MOD_PHP}\nPHPIniDir {}\nAddHandler application/x-httpd-php .php\n",
+            php.display()
+        )
+    } else {
+        conf
+    };
     let path = dir.join("httpd.conf");
     std::fs::write(&path, conf).unwrap();
     // The children run as www-data and read the document root.
@@ -193,6 +216,39 @@ fn apache_prefork_with_a_sysv_accept_mutex_serves_under_omrun() {
             "apache under omrun, port {port}: {complete} requests, {failed} failed, {rate:.0}/s"
         );
         assert_eq!((complete, failed), (3000, 0));
+    }
+    if Path::new(MOD_PHP).exists() {
+        // opcache's 32 MiB segment is the cluster's: removed at once by the
+        // parent, attached by it and every child.
+        let page = Command::new("curl")
+            .args([
+                "-s",
+                "-m",
+                "10",
+                &format!("http://127.0.0.1:{}/info.php", ports[0]),
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        assert!(
+            page.contains("opcache:on") && page.contains("sum:500500"),
+            "{page}"
+        );
+        let segments = admin.ipcs().unwrap();
+        assert!(
+            segments
+                .iter()
+                .any(|s| s.size == 32 << 20 && s.perm.mode & 0o1000 != 0 && s.nattch >= 2),
+            "opcache's segment is not the cluster's: {segments:?}"
+        );
+        let (complete, failed, rate) =
+            ab(&format!("http://127.0.0.1:{}/info.php", ports[1]), 2000, 8);
+        eprintln!("php under omrun: {complete} requests, {failed} failed, {rate:.0}/s");
+        assert_eq!((complete, failed), (2000, 0));
+    } else {
+        eprintln!(
+            "SKIP (PHP part): libapache2-mod-php not installed (scripts/test.sh installs it)"
+        );
     }
     let status = apache
         .stop(libc::SIGTERM, Duration::from_secs(20))

@@ -422,3 +422,68 @@ pub unsafe extern "C" fn semctl(semid: c_int, semnum: c_int, cmd: c_int, arg: c_
         .unwrap_or_else(native)
     })
 }
+
+// ---- dlopen --------------------------------------------------------------------------
+
+/// glibc's `dlopen`, found when the interposer loads.
+static REAL_DLOPEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+const RTLD_DEEPBIND: c_int = 0x0008;
+
+extern "C" fn resolve_dlopen() {
+    if let Some(f) = real(c"dlopen") {
+        REAL_DLOPEN.store(f as usize, std::sync::atomic::Ordering::Release);
+    }
+}
+
+// Runs when the interposer is loaded: one dlsym, nothing else.
+#[used]
+#[link_section = ".init_array"]
+static RESOLVE_DLOPEN: extern "C" fn() = resolve_dlopen;
+
+/// `dlopen` without `RTLD_DEEPBIND`. A library loaded with DEEPBIND (PHP
+/// loads its extensions so, opcache among them) binds its own libc's
+/// `shmget` before the interposer's; without it the interposer sees its
+/// calls. The real `dlopen` is reached by a jump, so that it still sees
+/// the program's call site (glibc resolves bare names with the caller's
+/// RUNPATH).
+///
+/// # Safety
+/// As `dlopen(3)`.
+#[cfg(target_arch = "x86_64")]
+#[unsafe(naked)]
+#[no_mangle]
+pub unsafe extern "C" fn dlopen(filename: *const libc::c_char, flags: c_int) -> *mut c_void {
+    core::arch::naked_asm!(
+        "mov rax, qword ptr [rip + {real}]",
+        "test rax, rax",
+        "jz {slow}",
+        "and esi, -9", // flags & !RTLD_DEEPBIND
+        "jmp rax",
+        real = sym REAL_DLOPEN,
+        slow = sym dlopen_before_init,
+    )
+}
+
+/// `dlopen` called before the interposer's initialiser ran (by another
+/// library's): resolve the real one now.
+///
+/// # Safety
+/// As `dlopen(3)`.
+#[cfg(target_arch = "x86_64")]
+unsafe extern "C" fn dlopen_before_init(
+    filename: *const libc::c_char,
+    flags: c_int,
+) -> *mut c_void {
+    resolve_dlopen();
+    match REAL_DLOPEN.load(std::sync::atomic::Ordering::Acquire) {
+        0 => std::ptr::null_mut(),
+        f => {
+            // SAFETY: `f` is glibc's dlopen.
+            let real: unsafe extern "C" fn(*const libc::c_char, c_int) -> *mut c_void =
+                unsafe { std::mem::transmute(f) };
+            // SAFETY: the caller's arguments, DEEPBIND removed.
+            unsafe { real(filename, flags & !RTLD_DEEPBIND) }
+        }
+    }
+}

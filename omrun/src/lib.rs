@@ -20,4 +20,6 @@
 mod ffi;
 mod runtime;
 
+#[cfg(target_arch = "x86_64")]
+pub use ffi::dlopen;
 pub use ffi::{semctl, semget, semop, semtimedop, shmat, shmctl, shmdt, shmget};

@@ -22,6 +22,10 @@ fn user_name(uid: u32) -> String {
 }
 
 fn main() -> ExitCode {
+    // Die quietly when the reader goes away (`omctl ipcs | head`), as C
+    // tools do, instead of panicking on a write.
+    // SAFETY: restoring the default disposition of SIGPIPE.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let mut args = std::env::args().skip(1);
     let mut socket = std::env::var_os(SOCKET_ENV).map(std::path::PathBuf::from);
     let mut command = None;
