@@ -265,3 +265,127 @@ fn apache_prefork_with_a_sysv_accept_mutex_serves_under_omrun() {
     assert!(admin.ipcs().unwrap().is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// The uid and gid of a local user.
+fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}:")))?;
+    let mut fields = line.split(':').skip(2);
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
+/// PostgreSQL 15 with `shared_memory_type=sysv` under omrun, as the
+/// postgres user: `pgbench -i` and a `pgbench` run without a failed
+/// transaction; its ~150 MB segment is the cluster's and goes at shutdown.
+#[test]
+fn postgresql_with_sysv_shared_memory_runs_pgbench_under_omrun() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let (Some((uid, gid)), true) = (
+        user_ids("postgres"),
+        Path::new(PG_BIN).join("postgres").exists(),
+    ) else {
+        eprintln!("SKIP: PostgreSQL 15 not installed (scripts/test.sh installs it)");
+        return;
+    };
+    let cluster = Cluster::start(2).expect("start cluster");
+    let dir = std::env::temp_dir().join(format!("migshm-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+    let data = dir.join("data");
+    let initdb = Command::new(Path::new(PG_BIN).join("initdb"))
+        .arg("-D")
+        .arg(&data)
+        .args(["-A", "trust", "-U", "postgres"])
+        .uid(uid)
+        .gid(gid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("initdb");
+    assert!(initdb.success());
+    let port = free_port();
+    let mut server = Group(
+        Command::new(binary("omrun"))
+            .arg("--socket")
+            .arg(cluster.socket(1))
+            .arg("--")
+            .arg(Path::new(PG_BIN).join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-c",
+                "shared_memory_type=sysv",
+                "-c",
+                &format!("port={port}"),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+            ])
+            .arg(format!("unix_socket_directories={}", dir.display()))
+            .uid(uid)
+            .gid(gid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start postgres under omrun"),
+    );
+    assert!(
+        wait_for_port(port, Duration::from_secs(30)),
+        "postgres did not come up"
+    );
+    let admin = dsm::client::Client::connect(cluster.socket(2)).unwrap();
+    let segments = admin.ipcs().unwrap();
+    assert!(
+        segments
+            .iter()
+            .any(|s| s.size > 100 << 20 && s.perm.uid == uid),
+        "postgres' main segment is not the cluster's: {segments:?}"
+    );
+    let pgbench = |args: &[&str]| {
+        let out = Command::new(Path::new(PG_BIN).join("pgbench"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+            .args(args)
+            .arg("postgres")
+            .output()
+            .expect("run pgbench");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "pgbench {args:?}: {text}");
+        text
+    };
+    pgbench(&["-i", "-s", "2", "-q"]);
+    let run = pgbench(&["-c", "4", "-j", "2", "-T", "4"]);
+    let failed = run
+        .lines()
+        .find(|l| l.starts_with("number of failed transactions"))
+        .and_then(|l| {
+            l.split(':')
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        });
+    let tps = run.lines().find(|l| l.starts_with("tps"));
+    eprintln!("postgres under omrun: {tps:?}");
+    assert_eq!(failed, Some(0), "{run}");
+    // A fast shutdown; the segment goes with the server.
+    let status = server
+        .stop(libc::SIGINT, Duration::from_secs(30))
+        .expect("postgres did not stop");
+    assert!(status.success(), "postgres stopped with {status:?}");
+    assert!(admin.ipcs().unwrap().is_empty(), "{:?}", admin.ipcs());
+    assert!(admin.sem_ipcs().unwrap().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}

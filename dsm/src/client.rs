@@ -144,6 +144,22 @@ fn call_on(
     }
 }
 
+/// This process's userfaultfd: one that also handles faults taken inside
+/// the kernel (a `read()` into a segment) — made by the process itself if
+/// it may, else through the daemon's `/dev/userfaultfd` — or, failing
+/// both, a user-faults-only one.
+fn new_uffd(state: &mut State) -> Result<OwnedFd, Error> {
+    if let Ok(fd) = uffd::create_full(None) {
+        return Ok(fd);
+    }
+    if let Ok((ClientReply::Ok, Some(dev))) = call_on(state, &ClientRequest::UffdDevice, None) {
+        if let Ok(fd) = uffd::create_full(Some(dev.as_fd())) {
+            return Ok(fd);
+        }
+    }
+    Ok(uffd::create_user_only()?)
+}
+
 fn expect_ok(reply: ClientReply) -> Result<(), Error> {
     match reply {
         ClientReply::Ok => Ok(()),
@@ -268,7 +284,7 @@ impl Client {
         };
         let with_uffd = !state.uffd_sent;
         let uffd = if with_uffd {
-            Some(uffd::create_for_self()?)
+            Some(new_uffd(&mut state)?)
         } else {
             None
         };
@@ -556,7 +572,7 @@ fn adopt_in_child(path: &Path, state: &mut State) -> Result<(), Error> {
     if state.attachments.is_empty() {
         return Ok(());
     }
-    let uffd = uffd::create_for_self()?;
+    let uffd = new_uffd(state)?;
     let req = ClientRequest::Adopt {
         attachments: state.attachments.clone(),
     };

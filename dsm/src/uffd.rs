@@ -49,10 +49,11 @@ pub const MODE_ALL: u64 = (uapi::UFFDIO_REGISTER_MODE_MISSING
     | uapi::UFFDIO_REGISTER_MODE_WP
     | uapi::UFFDIO_REGISTER_MODE_MINOR) as u64;
 
-/// Create a userfaultfd for the calling process's memory: close-on-exec,
-/// non-blocking, kernel faults included. Falls back to `/dev/userfaultfd`
-/// when the syscall is refused to unprivileged users.
-pub fn create_for_self() -> io::Result<OwnedFd> {
+/// A userfaultfd for the calling process that also handles faults taken
+/// inside the kernel (a `read()` into a segment): by the syscall when the
+/// process may, else through `/dev/userfaultfd` (`device` if given, an fd
+/// of it the daemon opened, else opened here).
+pub fn create_full(device: Option<std::os::fd::BorrowedFd<'_>>) -> io::Result<OwnedFd> {
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as libc::c_long;
     // SAFETY: userfaultfd(2) takes a flags word and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
@@ -61,29 +62,48 @@ pub fn create_for_self() -> io::Result<OwnedFd> {
         return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
     }
     let syscall_err = io::Error::last_os_error();
-    if let Ok(dev) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/userfaultfd")
-    {
-        // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument and returns a new fd.
-        let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
-        if fd >= 0 {
-            // SAFETY: as above, a fresh fd from the kernel.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+    let opened;
+    let dev = match device {
+        Some(d) => d.as_raw_fd(),
+        None => {
+            opened = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/userfaultfd");
+            match &opened {
+                Ok(f) => f.as_raw_fd(),
+                Err(_) => return Err(syscall_err),
+            }
         }
-    }
-    // Last resort for unprivileged processes when the administrator has not
-    // opened /dev/userfaultfd to them: user faults only. A syscall that
-    // touches a page not present then fails with EFAULT instead of waiting.
-    let user_only = flags | uapi::UFFD_USER_MODE_ONLY as libc::c_long;
-    // SAFETY: as the first call, with one more flag.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, user_only) };
+    };
+    // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument and returns a new fd.
+    let fd = unsafe { libc::ioctl(dev, USERFAULTFD_IOC_NEW as _, flags) };
     if fd < 0 {
         return Err(syscall_err);
     }
+    // SAFETY: as above, a fresh fd from the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Last resort for an unprivileged process that has no access to
+/// `/dev/userfaultfd`: user faults only. A syscall that touches a page not
+/// present then fails with EFAULT instead of waiting.
+pub fn create_user_only() -> io::Result<OwnedFd> {
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as libc::c_long
+        | uapi::UFFD_USER_MODE_ONLY as libc::c_long;
+    // SAFETY: userfaultfd(2) takes a flags word and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: a fresh fd from the kernel.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A userfaultfd for the calling process: one that handles kernel faults
+/// if it can be had, else a user-faults-only one.
+pub fn create_for_self() -> io::Result<OwnedFd> {
+    create_full(None).or_else(|_| create_user_only())
 }
 
 /// What the kernel supports, probed on a throwaway fd (an API handshake can

@@ -602,6 +602,9 @@ pub enum ClientRequest {
     },
     /// Every semaphore set of the cluster, like `ipcs -s`.
     SemIpcs,
+    /// An fd of `/dev/userfaultfd`, for a process that may not create a
+    /// userfaultfd handling kernel faults itself (answered `Ok` with it).
+    UffdDevice,
     /// The set's fast-path region (see `semregion`), answered `Ok` with
     /// its memfd if the set is arbitrated on this node and the caller may
     /// alter it; ENOENT if it has none here.

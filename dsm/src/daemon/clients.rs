@@ -14,6 +14,7 @@ use crate::wire::{
 };
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -337,6 +338,23 @@ impl Session {
                     Ok(other) => ClientReply::Err(errno_of(other)),
                     Err(e) => ClientReply::Err(e),
                 }
+            }
+            ClientRequest::UffdDevice => {
+                // Lets an unprivileged process that attaches segments make
+                // the userfaultfd that syscalls into a segment need (as
+                // vm.unprivileged_userfaultfd=1 would, for it alone).
+                return match std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open("/dev/userfaultfd")
+                {
+                    Ok(f) => (ClientReply::Ok, Some(OwnedFd::from(f))),
+                    Err(e) => (
+                        ClientReply::Err(e.raw_os_error().unwrap_or(libc::ENOENT)),
+                        None,
+                    ),
+                };
             }
             ClientRequest::SemRegion { id } => {
                 let found = self.core.borrow().sem_region_fd(IpcId(id), &self.cred());
