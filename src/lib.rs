@@ -2,6 +2,8 @@
 //! the integration tests. It starts several `dsmd` on 127.0.0.x, each with
 //! its own socket, and stops every process it started, by pid.
 
+pub mod programs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,176 +1,26 @@
 //! Real programs under `omrun`, unchanged: their SysV calls become the
 //! cluster's. `scripts/test.sh` installs the Debian packages they need.
 
-use migshm::{binary, uffd_or_skip, Cluster};
+use migshm::programs::{
+    ab, apache_conf, apache_installed, free_port, pg_init, pgbench, pgbench_figures,
+    postgres_installed, start_apache, start_postgres, MOD_PHP,
+};
+use migshm::{uffd_or_skip, Cluster};
 use std::io::Read;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-const APACHE: &str = "/usr/sbin/apache2";
-const MOD_PHP: &str = "/usr/lib/apache2/modules/libphp8.2.so";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn wait_for_port(port: u16, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-/// A program started in a process group of its own (Apache signals its
-/// whole group when it stops), ended with it if the test fails.
-struct Group(Child);
-
-impl Group {
-    fn stop(&mut self, signal: i32, limit: Duration) -> Option<std::process::ExitStatus> {
-        // SAFETY: signalling the process group we created.
-        unsafe { libc::kill(-(self.0.id() as i32), signal) };
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.0.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            // SAFETY: killing the process group we created.
-            unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// An Apache prefork configuration with two `Listen` lines, so that the
-/// children take turns accepting under the SysV accept mutex.
-fn apache_conf(dir: &Path, ports: [u16; 2]) -> PathBuf {
-    let htdocs = dir.join("htdocs");
-    std::fs::create_dir_all(&htdocs).unwrap();
-    std::fs::write(htdocs.join("index.html"), "hello from migshm\n").unwrap();
-    let conf = format!(
-        r#"ServerRoot {d}
-ServerName localhost
-Listen 127.0.0.1:{p0}
-Listen 127.0.0.1:{p1}
-PidFile {d}/httpd.pid
-ErrorLog {d}/error.log
-LogLevel warn
-LoadModule mpm_prefork_module /usr/lib/apache2/modules/mod_mpm_prefork.so
-LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
-LoadModule mime_module /usr/lib/apache2/modules/mod_mime.so
-LoadModule dir_module /usr/lib/apache2/modules/mod_dir.so
-TypesConfig /etc/mime.types
-User www-data
-Group www-data
-Mutex sysvsem default
-DocumentRoot {d}/htdocs
-<Directory {d}/htdocs>
-  Require all granted
-</Directory>
-StartServers 4
-MinSpareServers 2
-MaxSpareServers 8
-MaxRequestWorkers 16
-"#,
-        d = dir.display(),
-        p0 = ports[0],
-        p1 = ports[1]
-    );
-    // PHP with opcache in a SysV segment (created by the parent, removed at
-    // once, inherited by the children), when mod_php is installed.
-    let conf = if Path::new(MOD_PHP).exists() {
-        let php = dir.join("php");
-        std::fs::create_dir_all(&php).unwrap();
-        std::fs::write(
-            php.join("php.ini"),
-            "zend_extension=opcache.so\nopcache.enable=1\nopcache.preferred_memory_model=shm\nopcache.memory_consumption=32\n",
-        )
-        .unwrap();
-        std::fs::write(
-            htdocs.join("info.php"),
-            "<?php $s = opcache_get_status(false);\necho 'opcache:', ($s && $s['opcache_enabled']) ? 'on' : 'off', \"\\n\";\necho 'sum:', array_sum(range(1, 1000)), \"\\n\";\n",
-        )
-        .unwrap();
-        format!(
-            "{conf}LoadModule php_module {MOD_PHP}\nPHPIniDir {}\nAddHandler application/x-httpd-php .php\n",
-            php.display()
-        )
-    } else {
-        conf
-    };
-    let path = dir.join("httpd.conf");
-    std::fs::write(&path, conf).unwrap();
-    // The children run as www-data and read the document root.
-    let _ = Command::new("chmod")
-        .arg("-R")
-        .arg("a+rX")
-        .arg(dir)
-        .status();
-    path
-}
-
-/// `ab` against `url`: (complete, failed, requests per second).
-fn ab(url: &str, requests: u32, concurrency: u32) -> (u32, u32, f64) {
-    let out = Command::new("ab")
-        .args([
-            "-q",
-            "-n",
-            &requests.to_string(),
-            "-c",
-            &concurrency.to_string(),
-            url,
-        ])
-        .output()
-        .expect("run ab");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().find_map(|w| w.parse::<f64>().ok()))
-            .unwrap_or(-1.0)
-    };
-    (
-        field("Complete requests:") as u32,
-        field("Failed requests:") as u32,
-        field("Requests per second:"),
-    )
-}
-
-fn apache_or_skip() -> bool {
-    let present = Path::new(APACHE).exists()
-        && Command::new("ab")
-            .arg("-V")
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if !present {
-        eprintln!("SKIP: apache2/ab not installed (scripts/test.sh installs them)");
-    }
-    present
-}
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 /// Apache 2.4 prefork, two Listen lines, `Mutex sysvsem`, children as
 /// www-data, under omrun: ab gets no failed request, and stopping Apache
 /// leaves no segment or set behind.
 #[test]
 fn apache_prefork_with_a_sysv_accept_mutex_serves_under_omrun() {
-    if !uffd_or_skip() || !apache_or_skip() {
+    if !uffd_or_skip() {
+        return;
+    }
+    if !apache_installed() {
+        eprintln!("SKIP: apache2/ab not installed (scripts/test.sh installs them)");
         return;
     }
     let cluster = Cluster::start(2).expect("start cluster");
@@ -178,24 +28,12 @@ fn apache_prefork_with_a_sysv_accept_mutex_serves_under_omrun() {
     let _ = std::fs::remove_dir_all(&dir);
     let ports = [free_port(), free_port()];
     let conf = apache_conf(&dir, ports);
-    let mut apache = Group(
-        Command::new(binary("omrun"))
-            .arg("--socket")
-            .arg(cluster.socket(1))
-            .args(["--", APACHE, "-f"])
-            .arg(&conf)
-            .arg("-DFOREGROUND")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .expect("start apache under omrun"),
-    );
-    assert!(
-        wait_for_port(ports[0], Duration::from_secs(20)),
-        "apache did not come up: {}",
-        std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
-    );
+    let mut apache = start_apache(Some(cluster.socket(1)), &conf, ports[0]).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+        )
+    });
     let admin = dsm::client::Client::connect(cluster.socket(2)).unwrap();
     let sets = admin.sem_ipcs().unwrap();
     assert_eq!(sets.len(), 1, "the accept mutex: {sets:?}");
@@ -266,18 +104,6 @@ fn apache_prefork_with_a_sysv_accept_mutex_serves_under_omrun() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-/// The uid and gid of a local user.
-fn user_ids(name: &str) -> Option<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    let line = passwd
-        .lines()
-        .find(|l| l.starts_with(&format!("{name}:")))?;
-    let mut fields = line.split(':').skip(2);
-    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
-}
-
 /// PostgreSQL 15 with `shared_memory_type=sysv` under omrun, as the
 /// postgres user: `pgbench -i` and a `pgbench` run without a failed
 /// transaction; its ~150 MB segment is the cluster's and goes at shutdown.
@@ -286,100 +112,31 @@ fn postgresql_with_sysv_shared_memory_runs_pgbench_under_omrun() {
     if !uffd_or_skip() {
         return;
     }
-    let (Some((uid, gid)), true) = (
-        user_ids("postgres"),
-        Path::new(PG_BIN).join("postgres").exists(),
-    ) else {
+    let Some(ids) = postgres_installed() else {
         eprintln!("SKIP: PostgreSQL 15 not installed (scripts/test.sh installs it)");
         return;
     };
     let cluster = Cluster::start(2).expect("start cluster");
     let dir = std::env::temp_dir().join(format!("migshm-pg-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
-    let data = dir.join("data");
-    let initdb = Command::new(Path::new(PG_BIN).join("initdb"))
-        .arg("-D")
-        .arg(&data)
-        .args(["-A", "trust", "-U", "postgres"])
-        .uid(uid)
-        .gid(gid)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("initdb");
-    assert!(initdb.success());
+    let data = pg_init(&dir, ids).expect("initdb");
     let port = free_port();
-    let mut server = Group(
-        Command::new(binary("omrun"))
-            .arg("--socket")
-            .arg(cluster.socket(1))
-            .arg("--")
-            .arg(Path::new(PG_BIN).join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-c",
-                "shared_memory_type=sysv",
-                "-c",
-                &format!("port={port}"),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-            ])
-            .arg(format!("unix_socket_directories={}", dir.display()))
-            .uid(uid)
-            .gid(gid)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start postgres under omrun"),
-    );
-    assert!(
-        wait_for_port(port, Duration::from_secs(30)),
-        "postgres did not come up"
-    );
+    let mut server =
+        start_postgres(Some(cluster.socket(1)), &data, port, ids).expect("start postgres");
     let admin = dsm::client::Client::connect(cluster.socket(2)).unwrap();
     let segments = admin.ipcs().unwrap();
     assert!(
         segments
             .iter()
-            .any(|s| s.size > 100 << 20 && s.perm.uid == uid),
+            .any(|s| s.size > 100 << 20 && s.perm.uid == ids.0),
         "postgres' main segment is not the cluster's: {segments:?}"
     );
-    let pgbench = |args: &[&str]| {
-        let out = Command::new(Path::new(PG_BIN).join("pgbench"))
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-            .args(args)
-            .arg("postgres")
-            .output()
-            .expect("run pgbench");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "pgbench {args:?}: {text}");
-        text
-    };
-    pgbench(&["-i", "-s", "2", "-q"]);
-    let run = pgbench(&["-c", "4", "-j", "2", "-T", "4"]);
-    let failed = run
-        .lines()
-        .find(|l| l.starts_with("number of failed transactions"))
-        .and_then(|l| {
-            l.split(':')
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        });
-    let tps = run.lines().find(|l| l.starts_with("tps"));
-    eprintln!("postgres under omrun: {tps:?}");
-    assert_eq!(failed, Some(0), "{run}");
+    let (ok, report) = pgbench(port, &["-i", "-s", "2", "-q"]);
+    assert!(ok, "pgbench -i: {report}");
+    let (ok, report) = pgbench(port, &["-c", "4", "-j", "2", "-T", "4"]);
+    assert!(ok, "pgbench: {report}");
+    let (failed, tps) = pgbench_figures(&report);
+    eprintln!("postgres under omrun: {tps:?} tps");
+    assert_eq!(failed, Some(0), "{report}");
     // A fast shutdown; the segment goes with the server.
     let status = server
         .stop(libc::SIGINT, Duration::from_secs(30))
