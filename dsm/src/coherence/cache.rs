@@ -6,6 +6,9 @@ use super::{page_in_range, Access, CohMsg, Engine, PageStore, Resolution, PREFET
 const SPECULATIVE_WINDOW_MIN: u32 = 4;
 /// Speculative reads in flight per segment.
 const SPECULATIVE_DEPTH: u32 = 4;
+/// Neighbours mapped along with a page held Exclusive (64 KiB, the
+/// kernel's fault-around).
+const FAULT_AROUND_PAGES: u32 = 16;
 use crate::ids::{NodeId, PageIndex, PageKey, SegmentId};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
@@ -127,6 +130,19 @@ impl<W> CacheSegment<W> {
             .count() as u32
     }
 
+    /// Pages right after `page` held Exclusive here (at most
+    /// `FAULT_AROUND_PAGES`): a process faulting on one maps its neighbours
+    /// too, as the kernel's own fault-around does, instead of faulting to
+    /// the daemon once per page.
+    fn exclusive_run_after(&self, page: PageIndex) -> u32 {
+        self.states
+            .iter()
+            .skip(page.0 as usize + 1)
+            .take(FAULT_AROUND_PAGES as usize)
+            .take_while(|s| **s == PageState::Exclusive)
+            .count() as u32
+    }
+
     /// Read-ahead grows while misses are sequential and resets otherwise.
     fn prefetch_for(&mut self, page: PageIndex) -> u32 {
         if page.0 == self.next_sequential {
@@ -159,7 +175,10 @@ impl<W: Clone> Engine<W> {
         };
         // Served from the node's copy?
         match (state, write) {
-            (PageState::Exclusive, _) => return self.resolve(waiter, page, Access::Writable, 0),
+            (PageState::Exclusive, _) => {
+                let run = seg.exclusive_run_after(page.page);
+                return self.resolve(waiter, page, Access::Writable, run);
+            }
             (PageState::Shared, false) => {
                 let run = seg.shared_run_after(page.page);
                 self.resolve(waiter, page, Access::ReadOnly, run);

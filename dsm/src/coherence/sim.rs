@@ -463,7 +463,7 @@ impl Sim {
                             seg: res.page.seg,
                             page: PageIndex(res.page.page.0 + i),
                         };
-                        node.store.ptes.entry((p, q)).or_insert(Pte::ReadOnly);
+                        node.store.ptes.entry((p, q)).or_insert(pte);
                     }
                 }
                 Access::Poison => {

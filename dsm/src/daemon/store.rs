@@ -259,12 +259,14 @@ impl NodeStore {
                 }
             }
         }
-        if res.also_mapped > 0 && res.access == Access::ReadOnly {
-            // Read-ahead: map the pages that came along into the same process
-            // now, so a sequential reader does not fault on each one.
+        if res.also_mapped > 0 && res.access != Access::Poison {
+            // Read-ahead, or fault-around on pages held Exclusive: map the
+            // neighbours into the same process now (read-only, or as the
+            // faulting page was), so that it does not fault on each one.
             // EEXIST only means some of them were mapped already.
             let len = u64::from(res.also_mapped) * page;
-            if let Err(e) = proc.uffd.continue_(addr + page, len, protect) {
+            let wp = protect && res.access == Access::ReadOnly;
+            if let Err(e) = proc.uffd.continue_(addr + page, len, wp) {
                 if e.raw_os_error() != Some(libc::EEXIST) && !crate::uffd::process_gone(&e) {
                     tracing::warn!(pid = proc.pid, addr, "mapping read-ahead pages: {e}");
                 }
