@@ -379,9 +379,25 @@ pub fn run_under_omrun(
     args: &[&str],
     limit: Duration,
 ) -> Option<(std::process::ExitStatus, String)> {
+    run_under_omrun_homed(socket, None, program, args, limit)
+}
+
+/// `run_under_omrun`, with the objects the program creates homed on node
+/// `home` (`omrun --home`).
+pub fn run_under_omrun_homed(
+    socket: &Path,
+    home: Option<u8>,
+    program: &Path,
+    args: &[&str],
+    limit: Duration,
+) -> Option<(std::process::ExitStatus, String)> {
+    let home_args: Vec<String> = home
+        .map(|n| vec!["--home".to_string(), n.to_string()])
+        .unwrap_or_default();
     let child = Command::new(binary("omrun"))
         .arg("--socket")
         .arg(socket)
+        .args(&home_args)
         .arg("--")
         .arg(program)
         .args(args)

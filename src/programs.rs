@@ -179,21 +179,33 @@ pub fn postgres_installed() -> Option<(u32, u32)> {
     user_ids("postgres").filter(|_| Path::new(PG_BIN).join("postgres").exists())
 }
 
-/// `program ARGS`, natively or under `omrun` on the node of `socket`, in
-/// a process group of its own, as `uid` if given.
+/// Where a program runs: natively, or under `omrun` on the node of
+/// `socket`, with what it creates homed on node `home` if given.
+#[derive(Clone, Copy)]
+pub enum Under<'a> {
+    Native,
+    Omrun { socket: &'a Path, home: Option<u8> },
+}
+
+/// `program ARGS` as `under` says, in a process group of its own, as `uid`
+/// if given.
 pub fn start_group(
-    under: Option<&Path>,
+    under: Under<'_>,
     program: &Path,
     args: &[&std::ffi::OsStr],
     uid: Option<(u32, u32)>,
 ) -> std::io::Result<Group> {
     let mut cmd = match under {
-        Some(socket) => {
+        Under::Omrun { socket, home } => {
             let mut c = Command::new(binary("omrun"));
-            c.arg("--socket").arg(socket).arg("--").arg(program);
+            c.arg("--socket").arg(socket);
+            if let Some(n) = home {
+                c.arg("--home").arg(n.to_string());
+            }
+            c.arg("--").arg(program);
             c
         }
-        None => Command::new(program),
+        Under::Native => Command::new(program),
     };
     cmd.args(args)
         .stdout(Stdio::null())
@@ -206,7 +218,7 @@ pub fn start_group(
 }
 
 /// Start Apache with `conf` (natively or under omrun) and wait for it.
-pub fn start_apache(under: Option<&Path>, conf: &Path, port: u16) -> Result<Group, String> {
+pub fn start_apache(under: Under<'_>, conf: &Path, port: u16) -> Result<Group, String> {
     let args = [
         std::ffi::OsStr::new("-f"),
         conf.as_os_str(),
@@ -245,7 +257,7 @@ pub fn pg_init(dir: &Path, ids: (u32, u32)) -> Result<PathBuf, String> {
 /// Start PostgreSQL on `data` with SysV shared memory (natively or under
 /// omrun) and wait for it.
 pub fn start_postgres(
-    under: Option<&Path>,
+    under: Under<'_>,
     data: &Path,
     port: u16,
     ids: (u32, u32),

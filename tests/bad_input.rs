@@ -144,6 +144,7 @@ fn fake_clients_get_errors_and_the_daemon_keeps_serving() {
                 key: 0,
                 size: 1 << 62,
                 flags: 0o1600,
+                home: None,
             },
             // Above SHMMAX: EINVAL; within it (the default) but more than
             // can be backed: ENOMEM, as Linux answers.
@@ -494,6 +495,7 @@ fn bad_semaphore_requests_change_nothing() {
                 key: 0,
                 nsems: -1,
                 flags: 0o1600,
+                home: None,
             },
             libc::EINVAL,
         ),

@@ -54,6 +54,20 @@ fn sysv_walk_prints_the_same_natively_and_under_omrun() {
             diff.join("\n")
         );
     }
+    // The whole walk on node 1 with every object homed on node 2.
+    let (status, out) = migshm::run_under_omrun_homed(
+        cluster.socket(1),
+        Some(2),
+        &walk,
+        &[&key_base().to_string()],
+        Duration::from_secs(60),
+    )
+    .expect("sysv_walk --home 2 hung");
+    assert!(status.success(), "under omrun --home 2: {status:?}\n{out}");
+    assert_eq!(
+        out, expected,
+        "objects homed on node 2: differs from native"
+    );
     // Objects homed on another node: created there, walked here.
     let base = key_base().to_string();
     native(&walk, &[&base, "create"]);

@@ -3,7 +3,7 @@
 
 use migshm::programs::{
     ab, apache_conf, apache_installed, free_port, pg_init, pgbench, pgbench_figures,
-    postgres_installed, start_apache, start_postgres, MOD_PHP,
+    postgres_installed, start_apache, start_postgres, Under, MOD_PHP,
 };
 use migshm::{uffd_or_skip, Cluster};
 use std::io::Read;
@@ -28,7 +28,15 @@ fn apache_prefork_with_a_sysv_accept_mutex_serves_under_omrun() {
     let _ = std::fs::remove_dir_all(&dir);
     let ports = [free_port(), free_port()];
     let conf = apache_conf(&dir, ports);
-    let mut apache = start_apache(Some(cluster.socket(1)), &conf, ports[0]).unwrap_or_else(|e| {
+    let mut apache = start_apache(
+        Under::Omrun {
+            socket: cluster.socket(1),
+            home: None,
+        },
+        &conf,
+        ports[0],
+    )
+    .unwrap_or_else(|e| {
         panic!(
             "{e}: {}",
             std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
@@ -120,8 +128,16 @@ fn postgresql_with_sysv_shared_memory_runs_pgbench_under_omrun() {
     let dir = std::env::temp_dir().join(format!("migshm-pg-{}", std::process::id()));
     let data = pg_init(&dir, ids).expect("initdb");
     let port = free_port();
-    let mut server =
-        start_postgres(Some(cluster.socket(1)), &data, port, ids).expect("start postgres");
+    let mut server = start_postgres(
+        Under::Omrun {
+            socket: cluster.socket(1),
+            home: None,
+        },
+        &data,
+        port,
+        ids,
+    )
+    .expect("start postgres");
     let admin = dsm::client::Client::connect(cluster.socket(2)).unwrap();
     let segments = admin.ipcs().unwrap();
     assert!(

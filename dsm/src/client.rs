@@ -233,7 +233,25 @@ impl Client {
     /// `shmget`: find or create the segment of `key` (0 = `IPC_PRIVATE`).
     /// `flags` holds `IPC_CREAT`, `IPC_EXCL` and the mode bits.
     pub fn get(&self, key: i32, size: u64, flags: i32) -> Result<i32, Error> {
-        match self.call(&ClientRequest::ShmGet { key, size, flags })? {
+        self.get_on(key, size, flags, None)
+    }
+
+    /// `shmget`, with a segment it creates homed on node `home` (this node
+    /// if `None`).
+    pub fn get_on(
+        &self,
+        key: i32,
+        size: u64,
+        flags: i32,
+        home: Option<NodeId>,
+    ) -> Result<i32, Error> {
+        let req = ClientRequest::ShmGet {
+            key,
+            size,
+            flags,
+            home,
+        };
+        match self.call(&req)? {
             ClientReply::ShmId(id) => Ok(id),
             ClientReply::Err(e) => Err(Error::Errno(e)),
             other => Err(Error::Protocol(format!("{other:?}"))),

@@ -105,6 +105,14 @@ pub enum RpcRequest {
     },
     /// Every segment homed at the node (for a cluster-wide `ipcs`).
     SegList,
+    /// Create an object homed at the node (its key is registered by the
+    /// asker): answered `Created`.
+    Create(Creation),
+    /// An object created for a `Create` whose key another node won: it
+    /// never existed.
+    Discard {
+        id: IpcId,
+    },
     /// At a set's home: `semget` of an existing key (size and mode checks).
     SemOpen {
         id: SemSetId,
@@ -150,6 +158,7 @@ pub enum RpcResponse {
     SemSets(Vec<SemSetStat>),
     /// The set is lent and being recalled: ask again shortly.
     Moving,
+    Created(IpcId),
 }
 
 /// One-way notices between daemons.
@@ -198,6 +207,23 @@ pub enum Notice {
     /// applied the exit of its process `pid` (ops of the process that still
     /// wait at the home must be followed by the exit).
     SemExitApplied { set: SemSetId, pid: i32 },
+}
+
+/// An object to create (`key` 0: `IPC_PRIVATE`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Creation {
+    Segment {
+        key: i32,
+        size: u64,
+        mode: u32,
+        cred: Credentials,
+    },
+    SemSet {
+        key: i32,
+        nsems: i32,
+        mode: u32,
+        cred: Credentials,
+    },
 }
 
 /// How a `semop` sent to a set's home ended.
@@ -533,6 +559,8 @@ pub enum ClientRequest {
         key: i32,
         size: u64,
         flags: i32,
+        /// Where a segment this call creates is homed (`None`: this node).
+        home: Option<NodeId>,
     },
     /// Answered with `Attached` and the node's memfd of the segment.
     ShmAttach {
@@ -578,6 +606,8 @@ pub enum ClientRequest {
         key: i32,
         nsems: i32,
         flags: i32,
+        /// Where a set this call creates is homed (`None`: this node).
+        home: Option<NodeId>,
     },
     /// `semop`/`semtimedop`. Answered when the operation completes, which
     /// may be much later; meanwhile the connection carries only

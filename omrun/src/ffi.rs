@@ -73,7 +73,7 @@ pub unsafe extern "C" fn shmget(key: key_t, size: size_t, shmflg: c_int) -> c_in
     guarded(-1, || {
         daemon(|rt| {
             rt.segments
-                .get(key, size as u64, shmflg)
+                .get_on(key, size as u64, shmflg, rt.home)
                 .map_err(|e| errno_of(&e))
         })
         .unwrap_or_else(|| {
@@ -228,7 +228,7 @@ pub unsafe extern "C" fn semget(key: key_t, nsems: c_int, semflg: c_int) -> c_in
     guarded(-1, || {
         daemon(|rt| {
             rt.sems
-                .get(key, nsems, semflg)
+                .get_on(key, nsems, semflg, rt.home)
                 .map(|s| s.id())
                 .map_err(|e| errno_of(&e))
         })

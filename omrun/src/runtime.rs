@@ -8,6 +8,8 @@ use std::sync::{Mutex, OnceLock};
 pub struct Runtime {
     pub segments: Client,
     pub sems: Semaphores,
+    /// Where the objects this program creates are homed (`omrun --home`).
+    pub home: Option<dsm::ids::NodeId>,
     /// Every attachment of the process, so `shmdt` finds it by address.
     pub attached: Mutex<Vec<Attachment>>,
 }
@@ -22,6 +24,9 @@ enum Found {
 }
 
 static RUNTIME: OnceLock<Found> = OnceLock::new();
+
+/// Set by `omrun --home NODE`: the node that homes what the program creates.
+pub const HOME_ENV: &str = "MIGSHM_HOME";
 
 /// How a call is served.
 pub enum Route {
@@ -38,9 +43,14 @@ pub fn route() -> Route {
         };
         let connected = Client::connect(&path).and_then(|segments| {
             let sems = Semaphores::connect(&path)?;
+            let home = std::env::var(HOME_ENV)
+                .ok()
+                .and_then(|v| v.parse::<u8>().ok())
+                .and_then(dsm::ids::NodeId::new);
             Ok(Runtime {
                 segments,
                 sems,
+                home,
                 attached: Mutex::new(Vec::new()),
             })
         });

@@ -320,7 +320,25 @@ impl Semaphores {
 
     /// `semget`: find or create the set of `key` (0 = `IPC_PRIVATE`).
     pub fn get(&self, key: i32, nsems: i32, flags: i32) -> Result<SemSet, Error> {
-        match self.0.call(&ClientRequest::SemGet { key, nsems, flags })? {
+        self.get_on(key, nsems, flags, None)
+    }
+
+    /// `semget`, with a set it creates homed on node `home` (this node if
+    /// `None`).
+    pub fn get_on(
+        &self,
+        key: i32,
+        nsems: i32,
+        flags: i32,
+        home: Option<NodeId>,
+    ) -> Result<SemSet, Error> {
+        let req = ClientRequest::SemGet {
+            key,
+            nsems,
+            flags,
+            home,
+        };
+        match self.0.call(&req)? {
             ClientReply::SemId(id) => Ok(self.open(id)),
             ClientReply::Err(e) => Err(Error::Errno(e)),
             other => Err(Error::Protocol(format!("{other:?}"))),

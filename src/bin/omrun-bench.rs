@@ -9,7 +9,7 @@
 
 use migshm::programs::{
     ab, apache_conf, apache_installed, free_port, pg_init, pgbench, pgbench_figures,
-    postgres_installed, start_apache, start_postgres, Group, MOD_PHP,
+    postgres_installed, start_apache, start_postgres, Group, Under, MOD_PHP,
 };
 use migshm::Cluster;
 use std::path::Path;
@@ -31,7 +31,7 @@ fn stop(mut g: Group, signal: i32) {
 }
 
 /// Requests per second of Apache for a static page and a PHP page.
-fn apache_rates(under: Option<&Path>, dir: &Path) -> (f64, Option<f64>) {
+fn apache_rates(under: Under<'_>, dir: &Path) -> (f64, Option<f64>) {
     let _ = std::fs::remove_dir_all(dir);
     let ports = [free_port(), free_port()];
     let conf = apache_conf(dir, ports);
@@ -64,7 +64,7 @@ fn apache_rates(under: Option<&Path>, dir: &Path) -> (f64, Option<f64>) {
 }
 
 /// pgbench TPS of PostgreSQL (scale 10, 4 clients).
-fn pg_tps(under: Option<&Path>, dir: &Path, ids: (u32, u32)) -> f64 {
+fn pg_tps(under: Under<'_>, dir: &Path, ids: (u32, u32)) -> f64 {
     let data = pg_init(dir, ids).unwrap_or_else(|e| fail(&e));
     let port = free_port();
     let server = start_postgres(under, &data, port, ids).unwrap_or_else(|e| fail(&e));
@@ -98,12 +98,22 @@ fn main() {
     }
     let cluster = Cluster::start(2).unwrap_or_else(|e| fail(&format!("cluster: {e}")));
     let base = std::env::temp_dir().join(format!("omrun-bench-{}", std::process::id()));
-    let node1 = Some(cluster.socket(1));
+    let node1 = Under::Omrun {
+        socket: cluster.socket(1),
+        home: None,
+    };
+    // The same program on node 1, its objects homed on node 2.
+    let node1_homed_2 = Under::Omrun {
+        socket: cluster.socket(1),
+        home: Some(2),
+    };
 
-    let (apache_native, php_native) = apache_rates(None, &base.join("apache-native"));
+    let (apache_native, php_native) = apache_rates(Under::Native, &base.join("apache-native"));
     let (apache_omrun, php_omrun) = apache_rates(node1, &base.join("apache-omrun"));
-    let pg_native = pg_tps(None, &base.join("pg-native"), pg_ids);
+    let (apache_remote, php_remote) = apache_rates(node1_homed_2, &base.join("apache-remote"));
+    let pg_native = pg_tps(Under::Native, &base.join("pg-native"), pg_ids);
     let pg_omrun = pg_tps(node1, &base.join("pg-omrun"), pg_ids);
+    let pg_remote = pg_tps(node1_homed_2, &base.join("pg-remote"), pg_ids);
     drop(cluster);
     let _ = std::fs::remove_dir_all(&base);
 
@@ -136,9 +146,33 @@ fn main() {
         pg_omrun,
         ratio(pg_omrun, pg_native)
     );
+    println!("objects homed on node 2, program on node 1:");
+    println!(
+        "{:<40} {:>12.0} {:>12.0} {:>8.2}",
+        "  apache static page, requests/s",
+        apache_native,
+        apache_remote,
+        ratio(apache_remote, apache_native)
+    );
+    if let (Some(n), Some(o)) = (php_native, php_remote) {
+        println!(
+            "{:<40} {:>12.0} {:>12.0} {:>8.2}",
+            "  apache PHP page, requests/s",
+            n,
+            o,
+            ratio(o, n)
+        );
+    }
+    println!(
+        "{:<40} {:>12.0} {:>12.0} {:>8.2}",
+        "  pgbench, tps",
+        pg_native,
+        pg_remote,
+        ratio(pg_remote, pg_native)
+    );
     let php_ratio = php_native.zip(php_omrun).map(|(n, o)| ratio(o, n));
     println!(
-        "{{\"apache_native_rps\":{:.0},\"apache_omrun_rps\":{:.0},\"apache_ratio\":{:.2},\"php_native_rps\":{},\"php_omrun_rps\":{},\"php_ratio\":{},\"pgbench_native_tps\":{:.1},\"pgbench_omrun_tps\":{:.1},\"pgbench_ratio\":{:.2}}}",
+        "{{\"apache_native_rps\":{:.0},\"apache_omrun_rps\":{:.0},\"apache_ratio\":{:.2},\"php_native_rps\":{},\"php_omrun_rps\":{},\"php_ratio\":{},\"pgbench_native_tps\":{:.1},\"pgbench_omrun_tps\":{:.1},\"pgbench_ratio\":{:.2},\"apache_remote_home_rps\":{:.0},\"apache_remote_home_ratio\":{:.2},\"php_remote_home_rps\":{},\"pgbench_remote_home_tps\":{:.1},\"pgbench_remote_home_ratio\":{:.2}}}",
         apache_native,
         apache_omrun,
         ratio(apache_omrun, apache_native),
@@ -147,6 +181,11 @@ fn main() {
         json_num(php_ratio),
         pg_native,
         pg_omrun,
-        ratio(pg_omrun, pg_native)
+        ratio(pg_omrun, pg_native),
+        apache_remote,
+        ratio(apache_remote, apache_native),
+        json_num(php_remote),
+        pg_remote,
+        ratio(pg_remote, pg_native)
     );
 }

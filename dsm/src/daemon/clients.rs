@@ -4,13 +4,13 @@
 use super::core::SharedCore;
 use super::store::{MappingRecord, ProcId};
 use crate::fdpass;
-use crate::ids::{IpcId, IpcKey, IpcKind, SegmentId, SemSetId, PAGE_SIZE};
+use crate::ids::{IpcId, IpcKey, IpcKind, NodeId, SegmentId, SemSetId, PAGE_SIZE};
 use crate::pidfd;
 use crate::sysv::{Credentials, IPC_CREAT, IPC_EXCL};
 use crate::uffd::{self, Uffd};
 use crate::wire::{
-    self, AttachmentRecord, ClientReply, ClientRequest, NodeInfo, RpcRequest, RpcResponse, SemCtl,
-    SemResult,
+    self, AttachmentRecord, ClientReply, ClientRequest, Creation, NodeInfo, RpcRequest,
+    RpcResponse, SemCtl, SemResult,
 };
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -246,8 +246,12 @@ impl Session {
                     }
                 }
             }
-            ClientRequest::ShmGet { key, size, flags } => match self.shmget(key, size, flags).await
-            {
+            ClientRequest::ShmGet {
+                key,
+                size,
+                flags,
+                home,
+            } => match self.shmget(key, size, flags, home).await {
                 Ok(id) => ClientReply::ShmId(id.0),
                 Err(e) => ClientReply::Err(e),
             },
@@ -305,12 +309,15 @@ impl Session {
                 };
                 self.remove(IpcKind::Segment, IpcId(id), req).await
             }
-            ClientRequest::SemGet { key, nsems, flags } => {
-                match self.semget(key, nsems, flags).await {
-                    Ok(id) => ClientReply::SemId(id.0),
-                    Err(e) => ClientReply::Err(e),
-                }
-            }
+            ClientRequest::SemGet {
+                key,
+                nsems,
+                flags,
+                home,
+            } => match self.semget(key, nsems, flags, home).await {
+                Ok(id) => ClientReply::SemId(id.0),
+                Err(e) => ClientReply::Err(e),
+            },
             ClientRequest::SemCtl {
                 id,
                 cmd: SemCtl::Remove,
@@ -580,79 +587,85 @@ impl Session {
         errno
     }
 
-    async fn shmget(&mut self, key: i32, size: u64, flags: i32) -> Result<SegmentId, i32> {
+    async fn shmget(
+        &mut self,
+        key: i32,
+        size: u64,
+        flags: i32,
+        home: Option<NodeId>,
+    ) -> Result<SegmentId, i32> {
         let cred = self.cred();
-        let mode = (flags & 0o777) as u32;
-        if key == 0 {
-            return self
-                .core
-                .borrow_mut()
-                .create_home_segment(0, size, mode, &cred);
-        }
-        let open_cred = cred.clone();
-        self.get_by_key(
-            IpcKey {
-                kind: IpcKind::Segment,
-                key,
-            },
+        let creation = Creation::Segment {
+            key,
+            size,
+            mode: (flags & 0o777) as u32,
+            cred: cred.clone(),
+        };
+        let open = move |id| RpcRequest::SegOpen {
+            id,
+            size,
             flags,
-            move |id| RpcRequest::SegOpen {
-                id,
-                size,
-                flags,
-                cred: open_cred.clone(),
-            },
-            |core| core.create_home_segment(key, size, mode, &cred),
-            |core, id| {
-                if let Some(h) = core.homes.get_mut(&id) {
-                    h.perm.mode |= crate::sysv::SHM_DEST;
-                }
-                core.destroy_if_done(id);
-            },
-        )
-        .await
+            cred: cred.clone(),
+        };
+        self.get_by_key(IpcKind::Segment, key, flags, creation, home, open)
+            .await
     }
 
-    async fn semget(&mut self, key: i32, nsems: i32, flags: i32) -> Result<SemSetId, i32> {
+    async fn semget(
+        &mut self,
+        key: i32,
+        nsems: i32,
+        flags: i32,
+        home: Option<NodeId>,
+    ) -> Result<SemSetId, i32> {
         let cred = self.cred();
-        let mode = (flags & 0o777) as u32;
-        if key == 0 {
-            return self
-                .core
-                .borrow_mut()
-                .create_home_set(0, nsems, mode, &cred);
-        }
-        let open_cred = cred.clone();
-        self.get_by_key(
-            IpcKey {
-                kind: IpcKind::SemSet,
-                key,
-            },
+        let creation = Creation::SemSet {
+            key,
+            nsems,
+            mode: (flags & 0o777) as u32,
+            cred: cred.clone(),
+        };
+        let open = move |id| RpcRequest::SemOpen {
+            id,
+            nsems,
             flags,
-            move |id| RpcRequest::SemOpen {
-                id,
-                nsems,
-                flags,
-                cred: open_cred.clone(),
-            },
-            |core| core.create_home_set(key, nsems, mode, &cred),
-            |core, id| core.discard_home_set(id),
-        )
-        .await
+            cred: cred.clone(),
+        };
+        self.get_by_key(IpcKind::SemSet, key, flags, creation, home, open)
+            .await
+    }
+
+    /// Create an object homed at `home` (this node unless asked).
+    async fn create_at(&mut self, home: NodeId, creation: Creation) -> Result<IpcId, i32> {
+        match self.rpc(home, RpcRequest::Create(creation)).await {
+            RpcResponse::Created(id) if id.home() == Some(home) => Ok(id),
+            RpcResponse::Created(_) => Err(libc::EPROTO),
+            other => Err(errno_of(other)),
+        }
     }
 
     /// `shmget`/`semget` of a key: ask the key's directory; open the object
-    /// at its home, or create one here and register it. When nodes race to
-    /// create, the directory registers exactly one; the losers discard
-    /// theirs, which nobody could have seen.
+    /// at its home, or create one (here, or on the node asked for) and
+    /// register it. When nodes race to create, the directory registers
+    /// exactly one; the losers discard theirs, which nobody could have seen.
     async fn get_by_key(
         &mut self,
-        key: IpcKey,
+        kind: IpcKind,
+        key: i32,
         flags: i32,
+        creation: Creation,
+        home: Option<NodeId>,
         open: impl Fn(IpcId) -> RpcRequest,
-        create: impl Fn(&mut super::core::Core) -> Result<IpcId, i32>,
-        discard: impl Fn(&mut super::core::Core, IpcId),
     ) -> Result<IpcId, i32> {
+        let me = self.core.borrow().me;
+        let home = home.unwrap_or(me);
+        if !self.core.borrow().members.contains(&home) {
+            return Err(libc::EINVAL);
+        }
+        if key == 0 {
+            return self.create_at(home, creation).await;
+        }
+        let key = IpcKey { kind, key };
         let directory = self.core.borrow().directory_of(key);
         // Bounded: each retry follows a removal or a lost race.
         for _ in 0..16 {
@@ -661,8 +674,8 @@ impl Session {
                     if flags & IPC_CREAT != 0 && flags & IPC_EXCL != 0 {
                         return Err(libc::EEXIST);
                     }
-                    let home = id.home().ok_or(libc::EINVAL)?;
-                    match self.rpc(home, open(id)).await {
+                    let at = id.home().ok_or(libc::EINVAL)?;
+                    match self.rpc(at, open(id)).await {
                         RpcResponse::Opened { .. } | RpcResponse::Ok => return Ok(id),
                         // Removed or lost meanwhile: look the key up again.
                         RpcResponse::Err(libc::EIDRM | libc::EHOSTDOWN) => {
@@ -676,7 +689,7 @@ impl Session {
                     if flags & IPC_CREAT == 0 {
                         return Err(libc::ENOENT);
                     }
-                    let id = create(&mut self.core.borrow_mut())?;
+                    let id = self.create_at(home, creation.clone()).await?;
                     match self
                         .rpc(directory, RpcRequest::KeyRegister { key, id })
                         .await
@@ -684,13 +697,13 @@ impl Session {
                         RpcResponse::Ok => return Ok(id),
                         RpcResponse::KeyExists(_) => {
                             // Another node won the race: ours never existed.
-                            discard(&mut self.core.borrow_mut(), id);
+                            let _ = self.rpc(home, RpcRequest::Discard { id }).await;
                             if flags & IPC_EXCL != 0 {
                                 return Err(libc::EEXIST);
                             }
                         }
                         other => {
-                            discard(&mut self.core.borrow_mut(), id);
+                            let _ = self.rpc(home, RpcRequest::Discard { id }).await;
                             return Err(errno_of(other));
                         }
                     }

@@ -14,7 +14,9 @@ use crate::ids::{
 use crate::memfd::Memfd;
 use crate::semregion::{self, Region};
 use crate::sysv::{self, Credentials, IpcPerm, ShmLimits, ShmStat, SHM_DEST};
-use crate::wire::{self, Control, NodeStatus, Notice, RpcRequest, RpcResponse, SemResult};
+use crate::wire::{
+    self, Control, Creation, NodeStatus, Notice, RpcRequest, RpcResponse, SemResult,
+};
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -1231,6 +1233,31 @@ impl Core {
                 reply
             }
             RpcRequest::SemList => R::SemSets(self.sem_list()),
+            RpcRequest::Create(Creation::Segment {
+                key,
+                size,
+                mode,
+                cred,
+            }) => self
+                .create_home_segment(key, size, mode, &cred)
+                .map_or_else(R::Err, R::Created),
+            RpcRequest::Create(Creation::SemSet {
+                key,
+                nsems,
+                mode,
+                cred,
+            }) => self
+                .create_home_set(key, nsems, mode, &cred)
+                .map_or_else(R::Err, R::Created),
+            RpcRequest::Discard { id } => {
+                if let Some(h) = self.homes.get_mut(&id) {
+                    h.perm.mode |= SHM_DEST;
+                    self.destroy_if_done(id);
+                } else {
+                    self.discard_home_set(id);
+                }
+                R::Ok
+            }
             RpcRequest::SegList => R::Segments(
                 self.homes
                     .iter()

@@ -1,6 +1,7 @@
-//! `omrun [--socket PATH] -- PROGRAM ARGS...`: run an unmodified program on
-//! the node of that daemon (default `DSMD_SOCKET`) with its SysV shared
-//! memory and semaphores made cluster-wide, by preloading
+//! `omrun [--socket PATH] [--home NODE] -- PROGRAM ARGS...`: run an
+//! unmodified program on the node of that daemon (default `DSMD_SOCKET`)
+//! with its SysV shared memory and semaphores made cluster-wide (the ones it
+//! creates homed on NODE if given, else on this node), by preloading
 //! `libmigshm_preload.so` (found next to this binary). The program replaces
 //! `omrun` (exec), so its exit status, or the signal that ended it, is
 //! `omrun`'s.
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: omrun [--socket PATH] -- PROGRAM [ARGS...]";
+const USAGE: &str = "usage: omrun [--socket PATH] [--home NODE] -- PROGRAM [ARGS...]";
 const PRELOAD: &str = "libmigshm_preload.so";
 
 fn fail(msg: &str) -> ExitCode {
@@ -62,12 +63,17 @@ fn check_daemon(socket: &Path) -> Result<(), String> {
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     let mut socket: Option<PathBuf> = None;
+    let mut home: Option<u8> = None;
     let mut program: Vec<OsString> = Vec::new();
     while let Some(a) = args.next() {
         match a.to_str() {
             Some("--socket") => match args.next() {
                 Some(p) => socket = Some(PathBuf::from(p)),
                 None => return fail("--socket needs a path"),
+            },
+            Some("--home") => match args.next().and_then(|v| v.to_str()?.parse::<u8>().ok()) {
+                Some(n) if dsm::ids::NodeId::new(n).is_some() => home = Some(n),
+                _ => return fail("--home needs a node id (1..=127)"),
             },
             Some("-h" | "--help") => {
                 println!("{USAGE}");
@@ -115,10 +121,14 @@ fn main() -> ExitCode {
         ld_preload.push(":");
         ld_preload.push(existing);
     }
-    let err = std::process::Command::new(exe)
-        .args(rest)
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(rest)
         .env("LD_PRELOAD", ld_preload)
-        .env(dsm::client::SOCKET_ENV, &socket)
-        .exec();
+        .env(dsm::client::SOCKET_ENV, &socket);
+    match home {
+        Some(n) => cmd.env("MIGSHM_HOME", n.to_string()),
+        None => cmd.env_remove("MIGSHM_HOME"),
+    };
+    let err = cmd.exec();
     fail(&format!("cannot run {}: {err}", exe.to_string_lossy()))
 }
