@@ -286,6 +286,20 @@ impl Proc {
         }
     }
 
+    /// Wait at most `limit`; `None` if it is still running (left running).
+    pub fn child_wait_until(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn output(self, limit: Duration) -> Option<(std::process::ExitStatus, String)> {
         let mut me = self;
         let status = me.wait_timeout(limit)?;

@@ -9,7 +9,8 @@
 //!   fork KEY ITERS            fork; parent and child each add ITERS; the child
 //!                             then waits to see word 2 written by another node
 //!   post KEY                  wait for word 1 != 0, then write word 2 = 99
-//!   scan KEY PAGES            read one word of every page, forever
+//!   scan KEY PAGES [PARITY]   read (and write: only pages of PARITY if
+//!                             given) one word of every page, forever
 //!   write-page KEY PAGE VALUE write VALUE to the first word of PAGE
 //!   read-page KEY PAGE        print the first word of PAGE
 //!   read KEY                  print word 0
@@ -180,12 +181,19 @@ fn main() -> ExitCode {
         }
         "scan" => {
             let pages = arg(&args, 2) as usize;
+            // With a parity, write only the pages of that parity and read
+            // the others: two scanners of opposite parities on two nodes
+            // then need each other's writes on every pass, so neither can
+            // ever hold every page it touches.
+            let parity = args.get(3).and_then(|s| s.parse::<usize>().ok());
             let mut sum = 0u64;
             println!("scanning");
             loop {
                 for p in 0..pages {
                     sum = sum.wrapping_add(words[p * WORDS_PER_PAGE].load(SeqCst));
-                    words[p * WORDS_PER_PAGE].store(sum, SeqCst);
+                    if parity.is_none_or(|q| p % 2 == q) {
+                        words[p * WORDS_PER_PAGE].store(sum, SeqCst);
+                    }
                 }
             }
         }
