@@ -17,7 +17,8 @@ use std::time::Duration;
 
 const AB_REQUESTS: u32 = 20_000;
 const AB_CONCURRENCY: u32 = 8;
-const PGBENCH_SECONDS: &str = "10";
+const PGBENCH_SECONDS: &str = "8";
+const ROUNDS: usize = 3;
 
 fn fail(msg: &str) -> ! {
     eprintln!("omrun-bench: {msg}");
@@ -108,17 +109,38 @@ fn main() {
         home: Some(2),
     };
 
-    let (apache_native, php_native) = apache_rates(Under::Native, &base.join("apache-native"));
-    let (apache_omrun, php_omrun) = apache_rates(node1, &base.join("apache-omrun"));
-    let (apache_remote, php_remote) = apache_rates(node1_homed_2, &base.join("apache-remote"));
-    let pg_native = pg_tps(Under::Native, &base.join("pg-native"), pg_ids);
-    let pg_omrun = pg_tps(node1, &base.join("pg-omrun"), pg_ids);
-    let pg_remote = pg_tps(node1_homed_2, &base.join("pg-remote"), pg_ids);
+    // Rounds alternate the three ways of running, and each figure is the
+    // median of its rounds: this 2-vCPU VM drifts by ±15 % within minutes.
+    let mut runs: [Vec<(f64, Option<f64>, f64)>; 3] = Default::default();
+    for _ in 0..ROUNDS {
+        for (i, under) in [Under::Native, node1, node1_homed_2].into_iter().enumerate() {
+            let (static_rps, php_rps) = apache_rates(under, &base.join(format!("apache-{i}")));
+            let tps = pg_tps(under, &base.join(format!("pg-{i}")), pg_ids);
+            runs[i].push((static_rps, php_rps, tps));
+        }
+    }
+    let median = |v: Vec<f64>| -> f64 {
+        let mut v = v;
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let figures = |i: usize| {
+        let r = &runs[i];
+        let php: Vec<f64> = r.iter().filter_map(|x| x.1).collect();
+        (
+            median(r.iter().map(|x| x.0).collect()),
+            (!php.is_empty()).then(|| median(php)),
+            median(r.iter().map(|x| x.2).collect()),
+        )
+    };
+    let (apache_native, php_native, pg_native) = figures(0);
+    let (apache_omrun, php_omrun, pg_omrun) = figures(1);
+    let (apache_remote, php_remote, pg_remote) = figures(2);
     drop(cluster);
     let _ = std::fs::remove_dir_all(&base);
 
     let ratio = |a: f64, b: f64| a / b;
-    println!("omrun-bench: native vs omrun on node 1 of a 2-node loopback cluster, same run");
+    println!("omrun-bench: native vs omrun on node 1 of a 2-node loopback cluster, same run, median of {ROUNDS} alternating rounds");
     println!(
         "{:<40} {:>12} {:>12} {:>8}",
         "program", "native", "omrun", "ratio"
