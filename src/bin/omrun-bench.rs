@@ -113,7 +113,10 @@ fn main() {
     // median of its rounds: this 2-vCPU VM drifts by ±15 % within minutes.
     let mut runs: [Vec<(f64, Option<f64>, f64)>; 3] = Default::default();
     for _ in 0..ROUNDS {
-        for (i, under) in [Under::Native, node1, node1_homed_2].into_iter().enumerate() {
+        for (i, under) in [Under::Native, node1, node1_homed_2]
+            .into_iter()
+            .enumerate()
+        {
             let (static_rps, php_rps) = apache_rates(under, &base.join(format!("apache-{i}")));
             let tps = pg_tps(under, &base.join(format!("pg-{i}")), pg_ids);
             runs[i].push((static_rps, php_rps, tps));
