@@ -372,7 +372,7 @@ pub fn c_program(name: &str) -> std::io::Result<PathBuf> {
         return Ok(out);
     }
     let status = Command::new("cc")
-        .args(["-O1", "-Wall", "-o"])
+        .args(["-O1", "-Wall", "-pthread", "-o"])
         .arg(&out)
         .arg(&source)
         .status()?;

@@ -3,13 +3,14 @@
  * no pids, no addresses). The same binary run natively and under omrun
  * must print exactly the same lines.
  *
- *   sysv_walk KEYBASE          keys KEYBASE and KEYBASE+1 must be free
+ *   sysv_walk KEYBASE          keys KEYBASE..KEYBASE+3 must be free
  *   sysv_walk KEYBASE create   only create the segment and the set (so
  *                              another process, on another node, owns them)
  *   sysv_walk KEYBASE use      the walk on objects `create` made
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,6 +44,43 @@ static void value(const char *what, long v)
 }
 
 static void on_usr1(int sig) { (void)sig; }
+
+/* Eight processes race to create one key exclusively: one winner. */
+static void creation_race(key_t key, int sem)
+{
+	int winners = 0;
+	for (int i = 0; i < 8; i++) {
+		pid_t pid = fork();
+		if (pid == 0) {
+			int r = sem ? semget(key, 1, IPC_CREAT | IPC_EXCL | 0600)
+				    : shmget(key, 4096, IPC_CREAT | IPC_EXCL | 0600);
+			_exit(r >= 0 ? 0 : errno == EEXIST ? 1 : 2);
+		}
+	}
+	int other = 0;
+	for (int i = 0; i < 8; i++) {
+		int status;
+		wait(&status);
+		if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+			winners++;
+		else if (!WIFEXITED(status) || WEXITSTATUS(status) != 1)
+			other++;
+	}
+	printf("%-40s %d winner(s), %d other failure(s)\n",
+	       sem ? "semget IPC_EXCL race of 8" : "shmget IPC_EXCL race of 8", winners, other);
+	if (sem)
+		semctl(semget(key, 0, 0), 0, IPC_RMID);
+	else
+		shmctl(shmget(key, 0, 0), IPC_RMID, NULL);
+}
+
+static int blocked_id;
+static void *blocked_p(void *arg)
+{
+	(void)arg;
+	struct sembuf p = {0, -1, 0};
+	return (void *)(long)semop(blocked_id, &p, 1);
+}
 
 /* Wait until GETNCNT (or GETZCNT) of sem 0 reaches n, up to 10 s. */
 static int wait_count(int id, int cmd, int n)
@@ -137,6 +175,24 @@ static void shm_walk(key_t base)
 	}
 	child_status("write to SHM_RDONLY", pid);
 	value("data unchanged", a[0] == 'h');
+
+	/* exec drops the attachments (the process goes on, as `sleep`) */
+	pid = fork();
+	if (pid == 0) {
+		if (shmat(id, NULL, 0) == (void *)-1)
+			_exit(3);
+		execl("/bin/sleep", "sleep", "2", (char *)NULL);
+		_exit(4);
+	}
+	int dropped = 0;
+	for (int i = 0; i < 1000 && !dropped; i++) {
+		usleep(2000);
+		shmctl(id, IPC_STAT, &ds);
+		dropped = ds.shm_nattch == 1;
+	}
+	value("exec dropped the child's attachments", dropped);
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
 
 	/* a chosen address, rounded with SHM_RND */
 	char *where = a + 64 * 4096 * 1024L;
@@ -276,6 +332,20 @@ static void sem_walk(key_t base)
 	child_status("child killed holding with SEM_UNDO", pid);
 	value("undone at its death", semctl(id, 1, GETVAL));
 
+	/* a thread blocked in semop blocks no other thread */
+	arg.val = 0;
+	semctl(id, 0, SETVAL, arg);
+	blocked_id = id;
+	pthread_t thread;
+	pthread_create(&thread, NULL, blocked_p, NULL);
+	value("GETNCNT with a thread blocked", wait_count(id, GETNCNT, 1));
+	value("other thread: GETVAL meanwhile", semctl(id, 1, GETVAL));
+	op = (struct sembuf){0, 1, 0};
+	show("other thread: V", semop(id, &op, 1));
+	void *r;
+	pthread_join(thread, &r);
+	value("blocked thread's semop returned", (long)r);
+
 	/* a timeout */
 	arg.val = 0;
 	semctl(id, 0, SETVAL, arg);
@@ -338,6 +408,10 @@ int main(int argc, char **argv)
 	if (argc > 2)
 		mode = !strcmp(argv[2], "create") ? 1 : !strcmp(argv[2], "use") ? 2 : 0;
 	printf("== shared memory\n");
+	if (mode == 0) {
+		creation_race(base + 2, 0);
+		creation_race(base + 3, 1);
+	}
 	shm_walk(base);
 	printf("== semaphores\n");
 	sem_walk(base + 1);
