@@ -366,14 +366,20 @@ pub fn c_program(name: &str) -> std::io::Result<PathBuf> {
         .join(format!("{name}.c"));
     let out_dir = bin_dir().join("c-programs");
     std::fs::create_dir_all(&out_dir)?;
-    // One file per test process: tests run in parallel.
+    // One file per test process, made once even when tests of the process
+    // ask at the same time, and renamed into place only when complete.
+    static COMPILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = COMPILING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let out = out_dir.join(format!("{name}-{}", std::process::id()));
     if out.exists() {
         return Ok(out);
     }
+    let partial = out.with_extension("partial");
     let status = Command::new("cc")
         .args(["-O1", "-Wall", "-pthread", "-o"])
-        .arg(&out)
+        .arg(&partial)
         .arg(&source)
         .status()?;
     if !status.success() {
@@ -382,6 +388,7 @@ pub fn c_program(name: &str) -> std::io::Result<PathBuf> {
             source.display()
         )));
     }
+    std::fs::rename(&partial, &out)?;
     Ok(out)
 }
 

@@ -48,28 +48,72 @@ pub async fn exited(fd: OwnedFd) {
     }
 }
 
-/// Which of `fds` (pidfds) belong to processes that exited: one `poll` for
-/// all of them.
-pub fn exited_among(fds: &[std::os::fd::BorrowedFd<'_>]) -> Vec<usize> {
-    if fds.is_empty() {
-        return Vec::new();
-    }
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+/// A set of pidfds that says, in one call and whatever its size, which of
+/// them belong to processes that exited (an epoll set, level-triggered).
+pub struct ExitSet {
+    epoll: OwnedFd,
+}
+
+impl ExitSet {
+    pub fn new() -> std::io::Result<ExitSet> {
+        // SAFETY: epoll_create1 takes flags and returns a new fd or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned this fd and nothing else owns it.
+        Ok(ExitSet {
+            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
         })
-        .collect();
-    // SAFETY: `pfds` is a valid array of pfds.len() pollfds; zero timeout.
-    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 0) };
-    if n <= 0 {
-        return Vec::new();
     }
-    pfds.iter()
-        .enumerate()
-        .filter(|(_, p)| p.revents & libc::POLLIN != 0)
-        .map(|(i, _)| i)
-        .collect()
+
+    /// Watch `fd`; `token` is what [`ExitSet::exited`] reports for it.
+    pub fn add(&self, fd: &OwnedFd, token: u64) -> std::io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: a valid epoll fd, a valid fd to add, a valid event.
+        let r = unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &mut event,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Stop watching `fd` (before closing it).
+    pub fn remove(&self, fd: &OwnedFd) {
+        // SAFETY: a valid epoll fd and fd; the event may be null for DEL.
+        unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
+    /// The tokens of the watched processes that exited (each stays
+    /// reported until removed).
+    pub fn exited(&self) -> Vec<u64> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        // SAFETY: a valid epoll fd and a buffer of 64 events; no waiting.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                0,
+            )
+        };
+        events[..n.max(0) as usize].iter().map(|e| e.u64).collect()
+    }
 }

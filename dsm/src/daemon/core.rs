@@ -28,6 +28,10 @@ use tokio::sync::{mpsc, oneshot};
 
 pub type SharedCore = Rc<RefCell<Core>>;
 
+/// Marks an exit-set token as a semaphore watch (its generation), not a
+/// connection (its session id).
+const SEM_WATCH_TOKEN: u64 = 1 << 63;
+
 /// What one local connection has attached (counted at the homes).
 struct SessionAttachments {
     pid: i32,
@@ -113,6 +117,10 @@ pub struct Core {
     /// connection: what a process's exit must uncount.
     attachments: HashMap<u64, SessionAttachments>,
     next_session: u64,
+    /// The pidfds of both tables above, to find the processes that exited
+    /// in one call (`None` if epoll failed: exits are then settled as
+    /// connections end and watchers fire).
+    exits: Option<crate::pidfd::ExitSet>,
     /// Requests for sets whose values a process holds, in order (see
     /// [`Core::with_set`]); `sem_retry` wakes the task that retries them.
     sem_deferred: BTreeMap<IpcId, VecDeque<DeferredSemWork>>,
@@ -172,6 +180,7 @@ impl Core {
             sem_deferred: BTreeMap::new(),
             attachments: HashMap::new(),
             next_session: 1,
+            exits: crate::pidfd::ExitSet::new().ok(),
             sem_retry: Rc::new(tokio::sync::Notify::new()),
             next_watch: 1,
             limits: ShmLimits::from_proc(),
@@ -622,12 +631,19 @@ impl Core {
     /// Connection `session` (of process `pid`) holds one more attachment
     /// of `id`, counted at its home.
     pub fn session_attached(&mut self, session: u64, pid: i32, id: SegmentId) {
+        let exits = &self.exits;
         self.attachments
             .entry(session)
-            .or_insert_with(|| SessionAttachments {
-                pid,
-                exited: crate::pidfd::open(pid).ok(),
-                segments: Vec::new(),
+            .or_insert_with(|| {
+                let exited = crate::pidfd::open(pid).ok();
+                if let (Some(set), Some(fd)) = (exits, &exited) {
+                    let _ = set.add(fd, session);
+                }
+                SessionAttachments {
+                    pid,
+                    exited,
+                    segments: Vec::new(),
+                }
             })
             .segments
             .push(id);
@@ -651,6 +667,9 @@ impl Core {
     /// The connection ended: uncount what it still had attached.
     pub fn session_ended(&mut self, session: u64) {
         if let Some(entry) = self.attachments.remove(&session) {
+            if let (Some(exits), Some(fd)) = (&self.exits, &entry.exited) {
+                exits.remove(fd);
+            }
             self.uncount(entry);
         }
     }
@@ -670,36 +689,27 @@ impl Core {
     /// Linux shows then. The notices reach each home before the request
     /// that follows: links are FIFO. One `poll` for all of them.
     pub fn flush_exited_processes(&mut self) {
-        use std::os::fd::AsFd;
-        let sessions: Vec<u64> = self
-            .attachments
-            .iter()
-            .filter(|(_, a)| a.exited.is_some())
-            .map(|(s, _)| *s)
-            .collect();
-        let watched: Vec<(i32, u64)> = self
-            .sem_watched
-            .iter()
-            .map(|(pid, (generation, _))| (*pid, *generation))
-            .collect();
-        let fds: Vec<std::os::fd::BorrowedFd<'_>> = sessions
-            .iter()
-            .filter_map(|s| self.attachments.get(s)?.exited.as_ref().map(|f| f.as_fd()))
-            .chain(
-                watched
+        let Some(exits) = &self.exits else {
+            return;
+        };
+        // Up to 64 exits per call; the rest are settled as their
+        // connections end, or by the next call.
+        for token in exits.exited() {
+            if token & SEM_WATCH_TOKEN != 0 {
+                let generation = token & !SEM_WATCH_TOKEN;
+                let pid = self
+                    .sem_watched
                     .iter()
-                    .filter_map(|(pid, _)| self.sem_watched.get(pid).map(|(_, f)| f.as_fd())),
-            )
-            .collect();
-        let exited = crate::pidfd::exited_among(&fds);
-        drop(fds);
-        for i in exited {
-            if let Some(session) = sessions.get(i) {
-                if let Some(entry) = self.attachments.remove(session) {
-                    self.uncount(entry);
+                    .find(|(_, (g, _))| *g == generation)
+                    .map(|(pid, _)| *pid);
+                if let Some(pid) = pid {
+                    self.sem_process_exited(pid, generation);
                 }
-            } else if let Some((pid, generation)) = watched.get(i - sessions.len()) {
-                self.sem_process_exited(*pid, *generation);
+            } else if let Some(entry) = self.attachments.remove(&token) {
+                if let (Some(exits), Some(fd)) = (&self.exits, &entry.exited) {
+                    exits.remove(fd);
+                }
+                self.uncount(entry);
             }
         }
     }
@@ -996,7 +1006,14 @@ impl Core {
     pub fn watch_process(&mut self, pid: i32, fd: OwnedFd) -> u64 {
         let generation = self.next_watch;
         self.next_watch += 1;
-        self.sem_watched.insert(pid, (generation, fd));
+        if let Some(exits) = &self.exits {
+            let _ = exits.add(&fd, SEM_WATCH_TOKEN | generation);
+        }
+        if let Some((_, old)) = self.sem_watched.insert(pid, (generation, fd)) {
+            if let Some(exits) = &self.exits {
+                exits.remove(&old);
+            }
+        }
         generation
     }
 
@@ -1006,7 +1023,11 @@ impl Core {
         if self.sem_watched.get(&pid).map(|(g, _)| *g) != Some(generation) {
             return;
         }
-        self.sem_watched.remove(&pid);
+        if let Some((_, fd)) = self.sem_watched.remove(&pid) {
+            if let Some(exits) = &self.exits {
+                exits.remove(&fd);
+            }
+        }
         let now = sysv::now_seconds();
         for id in self.sems.take_undo_sets(pid) {
             self.with_set(id, move |sems| sems.local_process_exited_at(id, pid, now));
