@@ -62,9 +62,8 @@ impl ExitSet {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: the kernel just returned this fd and nothing else owns it.
-        Ok(ExitSet {
-            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(ExitSet { epoll })
     }
 
     /// Watch `fd`; `token` is what [`ExitSet::exited`] reports for it.
