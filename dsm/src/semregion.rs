@@ -416,7 +416,11 @@ impl Region {
             match slot {
                 Some(k) => {
                     let s = &l.slots[k];
-                    for i in 0..NSEMS_MAX {
+                    // Only the set's semaphores: a slot's other entries
+                    // stay zero (cleared when the slot was handed out).
+                    let fresh = s.pid.load(Relaxed) != *pid;
+                    let upto = if fresh { NSEMS_MAX } else { n };
+                    for i in 0..upto {
                         s.adj[i].store(adj.get(i).copied().unwrap_or(0), Relaxed);
                     }
                     s.pid.store(*pid, Relaxed);

@@ -51,6 +51,7 @@ pub async fn accept_loop(core: SharedCore, listener: UnixListener) {
                 fd,
                 inbuf: Vec::new(),
                 fds: VecDeque::new(),
+                readbuf: vec![0u8; 16384].into_boxed_slice(),
             };
             let session_id = core.borrow_mut().new_session();
             let mut session = Session {
@@ -77,6 +78,8 @@ struct Connection {
     fd: AsyncFd<UnixStream>,
     inbuf: Vec<u8>,
     fds: VecDeque<OwnedFd>,
+    /// Where each read lands (zeroed once, not per read).
+    readbuf: Box<[u8]>,
 }
 
 impl Connection {
@@ -96,13 +99,11 @@ impl Connection {
                 }
             }
             let mut guard = self.fd.readable().await?;
-            let mut buf = [0u8; 16384];
             let mut fds = Vec::new();
-            match guard
-                .try_io(|s| fdpass::recv_with_fds(s.get_ref().as_raw_fd(), &mut buf, &mut fds))
-            {
+            let buf = &mut self.readbuf;
+            match guard.try_io(|s| fdpass::recv_with_fds(s.get_ref().as_raw_fd(), buf, &mut fds)) {
                 Ok(Ok(0)) => return Ok(None),
-                Ok(Ok(n)) => self.inbuf.extend_from_slice(&buf[..n]),
+                Ok(Ok(n)) => self.inbuf.extend_from_slice(&self.readbuf[..n]),
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
             }
