@@ -303,6 +303,7 @@ impl SemService {
                 Ok(waiters) => {
                     let key = set.info().perm.key;
                     self.sets.remove(&id);
+                    self.streaks.remove(&id);
                     for w in waiters {
                         self.answer(w, SemResult::Failed(libc::EIDRM));
                     }
