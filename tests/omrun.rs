@@ -281,3 +281,20 @@ fn a_dead_daemon_fails_calls_instead_of_hanging() {
         .expect("the program hung after its daemon died");
     assert_eq!(status.code(), Some(1), "semop should have failed");
 }
+
+/// A program that closes every descriptor it did not open, then reuses the
+/// numbers: its semaphore calls still work (the library reconnects) and
+/// nothing is written into its own files.
+#[test]
+fn a_program_closing_all_descriptors_keeps_its_semaphores_and_files() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let program = c_program("closefrom").expect("compile closefrom.c");
+    let expected = native(&program, &[]);
+    let cluster = Cluster::start(1).expect("start cluster");
+    let (status, out) = run_under_omrun(cluster.socket(1), &program, &[], Duration::from_secs(30))
+        .expect("closefrom hung under omrun");
+    assert!(status.success());
+    assert_eq!(out, expected);
+}

@@ -70,6 +70,8 @@ impl Error {
 
 struct State {
     stream: UnixStream,
+    /// What `stream`'s descriptor was when opened (see `fdpass::identity`).
+    stream_id: Option<(u64, u64)>,
     next_id: u64,
     uffd_sent: bool,
     attachments: Vec<AttachmentRecord>,
@@ -106,6 +108,15 @@ fn call_on(
     fd: Option<&OwnedFd>,
 ) -> Result<(ClientReply, Option<OwnedFd>), Error> {
     if state.broken {
+        return Err(Error::Errno(libc::EIO));
+    }
+    if fdpass::identity(state.stream.as_fd()) != state.stream_id {
+        // The program closed our descriptor (and may have reused its
+        // number): never write there, never close it.
+        state.broken = true;
+        let replaced = std::mem::replace(&mut state.stream, UnixStream::pair()?.0);
+        std::mem::forget(replaced);
+        tracing::error!("the program closed migshm's connection to dsmd");
         return Err(Error::Errno(libc::EIO));
     }
     let id = state.next_id;
@@ -173,8 +184,10 @@ impl Client {
     pub fn connect(path: impl AsRef<Path>) -> Result<Client, Error> {
         let path = path.as_ref().to_path_buf();
         let stream = open_stream(&path)?;
+        let stream_id = fdpass::identity(stream.as_fd());
         let mut state = State {
             stream,
+            stream_id,
             next_id: 1,
             uffd_sent: false,
             attachments: vec![],
@@ -572,7 +585,16 @@ extern "C" fn atfork_child() {
 /// In a forked child: a connection of its own, a userfaultfd of its own,
 /// and the inherited attachments handed to the daemon before returning.
 fn adopt_in_child(path: &Path, state: &mut State) -> Result<(), Error> {
-    state.stream = open_stream(path)?;
+    let fresh = open_stream(path)?;
+    let inherited_id = std::mem::replace(&mut state.stream_id, fdpass::identity(fresh.as_fd()));
+    // The inherited descriptor is the parent's connection: close the
+    // child's copy only if it still is ours.
+    let inherited = std::mem::replace(&mut state.stream, fresh);
+    if fdpass::identity(inherited.as_fd()) == inherited_id {
+        drop(inherited);
+    } else {
+        std::mem::forget(inherited);
+    }
     state.next_id = 1;
     state.uffd_sent = false;
     match call_on(

@@ -135,3 +135,18 @@ pub fn async_stream(
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(stream, interest) }
         .map_err(|e| e.into_parts().1)
 }
+
+/// What a descriptor refers to (device and inode): a library that keeps a
+/// descriptor in someone else's process checks it is still its own before
+/// each use (a program may close "all" descriptors and reuse the number).
+pub fn identity(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u64, u64)> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills the buffer for a valid fd or fails.
+    let r = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: fstat succeeded, so the buffer is initialised.
+    let st = unsafe { st.assume_init() };
+    Some((st.st_dev, st.st_ino))
+}

@@ -44,6 +44,8 @@ struct Conn {
     next_id: u64,
     /// The process that opened it: a forked child never uses its parent's.
     owner: u32,
+    /// What the descriptor was when opened (see `dsm::fdpass::identity`).
+    identity: Option<(u64, u64)>,
 }
 
 /// Every connection's descriptor, so a forked child can close the ones it
@@ -58,10 +60,12 @@ impl Conn {
             path: path.to_path_buf(),
             source,
         })?;
+        let identity = dsm::fdpass::identity(std::os::fd::AsFd::as_fd(&stream));
         let mut conn = Conn {
             stream,
             next_id: 1,
             owner: std::process::id(),
+            identity,
         };
         lock(&OPEN_FDS).push(conn.stream.as_raw_fd());
         let hello = ClientRequest::Hello {
@@ -163,9 +167,13 @@ impl Drop for Conn {
     }
 }
 
-/// A connection inherited from the parent: its descriptor was closed in
-/// the child (by number), so it is forgotten, never closed again.
+/// A connection that is not ours to use any more: inherited from the
+/// parent (its descriptor was closed in the child, by number), or closed by
+/// the program (the number may be another file now). Forgotten, never
+/// closed again.
 fn discard_inherited(conn: Conn) {
+    let fd = conn.stream.as_raw_fd();
+    lock(&OPEN_FDS).retain(|f| *f != fd);
     std::mem::forget(conn);
 }
 
@@ -200,9 +208,12 @@ impl Inner {
     fn checkout(&self) -> Result<Conn, Error> {
         let me = std::process::id();
         while let Some(c) = lock(&self.pool).pop() {
-            if c.owner == me {
+            let ours = dsm::fdpass::identity(std::os::fd::AsFd::as_fd(&c.stream)) == c.identity;
+            if c.owner == me && ours {
                 return Ok(c);
             }
+            // Inherited from the parent, or the program closed (and may
+            // have reused) the descriptor: never use it nor close it.
             discard_inherited(c);
         }
         Ok(Conn::open(&self.path)?.0)
