@@ -22,6 +22,14 @@ if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null \
             || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null; }
+        # Packages may start their default servers: the tests run their
+        # own, so stop those we just caused to start.
+        if printf '%s\n' "${need[@]}" | grep -q '^apache2$'; then
+            apache2ctl stop >/dev/null 2>&1 || true
+        fi
+        if printf '%s\n' "${need[@]}" | grep -q '^postgresql'; then
+            pg_ctlcluster 15 main stop >/dev/null 2>&1 || true
+        fi
     else
         echo "cannot install ${need[*]} (not root or no apt-get): those tests will say so and skip"
     fi
