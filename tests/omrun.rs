@@ -298,3 +298,31 @@ fn a_program_closing_all_descriptors_keeps_its_semaphores_and_files() {
     assert!(status.success());
     assert_eq!(out, expected);
 }
+
+/// A process that closes every descriptor after attaching a segment keeps
+/// a coherent view of it: a write from another node reaches it.
+#[test]
+fn a_segment_stays_coherent_after_the_program_closes_all_descriptors() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let program = c_program("closefrom_shm").expect("compile closefrom_shm.c");
+    let cluster = Cluster::start(2).expect("start cluster");
+    let key = key_base().to_string();
+    let mut reader = spawn_under_omrun(cluster.socket(1), &program, &[&key]).unwrap();
+    // Let it attach, read page 1 (a copy on node 1) and close everything.
+    let mut out = reader.child.stdout.take().unwrap();
+    let mut first = [0u8; 9];
+    std::io::Read::read_exact(&mut out, &mut first).expect("the program said nothing");
+    assert_eq!(&first, b"closed 0\n");
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, _) = migshm::run_role(cluster.socket(2), &["write-page", &key, "1", "777"]);
+    assert!(status.success());
+    let (status, _) = reader
+        .output(Duration::from_secs(20))
+        .expect("the program hung");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(status.success());
+    assert_eq!(rest.trim(), "saw 777", "its memory stopped being coherent");
+}

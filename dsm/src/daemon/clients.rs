@@ -947,18 +947,61 @@ impl Session {
         ClientReply::Ok
     }
 
-    /// The process is gone (or closed its connection): detach everything.
+    /// The connection ended: the process exited or exec'd (its mappings
+    /// are gone: detach everything now), or it closed the connection while
+    /// it still maps segments (a program closing "all" descriptors): then
+    /// its faults keep being served, and everything is detached when it
+    /// exits, so its memory never silently stops being coherent.
     fn cleanup(&mut self) {
-        if let Some(task) = self.fault_task.take() {
-            task.abort();
+        let core = self.core.clone();
+        let (proc, fault_task, session) = (self.proc.take(), self.fault_task.take(), self.session);
+        let pidfd = pidfd::open(self.pid)
+            .ok()
+            .filter(|fd| !pidfd::has_exited(fd));
+        match pidfd {
+            Some(fd) if proc.is_some() && still_maps_segments(self.pid) => {
+                tracing::warn!(
+                    pid = self.pid,
+                    "a process closed its connection but still maps segments: served until it exits"
+                );
+                tokio::task::spawn_local(async move {
+                    pidfd::exited(fd).await;
+                    detach_process(&core, proc, fault_task, session);
+                });
+            }
+            _ => detach_process(&core, proc, fault_task, session),
         }
-        let mut core = self.core.borrow_mut();
-        if let Some(proc) = self.proc.take() {
-            core.forget_mappings(proc, None);
-            core.store.procs.remove(&proc);
-        }
-        core.session_ended(self.session);
     }
+}
+
+/// Stop serving a process's faults and uncount its attachments.
+fn detach_process(
+    core: &SharedCore,
+    proc: Option<ProcId>,
+    fault_task: Option<tokio::task::AbortHandle>,
+    session: u64,
+) {
+    if let Some(task) = fault_task {
+        task.abort();
+    }
+    let mut core = core.borrow_mut();
+    if let Some(proc) = proc {
+        core.forget_mappings(proc, None);
+        core.store.procs.remove(&proc);
+    }
+    core.session_ended(session);
+}
+
+/// Does the process still map a segment's memfd (after an exec it does
+/// not: its fds are closed once the new image is in place)?
+fn still_maps_segments(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|maps| {
+        maps.lines().any(|l| {
+            l.split("/memfd:migshm-")
+                .nth(1)
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+    })
 }
 
 /// Wait for a process holding undo adjustments to exit, then settle them.
