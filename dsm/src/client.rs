@@ -38,6 +38,10 @@ pub const SOCKET_ENV: &str = "DSMD_SOCKET";
 /// other nodes well below this).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How many times (1 ms apart) a reconnected client asks to take back what
+/// its closed connection left served.
+const RECLAIM_TRIES: u32 = 1000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The errno a Linux program would get from the same call.
@@ -70,6 +74,8 @@ impl Error {
 
 struct State {
     stream: UnixStream,
+    /// The daemon's socket, to reconnect after the program closed ours.
+    path: Option<PathBuf>,
     /// What `stream`'s descriptor was when opened (see `fdpass::identity`).
     stream_id: Option<(u64, u64)>,
     next_id: u64,
@@ -112,12 +118,43 @@ fn call_on(
     }
     if fdpass::identity(state.stream.as_fd()) != state.stream_id {
         // The program closed our descriptor (and may have reused its
-        // number): never write there, never close it.
-        state.broken = true;
-        let replaced = std::mem::replace(&mut state.stream, UnixStream::pair()?.0);
-        std::mem::forget(replaced);
-        tracing::error!("the program closed migshm's connection to dsmd");
-        return Err(Error::Errno(libc::EIO));
+        // number): never write there, never close it. Reconnect and take
+        // back what the daemon kept serving for this process.
+        let Some(path) = state.path.clone() else {
+            state.broken = true;
+            return Err(Error::Errno(libc::EIO));
+        };
+        let fresh = match open_stream(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                state.broken = true;
+                return Err(e);
+            }
+        };
+        state.stream_id = fdpass::identity(fresh.as_fd());
+        std::mem::forget(std::mem::replace(&mut state.stream, fresh));
+        state.next_id = 1;
+        let hello = ClientRequest::Hello {
+            version: wire::PROTOCOL_VERSION,
+        };
+        let welcomed = matches!(call_on(state, &hello, None)?.0, ClientReply::Welcome { .. });
+        // The daemon may not have read the old connection's end yet: the
+        // state to take back appears once it has.
+        let mut reclaimed = !state.uffd_sent;
+        for _ in 0..RECLAIM_TRIES {
+            if reclaimed {
+                break;
+            }
+            match call_on(state, &ClientRequest::Reclaim, None)?.0 {
+                ClientReply::Ok => reclaimed = true,
+                ClientReply::Err(libc::ENOENT) => std::thread::sleep(Duration::from_millis(1)),
+                _ => break,
+            }
+        }
+        if !welcomed || !reclaimed {
+            state.broken = true;
+            return Err(Error::Errno(libc::EIO));
+        }
     }
     let id = state.next_id;
     state.next_id += 1;
@@ -187,6 +224,7 @@ impl Client {
         let stream_id = fdpass::identity(stream.as_fd());
         let mut state = State {
             stream,
+            path: Some(path.clone()),
             stream_id,
             next_id: 1,
             uffd_sent: false,

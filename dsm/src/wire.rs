@@ -632,6 +632,9 @@ pub enum ClientRequest {
     },
     /// Every semaphore set of the cluster, like `ipcs -s`.
     SemIpcs,
+    /// Take over what the process's previous connection left served (it
+    /// closed that connection while it still mapped segments).
+    Reclaim,
     /// An fd of `/dev/userfaultfd`, for a process that may not create a
     /// userfaultfd handling kernel faults itself (answered `Ok` with it).
     UffdDevice,

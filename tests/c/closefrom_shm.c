@@ -29,10 +29,21 @@ int main(int argc, char **argv)
 	for (int i = 0; i < 10000; i++) {
 		if (w[512] != 0) {
 			printf("saw %lu\n", w[512]);
-			return 0;
+			break;
 		}
 		usleep(1000);
 	}
-	printf("timeout\n");
+	if (w[512] == 0)
+		printf("timeout\n");
+	/* Segment calls work again (the library reconnects). */
+	volatile unsigned long *again = shmat(id, NULL, SHM_RDONLY);
+	printf("second shmat: %s\n", again == (void *)-1 ? "failed" : "ok");
+	if (again != (void *)-1)
+		printf("second mapping sees %lu\n", again[512]);
+	struct shmid_ds ds;
+	int stat = shmctl(id, IPC_STAT, &ds);
+	printf("IPC_STAT: %s, nattch %lu\n", stat == 0 ? "ok" : "failed",
+	       stat == 0 ? (unsigned long)ds.shm_nattch : 0UL);
+	shmctl(id, IPC_RMID, NULL);
 	return 0;
 }

@@ -347,6 +347,25 @@ impl Session {
                     Err(e) => ClientReply::Err(e),
                 }
             }
+            ClientRequest::Reclaim => {
+                // The process lost its connection (it closed it) but is
+                // still served: this connection takes that state over.
+                let orphan = self.core.borrow_mut().orphans.remove(&self.pid);
+                match orphan {
+                    Some(o) if self.proc.is_none() => {
+                        self.core.borrow_mut().session_ended(self.session);
+                        self.proc = o.proc;
+                        self.fault_task = o.fault_task;
+                        self.session = o.session;
+                        ClientReply::Ok
+                    }
+                    Some(o) => {
+                        self.core.borrow_mut().orphans.insert(self.pid, o);
+                        ClientReply::Err(libc::EINVAL)
+                    }
+                    None => ClientReply::Err(libc::ENOENT),
+                }
+            }
             ClientRequest::UffdDevice => {
                 // Lets an unprivileged process that attaches segments make
                 // the userfaultfd that syscalls into a segment need (as
@@ -964,14 +983,35 @@ impl Session {
                     pid = self.pid,
                     "a process closed its connection but still maps segments: served until it exits"
                 );
+                let pid = self.pid;
+                core.borrow_mut().orphans.insert(
+                    pid,
+                    Orphan {
+                        proc,
+                        fault_task,
+                        session,
+                    },
+                );
                 tokio::task::spawn_local(async move {
                     pidfd::exited(fd).await;
-                    detach_process(&core, proc, fault_task, session);
+                    // Unless a new connection of the process took it back.
+                    let left = core.borrow_mut().orphans.remove(&pid);
+                    if let Some(o) = left.filter(|o| o.session == session) {
+                        detach_process(&core, o.proc, o.fault_task, o.session);
+                    }
                 });
             }
             _ => detach_process(&core, proc, fault_task, session),
         }
     }
+}
+
+/// What a connection that ended left served (see [`Session::cleanup`]):
+/// taken back by the process's next connection (`Reclaim`).
+pub struct Orphan {
+    proc: Option<ProcId>,
+    fault_task: Option<tokio::task::AbortHandle>,
+    session: u64,
 }
 
 /// Stop serving a process's faults and uncount its attachments.

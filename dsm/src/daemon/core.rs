@@ -117,6 +117,9 @@ pub struct Core {
     /// connection: what a process's exit must uncount.
     attachments: HashMap<u64, SessionAttachments>,
     next_session: u64,
+    /// Processes whose connection ended while they still map segments,
+    /// served until they exit or reconnect, by pid.
+    pub orphans: HashMap<i32, super::clients::Orphan>,
     /// The pidfds of both tables above, to find the processes that exited
     /// in one call (`None` if epoll failed: exits are then settled as
     /// connections end and watchers fire).
@@ -180,6 +183,7 @@ impl Core {
             sem_deferred: BTreeMap::new(),
             attachments: HashMap::new(),
             next_session: 1,
+            orphans: HashMap::new(),
             exits: crate::pidfd::ExitSet::new().ok(),
             sem_retry: Rc::new(tokio::sync::Notify::new()),
             next_watch: 1,

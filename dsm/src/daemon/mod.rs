@@ -2,7 +2,7 @@
 //! the other nodes over TCP, on one thread (the fault path then needs no
 //! hop between threads, DESIGN.md §8).
 
-mod clients;
+pub mod clients;
 pub mod config;
 mod core;
 mod peers;
