@@ -5,8 +5,11 @@
 //! Everything else the program does is untouched.
 //!
 //! * Outside `omrun` (no `DSMD_SOCKET`) every call goes to libc unchanged.
-//! * Nothing happens at load time: the connection to the daemon is made by
-//!   the first call (no constructor, no thread, no async runtime).
+//! * Almost nothing happens at load time (one `dlsym`, for `dlopen`): the
+//!   connection to the daemon is made by the first call (no thread, no
+//!   async runtime in the program).
+//! * `dlopen` drops `RTLD_DEEPBIND`, so that libraries loaded with it (PHP's
+//!   extensions) bind their SysV calls here too.
 //! * `fork`: the `dsm` and `semaphore` libraries re-register inherited
 //!   attachments and drop inherited connections in the child.
 //! * `exec`: the mappings go and the daemon's connection closes (CLOEXEC):
