@@ -264,6 +264,18 @@ fn unique() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed) * 1_000_003 + u64::from(nanos % 1000)
 }
 
+/// Poll `f` every 10 ms until it holds or `limit` passes.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
 /// A process started on a node, killed (by pid) if still running when dropped.
 pub struct Proc {
     pub child: Child,
@@ -412,15 +424,7 @@ pub fn run_under_omrun_homed(
     args: &[&str],
     limit: Duration,
 ) -> Option<(std::process::ExitStatus, String)> {
-    let home_args: Vec<String> = home
-        .map(|n| vec!["--home".to_string(), n.to_string()])
-        .unwrap_or_default();
-    let child = Command::new(binary("omrun"))
-        .arg("--socket")
-        .arg(socket)
-        .args(&home_args)
-        .arg("--")
-        .arg(program)
+    let child = omrun_command(socket, home, program)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -431,16 +435,24 @@ pub fn run_under_omrun_homed(
 
 /// Start `program ARGS` under `omrun` on a node.
 pub fn spawn_under_omrun(socket: &Path, program: &Path, args: &[&str]) -> std::io::Result<Proc> {
-    let child = Command::new(binary("omrun"))
-        .arg("--socket")
-        .arg(socket)
-        .arg("--")
-        .arg(program)
+    let child = omrun_command(socket, None, program)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
     Ok(Proc { child })
+}
+
+/// `omrun --socket SOCKET [--home HOME] -- PROGRAM`, to add the program's
+/// arguments to.
+pub fn omrun_command(socket: &Path, home: Option<u8>, program: &Path) -> Command {
+    let mut cmd = Command::new(binary("omrun"));
+    cmd.arg("--socket").arg(socket);
+    if let Some(n) = home {
+        cmd.arg("--home").arg(n.to_string());
+    }
+    cmd.arg("--").arg(program);
+    cmd
 }
 
 /// Run a role to completion and return its stdout (panics on a hang).

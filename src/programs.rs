@@ -2,7 +2,6 @@
 //! `omrun`, for the tests and for `omrun-bench`: configurations, start and
 //! stop, and the load tools' figures.
 
-use crate::binary;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -196,15 +195,7 @@ pub fn start_group(
     uid: Option<(u32, u32)>,
 ) -> std::io::Result<Group> {
     let mut cmd = match under {
-        Under::Omrun { socket, home } => {
-            let mut c = Command::new(binary("omrun"));
-            c.arg("--socket").arg(socket);
-            if let Some(n) = home {
-                c.arg("--home").arg(n.to_string());
-            }
-            c.arg("--").arg(program);
-            c
-        }
+        Under::Omrun { socket, home } => crate::omrun_command(socket, home, program),
         Under::Native => Command::new(program),
     };
     cmd.args(args)

@@ -300,14 +300,7 @@ fn fake_peers_are_refused_or_answered_and_the_daemon_keeps_serving() {
             id: 10,
             body: RpcRequest::SegStat {
                 id: IpcId(5),
-                cred: dsm::sysv::Credentials {
-                    pid: 1,
-                    uid: 0,
-                    gid: 0,
-                    groups: vec![],
-                    cap_ipc_owner: true,
-                    cap_sys_admin: true,
-                },
+                cred: dsm::sysv::Credentials::root(1),
             },
         }),
     );
@@ -545,14 +538,7 @@ fn bad_semaphore_requests_change_nothing() {
     let addr = cluster.node(2).listen.clone();
     let (mut p, accepted) = fake_peer(&addr, 1, None);
     assert!(accepted, "handshake refused:\n{}", cluster.log(2));
-    let cred = dsm::sysv::Credentials {
-        pid: 1,
-        uid: 0,
-        gid: 0,
-        groups: vec![],
-        cap_ipc_owner: true,
-        cap_sys_admin: true,
-    };
+    let cred = dsm::sysv::Credentials::root(1);
     let notices = [
         wire::Notice::SemOp {
             origin: NodeId(1),

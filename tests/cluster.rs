@@ -2,7 +2,9 @@
 //! library API (through the `dsm-testprog` roles).
 
 use dsm::client::{Client, IPC_CREAT, IPC_EXCL};
-use migshm::{run_role, spawn_role, spawn_role_as, uffd_or_skip, Cluster, ClusterOptions};
+use migshm::{
+    eventually, run_role, spawn_role, spawn_role_as, uffd_or_skip, Cluster, ClusterOptions,
+};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
@@ -10,18 +12,6 @@ fn key() -> i32 {
     use std::sync::atomic::{AtomicI32, Ordering};
     static NEXT: AtomicI32 = AtomicI32::new(0x5000);
     NEXT.fetch_add(1, Ordering::Relaxed) + (std::process::id() as i32 % 1000) * 0x100
-}
-
-/// Poll `f` until it holds or `limit` passes.
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
 }
 
 /// A 1 MiB segment homed on node 1, read and written in a loop by one

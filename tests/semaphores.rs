@@ -2,7 +2,9 @@
 //! nodes (the `sem-testprog` roles) and the library API from the test.
 
 use dsm::client::Client;
-use migshm::{spawn_program_as, spawn_sem_role, uffd_or_skip, Cluster, ClusterOptions, Proc};
+use migshm::{
+    eventually, spawn_program_as, spawn_sem_role, uffd_or_skip, Cluster, ClusterOptions, Proc,
+};
 use semaphore::{SemBuf, SemSet, Semaphores, IPC_CREAT, IPC_EXCL, IPC_NOWAIT};
 use std::time::{Duration, Instant};
 
@@ -10,17 +12,6 @@ fn key() -> i32 {
     use std::sync::atomic::{AtomicI32, Ordering};
     static NEXT: AtomicI32 = AtomicI32::new(0x6000);
     NEXT.fetch_add(1, Ordering::Relaxed) + (std::process::id() as i32 % 1000) * 0x100
-}
-
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    f()
 }
 
 fn output(p: Proc, limit: Duration, what: &str) -> String {
@@ -358,14 +349,7 @@ fn library_operations_match_the_kernel() {
         let kernel = unsafe { libc::semget(libc::IPC_PRIVATE, 3, 0o600) };
         assert!(kernel >= 0);
         let kernel_op = |sops: &[SemBuf]| -> Result<(), i32> {
-            let mut raw: Vec<libc::sembuf> = sops
-                .iter()
-                .map(|s| libc::sembuf {
-                    sem_num: s.num,
-                    sem_op: s.op,
-                    sem_flg: s.flags,
-                })
-                .collect();
+            let mut raw: Vec<libc::sembuf> = sops.iter().map(|s| libc::sembuf::from(*s)).collect();
             // SAFETY: as above.
             let r = unsafe { libc::semop(kernel, raw.as_mut_ptr(), raw.len()) };
             if r < 0 {

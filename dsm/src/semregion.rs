@@ -454,23 +454,12 @@ fn holder_is_gone(pid: i32) -> bool {
 mod tests {
     use super::*;
 
-    fn root() -> Credentials {
-        Credentials {
-            pid: 1,
-            uid: 0,
-            gid: 0,
-            groups: vec![],
-            cap_ipc_owner: true,
-            cap_sys_admin: true,
-        }
-    }
-
     fn op(num: u16, op: i16, flags: i16) -> SemBuf {
         SemBuf { num, op, flags }
     }
 
     fn region(values: &[u16]) -> Region {
-        let perm = IpcPerm::new(0, 0o600, &root());
+        let perm = IpcPerm::new(0, 0o600, &Credentials::root(1));
         let (r, _fd) = Region::create(values.len(), &perm).unwrap();
         r.store(&Snapshot {
             values: values.to_vec(),
@@ -487,24 +476,35 @@ mod tests {
         let r = region(&[1, 0]);
         let me = std::process::id() as i32;
         assert_eq!(
-            r.try_semop(&[op(0, -1, 0)], me, &root(), 5),
+            r.try_semop(&[op(0, -1, 0)], me, &Credentials::root(1), 5),
             Fast::Done(Ok(()))
         );
         // Would block: the daemon must queue it.
-        assert_eq!(r.try_semop(&[op(0, -1, 0)], me, &root(), 5), Fast::Slow);
         assert_eq!(
-            r.try_semop(&[op(0, -1, IPC_NOWAIT)], me, &root(), 5),
+            r.try_semop(&[op(0, -1, 0)], me, &Credentials::root(1), 5),
+            Fast::Slow
+        );
+        assert_eq!(
+            r.try_semop(&[op(0, -1, IPC_NOWAIT)], me, &Credentials::root(1), 5),
             Fast::Done(Err(libc::EAGAIN))
         );
         // Out of range or too large: the daemon gives the errno.
-        assert_eq!(r.try_semop(&[op(2, 1, 0)], me, &root(), 5), Fast::Slow);
         assert_eq!(
-            r.try_semop(&[op(1, 32767, 0), op(1, 1, 0)], me, &root(), 5),
+            r.try_semop(&[op(2, 1, 0)], me, &Credentials::root(1), 5),
+            Fast::Slow
+        );
+        assert_eq!(
+            r.try_semop(
+                &[op(1, 32767, 0), op(1, 1, 0)],
+                me,
+                &Credentials::root(1),
+                5
+            ),
             Fast::Slow
         );
         // Undo needs a slot, which the daemon allots.
         assert_eq!(
-            r.try_semop(&[op(0, 1, SEM_UNDO)], me, &root(), 5),
+            r.try_semop(&[op(0, 1, SEM_UNDO)], me, &Credentials::root(1), 5),
             Fast::Slow
         );
         r.acquire();
@@ -516,7 +516,7 @@ mod tests {
         assert!(r.store(&snap).is_empty());
         r.release();
         assert_eq!(
-            r.try_semop(&[op(0, 1, SEM_UNDO)], me, &root(), 6),
+            r.try_semop(&[op(0, 1, SEM_UNDO)], me, &Credentials::root(1), 6),
             Fast::Done(Ok(()))
         );
         r.acquire();
@@ -528,9 +528,15 @@ mod tests {
         let r = region(&[3]);
         r.acquire();
         let me = std::process::id() as i32;
-        assert_eq!(r.try_semop(&[op(0, -1, 0)], me, &root(), 0), Fast::Slow);
+        assert_eq!(
+            r.try_semop(&[op(0, -1, 0)], me, &Credentials::root(1), 0),
+            Fast::Slow
+        );
         r.retire();
-        assert_eq!(r.try_semop(&[op(0, -1, 0)], me, &root(), 0), Fast::Retired);
+        assert_eq!(
+            r.try_semop(&[op(0, -1, 0)], me, &Credentials::root(1), 0),
+            Fast::Retired
+        );
     }
 
     #[test]
@@ -546,7 +552,7 @@ mod tests {
         };
         assert_eq!(r.try_semop(&[op(0, -1, 0)], 2, &nobody, 0), Fast::Slow);
         r.acquire();
-        r.set_perm(&IpcPerm::new(0, 0o606, &root()));
+        r.set_perm(&IpcPerm::new(0, 0o606, &Credentials::root(1)));
         r.release();
         assert_eq!(
             r.try_semop(&[op(0, -1, 0)], 2, &nobody, 0),

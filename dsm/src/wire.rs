@@ -226,6 +226,25 @@ pub enum Creation {
     },
 }
 
+impl Notice {
+    /// The semaphore set a notice is about (`None` for a result, which is
+    /// about a wait of this node, and for segment notices).
+    pub fn sem_set(&self) -> Option<SemSetId> {
+        match self {
+            Notice::SemOp { set, .. }
+            | Notice::SemCancel { set, .. }
+            | Notice::SemProcessExited { set, .. }
+            | Notice::SemLend { set, .. }
+            | Notice::SemReturn { set, .. }
+            | Notice::SemRecall { set }
+            | Notice::SemExitApplied { set, .. } => Some(*set),
+            Notice::SemResult { .. } | Notice::SegmentGone { .. } | Notice::KeyReplica { .. } => {
+                None
+            }
+        }
+    }
+}
+
 /// How a `semop` sent to a set's home ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SemResult {

@@ -64,6 +64,16 @@ fn daemon<T>(f: impl FnOnce(&'static Runtime) -> Result<T, i32>) -> Option<Resul
     }
 }
 
+/// `struct ipc_perm` as IPC_STAT reports it.
+fn fill_perm(out: &mut libc::ipc_perm, perm: &sysv::perm::IpcPerm) {
+    out.__key = perm.key;
+    out.uid = perm.uid;
+    out.gid = perm.gid;
+    out.cuid = perm.cuid;
+    out.cgid = perm.cgid;
+    out.mode = perm.mode as u16;
+}
+
 // ---- shared memory ---------------------------------------------------------------
 
 /// # Safety
@@ -173,12 +183,7 @@ pub unsafe extern "C" fn shmctl(shmid: c_int, cmd: c_int, buf: *mut shmid_ds) ->
                 }
                 // SAFETY: all-zero is a valid shmid_ds (integers only).
                 let mut ds: shmid_ds = unsafe { std::mem::zeroed() };
-                ds.shm_perm.__key = s.perm.key;
-                ds.shm_perm.uid = s.perm.uid;
-                ds.shm_perm.gid = s.perm.gid;
-                ds.shm_perm.cuid = s.perm.cuid;
-                ds.shm_perm.cgid = s.perm.cgid;
-                ds.shm_perm.mode = s.perm.mode as u16;
+                fill_perm(&mut ds.shm_perm, &s.perm);
                 ds.shm_segsz = s.size as size_t;
                 ds.shm_atime = s.atime;
                 ds.shm_dtime = s.dtime;
@@ -389,12 +394,7 @@ pub unsafe extern "C" fn semctl(semid: c_int, semnum: c_int, cmd: c_int, arg: c_
                     }
                     // SAFETY: all-zero is a valid semid_ds (integers only).
                     let mut ds: semid_ds = unsafe { std::mem::zeroed() };
-                    ds.sem_perm.__key = s.perm.key;
-                    ds.sem_perm.uid = s.perm.uid;
-                    ds.sem_perm.gid = s.perm.gid;
-                    ds.sem_perm.cuid = s.perm.cuid;
-                    ds.sem_perm.cgid = s.perm.cgid;
-                    ds.sem_perm.mode = s.perm.mode as u16;
+                    fill_perm(&mut ds.sem_perm, &s.perm);
                     ds.sem_otime = s.otime;
                     ds.sem_ctime = s.ctime;
                     ds.sem_nsems = c_ulong::from(s.nsems);

@@ -55,14 +55,7 @@ fn ctl(id: i32, semnum: i32, cmd: i32, arg: libc::c_ulong) -> i32 {
 
 /// A child blocked (or not) in one semop; its exit code is 0 or the errno.
 fn spawn_waiter(id: i32, sops: &[SemBuf]) -> i32 {
-    let mut raw: Vec<libc::sembuf> = sops
-        .iter()
-        .map(|s| libc::sembuf {
-            sem_num: s.num,
-            sem_op: s.op,
-            sem_flg: s.flags,
-        })
-        .collect();
+    let mut raw: Vec<libc::sembuf> = sops.iter().map(|s| libc::sembuf::from(*s)).collect();
     // SAFETY: the child only calls semop and _exit on memory prepared before fork.
     unsafe {
         let pid = libc::fork();
@@ -142,11 +135,7 @@ fn blocked_operations_wake_like_the_kernels() {
                     op: 1 + rng.below(2) as i16,
                     flags: IPC_NOWAIT,
                 };
-                let mut raw = [libc::sembuf {
-                    sem_num: sop.num,
-                    sem_op: sop.op,
-                    sem_flg: sop.flags,
-                }];
+                let mut raw = [libc::sembuf::from(sop)];
                 // SAFETY: one sembuf.
                 let k = unsafe { libc::semop(id, raw.as_mut_ptr(), 1) };
                 let e = engine.semop(&[sop], &parent, &limits, 0);

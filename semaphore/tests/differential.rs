@@ -38,14 +38,7 @@ impl Kernel {
     }
 
     fn semop(&self, sops: &[SemBuf]) -> Result<i32, i32> {
-        let mut raw: Vec<libc::sembuf> = sops
-            .iter()
-            .map(|s| libc::sembuf {
-                sem_num: s.num,
-                sem_op: s.op,
-                sem_flg: s.flags,
-            })
-            .collect();
+        let mut raw: Vec<libc::sembuf> = sops.iter().map(|s| libc::sembuf::from(*s)).collect();
         // SAFETY: `raw` holds `raw.len()` sembufs.
         let r = unsafe { libc::semop(self.id, raw.as_mut_ptr(), raw.len()) };
         if r < 0 {

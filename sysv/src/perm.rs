@@ -69,6 +69,18 @@ impl Credentials {
         })
     }
 
+    /// Root's credentials (for tools and tests that act as root).
+    pub fn root(pid: i32) -> Credentials {
+        Credentials {
+            pid,
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            cap_ipc_owner: true,
+            cap_sys_admin: true,
+        }
+    }
+
     fn in_group(&self, gid: u32) -> bool {
         self.gid == gid || self.groups.contains(&gid)
     }

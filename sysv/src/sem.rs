@@ -49,6 +49,18 @@ pub struct SemBuf {
     pub flags: i16,
 }
 
+/// The kernel's own `struct sembuf` (to run the same operations on a
+/// kernel set, as the differential tests and benchmarks do).
+impl From<SemBuf> for libc::sembuf {
+    fn from(s: SemBuf) -> libc::sembuf {
+        libc::sembuf {
+            sem_num: s.num,
+            sem_op: s.op,
+            sem_flg: s.flags,
+        }
+    }
+}
+
 /// Limits from `/proc/sys/kernel/sem`: SEMMSL SEMMNS SEMOPM SEMMNI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SemLimits {
@@ -582,14 +594,7 @@ mod tests {
     use super::*;
 
     fn root(process: u64) -> Caller {
-        let cred = Credentials {
-            pid: 100 + process as i32,
-            uid: 0,
-            gid: 0,
-            groups: vec![],
-            cap_ipc_owner: true,
-            cap_sys_admin: true,
-        };
+        let cred = Credentials::root(100 + process as i32);
         Caller {
             process,
             pid: 100 + process as i32,

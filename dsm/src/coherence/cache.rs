@@ -119,27 +119,14 @@ impl<W> CacheSegment<W> {
         Some(p)
     }
 
-    /// Pages right after `page` that are held Shared here (at most one
-    /// read-ahead window): a reader may map them at once.
-    fn shared_run_after(&self, page: PageIndex) -> u32 {
+    /// How many pages right after `page` are held in `state` here (at most
+    /// `limit`): a process faulting on `page` may map them at once.
+    fn run_after(&self, page: PageIndex, state: PageState, limit: u32) -> u32 {
         self.states
             .iter()
             .skip(page.0 as usize + 1)
-            .take(PREFETCH_PAGES_MAX as usize)
-            .take_while(|s| **s == PageState::Shared)
-            .count() as u32
-    }
-
-    /// Pages right after `page` held Exclusive here (at most
-    /// `FAULT_AROUND_PAGES`): a process faulting on one maps its neighbours
-    /// too, as the kernel's own fault-around does, instead of faulting to
-    /// the daemon once per page.
-    fn exclusive_run_after(&self, page: PageIndex) -> u32 {
-        self.states
-            .iter()
-            .skip(page.0 as usize + 1)
-            .take(FAULT_AROUND_PAGES as usize)
-            .take_while(|s| **s == PageState::Exclusive)
+            .take(limit as usize)
+            .take_while(|s| **s == state)
             .count() as u32
     }
 
@@ -176,11 +163,15 @@ impl<W: Clone> Engine<W> {
         // Served from the node's copy?
         match (state, write) {
             (PageState::Exclusive, _) => {
-                let run = seg.exclusive_run_after(page.page);
+                // Fault-around, as the kernel's own does: the neighbours
+                // held Exclusive are mapped too, instead of faulting to the
+                // daemon once per page.
+                let run = seg.run_after(page.page, PageState::Exclusive, FAULT_AROUND_PAGES);
                 return self.resolve(waiter, page, Access::Writable, run);
             }
             (PageState::Shared, false) => {
-                let run = seg.shared_run_after(page.page);
+                // At most one read-ahead window of Shared neighbours.
+                let run = seg.run_after(page.page, PageState::Shared, PREFETCH_PAGES_MAX);
                 self.resolve(waiter, page, Access::ReadOnly, run);
                 return self.top_up_read_ahead(page.seg);
             }

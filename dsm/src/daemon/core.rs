@@ -1055,31 +1055,17 @@ impl Core {
 
     fn on_sem_notice(&mut self, node: NodeId, notice: Notice) {
         let now = sysv::now_seconds();
-        match notice {
-            Notice::SemOp {
-                origin,
-                wait,
-                set,
-                sops,
-                pid,
-                cred,
-            } => self.with_set(set, move |sems| {
-                sems.on_op(origin, wait, set, &sops, pid, cred, now)
+        match notice.sem_set() {
+            // With the set's values out of its fast-path region, in order
+            // behind any work that waits for them.
+            Some(set) => self.with_set(set, move |sems| {
+                sems.on_notice(node, notice, now);
             }),
-            Notice::SemCancel { origin, set, wait } => {
-                self.with_set(set, move |sems| sems.on_cancel(origin, set, wait))
+            None => {
+                self.sems.on_notice(node, notice, now);
+                self.drain_sems();
             }
-            Notice::SemResult { wait, result } => self.sems.on_result(node, wait, result),
-            Notice::SemProcessExited { origin, set, pid } => self.with_set(set, move |sems| {
-                sems.on_process_exited(origin, set, pid, now)
-            }),
-            Notice::SemLend { set, state } => self.sems.on_lend(node, set, *state),
-            Notice::SemReturn { set, state } => self.sems.on_return(node, set, *state, now),
-            Notice::SemExitApplied { set, pid } => self.sems.on_exit_applied(node, set, pid),
-            Notice::SemRecall { set } => self.with_set(set, move |sems| sems.on_recall(node, set)),
-            Notice::SegmentGone { .. } | Notice::KeyReplica { .. } => {}
         }
-        self.drain_sems();
     }
 
     /// Destroy a removed segment once nothing is attached anywhere.

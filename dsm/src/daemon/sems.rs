@@ -515,22 +515,10 @@ impl SemService {
 
     /// The set is back here: serve what waited for it, in order.
     fn serve_pending(&mut self, pending: Vec<Notice>, now: i64) {
+        let me = self.me;
         for notice in pending {
-            match notice {
-                Notice::SemOp {
-                    origin,
-                    wait,
-                    set,
-                    sops,
-                    pid,
-                    cred,
-                } => self.on_op(origin, wait, set, &sops, pid, cred, now),
-                Notice::SemCancel { origin, set, wait } => self.on_cancel(origin, set, wait),
-                Notice::SemProcessExited { origin, set, pid } => {
-                    self.on_process_exited(origin, set, pid, now)
-                }
-                _ => {}
-            }
+            // Queued requests carry their origin: `from` does not matter.
+            self.on_notice(me, notice, now);
         }
     }
 
@@ -714,6 +702,32 @@ impl SemService {
             self.actions
                 .push_back(SemAction::Send(node, Notice::SemResult { wait, result }));
         }
+    }
+
+    /// A semaphore notice from node `from`, to whichever handler it is for.
+    /// False if it is not a semaphore notice (nothing done).
+    pub fn on_notice(&mut self, from: NodeId, notice: Notice, now: i64) -> bool {
+        match notice {
+            Notice::SemOp {
+                origin,
+                wait,
+                set,
+                sops,
+                pid,
+                cred,
+            } => self.on_op(origin, wait, set, &sops, pid, cred, now),
+            Notice::SemCancel { origin, set, wait } => self.on_cancel(origin, set, wait),
+            Notice::SemResult { wait, result } => self.on_result(from, wait, result),
+            Notice::SemProcessExited { origin, set, pid } => {
+                self.on_process_exited(origin, set, pid, now)
+            }
+            Notice::SemLend { set, state } => self.on_lend(from, set, *state),
+            Notice::SemReturn { set, state } => self.on_return(from, set, *state, now),
+            Notice::SemRecall { set } => self.on_recall(from, set),
+            Notice::SemExitApplied { set, pid } => self.on_exit_applied(from, set, pid),
+            Notice::SegmentGone { .. } | Notice::KeyReplica { .. } => return false,
+        }
+        true
     }
 
     // ---- requesting side ----------------------------------------------------------

@@ -18,17 +18,6 @@ use sysv::sem::{SemBuf, SemLimits, IPC_NOWAIT, SEM_UNDO};
 const HOME: NodeId = NodeId(1);
 const NODES: u8 = 3;
 
-fn root(pid: i32) -> Credentials {
-    Credentials {
-        pid,
-        uid: 0,
-        gid: 0,
-        groups: vec![],
-        cap_ipc_owner: true,
-        cap_sys_admin: true,
-    }
-}
-
 /// What the test knows of one submitted operation.
 struct Submitted {
     pid: i32,
@@ -70,11 +59,12 @@ impl World {
             .collect();
         let set = IpcId::new(HOME, 7);
         let home = services.get_mut(&HOME).expect("home");
-        home.create(set, 0, 2, 0o600, &root(1), 0).expect("create");
+        home.create(set, 0, 2, 0o600, &Credentials::root(1), 0)
+            .expect("create");
         let reply = home.ctl(
             HOME,
             set,
-            &root(1),
+            &Credentials::root(1),
             SemCtl::SetAll { values: vec![3, 0] },
             0,
         );
@@ -189,7 +179,7 @@ impl World {
         if sops.iter().any(|s| s.flags & SEM_UNDO != 0) {
             service.note_undo(pid, self.set);
         }
-        let wait = service.submit(self.set, sops.clone(), pid, root(pid), now);
+        let wait = service.submit(self.set, sops.clone(), pid, Credentials::root(pid), now);
         self.log.push(format!(
             "{node:?} pid {pid} submits {sops:?} as wait {wait}"
         ));
@@ -204,13 +194,17 @@ impl World {
         self.drain(node)
     }
 
-    fn cancel_one(&mut self, node: NodeId) -> Result<(), String> {
-        let open: Vec<u64> = self
-            .ops
+    /// The waits of `node` that have not ended.
+    fn open_waits(&self, node: NodeId) -> Vec<u64> {
+        self.ops
             .iter()
             .filter(|((n, _), op)| *n == node && op.result.is_none())
             .map(|((_, w), _)| *w)
-            .collect();
+            .collect()
+    }
+
+    fn cancel_one(&mut self, node: NodeId) -> Result<(), String> {
+        let open = self.open_waits(node);
         if open.is_empty() {
             return Ok(());
         }
@@ -290,25 +284,8 @@ impl World {
         };
         self.log.push(format!("{from:?} -> {to:?}: {notice:?}"));
         let service = self.services.get_mut(&to).ok_or("no service")?;
-        match notice {
-            Notice::SemOp {
-                origin,
-                wait,
-                set,
-                sops,
-                pid,
-                cred,
-            } => service.on_op(origin, wait, set, &sops, pid, cred, 0),
-            Notice::SemCancel { origin, set, wait } => service.on_cancel(origin, set, wait),
-            Notice::SemResult { wait, result } => service.on_result(from, wait, result),
-            Notice::SemProcessExited { origin, set, pid } => {
-                service.on_process_exited(origin, set, pid, 0)
-            }
-            Notice::SemLend { set, state } => service.on_lend(from, set, *state),
-            Notice::SemReturn { set, state } => service.on_return(from, set, *state, 0),
-            Notice::SemRecall { set } => service.on_recall(from, set),
-            Notice::SemExitApplied { set, pid } => service.on_exit_applied(from, set, pid),
-            other => return Err(format!("unexpected notice {other:?}")),
+        if !service.on_notice(from, notice, 0) {
+            return Err("a notice that is not about semaphores".into());
         }
         self.drain(to)
     }
@@ -340,12 +317,7 @@ impl World {
         // Quiesce: withdraw everything still waiting, deliver everything.
         while self.deliver_one()? {}
         for node in self.live_nodes() {
-            let open: Vec<u64> = self
-                .ops
-                .iter()
-                .filter(|((n, _), op)| *n == node && op.result.is_none())
-                .map(|((_, w), _)| *w)
-                .collect();
+            let open = self.open_waits(node);
             for wait in open {
                 if let Some(s) = self.services.get_mut(&node) {
                     s.cancel(wait);
@@ -357,7 +329,7 @@ impl World {
         // Bring a lent set home (a semctl recalls it) to read it there.
         for _ in 0..10 {
             let home = self.services.get_mut(&HOME).ok_or("no home")?;
-            let reply = home.ctl(HOME, self.set, &root(1), SemCtl::Stat, 0);
+            let reply = home.ctl(HOME, self.set, &Credentials::root(1), SemCtl::Stat, 0);
             self.drain(HOME)?;
             if reply != crate::wire::RpcResponse::Moving {
                 break;

@@ -59,14 +59,7 @@ impl KernelSet {
 
 impl Semop for KernelSet {
     fn semop(&self, sops: &[SemBuf]) {
-        let mut raw: Vec<libc::sembuf> = sops
-            .iter()
-            .map(|s| libc::sembuf {
-                sem_num: s.num,
-                sem_op: s.op,
-                sem_flg: s.flags,
-            })
-            .collect();
+        let mut raw: Vec<libc::sembuf> = sops.iter().map(|s| libc::sembuf::from(*s)).collect();
         // SAFETY: `raw` is a valid array of raw.len() sembufs.
         if unsafe { libc::semop(self.0, raw.as_mut_ptr(), raw.len()) } < 0 {
             eprintln!(
