@@ -28,6 +28,14 @@ fn set_on(cluster: &Cluster, node: u8, value: i32) -> (Semaphores, SemSet) {
     (sems, set)
 }
 
+/// Wait (at most 10 s) until `n` processes wait on semaphore 0 of `set`.
+fn wait_for_waiters(set: &SemSet, n: i32) {
+    assert!(
+        eventually(Duration::from_secs(10), || set.get_ncnt(0).unwrap() == n),
+        "{n} waiter(s) never queued"
+    );
+}
+
 fn errno_of<T: std::fmt::Debug>(r: Result<T, semaphore::Error>) -> i32 {
     r.expect_err("expected an error").errno()
 }
@@ -107,10 +115,7 @@ fn removal_gives_eidrm_to_waiters_on_every_node() {
         .iter()
         .map(|n| spawn_sem_role(cluster.socket(*n), &["p", &id]).unwrap())
         .collect();
-    assert!(eventually(Duration::from_secs(10), || set
-        .get_ncnt(0)
-        .unwrap()
-        == 3));
+    wait_for_waiters(&set, 3);
     let remover = Semaphores::connect(cluster.socket(3)).unwrap();
     remover.open(set.id()).remove().unwrap();
     for w in waiters {
@@ -140,10 +145,7 @@ fn a_holder_killed_on_node_2_releases_its_undo() {
             "the holder never took the semaphore"
         );
         let waiter = spawn_sem_role(cluster.socket(3), &["p", &id, "undo"]).unwrap();
-        assert!(eventually(Duration::from_secs(10), || set
-            .get_ncnt(0)
-            .unwrap()
-            == 1));
+        wait_for_waiters(&set, 1);
         drop(holder); // SIGKILL
         assert_eq!(output(waiter, Duration::from_secs(10), "the waiter"), "ok");
         // The waiter took it with SEM_UNDO and exited: it came back again.
@@ -175,10 +177,7 @@ fn a_lost_node_releases_its_processes_undo() {
         .unwrap()
         == 0));
     let waiter = spawn_sem_role(cluster.socket(3), &["p", &id]).unwrap();
-    assert!(eventually(Duration::from_secs(10), || set
-        .get_ncnt(0)
-        .unwrap()
-        == 1));
+    wait_for_waiters(&set, 1);
     let started = Instant::now();
     cluster.kill(2);
     assert_eq!(output(waiter, Duration::from_secs(10), "the waiter"), "ok");
@@ -213,10 +212,7 @@ fn interrupted_and_timed_out_waits_lose_no_operation() {
 
     // A signal gives EINTR and leaves nothing behind.
     let w = spawn_sem_role(cluster.socket(3), &["p-interruptible", &id]).unwrap();
-    assert!(eventually(Duration::from_secs(10), || set
-        .get_ncnt(0)
-        .unwrap()
-        == 1));
+    wait_for_waiters(&set, 1);
     // SAFETY: signalling our own child by pid.
     unsafe { libc::kill(w.child.id() as i32, libc::SIGUSR1) };
     assert_eq!(
@@ -445,10 +441,7 @@ fn a_set_follows_its_only_user_and_survives_the_borrowers_loss() {
         "the set was not lent again"
     );
     let waiter = spawn_sem_role(cluster.socket(3), &["p", &id, "undo"]).unwrap();
-    assert!(eventually(Duration::from_secs(10), || set
-        .get_ncnt(0)
-        .unwrap()
-        == 1));
+    wait_for_waiters(&set, 1);
     cluster.kill(2);
     assert_eq!(output(waiter, Duration::from_secs(10), "the waiter"), "ok");
     assert!(
