@@ -97,6 +97,17 @@ fn scan(base: *const u8, bytes: usize) -> f64 {
     bytes as f64 / t.elapsed().as_secs_f64() / 1e6
 }
 
+/// CLOCK_MONOTONIC in seconds, to line the scan up with `perf record -k CLOCK_MONOTONIC`.
+fn monotonic_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
 fn leak<T>(v: T) -> &'static T {
     Box::leak(Box::new(v))
 }
@@ -151,6 +162,10 @@ fn remote_scan(
     }
     let before = faults();
     let cpu0 = daemon_cpu_ms(daemons);
+    let verbose = std::env::var_os("DSM_BENCH_VERBOSE").is_some();
+    if verbose {
+        eprintln!("  scan: starts at {:.6} s (CLOCK_MONOTONIC)", monotonic_s());
+    }
     let child = std::process::Command::new(std::env::current_exe().expect("own path"))
         .arg("--scan-child")
         .arg(socket_b)
@@ -158,7 +173,8 @@ fn remote_scan(
         .output()
         .expect("run the scan child");
     let scan_faults = faults() - before;
-    if std::env::var_os("DSM_BENCH_VERBOSE").is_some() {
+    if verbose {
+        eprintln!("  scan: ends at {:.6} s (CLOCK_MONOTONIC)", monotonic_s());
         for ((name, a), (_, b)) in cpu0.iter().zip(&daemon_cpu_ms(daemons)) {
             eprintln!("  scan: {name} used {} ms of CPU", b - a);
         }

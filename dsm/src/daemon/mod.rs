@@ -39,6 +39,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         }
         Err(e) => return Err(DaemonError::NoUserfaultfd(e.to_string())),
     }
+    crate::memfd::reuse_page_buffers();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
