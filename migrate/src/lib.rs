@@ -1,3 +1,28 @@
-//! Process migration between nodes (issue 5). Not built yet.
+//! Process migration between nodes: checkpoint a single-threaded process
+//! held under ptrace into an [`Image`], and restore an image into another
+//! process so that it continues where the first one stopped.
+//!
+//! DSM segments are not part of an image's memory: they are re-attached on
+//! the destination node and fault in through the coherence protocol.
 
+pub mod checkpoint;
+pub mod image;
+pub mod procfs;
+pub mod ptrace;
+pub mod restore;
+
+pub use checkpoint::checkpoint;
 pub use dsm::ids::NodeId;
+pub use image::Image;
+pub use restore::{restore_fresh, restore_into, Restored};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The process cannot move, and why (openMosix's "stay reasons").
+    #[error("cannot migrate: {0}")]
+    CannotMigrate(String),
+    #[error("restore failed: {0}")]
+    Restore(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}

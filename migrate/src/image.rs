@@ -1,0 +1,248 @@
+//! A checkpoint of one process: everything `restore` needs to make another
+//! process (on this node or another) continue exactly where it stopped.
+
+use serde::{Deserialize, Serialize};
+
+/// Registers from `PTRACE_GETREGS`, by name (the kernel's x86-64
+/// `user_regs_struct`, fs_base included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registers {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub rbp: u64,
+    pub rbx: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rax: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub orig_rax: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub eflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub ds: u64,
+    pub es: u64,
+    pub fs: u64,
+    pub gs: u64,
+}
+
+/// What backs a region of the address space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Backing {
+    /// Private anonymous memory (heap, stack, anonymous mmap).
+    Anonymous { grows_down: bool },
+    /// A file mapped privately: pages never written come from the file.
+    PrivateFile { file: FileIdentity, offset: u64 },
+    /// A regular file mapped shared.
+    SharedFile { file: FileIdentity, offset: u64 },
+    /// One of the kernel's special mappings ("[vdso]", "[vvar]",
+    /// "[vvar_vclock]"): moved back to its old address, never copied.
+    Special { name: String },
+}
+
+/// A file as the process saw it; restore refuses a file that changed,
+/// since code and data mapped at the old offsets would no longer match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIdentity {
+    pub path: String,
+    pub dev: u64,
+    pub inode: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Region {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: u32,
+    pub backing: Backing,
+}
+
+/// Contiguous pages of private memory that differ from what the mapping
+/// alone would give (written anonymous pages, copied-on-write file pages).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    pub addr: u64,
+    pub data: Vec<u8>,
+}
+
+/// A file descriptor and how to get it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdEntry {
+    pub fd: i32,
+    /// open(2) flags as /proc shows them (access mode, O_APPEND, …).
+    pub flags: i32,
+    pub cloexec: bool,
+    pub kind: FdKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdKind {
+    /// A regular file, reopened by path at the same offset.
+    File { path: String, pos: u64 },
+    /// A character device (/dev/null, a terminal…), reopened by path.
+    Device { path: String },
+}
+
+/// `struct kernel_sigaction` for one signal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalAction {
+    pub signal: i32,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+/// The memory-descriptor fields PR_SET_MM_MAP takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    pub area: u64,
+    pub len: u32,
+    pub signature: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    /// The pid the process had where it was checkpointed.
+    pub pid: i32,
+    pub exe: FileIdentity,
+    pub comm: String,
+    pub credentials: Credentials,
+    pub regs: Registers,
+    /// The XSAVE area, as PTRACE_GETREGSET NT_X86_XSTATE returns it.
+    pub xstate: Vec<u8>,
+    pub sigmask: u64,
+    pub actions: Vec<SignalAction>,
+    pub rseq: Option<Rseq>,
+    pub robust_list: (u64, u64),
+    pub tid_address: u64,
+    /// glibc caches the thread id in its thread descriptor; where, if the
+    /// old pid was found there.
+    pub cached_tid_at: Option<u64>,
+    pub mm: MmFields,
+    pub auxv: Vec<u8>,
+    pub regions: Vec<Region>,
+    pub pages: Vec<PageRun>,
+    pub fds: Vec<FdEntry>,
+    pub cwd: String,
+    pub umask: u32,
+    /// (resource, soft, hard)
+    pub rlimits: Vec<(u32, u64, u64)>,
+}
+
+impl Image {
+    pub fn private_bytes(&self) -> usize {
+        self.pages.iter().map(|r| r.data.len()).sum()
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
+        postcard::to_stdvec(self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Image, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+}
+
+impl From<libc::user_regs_struct> for Registers {
+    fn from(r: libc::user_regs_struct) -> Registers {
+        Registers {
+            r15: r.r15,
+            r14: r.r14,
+            r13: r.r13,
+            r12: r.r12,
+            rbp: r.rbp,
+            rbx: r.rbx,
+            r11: r.r11,
+            r10: r.r10,
+            r9: r.r9,
+            r8: r.r8,
+            rax: r.rax,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            orig_rax: r.orig_rax,
+            rip: r.rip,
+            cs: r.cs,
+            eflags: r.eflags,
+            rsp: r.rsp,
+            ss: r.ss,
+            fs_base: r.fs_base,
+            gs_base: r.gs_base,
+            ds: r.ds,
+            es: r.es,
+            fs: r.fs,
+            gs: r.gs,
+        }
+    }
+}
+
+impl From<Registers> for libc::user_regs_struct {
+    fn from(r: Registers) -> libc::user_regs_struct {
+        libc::user_regs_struct {
+            r15: r.r15,
+            r14: r.r14,
+            r13: r.r13,
+            r12: r.r12,
+            rbp: r.rbp,
+            rbx: r.rbx,
+            r11: r.r11,
+            r10: r.r10,
+            r9: r.r9,
+            r8: r.r8,
+            rax: r.rax,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            orig_rax: r.orig_rax,
+            rip: r.rip,
+            cs: r.cs,
+            eflags: r.eflags,
+            rsp: r.rsp,
+            ss: r.ss,
+            fs_base: r.fs_base,
+            gs_base: r.gs_base,
+            ds: r.ds,
+            es: r.es,
+            fs: r.fs,
+            gs: r.gs,
+        }
+    }
+}

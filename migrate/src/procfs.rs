@@ -1,0 +1,261 @@
+//! What /proc says about a process: its memory map, page residency, file
+//! descriptors and the fields of `stat` and `status` a checkpoint needs.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use crate::image::FileIdentity;
+
+pub const PAGE_SIZE: u64 = 4096;
+
+/// One line of /proc/PID/maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    pub start: u64,
+    pub end: u64,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    pub shared: bool,
+    pub offset: u64,
+    pub dev: (u32, u32),
+    pub inode: u64,
+    pub path: String,
+}
+
+impl MapEntry {
+    pub fn prot(&self) -> u32 {
+        let mut p = 0;
+        if self.read {
+            p |= libc::PROT_READ;
+        }
+        if self.write {
+            p |= libc::PROT_WRITE;
+        }
+        if self.exec {
+            p |= libc::PROT_EXEC;
+        }
+        p as u32
+    }
+
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+fn bad(what: &str, line: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("unexpected {what}: {line:?}"),
+    )
+}
+
+pub fn parse_maps_line(line: &str) -> io::Result<MapEntry> {
+    // "start-end perms offset major:minor inode   path"
+    let mut rest = line;
+    let mut field = || -> io::Result<&str> {
+        rest = rest.trim_start();
+        let end = rest.find(' ').unwrap_or(rest.len());
+        let (f, r) = rest.split_at(end);
+        rest = r;
+        if f.is_empty() {
+            Err(bad("maps line", line))
+        } else {
+            Ok(f)
+        }
+    };
+    let range = field()?;
+    let perms = field()?.as_bytes().to_vec();
+    let offset = field()?;
+    let dev = field()?;
+    let inode = field()?;
+    let path = rest.trim_start().to_string();
+    let (start, end) = range.split_once('-').ok_or_else(|| bad("range", line))?;
+    let hex = |s: &str| u64::from_str_radix(s, 16).map_err(|_| bad("hex number", line));
+    let (major, minor) = dev.split_once(':').ok_or_else(|| bad("device", line))?;
+    if perms.len() != 4 {
+        return Err(bad("permissions", line));
+    }
+    Ok(MapEntry {
+        start: hex(start)?,
+        end: hex(end)?,
+        read: perms[0] == b'r',
+        write: perms[1] == b'w',
+        exec: perms[2] == b'x',
+        shared: perms[3] == b's',
+        offset: hex(offset)?,
+        dev: (hex(major)? as u32, hex(minor)? as u32),
+        inode: inode.parse().map_err(|_| bad("inode", line))?,
+        path,
+    })
+}
+
+pub fn maps(pid: i32) -> io::Result<Vec<MapEntry>> {
+    fs::read_to_string(format!("/proc/{pid}/maps"))?
+        .lines()
+        .map(parse_maps_line)
+        .collect()
+}
+
+/// Pages of [start, end) whose content belongs to the process itself:
+/// present or swapped, and for file mappings not the file's own page.
+/// Returns maximal runs as (address, length).
+pub fn own_page_runs(
+    pid: i32,
+    start: u64,
+    end: u64,
+    file_backed: bool,
+) -> io::Result<Vec<(u64, u64)>> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_OR_SHARED: u64 = 1 << 61;
+    let pagemap = fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let pages = ((end - start) / PAGE_SIZE) as usize;
+    let mut raw = vec![0u8; pages * 8];
+    pagemap.read_exact_at(&mut raw, start / PAGE_SIZE * 8)?;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (i, entry) in raw.chunks_exact(8).enumerate() {
+        let e = u64::from_le_bytes(entry.try_into().unwrap_or([0; 8]));
+        let resident = e & (PRESENT | SWAPPED) != 0;
+        let own = resident && !(file_backed && e & FILE_OR_SHARED != 0);
+        if !own {
+            continue;
+        }
+        let addr = start + i as u64 * PAGE_SIZE;
+        match runs.last_mut() {
+            Some((a, len)) if *a + *len == addr => *len += PAGE_SIZE,
+            _ => runs.push((addr, PAGE_SIZE)),
+        }
+    }
+    Ok(runs)
+}
+
+/// Identity of the file at `path` (following symlinks, so /proc/PID/exe
+/// works too), recorded under the name `name`.
+pub fn file_identity(path: &str, name: &str) -> io::Result<FileIdentity> {
+    let m = fs::metadata(path)?;
+    Ok(FileIdentity {
+        path: name.to_string(),
+        dev: m.dev(),
+        inode: m.ino(),
+        size: m.size(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    })
+}
+
+/// Fields of /proc/PID/stat, numbered as in proc(5) (1-based).
+pub fn stat_fields(pid: i32) -> io::Result<Vec<u64>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_comm = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| bad("stat", &stat))?;
+    // Index N holds field N; 1 (pid), 2 (comm) and 3 (state, a letter)
+    // are not numbers a checkpoint needs.
+    let mut fields = vec![0u64; 4];
+    fields.extend(
+        after_comm
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse::<i64>().map(|v| v as u64).unwrap_or(0)),
+    );
+    Ok(fields)
+}
+
+/// One line of /proc/PID/status, by its key ("Uid", "Umask", …).
+pub fn status_field(pid: i32, key: &str) -> io::Result<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+        .ok_or_else(|| bad("status key", key))
+}
+
+/// Open file descriptors with their /proc target, flags and offset.
+pub fn fds(pid: i32) -> io::Result<Vec<(i32, String, i32, u64)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let target = match fs::read_link(entry.path()) {
+            Ok(t) => t.to_string_lossy().into_owned(),
+            // Closed while we looked.
+            Err(_) => continue,
+        };
+        let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        let value = |key: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let flags = i32::from_str_radix(&value("flags"), 8).unwrap_or(0);
+        let pos = value("pos").parse().unwrap_or(0);
+        out.push((fd, target, flags, pos));
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub fn thread_count(pid: i32) -> io::Result<usize> {
+    Ok(fs::read_dir(format!("/proc/{pid}/task"))?.count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines_parse() {
+        let e = parse_maps_line(
+            "7f1c2a000000-7f1c2a022000 r-xp 00028000 fd:01 1311  /usr/lib/x86_64-linux-gnu/libc.so.6",
+        )
+        .unwrap();
+        assert_eq!(
+            (e.start, e.end, e.offset),
+            (0x7f1c2a000000, 0x7f1c2a022000, 0x28000)
+        );
+        assert!(e.read && !e.write && e.exec && !e.shared);
+        assert_eq!((e.dev, e.inode), ((0xfd, 1), 1311));
+        assert_eq!(e.path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
+        let anon = parse_maps_line("7ffd1000-7ffd2000 rw-s 00000000 00:01 5 /memfd:a b (deleted)")
+            .unwrap();
+        assert!(anon.shared);
+        assert_eq!(anon.path, "/memfd:a b (deleted)");
+        let bare = parse_maps_line("1000-2000 ---p 00000000 00:00 0").unwrap();
+        assert_eq!(bare.path, "");
+        assert_eq!(bare.prot(), 0);
+        assert!(parse_maps_line("garbage").is_err());
+        assert!(parse_maps_line("1000-2000 rw 0 0:0 0").is_err());
+    }
+
+    #[test]
+    fn own_maps_and_pages() {
+        let me = std::process::id() as i32;
+        let maps = maps(me).unwrap();
+        assert!(maps.iter().any(|m| m.path == "[stack]"));
+        let heap_data = vec![7u8; 64 << 10];
+        let addr = heap_data.as_ptr() as u64;
+        let m = maps
+            .iter()
+            .find(|m| m.start <= addr && addr < m.end)
+            .unwrap();
+        let runs = own_page_runs(me, m.start, m.end, m.inode != 0).unwrap();
+        let page = addr / PAGE_SIZE * PAGE_SIZE;
+        assert!(runs.iter().any(|(a, l)| *a <= page && page < a + l));
+        assert!(stat_fields(me).unwrap()[28] > 0);
+        assert!(status_field(me, "Umask").is_ok());
+    }
+}

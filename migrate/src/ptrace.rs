@@ -1,0 +1,449 @@
+//! Driving another process through ptrace: stopping it, its registers, its
+//! memory, and system calls run inside it (the process executes them at a
+//! `syscall` instruction of its vDSO, between a syscall-entry and a
+//! syscall-exit stop, so no code of ours ever lives in it).
+//!
+//! The only module of the crate with `unsafe`.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+pub type Regs = libc::user_regs_struct;
+
+const NT_X86_XSTATE: libc::c_int = 0x202;
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+/// Generous bound on the XSAVE area (2 688 B with AVX-512 here).
+const XSTATE_MAX: usize = 16 << 10;
+
+/// `PTRACE_GET_RSEQ_CONFIGURATION` answer.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RseqConfig {
+    pub area: u64,
+    pub len: u32,
+    pub signature: u32,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// A process stopped under our ptrace. Dropping it detaches (resuming the
+/// process with the registers it has then) unless `detach` was called.
+pub struct Tracee {
+    pub pid: i32,
+    mem: File,
+    /// Address of a `syscall` instruction in the tracee (in its vDSO).
+    syscall_at: Option<u64>,
+    /// Registers at the stop, the base of every injected call.
+    stop_regs: Regs,
+    /// A signal that arrived while we held the process: delivered at detach.
+    pending_signal: i32,
+    attached: bool,
+}
+
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn ptrace(req: libc::c_uint, pid: i32, addr: usize, data: usize) -> io::Result<libc::c_long> {
+    // SAFETY: every caller passes, for requests that write through `data`
+    // or `addr`, a pointer to a live buffer of the size the request uses.
+    check(unsafe {
+        libc::ptrace(
+            req,
+            pid,
+            addr as *mut libc::c_void,
+            data as *mut libc::c_void,
+        )
+    })
+}
+
+/// How a process stopped or ended, from `waitpid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Stopped at a syscall entry or exit (TRACESYSGOOD).
+    Syscall,
+    /// A ptrace event stop (PTRACE_EVENT_*), such as the stop PTRACE_INTERRUPT asks for.
+    Event(i32),
+    /// About to receive this signal (signal-delivery stop), or a group stop.
+    Signal(i32),
+    Exited(i32),
+    Killed(i32),
+}
+
+pub fn wait_stop(pid: i32) -> io::Result<Stop> {
+    let mut status = 0;
+    loop {
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if r == pid {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if r < 0 && e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+    Ok(if libc::WIFEXITED(status) {
+        Stop::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        Stop::Killed(libc::WTERMSIG(status))
+    } else {
+        let sig = libc::WSTOPSIG(status);
+        let event = status >> 16;
+        if sig == libc::SIGTRAP | 0x80 {
+            Stop::Syscall
+        } else if event != 0 {
+            Stop::Event(event)
+        } else {
+            Stop::Signal(sig)
+        }
+    })
+}
+
+impl Tracee {
+    fn new(pid: i32) -> io::Result<Tracee> {
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))?;
+        let mut t = Tracee {
+            pid,
+            mem,
+            syscall_at: None,
+            // SAFETY: user_regs_struct is plain integers; all-zero is valid.
+            stop_regs: unsafe { std::mem::zeroed() },
+            pending_signal: 0,
+            attached: true,
+        };
+        t.stop_regs = t.regs()?;
+        Ok(t)
+    }
+
+    /// Attach to a running process and stop it where it is. A signal that
+    /// arrives meanwhile is kept and delivered when we let go.
+    pub fn seize(pid: i32) -> io::Result<Tracee> {
+        ptrace(
+            libc::PTRACE_SEIZE,
+            pid,
+            0,
+            libc::PTRACE_O_TRACESYSGOOD as usize,
+        )?;
+        let mut pending = 0;
+        let stopped = ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0).and_then(|_| loop {
+            match wait_stop(pid)? {
+                Stop::Event(_) => break Ok(()),
+                // A signal-delivery stop is a stop too; hold the signal.
+                Stop::Signal(sig) => {
+                    pending = sig;
+                    break Ok(());
+                }
+                Stop::Syscall => continue,
+                Stop::Exited(_) | Stop::Killed(_) => {
+                    break Err(io::Error::from_raw_os_error(libc::ESRCH))
+                }
+            }
+        });
+        if let Err(e) = stopped {
+            let _ = ptrace(libc::PTRACE_DETACH, pid, 0, 0);
+            return Err(e);
+        }
+        let mut t = Tracee::new(pid).inspect_err(|_| {
+            let _ = ptrace(libc::PTRACE_DETACH, pid, 0, pending as usize);
+        })?;
+        t.pending_signal = pending;
+        Ok(t)
+    }
+
+    /// Take over a child that called PTRACE_TRACEME and then execve: it is
+    /// stopped with SIGTRAP before running any instruction of the program.
+    /// If we die before letting it go, it dies too.
+    pub fn adopt_exec_stopped_child(pid: i32) -> io::Result<Tracee> {
+        match wait_stop(pid)? {
+            Stop::Signal(libc::SIGTRAP) => {}
+            other => {
+                return Err(io::Error::other(format!(
+                    "restore shell stopped unexpectedly: {other:?}"
+                )))
+            }
+        }
+        ptrace(
+            libc::PTRACE_SETOPTIONS,
+            pid,
+            0,
+            (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL) as usize,
+        )?;
+        Tracee::new(pid)
+    }
+
+    pub fn regs(&self) -> io::Result<Regs> {
+        // SAFETY: all-zero is a valid user_regs_struct.
+        let mut regs: Regs = unsafe { std::mem::zeroed() };
+        ptrace(
+            libc::PTRACE_GETREGS,
+            self.pid,
+            0,
+            &mut regs as *mut Regs as usize,
+        )?;
+        Ok(regs)
+    }
+
+    pub fn set_regs(&self, regs: &Regs) -> io::Result<()> {
+        ptrace(
+            libc::PTRACE_SETREGS,
+            self.pid,
+            0,
+            regs as *const Regs as usize,
+        )?;
+        Ok(())
+    }
+
+    /// Registers as they were when the process stopped for us.
+    pub fn stop_regs(&self) -> Regs {
+        self.stop_regs
+    }
+
+    /// The XSAVE area (x87, SSE, AVX… state).
+    pub fn xstate(&self) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; XSTATE_MAX];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        ptrace(
+            libc::PTRACE_GETREGSET,
+            self.pid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec as usize,
+        )?;
+        buf.truncate(iov.iov_len);
+        Ok(buf)
+    }
+
+    pub fn set_xstate(&self, xstate: &[u8]) -> io::Result<()> {
+        let mut copy = xstate.to_vec();
+        let mut iov = libc::iovec {
+            iov_base: copy.as_mut_ptr().cast(),
+            iov_len: copy.len(),
+        };
+        ptrace(
+            libc::PTRACE_SETREGSET,
+            self.pid,
+            NT_X86_XSTATE as usize,
+            &mut iov as *mut libc::iovec as usize,
+        )?;
+        Ok(())
+    }
+
+    pub fn sigmask(&self) -> io::Result<u64> {
+        let mut mask = 0u64;
+        ptrace(
+            PTRACE_GETSIGMASK,
+            self.pid,
+            8,
+            &mut mask as *mut u64 as usize,
+        )?;
+        Ok(mask)
+    }
+
+    pub fn set_sigmask(&self, mask: u64) -> io::Result<()> {
+        ptrace(PTRACE_SETSIGMASK, self.pid, 8, &mask as *const u64 as usize)?;
+        Ok(())
+    }
+
+    pub fn rseq(&self) -> io::Result<RseqConfig> {
+        let mut conf = RseqConfig::default();
+        ptrace(
+            libc::PTRACE_GET_RSEQ_CONFIGURATION,
+            self.pid,
+            std::mem::size_of::<RseqConfig>(),
+            &mut conf as *mut RseqConfig as usize,
+        )?;
+        Ok(conf)
+    }
+
+    /// Read the tracee's memory, whatever the protection of the pages.
+    pub fn read(&self, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.mem.read_exact_at(&mut buf, addr)?;
+        Ok(buf)
+    }
+
+    /// Write the tracee's memory, whatever the protection of the pages
+    /// (private mappings are copied on write, as for a debugger).
+    pub fn write(&self, addr: u64, data: &[u8]) -> io::Result<()> {
+        self.mem.write_all_at(data, addr)
+    }
+
+    /// Where injected system calls execute.
+    pub fn set_syscall_at(&mut self, addr: u64) {
+        self.syscall_at = Some(addr);
+    }
+
+    /// Run one system call inside the tracee; its return value (a negative
+    /// errno on failure, as the kernel returns it).
+    pub fn syscall(&mut self, nr: libc::c_long, args: &[u64]) -> io::Result<i64> {
+        let at = self
+            .syscall_at
+            .ok_or_else(|| io::Error::other("no syscall instruction located in the tracee"))?;
+        let mut regs = self.stop_regs;
+        regs.rip = at;
+        regs.rax = nr as u64;
+        // No syscall restart for the call the process was in when it stopped.
+        regs.orig_rax = u64::MAX;
+        let arg = |i: usize| args.get(i).copied().unwrap_or(0);
+        regs.rdi = arg(0);
+        regs.rsi = arg(1);
+        regs.rdx = arg(2);
+        regs.r10 = arg(3);
+        regs.r8 = arg(4);
+        regs.r9 = arg(5);
+        self.set_regs(&regs)?;
+        for _phase in ["entry", "exit"] {
+            loop {
+                ptrace(libc::PTRACE_SYSCALL, self.pid, 0, 0)?;
+                match wait_stop(self.pid)? {
+                    Stop::Syscall => break,
+                    // Hold a signal that arrives meanwhile for later.
+                    Stop::Signal(sig) => self.pending_signal = sig,
+                    Stop::Event(_) => {}
+                    Stop::Exited(_) | Stop::Killed(_) => {
+                        self.attached = false;
+                        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                }
+            }
+        }
+        Ok(self.regs()?.rax as i64)
+    }
+
+    /// Like `syscall`, with a negative result turned into an error.
+    pub fn syscall_ok(&mut self, nr: libc::c_long, args: &[u64]) -> io::Result<u64> {
+        let r = self.syscall(nr, args)?;
+        if (-4095..0).contains(&r) {
+            Err(io::Error::from_raw_os_error(-r as i32))
+        } else {
+            Ok(r as u64)
+        }
+    }
+
+    /// Set the registers the process resumes with at detach.
+    pub fn set_resume_regs(&mut self, regs: Regs) {
+        self.stop_regs = regs;
+    }
+
+    /// Let the process run on with the resume registers (and any signal that
+    /// arrived while we held it).
+    pub fn detach(mut self) -> io::Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> io::Result<()> {
+        if !self.attached {
+            return Ok(());
+        }
+        self.attached = false;
+        self.set_regs(&self.stop_regs)?;
+        ptrace(
+            libc::PTRACE_DETACH,
+            self.pid,
+            0,
+            self.pending_signal as usize,
+        )?;
+        Ok(())
+    }
+
+    /// Stop tracking the process without resuming it: it is gone or about
+    /// to be killed.
+    pub fn forget(mut self) {
+        self.attached = false;
+    }
+}
+
+impl Drop for Tracee {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            tracing::warn!(pid = self.pid, "detaching: {e}");
+        }
+    }
+}
+
+/// The robust futex list of a thread (another process's, with ptrace rights).
+pub fn robust_list(pid: i32) -> io::Result<(u64, u64)> {
+    let mut head = 0u64;
+    let mut len = 0usize;
+    // SAFETY: both out-pointers are live.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            pid,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    })?;
+    Ok((head, len as u64))
+}
+
+/// A resource limit of another process: (soft, hard).
+pub fn rlimit(pid: i32, resource: u32) -> io::Result<(u64, u64)> {
+    let mut old = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `old` is a live out-pointer; no new limit is set.
+    check(unsafe { libc::prlimit64(pid, resource, std::ptr::null(), &mut old) } as libc::c_long)?;
+    Ok((old.rlim_cur, old.rlim_max))
+}
+
+pub fn set_rlimit(pid: i32, resource: u32, soft: u64, hard: u64) -> io::Result<()> {
+    let new = libc::rlimit64 {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: `new` is live; the old value is not asked for.
+    check(unsafe { libc::prlimit64(pid, resource, &new, std::ptr::null_mut()) } as libc::c_long)
+        .map(|_| ())
+}
+
+/// Send a signal to a process.
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    check(unsafe { libc::kill(pid, sig) } as libc::c_long).map(|_| ())
+}
+
+/// Prepare a forked child to be restored into: it asks to be traced, so the
+/// `execve` that follows stops it before the program runs.
+///
+/// # Safety
+/// Call only between fork and exec (a `pre_exec` hook).
+pub unsafe fn trace_me() -> io::Result<()> {
+    // SAFETY: async-signal-safe syscall.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_TRACEME,
+            0,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+        )
+    })
+    .map(|_| ())
+}
+
+/// Take on a process's credentials in a forked child before exec.
+///
+/// # Safety
+/// Call only between fork and exec (a `pre_exec` hook).
+pub unsafe fn become_user(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
+    // SAFETY: the group list is live; the rest take integers.
+    unsafe {
+        check(libc::setgroups(groups.len(), groups.as_ptr()) as libc::c_long)?;
+        check(libc::setresgid(gid, gid, gid) as libc::c_long)?;
+        check(libc::setresuid(uid, uid, uid) as libc::c_long)?;
+    }
+    Ok(())
+}

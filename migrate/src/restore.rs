@@ -1,0 +1,435 @@
+//! Restore: rebuild a process from an `Image` inside a stopped tracee.
+//!
+//! Everything is done by system calls run inside the tracee at a `syscall`
+//! instruction of its vDSO: the kernel's special mappings are parked out of
+//! the way, every other mapping is removed, the special ones go back to the
+//! image's addresses (same kernel, same sizes), then the image's regions,
+//! pages, memory-descriptor fields, files, signal actions and thread state
+//! are put back. The registers are set last, and the process resumes at the
+//! instruction where the checkpoint stopped it.
+
+use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
+
+use crate::checkpoint::{locate_syscall, SPECIAL_MAPPINGS};
+use crate::image::{Backing, FdKind, FileIdentity, Image, Region};
+use crate::procfs::{self, PAGE_SIZE};
+use crate::ptrace::{self, Tracee};
+use crate::MigrateError;
+
+/// Where the kernel's special mappings wait while the rest is rebuilt,
+/// followed by the scratch area (candidates, first free one wins).
+const PARK_CANDIDATES: [u64; 3] = [0x3f00_0000_0000, 0x2f00_0000_0000, 0x1f00_0000_0000];
+const PARK_SPAN: u64 = 1 << 20;
+/// Scratch for paths, auxv and structures passed to injected calls.
+const SCRATCH_LEN: u64 = 16 << 10;
+const RSEQ_FLAG_UNREGISTER: u64 = 1;
+const PR_SET_MM_MAP: u64 = 14;
+const MM_MAP_SIZE: u64 = 104;
+
+/// A process restored as a child of the caller.
+pub struct Restored {
+    pub child: std::process::Child,
+}
+
+/// Start a new process from `image`: the image's executable is started
+/// stopped (traced, with the image's credentials) and rebuilt before it runs
+/// a single instruction of its own. The new process is a child of the caller.
+pub fn restore_fresh(image: &Image) -> Result<Restored, MigrateError> {
+    check_identity(&image.exe)?;
+    let creds = image.credentials.clone();
+    let mut command = std::process::Command::new(&image.exe.path);
+    command
+        .arg0(&image.comm)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the hook only makes async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(move || {
+            ptrace::become_user(creds.uid, creds.gid, &creds.groups)?;
+            ptrace::trace_me()
+        });
+    }
+    let mut child = command.spawn()?;
+    let pid = child.id() as i32;
+    let rebuilt = Tracee::adopt_exec_stopped_child(pid).and_then(|mut t| {
+        restore_into(&mut t, image).map_err(std::io::Error::other)?;
+        t.detach()
+    });
+    match rebuilt {
+        Ok(()) => Ok(Restored { child }),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(MigrateError::Restore(e.to_string()))
+        }
+    }
+}
+
+fn check_identity(want: &FileIdentity) -> Result<(), MigrateError> {
+    let now = procfs::file_identity(&want.path, &want.path)
+        .map_err(|e| MigrateError::Restore(format!("{}: {e}", want.path)))?;
+    if now.inode != want.inode
+        || now.dev != want.dev
+        || now.size != want.size
+        || now.mtime_ns != want.mtime_ns
+    {
+        return Err(MigrateError::Restore(format!(
+            "{} is not the file the process had mapped",
+            want.path
+        )));
+    }
+    Ok(())
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// Rebuild `image` inside the stopped tracee and set the registers it
+/// resumes with; the caller detaches.
+pub fn restore_into(t: &mut Tracee, image: &Image) -> Result<(), MigrateError> {
+    for r in &image.regions {
+        if let Backing::PrivateFile { file, .. } | Backing::SharedFile { file, .. } = &r.backing {
+            check_identity(file)?;
+        }
+    }
+    let maps = procfs::maps(t.pid)?;
+    locate_syscall(t, &maps)?;
+    let rseq = t.rseq()?;
+    if rseq.area != 0 {
+        t.syscall_ok(
+            libc::SYS_rseq,
+            &[
+                rseq.area,
+                u64::from(rseq.len),
+                RSEQ_FLAG_UNREGISTER,
+                u64::from(rseq.signature),
+            ],
+        )?;
+    }
+
+    let park = PARK_CANDIDATES
+        .into_iter()
+        .find(|&p| {
+            let span = (p, p + PARK_SPAN);
+            !image
+                .regions
+                .iter()
+                .any(|r| overlaps(span, (r.start, r.end)))
+                && !maps.iter().any(|m| overlaps(span, (m.start, m.end)))
+        })
+        .ok_or_else(|| MigrateError::Restore("no free area to park the vDSO in".into()))?;
+    let specials: Vec<&procfs::MapEntry> = maps
+        .iter()
+        .filter(|m| SPECIAL_MAPPINGS.contains(&m.path.as_str()))
+        .collect();
+    let first_special = specials
+        .iter()
+        .map(|m| m.start)
+        .min()
+        .ok_or_else(|| MigrateError::Restore("the tracee has no vDSO".into()))?;
+    let parked = |start: u64| park + (start - first_special);
+    if specials
+        .iter()
+        .any(|m| parked(m.end) > park + PARK_SPAN - SCRATCH_LEN)
+    {
+        return Err(MigrateError::Restore(
+            "the vDSO is larger than expected".into(),
+        ));
+    }
+    // The vDSO moves last: injected calls run from it.
+    let mut order = specials.clone();
+    order.sort_by_key(|m| m.path == "[vdso]");
+    for m in &order {
+        move_mapping(t, m.start, m.len(), parked(m.start))?;
+        if m.path == "[vdso]" {
+            relocate_syscall(t, parked(m.start))?;
+        }
+    }
+    let scratch = park + PARK_SPAN - SCRATCH_LEN;
+    t.syscall_ok(
+        libc::SYS_mmap,
+        &[
+            scratch,
+            SCRATCH_LEN,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+
+    // Everything else goes.
+    for m in procfs::maps(t.pid)? {
+        let ours = m.start >= park && m.end <= park + PARK_SPAN;
+        if !ours && m.path != "[vsyscall]" {
+            t.syscall_ok(libc::SYS_munmap, &[m.start, m.len()])?;
+        }
+    }
+    // The special mappings back where the image had them.
+    let mut order: Vec<&Region> = image
+        .regions
+        .iter()
+        .filter(|r| matches!(r.backing, Backing::Special { .. }))
+        .collect();
+    order.sort_by_key(|r| matches!(&r.backing, Backing::Special { name } if name == "[vdso]"));
+    for r in order {
+        let Backing::Special { name } = &r.backing else {
+            continue;
+        };
+        let now = specials
+            .iter()
+            .find(|m| &m.path == name)
+            .ok_or_else(|| MigrateError::Restore(format!("this kernel has no {name}")))?;
+        if now.len() != r.end - r.start {
+            return Err(MigrateError::Restore(format!(
+                "{name} differs in size on this kernel"
+            )));
+        }
+        move_mapping(t, parked(now.start), now.len(), r.start)?;
+        if name == "[vdso]" {
+            relocate_syscall(t, r.start)?;
+        }
+    }
+
+    map_regions(t, image, scratch)?;
+    for run in &image.pages {
+        t.write(run.addr, &run.data)?;
+    }
+    set_mm(t, image, scratch)?;
+    put_string(t, scratch, &image.comm)?;
+    t.syscall_ok(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, scratch])?;
+    restore_fds(t, image, scratch)?;
+    put_string(t, scratch, &image.cwd)?;
+    t.syscall_ok(libc::SYS_chdir, &[scratch])?;
+    t.syscall_ok(libc::SYS_umask, &[u64::from(image.umask)])?;
+    for a in &image.actions {
+        let raw: Vec<u8> = [a.handler, a.flags, a.restorer, a.mask]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        t.write(scratch, &raw)?;
+        t.syscall_ok(libc::SYS_rt_sigaction, &[a.signal as u64, scratch, 0, 8])?;
+    }
+    for &(resource, soft, hard) in &image.rlimits {
+        if let Err(e) = ptrace::set_rlimit(t.pid, resource, soft, hard) {
+            tracing::warn!(pid = t.pid, resource, "restoring a resource limit: {e}");
+        }
+    }
+    t.syscall_ok(
+        libc::SYS_set_robust_list,
+        &[image.robust_list.0, image.robust_list.1],
+    )?;
+    t.syscall_ok(libc::SYS_set_tid_address, &[image.tid_address])?;
+    if let Some(at) = image.cached_tid_at {
+        t.write(at, &t.pid.to_le_bytes())?;
+    }
+    if let Some(r) = image.rseq {
+        t.syscall_ok(
+            libc::SYS_rseq,
+            &[r.area, u64::from(r.len), 0, u64::from(r.signature)],
+        )?;
+    }
+    t.set_sigmask(image.sigmask)?;
+    t.syscall_ok(libc::SYS_munmap, &[scratch, SCRATCH_LEN])?;
+    t.set_xstate(&image.xstate)?;
+    t.set_resume_regs(image.regs.into());
+    Ok(())
+}
+
+fn move_mapping(t: &mut Tracee, from: u64, len: u64, to: u64) -> Result<(), MigrateError> {
+    if from == to {
+        return Ok(());
+    }
+    t.syscall_ok(
+        libc::SYS_mremap,
+        &[
+            from,
+            len,
+            len,
+            (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+            to,
+        ],
+    )?;
+    Ok(())
+}
+
+/// After the vDSO moved to `vdso_now`, injected calls run from there.
+fn relocate_syscall(t: &mut Tracee, vdso_now: u64) -> Result<(), MigrateError> {
+    let code = t.read(vdso_now, 2 * PAGE_SIZE as usize)?;
+    let at = code
+        .windows(2)
+        .position(|w| w == [0x0f, 0x05])
+        .ok_or_else(|| MigrateError::Restore("no syscall instruction in the vDSO".into()))?;
+    t.set_syscall_at(vdso_now + at as u64);
+    Ok(())
+}
+
+fn put_string(t: &Tracee, at: u64, s: &str) -> Result<(), MigrateError> {
+    if s.len() as u64 >= SCRATCH_LEN / 2 || s.contains('\0') {
+        return Err(MigrateError::Restore(format!("unusable path {s:?}")));
+    }
+    let mut bytes = s.as_bytes().to_vec();
+    bytes.push(0);
+    t.write(at, &bytes)?;
+    Ok(())
+}
+
+fn map_regions(t: &mut Tracee, image: &Image, scratch: u64) -> Result<(), MigrateError> {
+    // One descriptor per file and access mode, closed at the end.
+    let mut opened: HashMap<(String, bool), u64> = HashMap::new();
+    let mut result = Ok(());
+    for r in &image.regions {
+        let len = r.end - r.start;
+        let (flags, fd, offset) = match &r.backing {
+            Backing::Special { .. } => continue,
+            Backing::Anonymous { grows_down } => {
+                let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+                if *grows_down {
+                    flags |= libc::MAP_GROWSDOWN;
+                }
+                (flags, u64::MAX, 0)
+            }
+            Backing::PrivateFile { file, offset } | Backing::SharedFile { file, offset } => {
+                let shared = matches!(r.backing, Backing::SharedFile { .. });
+                let writable = shared && r.prot & libc::PROT_WRITE as u32 != 0;
+                let key = (file.path.clone(), writable);
+                let fd = match opened.get(&key) {
+                    Some(&fd) => fd,
+                    None => {
+                        put_string(t, scratch, &file.path)?;
+                        let mode = if writable {
+                            libc::O_RDWR
+                        } else {
+                            libc::O_RDONLY
+                        };
+                        match t
+                            .syscall_ok(libc::SYS_open, &[scratch, (mode | libc::O_CLOEXEC) as u64])
+                        {
+                            Ok(fd) => {
+                                opened.insert(key, fd);
+                                fd
+                            }
+                            Err(e) => {
+                                result = Err(MigrateError::Restore(format!(
+                                    "opening {}: {e}",
+                                    file.path
+                                )));
+                                break;
+                            }
+                        }
+                    }
+                };
+                let flags = if shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                };
+                (flags, fd, *offset)
+            }
+        };
+        if let Err(e) = t.syscall_ok(
+            libc::SYS_mmap,
+            &[
+                r.start,
+                len,
+                u64::from(r.prot),
+                (flags | libc::MAP_FIXED_NOREPLACE) as u64,
+                fd,
+                offset,
+            ],
+        ) {
+            result = Err(MigrateError::Restore(format!(
+                "mapping {:#x}-{:#x}: {e}",
+                r.start, r.end
+            )));
+            break;
+        }
+    }
+    for fd in opened.into_values() {
+        t.syscall_ok(libc::SYS_close, &[fd])?;
+    }
+    result
+}
+
+fn set_mm(t: &mut Tracee, image: &Image, scratch: u64) -> Result<(), MigrateError> {
+    let mm = &image.mm;
+    let auxv_at = scratch + 256;
+    if image.auxv.len() as u64 > SCRATCH_LEN - 256 {
+        return Err(MigrateError::Restore("auxv too large".into()));
+    }
+    t.write(auxv_at, &image.auxv)?;
+    let mut raw: Vec<u8> = [
+        mm.start_code,
+        mm.end_code,
+        mm.start_data,
+        mm.end_data,
+        mm.start_brk,
+        mm.brk,
+        mm.start_stack,
+        mm.arg_start,
+        mm.arg_end,
+        mm.env_start,
+        mm.env_end,
+        auxv_at,
+    ]
+    .iter()
+    .flat_map(|w| w.to_le_bytes())
+    .collect();
+    raw.extend((image.auxv.len() as u32).to_le_bytes());
+    // exe_fd -1: /proc/PID/exe stays the executable we started, which is
+    // the image's.
+    raw.extend((-1i32).to_le_bytes());
+    debug_assert_eq!(raw.len() as u64, MM_MAP_SIZE);
+    t.write(scratch, &raw)?;
+    t.syscall_ok(
+        libc::SYS_prctl,
+        &[
+            libc::PR_SET_MM as u64,
+            PR_SET_MM_MAP,
+            scratch,
+            MM_MAP_SIZE,
+            0,
+        ],
+    )
+    .map_err(|e| MigrateError::Restore(format!("PR_SET_MM_MAP: {e}")))?;
+    Ok(())
+}
+
+fn restore_fds(t: &mut Tracee, image: &Image, scratch: u64) -> Result<(), MigrateError> {
+    for (fd, ..) in procfs::fds(t.pid)? {
+        t.syscall_ok(libc::SYS_close, &[fd as u64])?;
+    }
+    for entry in &image.fds {
+        let path = match &entry.kind {
+            FdKind::File { path, .. } | FdKind::Device { path } => path,
+        };
+        put_string(t, scratch, path)?;
+        let mut flags = entry.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        if entry.cloexec {
+            flags |= libc::O_CLOEXEC;
+        }
+        let fd = t
+            .syscall_ok(libc::SYS_open, &[scratch, flags as u64, 0])
+            .map_err(|e| {
+                MigrateError::Restore(format!("reopening fd {} ({path}): {e}", entry.fd))
+            })?;
+        if fd != entry.fd as u64 {
+            let cloexec = if entry.cloexec { libc::O_CLOEXEC } else { 0 };
+            t.syscall_ok(libc::SYS_dup3, &[fd, entry.fd as u64, cloexec as u64])?;
+            t.syscall_ok(libc::SYS_close, &[fd])?;
+        }
+        if let FdKind::File { pos, .. } = entry.kind {
+            if entry.flags & libc::O_APPEND == 0 {
+                t.syscall_ok(
+                    libc::SYS_lseek,
+                    &[entry.fd as u64, pos, libc::SEEK_SET as u64],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
