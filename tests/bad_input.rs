@@ -154,7 +154,13 @@ fn fake_clients_get_errors_and_the_daemon_keeps_serving() {
                 libc::ENOMEM
             },
         ),
-        (ClientRequest::Hello { version: 999 }, libc::EPROTONOSUPPORT),
+        (
+            ClientRequest::Hello {
+                version: 999,
+                link: None,
+            },
+            libc::EPROTONOSUPPORT,
+        ),
     ];
     for (i, (req, errno)) in cases.into_iter().enumerate() {
         let reply = client_call(&mut s, i as u64 + 1, &req);

@@ -2,33 +2,71 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
-use migshm::{c_program, eventually};
+use migrate::daemon::DaemonConn;
+use migrate::ptrace::{kill, Tracee};
+use migshm::{c_program, eventually, omrun_command, uffd_or_skip, Cluster};
 
 fn output(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// The loop numbers printed, in order, with the pid each was printed by.
-fn loops(out: &str) -> Vec<(u64, i32, i32)> {
+/// One progress line of migrate_loop.c.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Progress {
+    run: u64,
+    pid: i32,
+    usr1: i32,
+    peer: u64,
+}
+
+/// The progress lines printed, in order.
+fn loops(out: &str) -> Vec<Progress> {
     out.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             match f.as_slice() {
-                ["loop", n, "pid", p, "usr1", u] => {
-                    Some((n.parse().ok()?, p.parse().ok()?, u.parse().ok()?))
-                }
+                ["loop", n, "pid", p, "usr1", u, "peer", v] => Some(Progress {
+                    run: n.parse().ok()?,
+                    pid: p.parse().ok()?,
+                    usr1: u.parse().ok()?,
+                    peer: v.parse().ok()?,
+                }),
                 _ => None,
             }
         })
         .collect()
 }
 
-fn start_loop(dir: &Path, heap: usize) -> Child {
+/// Loop numbers only go up, across every move.
+fn assert_continuous(text: &str) {
+    let seen = loops(text);
+    for pair in seen.windows(2) {
+        assert!(
+            pair[0].run < pair[1].run,
+            "loop numbers go on: {pair:?}\n{text}"
+        );
+    }
+}
+
+/// migrate_loop.c with its output in DIR/out; under omrun on `socket` if given.
+fn start_loop(dir: &Path, heap: usize, omrun: Option<&Path>) -> Child {
     let prog = c_program("migrate_loop").expect("compile migrate_loop.c");
     let out = std::fs::File::create(dir.join("out")).expect("create output file");
-    let mut command = Command::new(prog);
+    let mut command = match omrun {
+        Some(socket) => {
+            let mut c = omrun_command(socket, None, &prog);
+            c.arg(heap.to_string()).arg("shm");
+            c
+        }
+        None => {
+            let mut c = Command::new(prog);
+            c.arg(heap.to_string());
+            c
+        }
+    };
     // Only the three standard descriptors: the test harness leaks others
     // (a jobserver pipe) that would be a reason not to migrate.
     // SAFETY: close_range is async-signal-safe.
@@ -40,7 +78,6 @@ fn start_loop(dir: &Path, heap: usize) -> Child {
         });
     }
     command
-        .arg(heap.to_string())
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(Stdio::null())
@@ -64,7 +101,7 @@ fn wait_status(child: &mut Child, limit: Duration) -> Option<std::process::ExitS
 #[test]
 fn restored_process_carries_on() {
     let dir = tempdir("restore");
-    let mut original = start_loop(&dir, 1 << 20);
+    let mut original = start_loop(&dir, 1 << 20, None);
     let out = dir.join("out");
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out)).len() >= 2),
@@ -72,50 +109,44 @@ fn restored_process_carries_on() {
         output(&out)
     );
     let pid = original.id() as i32;
-    let mut tracee = migrate::ptrace::Tracee::seize(pid).expect("seize");
-    let image = migrate::checkpoint(&mut tracee).expect("checkpoint");
+    let mut tracee = Tracee::seize(pid).expect("seize");
+    let image = migrate::checkpoint(&mut tracee, &Default::default()).expect("checkpoint");
     assert!(image.private_bytes() >= 1 << 20, "heap pages saved");
     // The original never runs again.
     tracee.forget();
-    migrate::ptrace::kill(pid, libc::SIGKILL).expect("kill the original");
+    kill(pid, libc::SIGKILL).expect("kill the original");
     let _ = original.wait();
     let before = loops(&output(&out)).last().copied().expect("a loop line");
 
     let encoded = image.encode().expect("encode");
     let image = migrate::Image::decode(&encoded).expect("decode");
-    let mut restored = migrate::restore_fresh(&image).expect("restore").child;
+    let mut restored = migrate::restore_fresh(&image, None).expect("restore").child;
     let new_pid = restored.id() as i32;
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out))
             .iter()
-            .any(|l| l.1 == new_pid)),
+            .any(|l| l.pid == new_pid)),
         "the restored process printed nothing: {}",
         output(&out)
     );
-    migrate::ptrace::kill(new_pid, libc::SIGUSR1).expect("SIGUSR1");
+    kill(new_pid, libc::SIGUSR1).expect("SIGUSR1");
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out))
             .iter()
-            .any(|l| l.1 == new_pid && l.2 == 1)),
+            .any(|l| l.pid == new_pid && l.usr1 == 1)),
         "the handler did not run in the restored process: {}",
         output(&out)
     );
-    migrate::ptrace::kill(new_pid, libc::SIGTERM).expect("SIGTERM");
+    kill(new_pid, libc::SIGTERM).expect("SIGTERM");
     let status = wait_status(&mut restored, Duration::from_secs(10)).expect("it ends");
     let text = output(&out);
     assert_eq!(status.code(), Some(42), "exit status; output:\n{text}");
-    let seen = loops(&text);
-    for pair in seen.windows(2) {
-        assert!(
-            pair[0].0 < pair[1].0,
-            "loop numbers go on: {pair:?}\n{text}"
-        );
-    }
-    let after = seen
-        .iter()
-        .find(|l| l.1 == new_pid)
+    assert_continuous(&text);
+    let after = loops(&text)
+        .into_iter()
+        .find(|l| l.pid == new_pid)
         .expect("a restored line");
-    assert!(after.0 >= before.0, "{before:?} then {after:?}");
+    assert!(after.run >= before.run, "{before:?} then {after:?}");
     assert!(text.contains("done "), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -125,4 +156,94 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
+}
+
+/// A process under omrun on node 1 with a segment is checkpointed there and
+/// restored on node 2: its segment is re-attached to node 2's copy at the
+/// same address (pages fault in through the protocol: what it wrote on node
+/// 1 is there, what node 3 writes reaches it), its client library follows
+/// it to node 2's daemon (IPC_RMID through it works), and it ends with its
+/// own exit status.
+#[test]
+fn restored_process_keeps_its_segment_on_another_node() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(3).expect("start 3 daemons");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .expect("cluster ready");
+    let dir = tempdir("segment");
+    let out = dir.join("out");
+    let mut original = start_loop(&dir, 256 << 10, Some(cluster.socket(1)));
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&output(&out)).len() >= 2),
+        "the loop never got going: {}",
+        output(&out)
+    );
+    let shmid: i32 = output(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("shmid ")?.parse().ok())
+        .expect("shmid line");
+    let pid = original.id() as i32;
+    let info = DaemonConn::connect(cluster.socket(1))
+        .and_then(|mut c| c.process_info(pid))
+        .expect("process info from node 1");
+    assert_eq!(info.attachments.len(), 1, "{info:?}");
+    assert!(!info.links.is_empty(), "{info:?}");
+
+    let mut tracee = Tracee::seize(pid).expect("seize");
+    let image = migrate::checkpoint(&mut tracee, &info).expect("checkpoint");
+    tracee.forget();
+    kill(pid, libc::SIGKILL).expect("kill the original");
+    let _ = original.wait();
+    let mut restored = migrate::restore_fresh(&image, Some(cluster.socket(2)))
+        .expect("restore on node 2")
+        .child;
+    let new_pid = restored.id() as i32;
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&output(&out))
+            .iter()
+            .any(|l| l.pid == new_pid)),
+        "the restored process printed nothing: {}",
+        output(&out)
+    );
+    // Node 2 serves it now.
+    let on_node2 = DaemonConn::connect(cluster.socket(2))
+        .and_then(|mut c| c.process_info(new_pid))
+        .expect("process info from node 2");
+    assert_eq!(on_node2.attachments.len(), 1, "{on_node2:?}");
+
+    let node3 = dsm::client::Client::connect(cluster.socket(3)).expect("connect node 3");
+    let seg = node3.attach(shmid, false).expect("attach on node 3");
+    seg.atomic_u64(1).store(777, SeqCst);
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&output(&out))
+            .iter()
+            .any(|l| l.pid == new_pid && l.peer == 777)),
+        "node 3's write never reached the restored process: {}",
+        output(&out)
+    );
+    let seen_run = seg.atomic_u64(0).load(SeqCst);
+    assert!(
+        eventually(Duration::from_secs(10), || seg.atomic_u64(0).load(SeqCst)
+            > seen_run),
+        "node 3 never sees the restored process's writes"
+    );
+    drop(seg);
+    kill(new_pid, libc::SIGTERM).expect("SIGTERM");
+    let status = wait_status(&mut restored, Duration::from_secs(10)).expect("it ends");
+    let text = output(&out);
+    assert_eq!(status.code(), Some(42), "exit status; output:\n{text}");
+    assert!(
+        text.contains("rmid 0"),
+        "IPC_RMID from node 2:\n{text}\nnode 2 log:\n{}",
+        cluster.log(2)
+    );
+    assert_continuous(&text);
+    assert!(
+        eventually(Duration::from_secs(5), || node3.stat(shmid).is_err()),
+        "the segment is gone once its last user ended"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

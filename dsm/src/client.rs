@@ -72,6 +72,60 @@ impl Error {
     }
 }
 
+/// Length of the buffer a migrator writes a daemon socket path into.
+pub const SOCKET_SLOT_LEN: usize = 128;
+
+/// Where a migrator writes, through ptrace while the process is stopped,
+/// the socket of the daemon of the node the process was moved to (see
+/// [`wire::ClientLink`]): NUL-terminated, empty until the process moves.
+/// Every reconnection reads it first.
+#[repr(C, align(64))]
+struct SocketSlot(std::cell::UnsafeCell<[u8; SOCKET_SLOT_LEN]>);
+
+// SAFETY: written only from outside the process while it is stopped, and
+// read with volatile reads; no reference to the bytes is ever formed.
+unsafe impl Sync for SocketSlot {}
+
+static RELOCATED_SOCKET: SocketSlot = SocketSlot(std::cell::UnsafeCell::new([0; SOCKET_SLOT_LEN]));
+
+/// The socket a migrator put in [`RELOCATED_SOCKET`], if any.
+fn relocated_socket() -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let base = RELOCATED_SOCKET.0.get() as *const u8;
+    let mut path = Vec::new();
+    for i in 0..SOCKET_SLOT_LEN {
+        // SAFETY: in bounds of the static buffer; a volatile read, since
+        // the bytes change behind the compiler's back.
+        let b = unsafe { std::ptr::read_volatile(base.add(i)) };
+        if b == 0 {
+            break;
+        }
+        path.push(b);
+    }
+    (!path.is_empty()).then(|| PathBuf::from(std::ffi::OsString::from_vec(path)))
+}
+
+/// The daemon this process belongs to now: the one a migrator named, or
+/// `default` if the process never moved.
+pub fn current_socket(default: &Path) -> PathBuf {
+    relocated_socket().unwrap_or_else(|| default.to_path_buf())
+}
+
+/// What a migrator needs to know about a connection to the daemon.
+pub fn link_of(stream: &UnixStream) -> wire::ClientLink {
+    wire::ClientLink {
+        fd: stream.as_raw_fd(),
+        socket_slot: RELOCATED_SOCKET.0.get() as u64,
+    }
+}
+
+fn hello(stream: &UnixStream) -> ClientRequest {
+    ClientRequest::Hello {
+        version: wire::PROTOCOL_VERSION,
+        link: Some(link_of(stream)),
+    }
+}
+
 struct State {
     stream: UnixStream,
     /// The daemon's socket, to reconnect after the program closed ours.
@@ -120,10 +174,12 @@ fn call_on(
         // The program closed our descriptor (and may have reused its
         // number): never write there, never close it. Reconnect and take
         // back what the daemon kept serving for this process.
-        let Some(path) = state.path.clone() else {
+        // After a migration, the daemon of the node the process is on now.
+        let Some(path) = relocated_socket().or_else(|| state.path.clone()) else {
             state.broken = true;
             return Err(Error::Errno(libc::EIO));
         };
+        state.path = Some(path.clone());
         let fresh = match open_stream(&path) {
             Ok(f) => f,
             Err(e) => {
@@ -134,9 +190,7 @@ fn call_on(
         state.stream_id = fdpass::identity(fresh.as_fd());
         std::mem::forget(std::mem::replace(&mut state.stream, fresh));
         state.next_id = 1;
-        let hello = ClientRequest::Hello {
-            version: wire::PROTOCOL_VERSION,
-        };
+        let hello = hello(&state.stream);
         let welcomed = matches!(call_on(state, &hello, None)?.0, ClientReply::Welcome { .. });
         // The daemon may not have read the old connection's end yet: the
         // state to take back appears once it has.
@@ -231,15 +285,8 @@ impl Client {
             attachments: vec![],
             broken: false,
         };
-        let node = match call_on(
-            &mut state,
-            &ClientRequest::Hello {
-                version: wire::PROTOCOL_VERSION,
-            },
-            None,
-        )?
-        .0
-        {
+        let hello = hello(&state.stream);
+        let node = match call_on(&mut state, &hello, None)?.0 {
             ClientReply::Welcome { node, .. } => node,
             ClientReply::Err(e) => return Err(Error::Errno(e)),
             other => return Err(Error::Protocol(format!("{other:?}"))),
@@ -607,7 +654,10 @@ extern "C" fn atfork_child() {
     let live: Vec<Arc<Inner>> = LIVE.lock().iter().filter_map(Weak::upgrade).collect();
     for inner in live {
         let mut state = inner.state.lock();
-        if let Err(e) = adopt_in_child(&inner.path, &mut state) {
+        let path = relocated_socket()
+            .or_else(|| state.path.clone())
+            .unwrap_or_else(|| inner.path.clone());
+        if let Err(e) = adopt_in_child(&path, &mut state) {
             // Unregistered mappings could show stale or zero pages: take
             // them away, so an access faults (SIGSEGV) instead.
             for a in state.attachments.drain(..) {
@@ -635,15 +685,8 @@ fn adopt_in_child(path: &Path, state: &mut State) -> Result<(), Error> {
     }
     state.next_id = 1;
     state.uffd_sent = false;
-    match call_on(
-        state,
-        &ClientRequest::Hello {
-            version: wire::PROTOCOL_VERSION,
-        },
-        None,
-    )?
-    .0
-    {
+    let hello = hello(&state.stream);
+    match call_on(state, &hello, None)?.0 {
         ClientReply::Welcome { .. } => {}
         other => return Err(Error::Protocol(format!("{other:?}"))),
     }

@@ -573,6 +573,9 @@ pub struct NodeStatus {
 pub enum ClientRequest {
     Hello {
         version: u32,
+        /// What a migrator needs to move the process (`None`: tools that
+        /// never migrate, such as omctl).
+        link: Option<ClientLink>,
     },
     ShmGet {
         key: i32,
@@ -620,6 +623,19 @@ pub enum ClientRequest {
     Nodes,
     Ipcs,
     Status,
+    /// A migrator (root only) takes the node's memfd of a segment that a
+    /// process moving here has attached, whatever its permissions or a
+    /// pending removal (as a fork inherits it); counted as this
+    /// connection's attachment until it ends, so that the node's copy stays
+    /// while the process is rebuilt and adopts its attachments.
+    ShmAttachForMigration {
+        id: i32,
+        readonly: bool,
+    },
+    /// Attachments and connections of a local process (root only).
+    ProcessInfo {
+        pid: i32,
+    },
     /// `semget`.
     SemGet {
         key: i32,
@@ -673,6 +689,23 @@ pub struct AttachmentRecord {
     pub readonly: bool,
 }
 
+/// A process's side of its connection to the daemon: the descriptor number,
+/// and the address of the buffer its client library reads the daemon's
+/// socket path from when it reconnects (where a migrator writes the new
+/// node's socket).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientLink {
+    pub fd: i32,
+    pub socket_slot: u64,
+}
+
+/// What the daemon knows of one local process, for a migrator.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub attachments: Vec<AttachmentRecord>,
+    pub links: Vec<ClientLink>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientReply {
     Ok,
@@ -697,6 +730,7 @@ pub enum ClientReply {
     SemSets(Vec<SemSetStat>),
     /// The set is lent and being recalled: ask again shortly.
     Moving,
+    ProcessInfo(ProcessInfo),
 }
 
 /// `len (u32 LE) | postcard(id, body)`.

@@ -12,6 +12,7 @@ use crate::image::{
 use crate::procfs::{self, MapEntry, PAGE_SIZE};
 use crate::ptrace::Tracee;
 use crate::MigrateError;
+use dsm::wire::ProcessInfo;
 
 /// Where glibc 2.36 keeps the thread id in its thread descriptor (fs base +
 /// this); checked against the pid before it is used.
@@ -66,8 +67,9 @@ pub fn portable_registers(regs: libc::user_regs_struct) -> Registers {
     r
 }
 
-/// Checkpoint the stopped tracee.
-pub fn checkpoint(t: &mut Tracee) -> Result<Image, MigrateError> {
+/// Checkpoint the stopped tracee. `dsm` is what its node's daemon knows of
+/// it (its segments and connections), empty for a process not under omrun.
+pub fn checkpoint(t: &mut Tracee, dsm: &ProcessInfo) -> Result<Image, MigrateError> {
     let pid = t.pid;
     let threads = procfs::thread_count(pid)?;
     if threads != 1 {
@@ -84,9 +86,9 @@ pub fn checkpoint(t: &mut Tracee) -> Result<Image, MigrateError> {
     let robust_list = crate::ptrace::robust_list(pid)?;
 
     let asked = ask_process(t)?;
-    let regions = regions(&maps)?;
+    let regions = regions(&maps, dsm)?;
     let pages = private_pages(t, &regions)?;
-    let fds = fds(pid)?;
+    let fds = fds(pid, dsm)?;
 
     let stat = procfs::stat_fields(pid)?;
     let field = |n: usize| stat.get(n).copied().unwrap_or(0);
@@ -160,6 +162,8 @@ pub fn checkpoint(t: &mut Tracee) -> Result<Image, MigrateError> {
             .into_owned(),
         umask,
         rlimits,
+        socket_slot: dsm.links.first().map(|l| l.socket_slot),
+        attachments: dsm.attachments.clone(),
     })
 }
 
@@ -211,11 +215,26 @@ fn ask_process(t: &mut Tracee) -> Result<Asked, MigrateError> {
     asked
 }
 
-fn regions(maps: &[MapEntry]) -> Result<Vec<Region>, MigrateError> {
+fn regions(maps: &[MapEntry], dsm: &ProcessInfo) -> Result<Vec<Region>, MigrateError> {
     let mut regions = Vec::new();
     for m in maps {
+        let segment = dsm
+            .attachments
+            .iter()
+            .find(|a| a.addr <= m.start && m.end <= a.addr + a.len);
         let backing = if m.path == "[vsyscall]" {
             continue;
+        } else if let (Some(a), true) = (segment, m.shared) {
+            Backing::Segment {
+                id: a.id,
+                readonly: a.readonly,
+                offset: m.offset,
+            }
+        } else if m.path.starts_with("/memfd:") {
+            return Err(stay(format!(
+                "shared memory at {:#x} ({}) is not a DSM segment (SysV semaphores do not migrate yet)",
+                m.start, m.path
+            )));
         } else if SPECIAL_MAPPINGS.contains(&m.path.as_str()) {
             Backing::Special {
                 name: m.path.clone(),
@@ -269,7 +288,9 @@ fn private_pages(t: &Tracee, regions: &[Region]) -> Result<Vec<PageRun>, Migrate
         let file_backed = match r.backing {
             Backing::Anonymous { .. } => false,
             Backing::PrivateFile { .. } => true,
-            Backing::SharedFile { .. } | Backing::Special { .. } => continue,
+            Backing::SharedFile { .. } | Backing::Segment { .. } | Backing::Special { .. } => {
+                continue
+            }
         };
         for (addr, len) in procfs::own_page_runs(t.pid, r.start, r.end, file_backed)? {
             pages.push(PageRun {
@@ -281,11 +302,20 @@ fn private_pages(t: &Tracee, regions: &[Region]) -> Result<Vec<PageRun>, Migrate
     Ok(pages)
 }
 
-fn fds(pid: i32) -> Result<Vec<FdEntry>, MigrateError> {
+fn fds(pid: i32, dsm: &ProcessInfo) -> Result<Vec<FdEntry>, MigrateError> {
     let mut out = Vec::new();
     for (fd, target, flags, pos) in procfs::fds(pid)? {
         let cloexec = flags & libc::O_CLOEXEC != 0;
         let flags = flags & !libc::O_CLOEXEC;
+        if dsm.links.iter().any(|l| l.fd == fd) && target.starts_with("socket:") {
+            out.push(FdEntry {
+                fd,
+                flags: libc::O_RDWR,
+                cloexec,
+                kind: FdKind::DaemonLink,
+            });
+            continue;
+        }
         let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"));
         let kind = match meta {
             Ok(m) if target.starts_with('/') && !target.ends_with(" (deleted)") => {

@@ -45,6 +45,13 @@ pub enum Backing {
     PrivateFile { file: FileIdentity, offset: u64 },
     /// A regular file mapped shared.
     SharedFile { file: FileIdentity, offset: u64 },
+    /// A DSM segment's memfd: re-attached to the destination node's copy,
+    /// whose pages fault in through the coherence protocol.
+    Segment {
+        id: i32,
+        readonly: bool,
+        offset: u64,
+    },
     /// One of the kernel's special mappings ("[vdso]", "[vvar]",
     /// "[vvar_vclock]"): moved back to its old address, never copied.
     Special { name: String },
@@ -94,6 +101,10 @@ pub enum FdKind {
     File { path: String, pos: u64 },
     /// A character device (/dev/null, a terminal…), reopened by path.
     Device { path: String },
+    /// The process's connection to its node's daemon: /dev/null stands in
+    /// for it, and the client library reconnects to the daemon named in
+    /// its socket slot on its next call.
+    DaemonLink,
 }
 
 /// `struct kernel_sigaction` for one signal.
@@ -163,6 +174,11 @@ pub struct Image {
     pub umask: u32,
     /// (resource, soft, hard)
     pub rlimits: Vec<(u32, u64, u64)>,
+    /// Where the client library reads the daemon's socket path from on
+    /// reconnecting (`dsm::wire::ClientLink::socket_slot`).
+    pub socket_slot: Option<u64>,
+    /// The process's DSM attachments, as its node's daemon registered them.
+    pub attachments: Vec<dsm::wire::AttachmentRecord>,
 }
 
 impl Image {

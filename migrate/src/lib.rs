@@ -6,6 +6,7 @@
 //! the destination node and fault in through the coherence protocol.
 
 pub mod checkpoint;
+pub mod daemon;
 pub mod image;
 pub mod procfs;
 pub mod ptrace;
@@ -21,6 +22,8 @@ pub enum MigrateError {
     /// The process cannot move, and why (openMosix's "stay reasons").
     #[error("cannot migrate: {0}")]
     CannotMigrate(String),
+    #[error("daemon: {0}")]
+    Daemon(String),
     #[error("restore failed: {0}")]
     Restore(String),
     #[error(transparent)]

@@ -389,6 +389,23 @@ pub fn robust_list(pid: i32) -> io::Result<(u64, u64)> {
     Ok((head, len as u64))
 }
 
+/// A duplicate of another process's descriptor `fd`.
+pub fn take_fd(pid: i32, fd: u64) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscalls; each returned descriptor is owned once.
+    unsafe {
+        let pidfd = check(libc::syscall(libc::SYS_pidfd_open, pid, 0))? as i32;
+        let pidfd = std::os::fd::OwnedFd::from_raw_fd(pidfd);
+        let got = check(libc::syscall(
+            libc::SYS_pidfd_getfd,
+            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            fd as i32,
+            0,
+        ))? as i32;
+        Ok(std::os::fd::OwnedFd::from_raw_fd(got))
+    }
+}
+
 /// A resource limit of another process: (soft, hard).
 pub fn rlimit(pid: i32, resource: u32) -> io::Result<(u64, u64)> {
     let mut old = libc::rlimit64 {

@@ -9,9 +9,12 @@
 //! instruction where the checkpoint stopped it.
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 
 use crate::checkpoint::{locate_syscall, SPECIAL_MAPPINGS};
+use crate::daemon::DaemonConn;
 use crate::image::{Backing, FdKind, FileIdentity, Image, Region};
 use crate::procfs::{self, PAGE_SIZE};
 use crate::ptrace::{self, Tracee};
@@ -35,7 +38,7 @@ pub struct Restored {
 /// Start a new process from `image`: the image's executable is started
 /// stopped (traced, with the image's credentials) and rebuilt before it runs
 /// a single instruction of its own. The new process is a child of the caller.
-pub fn restore_fresh(image: &Image) -> Result<Restored, MigrateError> {
+pub fn restore_fresh(image: &Image, node: Option<&Path>) -> Result<Restored, MigrateError> {
     check_identity(&image.exe)?;
     let creds = image.credentials.clone();
     let mut command = std::process::Command::new(&image.exe.path);
@@ -55,7 +58,7 @@ pub fn restore_fresh(image: &Image) -> Result<Restored, MigrateError> {
     let mut child = command.spawn()?;
     let pid = child.id() as i32;
     let rebuilt = Tracee::adopt_exec_stopped_child(pid).and_then(|mut t| {
-        restore_into(&mut t, image).map_err(std::io::Error::other)?;
+        restore_into(&mut t, image, node).map_err(std::io::Error::other)?;
         t.detach()
     });
     match rebuilt {
@@ -89,8 +92,20 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 }
 
 /// Rebuild `image` inside the stopped tracee and set the registers it
-/// resumes with; the caller detaches.
-pub fn restore_into(t: &mut Tracee, image: &Image) -> Result<(), MigrateError> {
+/// resumes with; the caller detaches. `node`: the socket of this node's
+/// daemon, which serves the process's segments from now on.
+pub fn restore_into(
+    t: &mut Tracee,
+    image: &Image,
+    node: Option<&Path>,
+) -> Result<(), MigrateError> {
+    let needs_daemon =
+        !image.attachments.is_empty() || image.fds.iter().any(|f| f.kind == FdKind::DaemonLink);
+    if needs_daemon && node.is_none() {
+        return Err(MigrateError::Restore(
+            "the process uses DSM and no daemon was given".into(),
+        ));
+    }
     for r in &image.regions {
         if let Backing::PrivateFile { file, .. } | Backing::SharedFile { file, .. } = &r.backing {
             check_identity(file)?;
@@ -199,6 +214,10 @@ pub fn restore_into(t: &mut Tracee, image: &Image) -> Result<(), MigrateError> {
     for run in &image.pages {
         t.write(run.addr, &run.data)?;
     }
+    // After the pages: it writes the daemon's socket into the process's memory.
+    if let Some(node) = node.filter(|_| needs_daemon) {
+        adopt_segments(t, image, scratch, node)?;
+    }
     set_mm(t, image, scratch)?;
     put_string(t, scratch, &image.comm)?;
     t.syscall_ok(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, scratch])?;
@@ -285,7 +304,7 @@ fn map_regions(t: &mut Tracee, image: &Image, scratch: u64) -> Result<(), Migrat
     for r in &image.regions {
         let len = r.end - r.start;
         let (flags, fd, offset) = match &r.backing {
-            Backing::Special { .. } => continue,
+            Backing::Special { .. } | Backing::Segment { .. } => continue,
             Backing::Anonymous { grows_down } => {
                 let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
                 if *grows_down {
@@ -406,6 +425,7 @@ fn restore_fds(t: &mut Tracee, image: &Image, scratch: u64) -> Result<(), Migrat
     for entry in &image.fds {
         let path = match &entry.kind {
             FdKind::File { path, .. } | FdKind::Device { path } => path,
+            FdKind::DaemonLink => "/dev/null",
         };
         put_string(t, scratch, path)?;
         let mut flags = entry.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
@@ -432,4 +452,182 @@ fn restore_fds(t: &mut Tracee, image: &Image, scratch: u64) -> Result<(), Migrat
         }
     }
     Ok(())
+}
+
+/// `ioctl` on /dev/userfaultfd that makes a userfaultfd for the caller.
+const USERFAULTFD_IOC_NEW: u64 = 0xAA00;
+
+/// Map the image's segments from this node's copies, give the process a
+/// userfaultfd of its own with their ranges registered by this node's
+/// daemon, and point its client library at that daemon.
+fn adopt_segments(
+    t: &mut Tracee,
+    image: &Image,
+    scratch: u64,
+    node: &Path,
+) -> Result<(), MigrateError> {
+    // Our attachments keep the node's copies while the process adopts its
+    // own; they end when `host` is dropped.
+    let mut host = DaemonConn::connect(node)?;
+    let mut ids: Vec<(i32, bool)> = Vec::new();
+    for r in &image.regions {
+        if let Backing::Segment { id, readonly, .. } = r.backing {
+            if !ids.iter().any(|(i, _)| *i == id) {
+                ids.push((id, readonly));
+            }
+        }
+    }
+    let memfds = ids
+        .iter()
+        .map(|&(id, readonly)| host.segment_memfd(id, readonly))
+        .collect::<Result<Vec<OwnedFd>, _>>()?;
+    let in_target = give_fds(t, scratch, &memfds)?;
+    for r in &image.regions {
+        let Backing::Segment { id, offset, .. } = r.backing else {
+            continue;
+        };
+        let Some(i) = ids.iter().position(|(s, _)| *s == id) else {
+            continue;
+        };
+        t.syscall_ok(
+            libc::SYS_mmap,
+            &[
+                r.start,
+                r.end - r.start,
+                u64::from(r.prot),
+                (libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE) as u64,
+                in_target[i],
+                offset,
+            ],
+        )
+        .map_err(|e| MigrateError::Restore(format!("mapping segment {id}: {e}")))?;
+    }
+    for fd in in_target {
+        t.syscall_ok(libc::SYS_close, &[fd])?;
+    }
+
+    // A userfaultfd bound to the process's memory, made by the process.
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")?;
+    let dev_in_target = give_fds(t, scratch, &[OwnedFd::from(dev)])?[0];
+    let uffd_in_target = t.syscall_ok(
+        libc::SYS_ioctl,
+        &[
+            dev_in_target,
+            USERFAULTFD_IOC_NEW,
+            (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64,
+        ],
+    )?;
+    let uffd = ptrace::take_fd(t.pid, uffd_in_target)?;
+    t.syscall_ok(libc::SYS_close, &[uffd_in_target])?;
+    t.syscall_ok(libc::SYS_close, &[dev_in_target])?;
+
+    // A connection the daemon takes for the process's own (its peer
+    // credentials are the process's), to hand over the attachments; when
+    // we close it the daemon keeps serving them until the process's client
+    // library reconnects and takes them back.
+    let sock = t.syscall_ok(
+        libc::SYS_socket,
+        &[
+            libc::AF_UNIX as u64,
+            (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64,
+            0,
+        ],
+    )?;
+    let path = node.as_os_str().as_encoded_bytes();
+    if path.len() >= dsm::client::SOCKET_SLOT_LEN {
+        return Err(MigrateError::Restore(format!(
+            "daemon socket path too long: {}",
+            node.display()
+        )));
+    }
+    let mut addr = (libc::AF_UNIX as u16).to_le_bytes().to_vec();
+    addr.extend_from_slice(path);
+    addr.push(0);
+    t.write(scratch, &addr)?;
+    t.syscall_ok(libc::SYS_connect, &[sock, scratch, addr.len() as u64])
+        .map_err(|e| MigrateError::Restore(format!("connecting to {}: {e}", node.display())))?;
+    let stream = std::os::unix::net::UnixStream::from(ptrace::take_fd(t.pid, sock)?);
+    t.syscall_ok(libc::SYS_close, &[sock])?;
+    let mut as_process = DaemonConn::over(stream)?;
+    as_process.call_ok(
+        &dsm::wire::ClientRequest::Adopt {
+            attachments: image.attachments.clone(),
+        },
+        Some(uffd.as_fd()),
+    )?;
+    drop(as_process);
+    if let Some(slot) = image.socket_slot {
+        let mut bytes = path.to_vec();
+        bytes.push(0);
+        t.write(slot, &bytes)?;
+    }
+    drop(host);
+    Ok(())
+}
+
+/// Put duplicates of `fds` into the tracee (SCM_RIGHTS to a socket it
+/// binds for the purpose); their numbers there.
+fn give_fds(t: &mut Tracee, scratch: u64, fds: &[OwnedFd]) -> Result<Vec<u64>, MigrateError> {
+    use std::os::linux::net::SocketAddrExt;
+    const MSGHDR: u64 = 0;
+    const IOV: u64 = 64;
+    const BYTE: u64 = 96;
+    const CONTROL: u64 = 128;
+    if fds.is_empty() {
+        return Ok(Vec::new());
+    }
+    if fds.len() > 200 {
+        return Err(MigrateError::Restore("too many descriptors to pass".into()));
+    }
+    static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = format!(
+        "migshm-restore-{}-{}-{}",
+        std::process::id(),
+        t.pid,
+        SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let sock = t.syscall_ok(
+        libc::SYS_socket,
+        &[
+            libc::AF_UNIX as u64,
+            (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64,
+            0,
+        ],
+    )?;
+    let received = (|| -> Result<Vec<u64>, MigrateError> {
+        let mut addr = (libc::AF_UNIX as u16).to_le_bytes().to_vec();
+        addr.push(0);
+        addr.extend_from_slice(name.as_bytes());
+        t.write(scratch, &addr)?;
+        t.syscall_ok(libc::SYS_bind, &[sock, scratch, addr.len() as u64])?;
+        let sender = std::os::unix::net::UnixDatagram::unbound()?;
+        sender.connect_addr(&std::os::unix::net::SocketAddr::from_abstract_name(
+            name.as_bytes(),
+        )?)?;
+        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        dsm::fdpass::send_with_fds(sender.as_raw_fd(), b"f", &raw)?;
+        let control_len = 16 + (4 * fds.len() as u64).div_ceil(8) * 8;
+        let words = |w: &[u64]| -> Vec<u8> { w.iter().flat_map(|v| v.to_le_bytes()).collect() };
+        t.write(
+            scratch + MSGHDR,
+            &words(&[0, 0, scratch + IOV, 1, scratch + CONTROL, control_len, 0]),
+        )?;
+        t.write(scratch + IOV, &words(&[scratch + BYTE, 1]))?;
+        t.syscall_ok(libc::SYS_recvmsg, &[sock, scratch + MSGHDR, 0])?;
+        let control = t.read(scratch + CONTROL, control_len as usize)?;
+        let level = i32::from_le_bytes(control[8..12].try_into().unwrap_or_default());
+        let kind = i32::from_le_bytes(control[12..16].try_into().unwrap_or_default());
+        if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS {
+            return Err(MigrateError::Restore("descriptors did not arrive".into()));
+        }
+        Ok(control[16..16 + 4 * fds.len()]
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default()) as u64)
+            .collect())
+    })();
+    t.syscall_ok(libc::SYS_close, &[sock])?;
+    received
 }

@@ -70,6 +70,7 @@ impl Conn {
         lock(&OPEN_FDS).push(conn.stream.as_raw_fd());
         let hello = ClientRequest::Hello {
             version: wire::PROTOCOL_VERSION,
+            link: Some(dsm::client::link_of(&conn.stream)),
         };
         match conn.call(&hello)? {
             ClientReply::Welcome { node, .. } => Ok((conn, node)),
@@ -216,7 +217,8 @@ impl Inner {
             // have reused) the descriptor: never use it nor close it.
             discard_inherited(c);
         }
-        Ok(Conn::open(&self.path)?.0)
+        // After a migration, the daemon of the node the process is on now.
+        Ok(Conn::open(&dsm::client::current_socket(&self.path))?.0)
     }
 
     fn checkin(&self, conn: Conn) {

@@ -165,6 +165,7 @@ fn stall(args: &[String]) -> ExitCode {
     };
     let hello = dsm::wire::ClientRequest::Hello {
         version: dsm::wire::PROTOCOL_VERSION,
+        link: None,
     };
     if call(&mut stream, 1, &hello).is_none() {
         return fail("hello".into());

@@ -3,10 +3,16 @@
  * with exit status 42 after a last line. Any value read back wrong ends it
  * at once with status 3 (heap), 4 (stack) or 5 (FP).
  *
- * argv[1]: heap bytes (default 1 MiB). Prints "loop N pid P usr1 U" every
- * 100 loops and whenever the pid or the SIGUSR1 count changes.
+ * argv[1]: heap bytes (default 1 MiB). argv[2] "shm": also a SysV segment
+ * (IPC_PRIVATE, 64 KiB): each loop writes its number into word 0 and reads
+ * it back (status 6 if wrong); word 1 is for others to write ("peer").
+ * Prints "shmid ID" first, then "loop N pid P usr1 U peer V" every 100
+ * loops and whenever the pid, the SIGUSR1 count or the peer word changes.
+ * On SIGTERM, with a segment: IPC_RMID, and "rmid 0" or "rmid ERRNO".
  */
+#include <errno.h>
 #include <signal.h>
+#include <sys/shm.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +38,18 @@ int main(int argc, char **argv) {
     if (!heap)
         return 2;
     setvbuf(stdout, NULL, _IOLBF, 0);
+    int shmid = -1;
+    volatile unsigned long *shm = NULL;
+    if (argc > 2 && strcmp(argv[2], "shm") == 0) {
+        shmid = shmget(IPC_PRIVATE, 65536, IPC_CREAT | 0600);
+        if (shmid < 0)
+            return 7;
+        shm = shmat(shmid, NULL, 0);
+        if (shm == (void *)-1)
+            return 8;
+        printf("shmid %d\n", shmid);
+    }
+    unsigned long last_peer = 0;
     pid_t last_pid = 0;
     int last_usr1 = -1;
     unsigned long i;
@@ -41,6 +59,8 @@ int main(int argc, char **argv) {
         for (int k = 0; k < 512; k++)
             stack[k] = i * 512 + k;
         acc += 0.5;
+        if (shm)
+            shm[0] = i;
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL); /* EINTR is fine */
         for (size_t k = 0; k < heap_bytes; k += 4096)
@@ -57,13 +77,21 @@ int main(int argc, char **argv) {
             printf("fp mismatch in loop %lu\n", i);
             return 5;
         }
+        if (shm && shm[0] != i) {
+            printf("shm mismatch in loop %lu\n", i);
+            return 6;
+        }
+        unsigned long peer = shm ? shm[1] : 0;
         pid_t pid = getpid();
-        if (i % 100 == 0 || pid != last_pid || usr1_count != last_usr1) {
-            printf("loop %lu pid %d usr1 %d\n", i, (int)pid, (int)usr1_count);
+        if (i % 100 == 0 || pid != last_pid || usr1_count != last_usr1 || peer != last_peer) {
+            printf("loop %lu pid %d usr1 %d peer %lu\n", i, (int)pid, (int)usr1_count, peer);
             last_pid = pid;
             last_usr1 = usr1_count;
+            last_peer = peer;
         }
     }
+    if (shmid >= 0)
+        printf("rmid %d\n", shmctl(shmid, IPC_RMID, NULL) == 0 ? 0 : errno);
     printf("done %lu usr1 %d\n", i, (int)usr1_count);
     free(heap);
     return 42;

@@ -237,10 +237,16 @@ impl Session {
         fds: &mut VecDeque<OwnedFd>,
     ) -> (ClientReply, Option<OwnedFd>) {
         let reply = match req {
-            ClientRequest::Hello { version } => {
+            ClientRequest::Hello { version, link } => {
                 if version != wire::PROTOCOL_VERSION {
                     ClientReply::Err(libc::EPROTONOSUPPORT)
                 } else {
+                    if let Some(link) = link {
+                        self.core
+                            .borrow_mut()
+                            .links
+                            .insert(self.session, (self.pid, link));
+                    }
                     ClientReply::Welcome {
                         node: self.core.borrow().me,
                         version: wire::PROTOCOL_VERSION,
@@ -257,7 +263,13 @@ impl Session {
                 Err(e) => ClientReply::Err(e),
             },
             ClientRequest::ShmAttach { id, readonly } => {
-                return self.attach(IpcId(id), readonly).await
+                return self.attach(IpcId(id), readonly, false).await
+            }
+            ClientRequest::ShmAttachForMigration { id, readonly } => {
+                if self.uid != 0 {
+                    return (ClientReply::Err(libc::EPERM), None);
+                }
+                return self.attach(IpcId(id), readonly, true).await;
             }
             ClientRequest::ShmMapped {
                 id,
@@ -353,7 +365,13 @@ impl Session {
                 let orphan = self.core.borrow_mut().orphans.remove(&self.pid);
                 match orphan {
                     Some(o) if self.proc.is_none() => {
-                        self.core.borrow_mut().session_ended(self.session);
+                        let mut core = self.core.borrow_mut();
+                        let link = core.links.remove(&self.session);
+                        core.session_ended(self.session);
+                        if let Some(link) = link {
+                            core.links.insert(o.session, link);
+                        }
+                        drop(core);
                         self.proc = o.proc;
                         self.fault_task = o.fault_task;
                         self.session = o.session;
@@ -437,6 +455,13 @@ impl Session {
                 }
                 all.sort_by_key(|s| s.id);
                 ClientReply::Segments(all)
+            }
+            ClientRequest::ProcessInfo { pid } => {
+                if self.uid != 0 {
+                    ClientReply::Err(libc::EPERM)
+                } else {
+                    ClientReply::ProcessInfo(self.core.borrow().process_info(pid))
+                }
             }
             ClientRequest::Status => {
                 let replies = self.ask_every_live_node(RpcRequest::Status).await;
@@ -734,11 +759,18 @@ impl Session {
         Err(libc::EAGAIN)
     }
 
-    async fn attach(&mut self, id: SegmentId, readonly: bool) -> (ClientReply, Option<OwnedFd>) {
+    /// `inherited`: no permission check and allowed after IPC_RMID, as for
+    /// an attachment a process already has.
+    async fn attach(
+        &mut self,
+        id: SegmentId,
+        readonly: bool,
+        inherited: bool,
+    ) -> (ClientReply, Option<OwnedFd>) {
         let req = RpcRequest::SegAttach {
             id,
             readonly,
-            inherited: false,
+            inherited,
             cred: self.cred(),
         };
         let size = match self.ask_home(id, req).await {

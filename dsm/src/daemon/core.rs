@@ -120,6 +120,8 @@ pub struct Core {
     /// Processes whose connection ended while they still map segments,
     /// served until they exit or reconnect, by pid.
     pub orphans: HashMap<i32, super::clients::Orphan>,
+    /// Each session's process and its side of the connection, for migrators.
+    pub links: HashMap<u64, (i32, wire::ClientLink)>,
     /// The pidfds of both tables above, to find the processes that exited
     /// in one call (`None` if epoll failed: exits are then settled as
     /// connections end and watchers fire).
@@ -184,6 +186,7 @@ impl Core {
             attachments: HashMap::new(),
             next_session: 1,
             orphans: HashMap::new(),
+            links: HashMap::new(),
             exits: crate::pidfd::ExitSet::new().ok(),
             sem_retry: Rc::new(tokio::sync::Notify::new()),
             next_watch: 1,
@@ -634,6 +637,30 @@ impl Core {
 
     /// Connection `session` (of process `pid`) holds one more attachment
     /// of `id`, counted at its home.
+    /// A local process's attachments and connections, for a migrator.
+    pub fn process_info(&self, pid: i32) -> wire::ProcessInfo {
+        let attachments = self
+            .store
+            .segments
+            .values()
+            .flat_map(|s| s.mappings.iter())
+            .filter(|m| self.store.procs.get(&m.proc).is_some_and(|p| p.pid == pid))
+            .map(|m| wire::AttachmentRecord {
+                id: m.seg.0,
+                addr: m.addr,
+                len: m.len,
+                readonly: m.readonly,
+            })
+            .collect();
+        let links = self
+            .links
+            .values()
+            .filter(|(p, _)| *p == pid)
+            .map(|(_, link)| *link)
+            .collect();
+        wire::ProcessInfo { attachments, links }
+    }
+
     pub fn session_attached(&mut self, session: u64, pid: i32, id: SegmentId) {
         let exits = &self.exits;
         self.attachments
@@ -670,6 +697,7 @@ impl Core {
 
     /// The connection ended: uncount what it still had attached.
     pub fn session_ended(&mut self, session: u64) {
+        self.links.remove(&session);
         if let Some(entry) = self.attachments.remove(&session) {
             if let (Some(exits), Some(fd)) = (&self.exits, &entry.exited) {
                 exits.remove(fd);

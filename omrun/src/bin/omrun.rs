@@ -34,6 +34,7 @@ fn check_daemon(socket: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let hello = dsm::wire::ClientRequest::Hello {
         version: dsm::wire::PROTOCOL_VERSION,
+        link: None,
     };
     stream
         .write_all(&dsm::wire::encode_client(1, &hello))
