@@ -324,6 +324,12 @@ impl Proc {
     }
 }
 
+impl From<Child> for Proc {
+    fn from(child: Child) -> Proc {
+        Proc { child }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {

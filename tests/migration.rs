@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use migrate::daemon::DaemonConn;
 use migrate::ptrace::{kill, Tracee};
-use migshm::{c_program, eventually, omrun_command, uffd_or_skip, Cluster};
+use migshm::{c_program, eventually, omrun_command, uffd_or_skip, Cluster, Proc};
 
 fn output(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
@@ -101,27 +101,27 @@ fn wait_status(child: &mut Child, limit: Duration) -> Option<std::process::ExitS
 #[test]
 fn restored_process_carries_on() {
     let dir = tempdir("restore");
-    let mut original = start_loop(&dir, 1 << 20, None);
+    let mut original = Proc::from(start_loop(&dir, 1 << 20, None));
     let out = dir.join("out");
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out)).len() >= 2),
         "the loop never got going: {}",
         output(&out)
     );
-    let pid = original.id() as i32;
+    let pid = original.child.id() as i32;
     let mut tracee = Tracee::seize(pid).expect("seize");
     let image = migrate::checkpoint(&mut tracee, &Default::default()).expect("checkpoint");
     assert!(image.private_bytes() >= 1 << 20, "heap pages saved");
     // The original never runs again.
     tracee.forget();
     kill(pid, libc::SIGKILL).expect("kill the original");
-    let _ = original.wait();
+    let _ = original.child.wait();
     let before = loops(&output(&out)).last().copied().expect("a loop line");
 
     let encoded = image.encode().expect("encode");
     let image = migrate::Image::decode(&encoded).expect("decode");
-    let mut restored = migrate::restore_fresh(&image, None).expect("restore").child;
-    let new_pid = restored.id() as i32;
+    let mut restored = Proc::from(migrate::restore_fresh(&image, None).expect("restore").child);
+    let new_pid = restored.child.id() as i32;
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out))
             .iter()
@@ -138,7 +138,7 @@ fn restored_process_carries_on() {
         output(&out)
     );
     kill(new_pid, libc::SIGTERM).expect("SIGTERM");
-    let status = wait_status(&mut restored, Duration::from_secs(10)).expect("it ends");
+    let status = wait_status(&mut restored.child, Duration::from_secs(10)).expect("it ends");
     let text = output(&out);
     assert_eq!(status.code(), Some(42), "exit status; output:\n{text}");
     assert_continuous(&text);
@@ -175,7 +175,7 @@ fn restored_process_keeps_its_segment_on_another_node() {
         .expect("cluster ready");
     let dir = tempdir("segment");
     let out = dir.join("out");
-    let mut original = start_loop(&dir, 256 << 10, Some(cluster.socket(1)));
+    let mut original = Proc::from(start_loop(&dir, 256 << 10, Some(cluster.socket(1))));
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out)).len() >= 2),
         "the loop never got going: {}",
@@ -185,7 +185,7 @@ fn restored_process_keeps_its_segment_on_another_node() {
         .lines()
         .find_map(|l| l.strip_prefix("shmid ")?.parse().ok())
         .expect("shmid line");
-    let pid = original.id() as i32;
+    let pid = original.child.id() as i32;
     let info = DaemonConn::connect(cluster.socket(1))
         .and_then(|mut c| c.process_info(pid))
         .expect("process info from node 1");
@@ -196,11 +196,13 @@ fn restored_process_keeps_its_segment_on_another_node() {
     let image = migrate::checkpoint(&mut tracee, &info).expect("checkpoint");
     tracee.forget();
     kill(pid, libc::SIGKILL).expect("kill the original");
-    let _ = original.wait();
-    let mut restored = migrate::restore_fresh(&image, Some(cluster.socket(2)))
-        .expect("restore on node 2")
-        .child;
-    let new_pid = restored.id() as i32;
+    let _ = original.child.wait();
+    let mut restored = Proc::from(
+        migrate::restore_fresh(&image, Some(cluster.socket(2)))
+            .expect("restore on node 2")
+            .child,
+    );
+    let new_pid = restored.child.id() as i32;
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out))
             .iter()
@@ -232,7 +234,7 @@ fn restored_process_keeps_its_segment_on_another_node() {
     );
     drop(seg);
     kill(new_pid, libc::SIGTERM).expect("SIGTERM");
-    let status = wait_status(&mut restored, Duration::from_secs(10)).expect("it ends");
+    let status = wait_status(&mut restored.child, Duration::from_secs(10)).expect("it ends");
     let text = output(&out);
     assert_eq!(status.code(), Some(42), "exit status; output:\n{text}");
     assert!(
@@ -245,5 +247,124 @@ fn restored_process_keeps_its_segment_on_another_node() {
         eventually(Duration::from_secs(5), || node3.stat(shmid).is_err()),
         "the segment is gone once its last user ended"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A line from an agent's stdout, within a bound.
+fn agent_line(lines: &std::sync::mpsc::Receiver<String>) -> String {
+    lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the agent reported nothing")
+}
+
+fn spawn_agent(args: &[&str]) -> (Proc, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = Command::new(migshm::binary("migshm-agent"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start migshm-agent");
+    let out = child.stdout.take().expect("agent stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    (Proc::from(child), rx)
+}
+
+/// The deputy and host agents move a process under omrun to node 2 and
+/// back: its pid at home stays its pid (signals sent there reach it on node
+/// 2), it comes home and carries on, and its parent gets its real exit status.
+#[test]
+fn deputy_and_host_move_a_process_there_and_back() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .expect("cluster ready");
+    let dir = tempdir("agents");
+    let out = dir.join("out");
+    let mut process = Proc::from(start_loop(&dir, 1 << 20, Some(cluster.socket(1))));
+    let home_pid = process.child.id() as i32;
+    assert!(eventually(Duration::from_secs(10), || loops(&output(&out))
+        .len()
+        >= 2));
+
+    let token = "0123456789abcdef0123456789abcdef";
+    let node2 = cluster.socket(2).to_string_lossy().into_owned();
+    let (mut host, host_lines) = spawn_agent(&[
+        "host",
+        "--socket",
+        &node2,
+        "--bind",
+        "127.0.0.2",
+        "--token",
+        token,
+    ]);
+    let port = agent_line(&host_lines);
+    let port = port.strip_prefix("listening ").expect("listening PORT");
+    let node1 = cluster.socket(1).to_string_lossy().into_owned();
+    let (mut deputy, deputy_lines) = spawn_agent(&[
+        "deputy",
+        "--pid",
+        &home_pid.to_string(),
+        "--socket",
+        &node1,
+        "--host",
+        &format!("127.0.0.2:{port}"),
+        "--token",
+        token,
+    ]);
+    let running = agent_line(&deputy_lines);
+    let remote_pid: i32 = running
+        .strip_prefix("running ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("deputy: {running}"));
+    assert_eq!(agent_line(&host_lines), format!("running {remote_pid}"));
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&output(&out))
+            .iter()
+            .any(|l| l.pid == remote_pid)),
+        "{}",
+        output(&out)
+    );
+    // A signal to the home pid reaches the process on node 2.
+    kill(home_pid, libc::SIGUSR1).expect("SIGUSR1 to the home pid");
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&output(&out))
+            .iter()
+            .any(|l| l.pid == remote_pid && l.usr1 == 1)),
+        "{}",
+        output(&out)
+    );
+    // Home again.
+    {
+        use std::io::Write;
+        let stdin = deputy.child.stdin.as_mut().expect("deputy stdin");
+        writeln!(stdin, "home").expect("ask to come home");
+    }
+    assert_eq!(agent_line(&deputy_lines), "home");
+    assert_eq!(agent_line(&host_lines), "ended went home");
+    let before = loops(&output(&out)).last().copied().expect("lines");
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&output(&out))
+            .iter()
+            .any(|l| l.pid == home_pid && l.run > before.run)),
+        "{}",
+        output(&out)
+    );
+    kill(home_pid, libc::SIGTERM).expect("SIGTERM");
+    let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+    let text = output(&out);
+    assert_eq!(status.code(), Some(42), "{text}");
+    assert!(text.contains("rmid 0"), "{text}");
+    assert_continuous(&text);
+    assert!(deputy.wait_timeout(Duration::from_secs(10)).is_some());
+    assert!(host.wait_timeout(Duration::from_secs(10)).is_some());
     let _ = std::fs::remove_dir_all(&dir);
 }

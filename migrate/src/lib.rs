@@ -7,7 +7,10 @@
 
 pub mod checkpoint;
 pub mod daemon;
+pub mod deputy;
+pub mod host;
 pub mod image;
+pub mod link;
 pub mod procfs;
 pub mod ptrace;
 pub mod restore;
@@ -22,6 +25,8 @@ pub enum MigrateError {
     /// The process cannot move, and why (openMosix's "stay reasons").
     #[error("cannot migrate: {0}")]
     CannotMigrate(String),
+    #[error("link between deputy and host: {0}")]
+    Link(String),
     #[error("daemon: {0}")]
     Daemon(String),
     #[error("restore failed: {0}")]

@@ -332,6 +332,98 @@ impl Tracee {
         }
     }
 
+    /// Re-read the registers after a new stop.
+    pub fn refresh(&mut self) -> io::Result<()> {
+        self.stop_regs = self.regs()?;
+        Ok(())
+    }
+
+    /// Kill the process if we (its tracer) die: once it has moved, it must
+    /// never run on at home behind its host's back.
+    pub fn kill_if_we_die(&self) -> io::Result<()> {
+        ptrace(
+            libc::PTRACE_SETOPTIONS,
+            self.pid,
+            0,
+            (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL) as usize,
+        )?;
+        Ok(())
+    }
+
+    /// Leave the process sleeping in `pause()` (run from its vDSO), still
+    /// traced: every signal sent to it stops it for us first.
+    pub fn park(&mut self) -> io::Result<()> {
+        let at = self
+            .syscall_at
+            .ok_or_else(|| io::Error::other("no syscall instruction located in the tracee"))?;
+        let mut regs = self.stop_regs;
+        regs.rip = at;
+        regs.rax = libc::SYS_pause as u64;
+        regs.orig_rax = u64::MAX;
+        self.set_regs(&regs)?;
+        ptrace(libc::PTRACE_CONT, self.pid, 0, 0)?;
+        Ok(())
+    }
+
+    /// Resume a process stopped for a signal: `sig` 0 discards the signal.
+    pub fn resume(&self, sig: i32) -> io::Result<()> {
+        ptrace(libc::PTRACE_CONT, self.pid, 0, sig as usize)?;
+        Ok(())
+    }
+
+    /// Stop a running (parked) tracee. Signals that stopped it on the way
+    /// are discarded and returned, for the caller to pass on.
+    pub fn interrupt(&mut self) -> io::Result<Vec<i32>> {
+        ptrace(libc::PTRACE_INTERRUPT, self.pid, 0, 0)?;
+        let mut signals = Vec::new();
+        loop {
+            match wait_stop(self.pid)? {
+                Stop::Event(_) => break,
+                Stop::Signal(sig) => {
+                    signals.push(sig);
+                    // Discard it; the interrupt stop follows.
+                    ptrace(libc::PTRACE_CONT, self.pid, 0, 0)?;
+                }
+                Stop::Syscall => ptrace(libc::PTRACE_CONT, self.pid, 0, 0).map(|_| ())?,
+                Stop::Exited(_) | Stop::Killed(_) => {
+                    self.attached = false;
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+            }
+        }
+        self.refresh()?;
+        Ok(signals)
+    }
+
+    /// Make the (stopped) process exit with `code`.
+    pub fn exit_with(mut self, code: i32) -> io::Result<()> {
+        match self.syscall(libc::SYS_exit_group, &[code as u64]) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            Err(e) => Err(e),
+            Ok(_) => Err(io::Error::other("exit_group returned")),
+        }
+    }
+
+    /// Make the (stopped) process die of `sig`, as if it had no handler.
+    pub fn die_of(mut self, sig: i32) -> io::Result<()> {
+        // SIG_DFL for it, from a zeroed action written below the red zone.
+        let action_at = (self.stop_regs.rsp - 512) & !15;
+        self.write(action_at, &[0u8; 32])?;
+        self.syscall(libc::SYS_rt_sigaction, &[sig as u64, action_at, 0, 8])?;
+        self.syscall(libc::SYS_kill, &[self.pid as u64, sig as u64])?;
+        self.park()?;
+        loop {
+            match wait_stop(self.pid)? {
+                Stop::Signal(s) if s == sig => self.resume(sig)?,
+                Stop::Exited(_) | Stop::Killed(_) => {
+                    self.attached = false;
+                    return Ok(());
+                }
+                _ => self.resume(0)?,
+            }
+        }
+    }
+
     /// Set the registers the process resumes with at detach.
     pub fn set_resume_regs(&mut self, regs: Regs) {
         self.stop_regs = regs;
@@ -451,6 +543,16 @@ pub unsafe fn trace_me() -> io::Result<()> {
     .map(|_| ())
 }
 
+/// SIGKILL when the parent dies, in a forked child before exec (after any
+/// change of credentials, which clears it).
+///
+/// # Safety
+/// Call only between fork and exec (a `pre_exec` hook).
+pub unsafe fn die_with_parent() -> io::Result<()> {
+    // SAFETY: async-signal-safe syscall with integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } as libc::c_long).map(|_| ())
+}
+
 /// Take on a process's credentials in a forked child before exec.
 ///
 /// # Safety
@@ -463,4 +565,84 @@ pub unsafe fn become_user(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> 
         check(libc::setresuid(uid, uid, uid) as libc::c_long)?;
     }
     Ok(())
+}
+
+/// A descriptor that becomes readable when a child of ours changes state
+/// (SIGCHLD, blocked for the whole process and read through a signalfd).
+pub fn child_events() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the set is initialised by sigemptyset before use; the
+    // descriptor returned is owned once.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        check(libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) as libc::c_long)?;
+        let fd = check(
+            libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) as libc::c_long,
+        )?;
+        Ok(std::os::fd::OwnedFd::from_raw_fd(fd as i32))
+    }
+}
+
+/// Empty a `child_events` descriptor.
+pub fn drain_child_events(fd: std::os::fd::BorrowedFd<'_>) {
+    let mut buf = [0u8; 128 * 8];
+    // SAFETY: reads into a live buffer of its length.
+    while unsafe {
+        libc::read(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    } > 0
+    {}
+}
+
+/// Wait until one of `fds` is readable (or hung up); which ones.
+pub fn wait_readable(fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<Vec<bool>> {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: polls is a live array of its length.
+        let r = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, -1) };
+        if r >= 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+    Ok(polls.iter().map(|p| p.revents != 0).collect())
+}
+
+/// A child's state change, if it has one (exit, or a stop when traced).
+pub fn poll_child(pid: i32) -> io::Result<Option<Stop>> {
+    let mut status = 0;
+    // SAFETY: status is a live out-pointer.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if r == 0 {
+        return Ok(None);
+    }
+    Ok(Some(if libc::WIFEXITED(status) {
+        Stop::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        Stop::Killed(libc::WTERMSIG(status))
+    } else if libc::WSTOPSIG(status) == libc::SIGTRAP | 0x80 {
+        Stop::Syscall
+    } else if status >> 16 != 0 {
+        Stop::Event(status >> 16)
+    } else {
+        Stop::Signal(libc::WSTOPSIG(status))
+    }))
 }

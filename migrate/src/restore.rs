@@ -52,6 +52,8 @@ pub fn restore_fresh(image: &Image, node: Option<&Path>) -> Result<Restored, Mig
     unsafe {
         command.pre_exec(move || {
             ptrace::become_user(creds.uid, creds.gid, &creds.groups)?;
+            // The copy never outlives the agent that answers for it.
+            ptrace::die_with_parent()?;
             ptrace::trace_me()
         });
     }

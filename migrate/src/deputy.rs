@@ -1,0 +1,207 @@
+//! The deputy: on the process's home node, moves the process to a host and
+//! then stands in for it there. The process itself stays, parked in
+//! `pause()` under our ptrace, so its pid, its parent and its place in its
+//! process group never change: every signal sent to it stops it for us and
+//! is passed to the host; when the migrated copy ends, the home process
+//! ends the same way (exit status or signal); `kill -9` of the home pid ends
+//! the copy; and bringing it home restores the host's checkpoint into it.
+//!
+//! Reports one line per event on `report`: `running PID` or `error MSG`
+//! after the move; `home` or `error MSG` after each request to come home;
+//! `ended …` last.
+
+use std::io::{BufRead, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::daemon::DaemonConn;
+use crate::link::{self, AgentMsg};
+use crate::ptrace::{self, Stop, Tracee};
+use crate::{checkpoint, restore_into, Image, MigrateError};
+
+/// Bound on each wait for the host during a move or a return.
+const HOST_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Deputy {
+    pub pid: i32,
+    pub home_socket: PathBuf,
+    pub host: SocketAddr,
+    pub token: u128,
+}
+
+fn line(report: &mut dyn Write, text: &str) {
+    let _ = writeln!(report, "{}", text.replace('\n', " "));
+    let _ = report.flush();
+}
+
+/// Checkpoint the process and start it on the host: all or nothing; on any
+/// failure the process runs on at home as if nothing happened.
+fn move_out(d: &Deputy) -> Result<(Tracee, TcpStream, i32, dsm::wire::ProcessInfo), MigrateError> {
+    let info = DaemonConn::connect(&d.home_socket)?.process_info(d.pid)?;
+    let mut tracee = Tracee::seize(d.pid)?;
+    let image = checkpoint(&mut tracee, &info)?;
+    let mut stream = TcpStream::connect_timeout(&d.host, HOST_TIMEOUT)?;
+    stream.set_read_timeout(Some(HOST_TIMEOUT))?;
+    stream.set_nodelay(true)?;
+    link::send(&mut stream, &AgentMsg::Hello { token: d.token })?;
+    let bytes = image
+        .encode()
+        .map_err(|e| MigrateError::Link(e.to_string()))?;
+    link::send(&mut stream, &AgentMsg::Image(bytes))?;
+    match link::receive(&mut stream)? {
+        AgentMsg::Running { pid } => {
+            stream.set_read_timeout(None)?;
+            Ok((tracee, stream, pid, info))
+        }
+        AgentMsg::Failed(why) => Err(MigrateError::Restore(why)),
+        other => Err(MigrateError::Link(format!("unexpected {other:?}"))),
+    }
+}
+
+/// The home process lets go of what the copy now holds: its segments
+/// (so each is counted once, on the host's node) and its connections to
+/// the daemon.
+fn release_dsm_state(t: &mut Tracee, info: &dsm::wire::ProcessInfo) -> Result<(), MigrateError> {
+    for a in &info.attachments {
+        t.syscall_ok(libc::SYS_munmap, &[a.addr, a.len])?;
+    }
+    for l in &info.links {
+        t.syscall_ok(libc::SYS_close, &[l.fd as u64])?;
+    }
+    Ok(())
+}
+
+pub fn run(
+    d: &Deputy,
+    commands: &mut dyn BufRead,
+    report: &mut dyn Write,
+) -> Result<(), MigrateError> {
+    let events = ptrace::child_events()?;
+    let (mut tracee, mut host, remote_pid, info) = match move_out(d) {
+        Ok(moved) => moved,
+        Err(e) => {
+            line(report, &format!("error {e}"));
+            return Err(e);
+        }
+    };
+    // From here the copy runs: the home process must never run on.
+    tracee.kill_if_we_die()?;
+    if let Err(e) = release_dsm_state(&mut tracee, &info) {
+        tracing::warn!(pid = d.pid, "releasing the home process's segments: {e}");
+    }
+    tracee.park()?;
+    line(report, &format!("running {remote_pid}"));
+
+    let stdin_fd = 0;
+    let mut commands_open = true;
+    loop {
+        // SAFETY: fd 0 stays open for the whole loop (it is never closed).
+        let stdin = unsafe { BorrowedFd::borrow_raw(stdin_fd) };
+        let mut watched: Vec<BorrowedFd<'_>> = vec![events.as_fd(), host.as_fd()];
+        if commands_open {
+            watched.push(stdin);
+        }
+        let ready = ptrace::wait_readable(&watched)?;
+        if ready[0] {
+            ptrace::drain_child_events(events.as_fd());
+            while let Some(stop) = ptrace::poll_child(d.pid)? {
+                match stop {
+                    Stop::Signal(sig) => {
+                        link::send(&mut host, &AgentMsg::Signal(sig))?;
+                        tracee.resume(0)?;
+                    }
+                    Stop::Exited(_) | Stop::Killed(_) => {
+                        // Killed at home (SIGKILL cannot be intercepted):
+                        // the copy goes too.
+                        let _ = link::send(&mut host, &AgentMsg::Signal(libc::SIGKILL));
+                        tracee.forget();
+                        line(report, "ended killed at home");
+                        return Ok(());
+                    }
+                    Stop::Event(_) | Stop::Syscall => tracee.resume(0)?,
+                }
+            }
+        }
+        if ready[1] {
+            match link::receive(&mut host) {
+                Ok(AgentMsg::Exited(code)) => {
+                    tracee.interrupt()?;
+                    tracee.exit_with(code)?;
+                    line(report, &format!("ended exit {code}"));
+                    return Ok(());
+                }
+                Ok(AgentMsg::Killed(sig)) => {
+                    tracee.interrupt()?;
+                    tracee.die_of(sig)?;
+                    line(report, &format!("ended signal {sig}"));
+                    return Ok(());
+                }
+                Ok(other) => tracing::warn!(?other, "unexpected message from the host"),
+                Err(e) => {
+                    // The host (or its node) is gone, and the process with it.
+                    tracing::error!(pid = d.pid, "host lost: {e}");
+                    tracee.interrupt()?;
+                    tracee.die_of(libc::SIGKILL)?;
+                    line(report, "ended host lost");
+                    return Ok(());
+                }
+            }
+        }
+        if commands_open && ready.get(2).copied().unwrap_or(false) {
+            let mut cmd = String::new();
+            if commands.read_line(&mut cmd)? == 0 {
+                commands_open = false;
+                continue;
+            }
+            if cmd.trim() != "home" {
+                line(report, &format!("error unknown command {:?}", cmd.trim()));
+                continue;
+            }
+            match come_home(&mut tracee, &mut host, &d.home_socket) {
+                Ok(()) => {
+                    tracee.detach()?;
+                    line(report, "home");
+                    return Ok(());
+                }
+                Err(e) => {
+                    // The copy runs on; the home process waits again.
+                    tracee.park()?;
+                    line(report, &format!("error {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// Ask the host for its checkpoint and restore it into the home process.
+/// On failure the host resumes its copy.
+fn come_home(t: &mut Tracee, host: &mut TcpStream, home_socket: &Path) -> Result<(), MigrateError> {
+    host.set_read_timeout(Some(HOST_TIMEOUT))?;
+    link::send(host, &AgentMsg::ComeHome)?;
+    let reply = link::receive(host);
+    host.set_read_timeout(None)?;
+    let image = match reply? {
+        AgentMsg::Image(bytes) => {
+            Image::decode(&bytes).map_err(|e| MigrateError::Link(e.to_string()))?
+        }
+        AgentMsg::Failed(why) => return Err(MigrateError::Restore(why)),
+        other => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
+    };
+    let signals = t.interrupt()?;
+    let restored = restore_into(t, &image, Some(home_socket));
+    match restored {
+        Ok(()) => {
+            link::send(host, &AgentMsg::HomeOk)?;
+            for sig in signals {
+                let _ = ptrace::kill(t.pid, sig);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = link::send(host, &AgentMsg::Failed(e.to_string()));
+            Err(e)
+        }
+    }
+}

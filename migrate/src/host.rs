@@ -1,0 +1,182 @@
+//! The host: on the node a process moves to, restores it (as our child),
+//! passes on the signals its deputy forwards, reports how it ends, and
+//! checkpoints it again when it is called home. If the deputy goes away,
+//! the copy is killed: a process never runs without its home pid.
+//!
+//! Reports `running PID` or `error MSG` on `report` once the move is done,
+//! then `ended …`.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::daemon::DaemonConn;
+use crate::link::{self, AgentMsg};
+use crate::ptrace::{self, Stop, Tracee};
+use crate::{checkpoint, restore_fresh, Image, MigrateError};
+
+/// How long the host waits for its deputy to connect and send the image.
+const DEPUTY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Host {
+    pub node_socket: PathBuf,
+    pub token: u128,
+}
+
+fn line(report: &mut dyn Write, text: &str) {
+    let _ = writeln!(report, "{}", text.replace('\n', " "));
+    let _ = report.flush();
+}
+
+/// Take the deputy's connection and the image; restore it.
+fn move_in(h: &Host, listener: &TcpListener) -> Result<(TcpStream, i32, Image), MigrateError> {
+    listener.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + DEPUTY_TIMEOUT;
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline {
+                    return Err(MigrateError::Link("no deputy came".into()));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(DEPUTY_TIMEOUT))?;
+    stream.set_nodelay(true)?;
+    match link::receive(&mut stream)? {
+        AgentMsg::Hello { token } if token == h.token => {}
+        _ => return Err(MigrateError::Link("a connection without the token".into())),
+    }
+    let image = match link::receive(&mut stream)? {
+        AgentMsg::Image(bytes) => {
+            Image::decode(&bytes).map_err(|e| MigrateError::Link(e.to_string()))?
+        }
+        other => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
+    };
+    match restore_fresh(&image, Some(&h.node_socket)) {
+        Ok(restored) => {
+            let pid = restored.child.id() as i32;
+            // We reap it ourselves (waitpid), never through `Child`.
+            std::mem::forget(restored);
+            link::send(&mut stream, &AgentMsg::Running { pid })?;
+            stream.set_read_timeout(None)?;
+            Ok((stream, pid, image))
+        }
+        Err(e) => {
+            let _ = link::send(&mut stream, &AgentMsg::Failed(e.to_string()));
+            Err(e)
+        }
+    }
+}
+
+pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<(), MigrateError> {
+    let events = ptrace::child_events()?;
+    let (mut deputy, pid, first) = match move_in(h, &listener) {
+        Ok(moved) => moved,
+        Err(e) => {
+            line(report, &format!("error {e}"));
+            return Err(e);
+        }
+    };
+    drop(listener);
+    line(report, &format!("running {pid}"));
+    loop {
+        let ready = ptrace::wait_readable(&[events.as_fd(), deputy.as_fd()])?;
+        if ready[0] {
+            ptrace::drain_child_events(events.as_fd());
+            match ptrace::poll_child(pid)? {
+                Some(Stop::Exited(code)) => {
+                    let _ = link::send(&mut deputy, &AgentMsg::Exited(code));
+                    line(report, &format!("ended exit {code}"));
+                    return Ok(());
+                }
+                Some(Stop::Killed(sig)) => {
+                    let _ = link::send(&mut deputy, &AgentMsg::Killed(sig));
+                    line(report, &format!("ended signal {sig}"));
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        if ready[1] {
+            match link::receive(&mut deputy) {
+                Ok(AgentMsg::Signal(sig)) => {
+                    let _ = ptrace::kill(pid, sig);
+                }
+                Ok(AgentMsg::ComeHome) => {
+                    if send_home(h, pid, &first, &mut deputy)? {
+                        reap(pid);
+                        line(report, "ended went home");
+                        return Ok(());
+                    }
+                }
+                Ok(other) => tracing::warn!(?other, "unexpected message from the deputy"),
+                Err(e) => {
+                    tracing::error!(pid, "deputy lost, ending the copy: {e}");
+                    let _ = ptrace::kill(pid, libc::SIGKILL);
+                    reap(pid);
+                    line(report, "ended deputy lost");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn reap(pid: i32) {
+    let _ = ptrace::wait_stop(pid);
+}
+
+/// Checkpoint the copy and send it to the deputy; true once the process
+/// runs at home (the copy is killed), false if it stays here (resumed).
+fn send_home(
+    h: &Host,
+    pid: i32,
+    first: &Image,
+    deputy: &mut TcpStream,
+) -> Result<bool, MigrateError> {
+    let info = DaemonConn::connect(&h.node_socket)?.process_info(pid)?;
+    let mut tracee = Tracee::seize(pid)?;
+    let image = match checkpoint(&mut tracee, &info) {
+        Ok(mut image) => {
+            // The library's socket slot does not move; its connections may
+            // not have been reopened here yet.
+            image.socket_slot = image.socket_slot.or(first.socket_slot);
+            image
+        }
+        Err(e) => {
+            link::send(deputy, &AgentMsg::Failed(e.to_string()))?;
+            return Ok(false);
+        }
+    };
+    let bytes = image
+        .encode()
+        .map_err(|e| MigrateError::Link(e.to_string()))?;
+    link::send(deputy, &AgentMsg::Image(bytes))?;
+    deputy.set_read_timeout(Some(DEPUTY_TIMEOUT))?;
+    let answer = link::receive(deputy);
+    deputy.set_read_timeout(None)?;
+    match answer {
+        Ok(AgentMsg::HomeOk) => {
+            tracee.forget();
+            let _ = ptrace::kill(pid, libc::SIGKILL);
+            Ok(true)
+        }
+        // Resumed here (dropping the tracee detaches it).
+        Ok(_) => Ok(false),
+        Err(e) => {
+            // Neither side can vouch for the other: the home process is
+            // the one its parent waits for, so the copy gives way.
+            tracing::error!(pid, "deputy lost while going home: {e}");
+            tracee.forget();
+            let _ = ptrace::kill(pid, libc::SIGKILL);
+            Ok(true)
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! The connection between a migrated process's deputy (on its home node)
+//! and its host (on the node it runs on): length-prefixed postcard
+//! messages over TCP, opened with a one-time token the two daemons agreed
+//! on over their authenticated link.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use serde::{Deserialize, Serialize};
+
+use crate::MigrateError;
+
+/// Largest message: an image of 4 GiB of private memory.
+const MESSAGE_MAX: u64 = 4 << 30;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    /// Deputy → host, first: the token the daemons agreed on.
+    Hello { token: u128 },
+    /// A checkpoint (postcard `Image`): deputy → host to move the process
+    /// there, host → deputy to bring it home.
+    Image(Vec<u8>),
+    /// Host → deputy: the process runs here under this pid.
+    Running { pid: i32 },
+    /// Either way: the step asked for failed; the process runs where it ran.
+    Failed(String),
+    /// Deputy → host: a signal sent to the process's home pid.
+    Signal(i32),
+    /// Host → deputy: the process ended with this status.
+    Exited(i32),
+    /// Host → deputy: the process was killed by this signal.
+    Killed(i32),
+    /// Deputy → host: checkpoint the process and send it home.
+    ComeHome,
+    /// Deputy → host: the process runs at home again; end the copy here.
+    HomeOk,
+}
+
+pub fn send(stream: &mut TcpStream, msg: &AgentMsg) -> Result<(), MigrateError> {
+    let body = postcard::to_stdvec(msg).map_err(|e| MigrateError::Link(e.to_string()))?;
+    stream.write_all(&(body.len() as u64).to_le_bytes())?;
+    stream.write_all(&body)?;
+    Ok(())
+}
+
+pub fn receive(stream: &mut TcpStream) -> Result<AgentMsg, MigrateError> {
+    let mut len = [0u8; 8];
+    stream.read_exact(&mut len)?;
+    let len = u64::from_le_bytes(len);
+    if len > MESSAGE_MAX {
+        return Err(MigrateError::Link(format!("message of {len} bytes")));
+    }
+    let mut body = vec![0u8; len as usize];
+    stream.read_exact(&mut body)?;
+    postcard::from_bytes(&body).map_err(|e| MigrateError::Link(e.to_string()))
+}
