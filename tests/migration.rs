@@ -368,3 +368,124 @@ fn deputy_and_host_move_a_process_there_and_back() {
     assert!(host.wait_timeout(Duration::from_secs(10)).is_some());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `omctl PATH args`: (success, stdout, stderr).
+fn omctl(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(migshm::binary("omctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run omctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn pid_running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// `omctl migrate PID NODE|home` and `omctl ps` through the daemons: the
+/// C loop (heap, stack, FP, a segment) goes to node 2 mid-loop and home
+/// again, then to node 3, where `kill -9` of its home pid ends the copy too;
+/// every loop reads back what it wrote, and the segment id still works.
+#[test]
+fn omctl_migrates_there_and_home_and_kill_ends_it_everywhere() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(3).expect("start 3 daemons");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .expect("cluster ready");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = tempdir("omctl");
+    let out = dir.join("out");
+    let mut process = Proc::from(start_loop(&dir, 1 << 20, Some(&node1)));
+    let pid = process.child.id() as i32;
+    let pid_arg = pid.to_string();
+    assert!(eventually(Duration::from_secs(10), || loops(&output(&out))
+        .len()
+        >= 2));
+
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid_arg, "2"]);
+    assert!(ok, "migrate to 2: {stdout} {stderr}\n{}", cluster.log(1));
+    assert_eq!(stdout.trim(), format!("{pid} runs on node 2"));
+    let (_, ps, _) = omctl(cluster.socket(3), &["ps"]);
+    let row: Vec<String> = ps
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(row[..3], [pid_arg.clone(), "1".into(), "2".into()], "{ps}");
+    let pid_there: i32 = row[3].parse().expect("pid there");
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&output(&out))
+            .iter()
+            .any(|l| l.pid == pid_there)),
+        "{}",
+        output(&out)
+    );
+    // Twice to node 2: refused with the reason, nothing changes.
+    let (ok, _, stderr) = omctl(&node1, &["migrate", &pid_arg, "3"]);
+    assert!(!ok && stderr.contains("bring it home first"), "{stderr}");
+
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid_arg, "home"]);
+    assert!(ok, "home: {stdout} {stderr}");
+    assert!(!pid_running(pid_there), "the copy on node 2 is gone");
+    let before = loops(&output(&out)).last().copied().expect("lines");
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&output(&out))
+            .iter()
+            .any(|l| l.pid == pid && l.run > before.run)),
+        "{}",
+        output(&out)
+    );
+    let (_, ps, _) = omctl(&node1, &["ps"]);
+    assert_eq!(ps.lines().count(), 1, "nothing migrated: {ps}");
+
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid_arg, "3"]);
+    assert!(ok, "migrate to 3: {stdout} {stderr}");
+    let (_, ps, _) = omctl(&node1, &["ps"]);
+    let pid_there: i32 = ps
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .expect("pid on node 3");
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&output(&out))
+            .iter()
+            .any(|l| l.pid == pid_there)),
+        "{}",
+        output(&out)
+    );
+    kill(pid, libc::SIGKILL).expect("kill -9 the home pid");
+    let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    assert!(
+        eventually(Duration::from_secs(10), || !pid_running(pid_there)),
+        "the copy on node 3 ended too"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || omctl(&node1, &["ps"])
+            .1
+            .lines()
+            .count()
+            == 1),
+        "nothing left migrated"
+    );
+    assert_continuous(&output(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}

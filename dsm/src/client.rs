@@ -58,6 +58,9 @@ pub enum Error {
     Protocol(String),
     #[error("{SOCKET_ENV} is not set and no socket was given")]
     NoSocket,
+    /// The daemon refused or could not carry out the request, and says why.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl Error {
@@ -68,6 +71,7 @@ impl Error {
             Error::Unreachable { .. } | Error::NoSocket => libc::ECONNREFUSED,
             Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             Error::Protocol(_) => libc::EPROTO,
+            Error::Refused(_) => libc::ECANCELED,
         }
     }
 }
@@ -461,6 +465,26 @@ impl Client {
     /// process detaches.
     pub fn remove(&self, id: i32) -> Result<(), Error> {
         expect_ok(self.call(&ClientRequest::ShmRemove { id })?)
+    }
+
+    /// Move process `pid` (homed on this node) to node `to`, or bring it
+    /// home (`None`); returns once it runs there.
+    pub fn migrate(&self, pid: i32, to: Option<NodeId>) -> Result<(), Error> {
+        match self.call(&ClientRequest::Migrate { pid, to })? {
+            ClientReply::Ok => Ok(()),
+            ClientReply::Refused(why) => Err(Error::Refused(why)),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Processes that run away from their home node, cluster-wide.
+    pub fn migrations(&self) -> Result<Vec<wire::MigrationEntry>, Error> {
+        match self.call(&ClientRequest::Ps)? {
+            ClientReply::Migrations(list) => Ok(list),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
     }
 
     pub fn nodes(&self) -> Result<Vec<NodeInfo>, Error> {

@@ -130,6 +130,14 @@ pub enum RpcRequest {
     SemList,
     /// Counters for `omctl status`.
     Status,
+    /// Start a host for a process of the asking node moving here; the
+    /// deputy will connect with `token`.
+    StartHost {
+        token: u128,
+        home_pid: i32,
+    },
+    /// This node's migrated and guest processes.
+    Migrations,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +167,9 @@ pub enum RpcResponse {
     /// The set is lent and being recalled: ask again shortly.
     Moving,
     Created(IpcId),
+    /// Where the host listens for the deputy.
+    HostPort(u16),
+    Migrations(Vec<MigrationEntry>),
 }
 
 /// One-way notices between daemons.
@@ -632,6 +643,14 @@ pub enum ClientRequest {
         id: i32,
         readonly: bool,
     },
+    /// `omctl migrate PID NODE|home`: move a process homed here to `to`,
+    /// or bring it home (`None`). Answered once it runs there.
+    Migrate {
+        pid: i32,
+        to: Option<NodeId>,
+    },
+    /// `omctl ps`: migrated processes, cluster-wide.
+    Ps,
     /// Attachments and connections of a local process (root only).
     ProcessInfo {
         pid: i32,
@@ -731,6 +750,19 @@ pub enum ClientReply {
     /// The set is lent and being recalled: ask again shortly.
     Moving,
     ProcessInfo(ProcessInfo),
+    /// A request refused or failed, with the reason for the user.
+    Refused(String),
+    Migrations(Vec<MigrationEntry>),
+}
+
+/// A process that runs away from its home node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationEntry {
+    pub home: NodeId,
+    pub home_pid: i32,
+    pub runs_on: NodeId,
+    /// Its pid on the node it runs on.
+    pub pid_there: i32,
 }
 
 /// `len (u32 LE) | postcard(id, body)`.

@@ -82,6 +82,8 @@ pub fn errno_of(e: &Error) -> i32 {
     match e {
         Error::Errno(n) => *n,
         Error::Io(_) | Error::Protocol(_) => libc::EIDRM,
+        // Only administrative requests are refused with a reason.
+        Error::Refused(_) => libc::EINVAL,
         Error::Unreachable { .. } | Error::NoSocket => libc::ENOSYS,
     }
 }

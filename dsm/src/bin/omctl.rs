@@ -1,11 +1,12 @@
-//! `omctl [--socket PATH] nodes|ipcs|status`: cluster administration.
+//! `omctl [--socket PATH] nodes|ipcs|status|ps|migrate PID NODE|home`:
+//! cluster administration.
 //! The socket defaults to `$DSMD_SOCKET`.
 
 use dsm::client::{Client, SOCKET_ENV};
 use dsm::sysv::SHM_DEST;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: omctl [--socket PATH] nodes|ipcs|status";
+const USAGE: &str = "usage: omctl [--socket PATH] nodes|ipcs|status|ps|migrate PID NODE|home";
 
 fn user_name(uid: u32) -> String {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut socket = std::env::var_os(SOCKET_ENV).map(std::path::PathBuf::from);
     let mut command = None;
+    let mut operands: Vec<String> = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--socket" => match args.next() {
@@ -43,6 +45,9 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             other if command.is_none() => command = Some(other.to_string()),
+            other if command.as_deref() == Some("migrate") && operands.len() < 2 => {
+                operands.push(other.to_string())
+            }
             other => {
                 eprintln!("omctl: unexpected argument {other:?}\n{USAGE}");
                 return ExitCode::from(2);
@@ -53,10 +58,37 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    if !matches!(command.as_str(), "nodes" | "ipcs" | "status") {
+    if !matches!(
+        command.as_str(),
+        "nodes" | "ipcs" | "status" | "ps" | "migrate"
+    ) {
         eprintln!("omctl: unknown command {command:?}\n{USAGE}");
         return ExitCode::from(2);
     }
+    // `migrate PID NODE|home`
+    let migration = if command == "migrate" {
+        let pid = operands
+            .first()
+            .and_then(|p| p.parse::<i32>().ok().filter(|p| *p > 0));
+        let to = match operands.get(1).map(String::as_str) {
+            Some("home") => Some(None),
+            Some(n) => n
+                .parse::<u8>()
+                .ok()
+                .and_then(dsm::ids::NodeId::new)
+                .map(Some),
+            None => None,
+        };
+        match (pid, to) {
+            (Some(pid), Some(to)) => Some((pid, to)),
+            _ => {
+                eprintln!("omctl: migrate needs a pid and a node id or \"home\"\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
     let Some(socket) = socket else {
         eprintln!("omctl: no socket: pass --socket PATH or set {SOCKET_ENV}");
         return ExitCode::from(2);
@@ -69,6 +101,25 @@ fn main() -> ExitCode {
         }
     };
     let result = match command.as_str() {
+        "migrate" => match migration {
+            Some((pid, to)) => client.migrate(pid, to).map(|()| match to {
+                Some(node) => println!("{pid} runs on node {node}"),
+                None => println!("{pid} runs at home"),
+            }),
+            None => Ok(()),
+        },
+        "ps" => client.migrations().map(|list| {
+            println!(
+                "{:<8} {:<6} {:<8} {:<10}",
+                "pid", "home", "runs_on", "pid_there"
+            );
+            for m in list {
+                println!(
+                    "{:<8} {:<6} {:<8} {:<10}",
+                    m.home_pid, m.home, m.runs_on, m.pid_there
+                );
+            }
+        }),
         "nodes" => client.nodes().map(|nodes| {
             for n in nodes {
                 let here = if n.this_node { "  (this node)" } else { "" };
@@ -161,7 +212,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("omctl: {e}");
+            match migration {
+                Some((pid, _)) => eprintln!("omctl: cannot migrate {pid}: {e}"),
+                None => eprintln!("omctl: {e}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -122,6 +122,7 @@ pub struct Core {
     pub orphans: HashMap<i32, super::clients::Orphan>,
     /// Each session's process and its side of the connection, for migrators.
     pub links: HashMap<u64, (i32, wire::ClientLink)>,
+    pub migrations: Rc<super::migration::Migrations>,
     /// The pidfds of both tables above, to find the processes that exited
     /// in one call (`None` if epoll failed: exits are then settled as
     /// connections end and watchers fire).
@@ -187,6 +188,7 @@ impl Core {
             next_session: 1,
             orphans: HashMap::new(),
             links: HashMap::new(),
+            migrations: super::migration::Migrations::new(config.node, &config.socket),
             exits: crate::pidfd::ExitSet::new().ok(),
             sem_retry: Rc::new(tokio::sync::Notify::new()),
             next_watch: 1,
@@ -1304,6 +1306,19 @@ impl Core {
                     .collect(),
             ),
             RpcRequest::Status => R::Status(self.status()),
+            RpcRequest::StartHost { token, home_pid } => {
+                match self
+                    .migrations
+                    .start_host(self.listen.ip(), token, from, home_pid)
+                {
+                    Ok(port) => R::HostPort(port),
+                    Err(e) => {
+                        tracing::error!(?from, home_pid, "cannot host a migrating process: {e}");
+                        R::Err(libc::EIO)
+                    }
+                }
+            }
+            RpcRequest::Migrations => R::Migrations(self.migrations.entries()),
         }
     }
 

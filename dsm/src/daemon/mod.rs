@@ -5,6 +5,7 @@
 pub mod clients;
 pub mod config;
 mod core;
+mod migration;
 mod peers;
 pub mod sems;
 #[cfg(test)]

@@ -3,8 +3,9 @@
 //! `migshm-agent deputy --pid PID --socket HOME_SOCKET --host ADDR:PORT --token HEX`
 //!   on the process's home node: moves it, then stands in for it
 //!   (commands on stdin: `home`).
-//! `migshm-agent host --socket NODE_SOCKET --bind IP --token HEX`
-//!   on the destination: prints `listening PORT`, then takes the process.
+//! `migshm-agent host --socket NODE_SOCKET (--bind IP | --listen-fd FD) --token HEX`
+//!   on the destination: listens (prints `listening PORT` after --bind;
+//!   with --listen-fd, dsmd bound the port), then takes the process.
 //!
 //! Both report one line per event on stdout (see `migrate::deputy`,
 //! `migrate::host`).
@@ -40,11 +41,29 @@ enum Role {
     Host {
         #[arg(long)]
         socket: PathBuf,
+        #[arg(long, required_unless_present = "listen_fd")]
+        bind: Option<IpAddr>,
+        /// A listening TCP socket inherited from dsmd.
         #[arg(long)]
-        bind: IpAddr,
+        listen_fd: Option<i32>,
         #[arg(long, value_parser = parse_token)]
         token: u128,
     },
+}
+
+/// The listening socket dsmd left at `fd` (checked to be one).
+fn inherited_listener(fd: i32) -> std::io::Result<TcpListener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let path = std::fs::read_link(format!("/proc/self/fd/{fd}"))?;
+    if !path.to_string_lossy().starts_with("socket:") {
+        return Err(std::io::Error::other(format!("fd {fd} is not a socket")));
+    }
+    // SAFETY: the descriptor exists (checked above), was left to us by our
+    // parent and is owned by nothing else in this process.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let listener = TcpListener::from(owned);
+    listener.local_addr()?;
+    Ok(listener)
 }
 
 fn parse_token(s: &str) -> Result<u128, String> {
@@ -79,22 +98,32 @@ fn main() {
         Role::Host {
             socket,
             bind,
+            listen_fd,
             token,
-        } => match TcpListener::bind((bind, 0)).and_then(|l| Ok((l.local_addr()?.port(), l))) {
-            Ok((port, listener)) => {
-                let _ = writeln!(out, "listening {port}");
-                let _ = out.flush();
-                let host = migrate::host::Host {
-                    node_socket: socket,
-                    token,
-                };
-                migrate::host::run(&host, listener, &mut out)
+        } => {
+            let listener = match (listen_fd, bind) {
+                (Some(fd), _) => inherited_listener(fd),
+                (None, Some(ip)) => TcpListener::bind((ip, 0)).and_then(|l| {
+                    let _ = writeln!(out, "listening {}", l.local_addr()?.port());
+                    let _ = out.flush();
+                    Ok(l)
+                }),
+                (None, None) => Err(std::io::Error::other("--bind or --listen-fd")),
+            };
+            match listener {
+                Ok(listener) => {
+                    let host = migrate::host::Host {
+                        node_socket: socket,
+                        token,
+                    };
+                    migrate::host::run(&host, listener, &mut out)
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "error cannot listen: {e}");
+                    std::process::exit(1);
+                }
             }
-            Err(e) => {
-                let _ = writeln!(out, "error cannot listen on {bind}: {e}");
-                std::process::exit(1);
-            }
-        },
+        }
     };
     if let Err(e) = result {
         tracing::error!("{e}");

@@ -1,0 +1,265 @@
+//! Process migration as the daemon sees it: it starts the agents
+//! (`migshm-agent`, next to `dsmd`) that do the work, and keeps the table
+//! of processes homed here that run elsewhere (their deputies) and of
+//! processes from elsewhere that run here (guests).
+//!
+//! Moving a process: the home daemon asks the destination's daemon for a
+//! host (`RpcRequest::StartHost`, with a one-time token over the
+//! authenticated peer link); that daemon binds a TCP port on its listen
+//! address and starts the host agent on it; the home daemon starts the
+//! deputy, which checkpoints the process and hands it to the host. The
+//! request is answered when the deputy reports the process running there.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, Mutex};
+
+use crate::ids::NodeId;
+use crate::wire::MigrationEntry;
+
+/// How long a move or a return may take before it is reported failed.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Deputy {
+    runs_on: NodeId,
+    pid_there: i32,
+    commands: Mutex<tokio::process::ChildStdin>,
+    reports: Mutex<mpsc::UnboundedReceiver<String>>,
+}
+
+struct Guest {
+    home: NodeId,
+    home_pid: i32,
+}
+
+pub struct Migrations {
+    me: NodeId,
+    socket: PathBuf,
+    deputies: RefCell<HashMap<i32, Rc<Deputy>>>,
+    guests: RefCell<HashMap<i32, Guest>>,
+}
+
+fn agent_binary() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+    let agent = exe
+        .parent()
+        .map(|d| d.join("migshm-agent"))
+        .ok_or("no directory for migshm-agent")?;
+    if agent.exists() {
+        Ok(agent)
+    } else {
+        Err(format!("{} is missing", agent.display()))
+    }
+}
+
+/// Lines an agent prints, as they come; the last is `None` at its end.
+fn report_lines(stdout: tokio::process::ChildStdout) -> mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::task::spawn_local(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+impl Migrations {
+    pub fn new(me: NodeId, socket: &Path) -> Rc<Migrations> {
+        Rc::new(Migrations {
+            me,
+            socket: socket.to_path_buf(),
+            deputies: RefCell::new(HashMap::new()),
+            guests: RefCell::new(HashMap::new()),
+        })
+    }
+
+    pub fn is_migrated(&self, pid: i32) -> Option<NodeId> {
+        self.deputies.borrow().get(&pid).map(|d| d.runs_on)
+    }
+
+    pub fn entries(&self) -> Vec<MigrationEntry> {
+        let mut out: Vec<MigrationEntry> = self
+            .deputies
+            .borrow()
+            .iter()
+            .map(|(pid, d)| MigrationEntry {
+                home: self.me,
+                home_pid: *pid,
+                runs_on: d.runs_on,
+                pid_there: d.pid_there,
+            })
+            .collect();
+        out.extend(self.guests.borrow().iter().map(|(pid, g)| MigrationEntry {
+            home: g.home,
+            home_pid: g.home_pid,
+            runs_on: self.me,
+            pid_there: *pid,
+        }));
+        out
+    }
+
+    /// Start a host for a process of `home` moving here: the port it
+    /// listens on (on `ip`, this node's listen address).
+    pub fn start_host(
+        self: &Rc<Self>,
+        ip: IpAddr,
+        token: u128,
+        home: NodeId,
+        home_pid: i32,
+    ) -> Result<u16, String> {
+        let agent = agent_binary()?;
+        let listener =
+            std::net::TcpListener::bind((ip, 0)).map_err(|e| format!("bind {ip}: {e}"))?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let fd = listener.as_raw_fd();
+        let mut command = tokio::process::Command::new(agent);
+        command
+            .arg("host")
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["--listen-fd", "3", "--token", &format!("{token:032x}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // SAFETY: dup2 and fcntl are async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                if fd == 3 {
+                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("starting the host: {e}"))?;
+        drop(listener);
+        let Some(stdout) = child.stdout.take() else {
+            return Err("host without stdout".into());
+        };
+        let mut reports = report_lines(stdout);
+        let me = self.clone();
+        tokio::task::spawn_local(async move {
+            let mut guest = None;
+            while let Some(line) = reports.recv().await {
+                tracing::info!(home = ?home, home_pid, "host: {line}");
+                if let Some(pid) = line.strip_prefix("running ").and_then(|p| p.parse().ok()) {
+                    me.guests.borrow_mut().insert(pid, Guest { home, home_pid });
+                    guest = Some(pid);
+                }
+            }
+            if let Some(pid) = guest {
+                me.guests.borrow_mut().remove(&pid);
+            }
+            let _ = child.wait().await;
+        });
+        Ok(port)
+    }
+
+    /// Move local process `pid` to `to`, whose host listens at `host`.
+    pub async fn move_out(
+        self: &Rc<Self>,
+        pid: i32,
+        to: NodeId,
+        host: SocketAddr,
+        token: u128,
+    ) -> Result<(), String> {
+        let agent = agent_binary()?;
+        let mut child = tokio::process::Command::new(agent)
+            .arg("deputy")
+            .args(["--pid", &pid.to_string()])
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["--host", &host.to_string()])
+            .args(["--token", &format!("{token:032x}")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting the deputy: {e}"))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("deputy without pipes".into());
+        };
+        let mut reports = report_lines(stdout);
+        let first = tokio::time::timeout(AGENT_TIMEOUT, reports.recv()).await;
+        let pid_there = match first {
+            Ok(Some(line)) => match line.strip_prefix("running ").and_then(|p| p.parse().ok()) {
+                Some(p) => p,
+                None => {
+                    let _ = child.wait().await;
+                    return Err(line.strip_prefix("error ").unwrap_or(&line).to_string());
+                }
+            },
+            Ok(None) => {
+                let _ = child.wait().await;
+                return Err("the deputy ended without a word".into());
+            }
+            Err(_) => {
+                // The deputy lets the process run on at home if it dies
+                // before the copy runs.
+                let _ = child.kill().await;
+                return Err("timed out".into());
+            }
+        };
+        let (forward, reports_for_requests) = mpsc::unbounded_channel();
+        let deputy = Rc::new(Deputy {
+            runs_on: to,
+            pid_there,
+            commands: Mutex::new(stdin),
+            reports: Mutex::new(reports_for_requests),
+        });
+        self.deputies.borrow_mut().insert(pid, deputy.clone());
+        let me = self.clone();
+        tokio::task::spawn_local(async move {
+            while let Some(line) = reports.recv().await {
+                tracing::info!(pid, "deputy: {line}");
+                let ended = line.starts_with("ended") || line == "home";
+                let _ = forward.send(line);
+                if ended {
+                    break;
+                }
+            }
+            me.deputies
+                .borrow_mut()
+                .retain(|p, d| !(*p == pid && Rc::ptr_eq(d, &deputy)));
+            let _ = child.wait().await;
+        });
+        Ok(())
+    }
+
+    /// Bring a process homed here back from where it runs.
+    pub async fn bring_home(&self, pid: i32) -> Result<(), String> {
+        let Some(deputy) = self.deputies.borrow().get(&pid).cloned() else {
+            return Err(format!("process {pid} does not run elsewhere"));
+        };
+        let mut reports = deputy.reports.lock().await;
+        deputy
+            .commands
+            .lock()
+            .await
+            .write_all(b"home\n")
+            .await
+            .map_err(|e| format!("the deputy is gone: {e}"))?;
+        match tokio::time::timeout(AGENT_TIMEOUT, reports.recv()).await {
+            Ok(Some(line)) if line == "home" => Ok(()),
+            Ok(Some(line)) => Err(line.strip_prefix("error ").unwrap_or(&line).to_string()),
+            Ok(None) => Err("the deputy ended".into()),
+            Err(_) => Err("timed out (the process still runs where it ran; try again)".into()),
+        }
+    }
+}
