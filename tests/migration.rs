@@ -489,3 +489,40 @@ fn omctl_migrates_there_and_home_and_kill_ends_it_everywhere() {
     assert_continuous(&output(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A process that ends while it runs on another node ends the same way at
+/// home: its parent gets the real exit status, and IPC_RMID made there works.
+#[test]
+fn exit_status_of_a_migrated_process_reaches_its_parent() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .expect("cluster ready");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = tempdir("exit");
+    let out = dir.join("out");
+    let mut process = Proc::from(start_loop(&dir, 64 << 10, Some(&node1)));
+    let pid = process.child.id() as i32;
+    assert!(eventually(Duration::from_secs(10), || loops(&output(&out))
+        .len()
+        >= 2));
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
+    assert!(ok, "{stdout} {stderr}");
+    kill(pid, libc::SIGTERM).expect("SIGTERM to the home pid");
+    let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+    let text = output(&out);
+    assert_eq!(status.code(), Some(42), "{text}");
+    assert!(text.contains("rmid 0"), "{text}");
+    assert!(
+        eventually(Duration::from_secs(10), || omctl(&node1, &["ps"])
+            .1
+            .lines()
+            .count()
+            == 1),
+        "nothing left migrated"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
