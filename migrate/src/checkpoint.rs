@@ -187,9 +187,13 @@ fn ask_process(t: &mut Tracee) -> Result<Asked, MigrateError> {
             0,
         ],
     )?;
+    // Default actions need no asking: a restored process starts with them.
+    let non_default = procfs::non_default_signals(t.pid)?;
     let asked = (|| -> Result<Asked, MigrateError> {
         let mut actions = Vec::new();
-        for signal in (1..=SIGNAL_MAX).filter(|s| !FIXED_SIGNALS.contains(s)) {
+        for signal in (1..=SIGNAL_MAX)
+            .filter(|s| !FIXED_SIGNALS.contains(s) && non_default & (1 << (s - 1)) != 0)
+        {
             t.syscall_ok(libc::SYS_rt_sigaction, &[signal as u64, 0, scratch, 8])?;
             let raw = t.read(scratch, 32)?;
             let word =

@@ -40,8 +40,10 @@ fn line(report: &mut dyn Write, text: &str) {
 /// failure the process runs on at home as if nothing happened.
 fn move_out(d: &Deputy) -> Result<(Tracee, TcpStream, i32, dsm::wire::ProcessInfo), MigrateError> {
     let info = DaemonConn::connect(&d.home_socket)?.process_info(d.pid)?;
+    let frozen = std::time::Instant::now();
     let mut tracee = Tracee::seize(d.pid)?;
     let image = checkpoint(&mut tracee, &info)?;
+    tracing::debug!(pid = d.pid, elapsed = ?frozen.elapsed(), bytes = image.private_bytes(), "checkpointed");
     let mut stream = TcpStream::connect_timeout(&d.host, HOST_TIMEOUT)?;
     stream.set_read_timeout(Some(HOST_TIMEOUT))?;
     stream.set_nodelay(true)?;
@@ -52,6 +54,7 @@ fn move_out(d: &Deputy) -> Result<(Tracee, TcpStream, i32, dsm::wire::ProcessInf
     link::send(&mut stream, &AgentMsg::Image(bytes))?;
     match link::receive(&mut stream)? {
         AgentMsg::Running { pid } => {
+            tracing::debug!(pid = d.pid, elapsed = ?frozen.elapsed(), "running on the host");
             stream.set_read_timeout(None)?;
             Ok((tracee, stream, pid, info))
         }

@@ -32,21 +32,10 @@ fn line(report: &mut dyn Write, text: &str) {
 
 /// Take the deputy's connection and the image; restore it.
 fn move_in(h: &Host, listener: &TcpListener) -> Result<(TcpStream, i32, Image), MigrateError> {
-    listener.set_nonblocking(true)?;
-    let deadline = std::time::Instant::now() + DEPUTY_TIMEOUT;
-    let mut stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if std::time::Instant::now() > deadline {
-                    return Err(MigrateError::Link("no deputy came".into()));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    stream.set_nonblocking(false)?;
+    if !ptrace::readable_within(listener.as_fd(), DEPUTY_TIMEOUT)? {
+        return Err(MigrateError::Link("no deputy came".into()));
+    }
+    let (mut stream, _) = listener.accept()?;
     stream.set_read_timeout(Some(DEPUTY_TIMEOUT))?;
     stream.set_nodelay(true)?;
     match link::receive(&mut stream)? {
@@ -59,7 +48,10 @@ fn move_in(h: &Host, listener: &TcpListener) -> Result<(TcpStream, i32, Image), 
         }
         other => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
     };
-    match restore_fresh(&image, Some(&h.node_socket)) {
+    let started = std::time::Instant::now();
+    let restored = restore_fresh(&image, Some(&h.node_socket));
+    tracing::debug!(elapsed = ?started.elapsed(), "restored");
+    match restored {
         Ok(restored) => {
             let pid = restored.child.id() as i32;
             // We reap it ourselves (waitpid), never through `Child`.

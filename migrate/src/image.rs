@@ -82,6 +82,7 @@ pub struct Region {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageRun {
     pub addr: u64,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -156,6 +157,7 @@ pub struct Image {
     pub credentials: Credentials,
     pub regs: Registers,
     /// The XSAVE area, as PTRACE_GETREGSET NT_X86_XSTATE returns it.
+    #[serde(with = "serde_bytes")]
     pub xstate: Vec<u8>,
     pub sigmask: u64,
     pub actions: Vec<SignalAction>,
@@ -166,6 +168,7 @@ pub struct Image {
     /// old pid was found there.
     pub cached_tid_at: Option<u64>,
     pub mm: MmFields,
+    #[serde(with = "serde_bytes")]
     pub auxv: Vec<u8>,
     pub regions: Vec<Region>,
     pub pages: Vec<PageRun>,

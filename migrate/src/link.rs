@@ -19,7 +19,7 @@ pub enum AgentMsg {
     Hello { token: u128 },
     /// A checkpoint (postcard `Image`): deputy → host to move the process
     /// there, host → deputy to bring it home.
-    Image(Vec<u8>),
+    Image(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Host → deputy: the process runs here under this pid.
     Running { pid: i32 },
     /// Either way: the step asked for failed; the process runs where it ran.

@@ -209,6 +209,15 @@ pub fn fds(pid: i32) -> io::Result<Vec<(i32, String, i32, u64)>> {
     Ok(out)
 }
 
+/// Signals whose action is not the default (caught or ignored), as a mask
+/// with bit N-1 for signal N.
+pub fn non_default_signals(pid: i32) -> io::Result<u64> {
+    let field = |key: &str| -> io::Result<u64> {
+        u64::from_str_radix(&status_field(pid, key)?, 16).map_err(|_| bad("signal mask", key))
+    };
+    Ok(field("SigCgt")? | field("SigIgn")?)
+}
+
 pub fn thread_count(pid: i32) -> io::Result<usize> {
     Ok(fs::read_dir(format!("/proc/{pid}/task"))?.count())
 }

@@ -623,6 +623,31 @@ pub fn wait_readable(fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<Vec<bool
     Ok(polls.iter().map(|p| p.revents != 0).collect())
 }
 
+/// Whether `fd` becomes readable within `limit`.
+pub fn readable_within(
+    fd: std::os::fd::BorrowedFd<'_>,
+    limit: std::time::Duration,
+) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // SAFETY: one live pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if r >= 0 {
+            return Ok(r > 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
 /// A child's state change, if it has one (exit, or a stop when traced).
 pub fn poll_child(pid: i32) -> io::Result<Option<Stop>> {
     let mut status = 0;

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use crate::checkpoint::{locate_syscall, SPECIAL_MAPPINGS};
 use crate::daemon::DaemonConn;
-use crate::image::{Backing, FdKind, FileIdentity, Image, Region};
+use crate::image::{Backing, FdKind, FileIdentity, Image, Region, SignalAction};
 use crate::procfs::{self, PAGE_SIZE};
 use crate::ptrace::{self, Tracee};
 use crate::MigrateError;
@@ -27,6 +27,8 @@ const PARK_SPAN: u64 = 1 << 20;
 /// Scratch for paths, auxv and structures passed to injected calls.
 const SCRATCH_LEN: u64 = 16 << 10;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
+/// End of the x86-64 user address space (47 bits, less the guard page).
+const USER_SPACE_END: u64 = 0x7fff_ffff_f000;
 const PR_SET_MM_MAP: u64 = 14;
 const MM_MAP_SIZE: u64 = 104;
 
@@ -57,8 +59,10 @@ pub fn restore_fresh(image: &Image, node: Option<&Path>) -> Result<Restored, Mig
             ptrace::trace_me()
         });
     }
+    let started = std::time::Instant::now();
     let mut child = command.spawn()?;
     let pid = child.id() as i32;
+    tracing::debug!(elapsed = ?started.elapsed(), "restore shell started");
     let rebuilt = Tracee::adopt_exec_stopped_child(pid).and_then(|mut t| {
         restore_into(&mut t, image, node).map_err(std::io::Error::other)?;
         t.detach()
@@ -179,13 +183,11 @@ pub fn restore_into(
         ],
     )?;
 
-    // Everything else goes.
-    for m in procfs::maps(t.pid)? {
-        let ours = m.start >= park && m.end <= park + PARK_SPAN;
-        if !ours && m.path != "[vsyscall]" {
-            t.syscall_ok(libc::SYS_munmap, &[m.start, m.len()])?;
-        }
-    }
+    // Everything else goes: below the park, and above it up to the end
+    // of user space (holes in between are no error for munmap).
+    t.syscall_ok(libc::SYS_munmap, &[PAGE_SIZE, park - PAGE_SIZE])?;
+    let above = park + PARK_SPAN;
+    t.syscall_ok(libc::SYS_munmap, &[above, USER_SPACE_END - above])?;
     // The special mappings back where the image had them.
     let mut order: Vec<&Region> = image
         .regions
@@ -212,10 +214,13 @@ pub fn restore_into(
         }
     }
 
+    let started = std::time::Instant::now();
     map_regions(t, image, scratch)?;
+    tracing::debug!(elapsed = ?started.elapsed(), "regions mapped");
     for run in &image.pages {
         t.write(run.addr, &run.data)?;
     }
+    tracing::debug!(elapsed = ?started.elapsed(), "pages written");
     // After the pages: it writes the daemon's socket into the process's memory.
     if let Some(node) = node.filter(|_| needs_daemon) {
         adopt_segments(t, image, scratch, node)?;
@@ -223,11 +228,28 @@ pub fn restore_into(
     set_mm(t, image, scratch)?;
     put_string(t, scratch, &image.comm)?;
     t.syscall_ok(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, scratch])?;
+    tracing::debug!(elapsed = ?started.elapsed(), "segments adopted");
     restore_fds(t, image, scratch)?;
     put_string(t, scratch, &image.cwd)?;
     t.syscall_ok(libc::SYS_chdir, &[scratch])?;
     t.syscall_ok(libc::SYS_umask, &[u64::from(image.umask)])?;
-    for a in &image.actions {
+    // The image's actions, and the default for any other signal the
+    // tracee had caught or ignored.
+    let mut actions = image.actions.clone();
+    let non_default = procfs::non_default_signals(t.pid)?;
+    for signal in 1..=64 {
+        let fixed = signal == libc::SIGKILL || signal == libc::SIGSTOP;
+        if !fixed
+            && non_default & (1 << (signal - 1)) != 0
+            && !actions.iter().any(|a| a.signal == signal)
+        {
+            actions.push(SignalAction {
+                signal,
+                ..SignalAction::default()
+            });
+        }
+    }
+    for a in &actions {
         let raw: Vec<u8> = [a.handler, a.flags, a.restorer, a.mask]
             .iter()
             .flat_map(|w| w.to_le_bytes())
@@ -254,6 +276,7 @@ pub fn restore_into(
             &[r.area, u64::from(r.len), 0, u64::from(r.signature)],
         )?;
     }
+    tracing::debug!(elapsed = ?started.elapsed(), "state restored");
     t.set_sigmask(image.sigmask)?;
     t.syscall_ok(libc::SYS_munmap, &[scratch, SCRATCH_LEN])?;
     t.set_xstate(&image.xstate)?;
