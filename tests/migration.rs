@@ -443,7 +443,10 @@ fn omctl_migrates_there_and_home_and_kill_ends_it_everywhere() {
 
     let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid_arg, "home"]);
     assert!(ok, "home: {stdout} {stderr}");
-    assert!(!pid_running(pid_there), "the copy on node 2 is gone");
+    assert!(
+        eventually(Duration::from_secs(10), || !pid_running(pid_there)),
+        "the copy on node 2 is gone"
+    );
     let before = loops(&output(&out)).last().copied().expect("lines");
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out))
@@ -525,4 +528,120 @@ fn exit_status_of_a_migrated_process_reaches_its_parent() {
         "nothing left migrated"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A pipe to the parent (the program's stdout) and a connected TCP socket
+/// keep working while the process runs on another node and after it comes
+/// home: every line reaches the parent in order, the socket answers, and
+/// the parent reads end of file once the process ended.
+#[test]
+fn pipe_and_socket_work_through_migrations() {
+    use std::io::{BufRead, Read, Write};
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .expect("cluster ready");
+    let node1 = cluster.socket(1).to_path_buf();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("port").port();
+    let prog = c_program("migrate_loop").expect("compile migrate_loop.c");
+    let mut command = omrun_command(&node1, None, &prog);
+    command
+        .args(["65536", "shm"])
+        .env("MIGRATE_ECHO_PORT", port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: close_range is async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut process = Proc::from(command.spawn().expect("start the loop"));
+    let pid = process.child.id() as i32;
+    let stdout = process.child.stdout.take().expect("stdout pipe");
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let eof = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (text, eof) = (text.clone(), eof.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut t = text
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                t.push_str(&line);
+                t.push('\n');
+            }
+            eof.store(true, SeqCst);
+        })
+    };
+    let seen = || {
+        text.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    };
+    let (mut sock, _) = listener.accept().expect("the program connects");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let ping = |sock: &mut std::net::TcpStream, word: &str| {
+        sock.write_all(word.as_bytes()).expect("send");
+        let mut buf = vec![0u8; 5 + word.len()];
+        sock.read_exact(&mut buf).expect("the echo comes back");
+        assert_eq!(String::from_utf8_lossy(&buf), format!("echo {word}"));
+    };
+    assert!(eventually(Duration::from_secs(10), || loops(&seen()).len() >= 2));
+    ping(&mut sock, "at-home");
+
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
+    assert!(ok, "{stdout} {stderr}");
+    let (_, ps, _) = omctl(&node1, &["ps"]);
+    let pid_there: i32 = ps
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .expect("pid on node 2");
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&seen())
+            .iter()
+            .any(|l| l.pid == pid_there)),
+        "lines from node 2 reach the parent's pipe: {}",
+        seen()
+    );
+    ping(&mut sock, "on-node-2");
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "home"]);
+    assert!(ok, "{stdout} {stderr}");
+    let last = loops(&seen()).last().copied().expect("lines");
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&seen())
+            .iter()
+            .any(|l| l.pid == pid && l.run > last.run)),
+        "{}",
+        seen()
+    );
+    ping(&mut sock, "home-again");
+    // Away again, and it ends there: its last lines and the end of file
+    // still reach the parent.
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
+    assert!(ok, "{stdout} {stderr}");
+    ping(&mut sock, "away-again");
+    kill(pid, libc::SIGTERM).expect("SIGTERM");
+    let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+    assert_eq!(status.code(), Some(42), "{}", seen());
+    assert!(
+        eventually(Duration::from_secs(10), || eof.load(SeqCst)),
+        "the parent reads end of file"
+    );
+    let _ = reader.join();
+    let all = seen();
+    assert!(all.contains("rmid 0") && all.contains("done "), "{all}");
+    assert_continuous(&all);
 }

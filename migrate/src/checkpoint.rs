@@ -332,9 +332,12 @@ fn fds(pid: i32, dsm: &ProcessInfo) -> Result<Vec<FdEntry>, MigrateError> {
                     return Err(stay(format!("fd {fd} ({target}) cannot be reopened")));
                 }
             }
+            _ if target.starts_with("pipe:") || target.starts_with("socket:") => {
+                FdKind::Relayed { what: target }
+            }
             _ => {
                 return Err(stay(format!(
-                    "fd {fd} is {target}, which cannot be reopened elsewhere"
+                    "fd {fd} is {target}, which can be neither reopened nor relayed"
                 )))
             }
         };

@@ -32,13 +32,22 @@ impl DaemonConn {
     /// Speak the protocol over an existing connection (one a process being
     /// restored opened, so that the daemon takes it for that process's).
     pub fn over(stream: UnixStream) -> Result<DaemonConn, MigrateError> {
+        DaemonConn::over_as(stream, None)
+    }
+
+    /// `over`, telling the daemon what a later migrator needs to find the
+    /// process's client library (see `dsm::wire::ClientLink`).
+    pub fn over_as(
+        stream: UnixStream,
+        link: Option<dsm::wire::ClientLink>,
+    ) -> Result<DaemonConn, MigrateError> {
         stream.set_read_timeout(Some(CALL_TIMEOUT))?;
         stream.set_write_timeout(Some(CALL_TIMEOUT))?;
         let mut conn = DaemonConn { stream, next_id: 1 };
         match conn.call(
             &ClientRequest::Hello {
                 version: wire::PROTOCOL_VERSION,
-                link: None,
+                link,
             },
             None,
         )? {

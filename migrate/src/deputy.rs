@@ -17,8 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::daemon::DaemonConn;
+use crate::image::{FdEntry, FdKind};
 use crate::link::{self, AgentMsg};
 use crate::ptrace::{self, Stop, Tracee};
+use crate::relay::{RelayEvent, Relays};
+use crate::restore::directions;
 use crate::{checkpoint, restore_into, Image, MigrateError};
 
 /// Bound on each wait for the host during a move or a return.
@@ -38,7 +41,9 @@ fn line(report: &mut dyn Write, text: &str) {
 
 /// Checkpoint the process and start it on the host: all or nothing; on any
 /// failure the process runs on at home as if nothing happened.
-fn move_out(d: &Deputy) -> Result<(Tracee, TcpStream, i32, dsm::wire::ProcessInfo), MigrateError> {
+type Moved = (Tracee, TcpStream, i32, dsm::wire::ProcessInfo, Vec<FdEntry>);
+
+fn move_out(d: &Deputy) -> Result<Moved, MigrateError> {
     let info = DaemonConn::connect(&d.home_socket)?.process_info(d.pid)?;
     let frozen = std::time::Instant::now();
     let mut tracee = Tracee::seize(d.pid)?;
@@ -56,7 +61,7 @@ fn move_out(d: &Deputy) -> Result<(Tracee, TcpStream, i32, dsm::wire::ProcessInf
         AgentMsg::Running { pid } => {
             tracing::debug!(pid = d.pid, elapsed = ?frozen.elapsed(), "running on the host");
             stream.set_read_timeout(None)?;
-            Ok((tracee, stream, pid, info))
+            Ok((tracee, stream, pid, info, image.fds))
         }
         AgentMsg::Failed(why) => Err(MigrateError::Restore(why)),
         other => Err(MigrateError::Link(format!("unexpected {other:?}"))),
@@ -76,13 +81,46 @@ fn release_dsm_state(t: &mut Tracee, info: &dsm::wire::ProcessInfo) -> Result<()
     Ok(())
 }
 
+/// The home process's originals of its relayed descriptors.
+fn relays_for(pid: i32, fds: &[FdEntry]) -> Result<Relays, MigrateError> {
+    let mut relays = Relays::default();
+    for entry in fds {
+        if let FdKind::Relayed { .. } = entry.kind {
+            let original = ptrace::take_fd(pid, entry.fd as u64)?;
+            let (process_reads, process_writes) = directions(entry.flags);
+            // We read what the process would read, and write what it writes.
+            relays.add(entry.fd, original, process_reads, process_writes);
+        }
+    }
+    Ok(relays)
+}
+
+/// How long relayed bytes may take to drain before the process ends or
+/// comes home.
+const FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
+/// Close descriptors in the parked home process (a pipe the copy closed).
+fn close_in_process(
+    t: &mut Tracee,
+    relays: &mut Relays,
+    events: Vec<RelayEvent>,
+) -> Result<(), MigrateError> {
+    for RelayEvent::CloseInProcess(fd) in events {
+        relays.remove(fd);
+        t.interrupt()?;
+        t.syscall_ok(libc::SYS_close, &[fd as u64])?;
+        t.park()?;
+    }
+    Ok(())
+}
+
 pub fn run(
     d: &Deputy,
     commands: &mut dyn BufRead,
     report: &mut dyn Write,
 ) -> Result<(), MigrateError> {
     let events = ptrace::child_events()?;
-    let (mut tracee, mut host, remote_pid, info) = match move_out(d) {
+    let (mut tracee, mut host, remote_pid, info, fds) = match move_out(d) {
         Ok(moved) => moved,
         Err(e) => {
             line(report, &format!("error {e}"));
@@ -94,20 +132,29 @@ pub fn run(
     if let Err(e) = release_dsm_state(&mut tracee, &info) {
         tracing::warn!(pid = d.pid, "releasing the home process's segments: {e}");
     }
+    let mut relays = relays_for(d.pid, &fds)?;
     tracee.park()?;
     line(report, &format!("running {remote_pid}"));
 
-    let stdin_fd = 0;
     let mut commands_open = true;
     loop {
         // SAFETY: fd 0 stays open for the whole loop (it is never closed).
-        let stdin = unsafe { BorrowedFd::borrow_raw(stdin_fd) };
-        let mut watched: Vec<BorrowedFd<'_>> = vec![events.as_fd(), host.as_fd()];
-        if commands_open {
-            watched.push(stdin);
+        let stdin = unsafe { BorrowedFd::borrow_raw(0) };
+        let mut watched: Vec<(BorrowedFd<'_>, i16)> = vec![
+            (events.as_fd(), libc::POLLIN),
+            (host.as_fd(), libc::POLLIN),
+            (stdin, if commands_open { libc::POLLIN } else { 0 }),
+        ];
+        watched.extend(relays.poll_set());
+        let ready = ptrace::wait_ready(&watched)?;
+        drop(watched);
+        let mut out = Vec::new();
+        let relay_events = relays.service(&ready[3..], &mut out);
+        for msg in &out {
+            link::send(&mut host, msg)?;
         }
-        let ready = ptrace::wait_readable(&watched)?;
-        if ready[0] {
+        close_in_process(&mut tracee, &mut relays, relay_events)?;
+        if ready[0] != 0 {
             ptrace::drain_child_events(events.as_fd());
             while let Some(stop) = ptrace::poll_child(d.pid)? {
                 match stop {
@@ -127,15 +174,22 @@ pub fn run(
                 }
             }
         }
-        if ready[1] {
+        if ready[1] != 0 {
             match link::receive(&mut host) {
+                Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
+                    let events = relays.on_message(msg);
+                    close_in_process(&mut tracee, &mut relays, events)?;
+                }
                 Ok(AgentMsg::Exited(code)) => {
+                    // What the copy wrote reaches the readers before its end.
+                    relays.flush(FLUSH_LIMIT);
                     tracee.interrupt()?;
                     tracee.exit_with(code)?;
                     line(report, &format!("ended exit {code}"));
                     return Ok(());
                 }
                 Ok(AgentMsg::Killed(sig)) => {
+                    relays.flush(FLUSH_LIMIT);
                     tracee.interrupt()?;
                     tracee.die_of(sig)?;
                     line(report, &format!("ended signal {sig}"));
@@ -152,7 +206,7 @@ pub fn run(
                 }
             }
         }
-        if commands_open && ready.get(2).copied().unwrap_or(false) {
+        if commands_open && ready[2] != 0 {
             let mut cmd = String::new();
             if commands.read_line(&mut cmd)? == 0 {
                 commands_open = false;
@@ -162,7 +216,7 @@ pub fn run(
                 line(report, &format!("error unknown command {:?}", cmd.trim()));
                 continue;
             }
-            match come_home(&mut tracee, &mut host, &d.home_socket) {
+            match come_home(&mut tracee, &mut host, &d.home_socket, &mut relays) {
                 Ok(()) => {
                     tracee.detach()?;
                     line(report, "home");
@@ -180,20 +234,40 @@ pub fn run(
 
 /// Ask the host for its checkpoint and restore it into the home process.
 /// On failure the host resumes its copy.
-fn come_home(t: &mut Tracee, host: &mut TcpStream, home_socket: &Path) -> Result<(), MigrateError> {
+fn come_home(
+    t: &mut Tracee,
+    host: &mut TcpStream,
+    home_socket: &Path,
+    relays: &mut Relays,
+) -> Result<(), MigrateError> {
     host.set_read_timeout(Some(HOST_TIMEOUT))?;
     link::send(host, &AgentMsg::ComeHome)?;
-    let reply = link::receive(host);
-    host.set_read_timeout(None)?;
-    let image = match reply? {
-        AgentMsg::Image(bytes) => {
-            Image::decode(&bytes).map_err(|e| MigrateError::Link(e.to_string()))?
+    let image = loop {
+        let reply = link::receive(host);
+        match reply {
+            // What the copy wrote before it stopped.
+            Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
+                let events = relays.on_message(msg);
+                close_in_process(t, relays, events)?;
+            }
+            Ok(AgentMsg::Image(bytes)) => {
+                break Image::decode(&bytes).map_err(|e| MigrateError::Link(e.to_string()))?
+            }
+            Ok(AgentMsg::Failed(why)) => {
+                host.set_read_timeout(None)?;
+                return Err(MigrateError::Restore(why));
+            }
+            Ok(other) => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
+            Err(e) => return Err(e),
         }
-        AgentMsg::Failed(why) => return Err(MigrateError::Restore(why)),
-        other => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
     };
+    host.set_read_timeout(None)?;
     let signals = t.interrupt()?;
-    let restored = restore_into(t, &image, Some(home_socket));
+    for event in relays.flush(FLUSH_LIMIT) {
+        let RelayEvent::CloseInProcess(fd) = event;
+        t.syscall_ok(libc::SYS_close, &[fd as u64])?;
+    }
+    let restored = restore_into(t, &image, Some(home_socket), &Default::default());
     match restored {
         Ok(()) => {
             link::send(host, &AgentMsg::HomeOk)?;

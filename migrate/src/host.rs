@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::daemon::DaemonConn;
 use crate::link::{self, AgentMsg};
 use crate::ptrace::{self, Stop, Tracee};
+use crate::relay::Relays;
 use crate::{checkpoint, restore_fresh, Image, MigrateError};
 
 /// How long the host waits for its deputy to connect and send the image.
@@ -31,7 +32,10 @@ fn line(report: &mut dyn Write, text: &str) {
 }
 
 /// Take the deputy's connection and the image; restore it.
-fn move_in(h: &Host, listener: &TcpListener) -> Result<(TcpStream, i32, Image), MigrateError> {
+fn move_in(
+    h: &Host,
+    listener: &TcpListener,
+) -> Result<(TcpStream, i32, Image, Relays), MigrateError> {
     if !ptrace::readable_within(listener.as_fd(), DEPUTY_TIMEOUT)? {
         return Err(MigrateError::Link("no deputy came".into()));
     }
@@ -55,10 +59,10 @@ fn move_in(h: &Host, listener: &TcpListener) -> Result<(TcpStream, i32, Image), 
         Ok(restored) => {
             let pid = restored.child.id() as i32;
             // We reap it ourselves (waitpid), never through `Child`.
-            std::mem::forget(restored);
+            std::mem::forget(restored.child);
             link::send(&mut stream, &AgentMsg::Running { pid })?;
             stream.set_read_timeout(None)?;
-            Ok((stream, pid, image))
+            Ok((stream, pid, image, restored.relays))
         }
         Err(e) => {
             let _ = link::send(&mut stream, &AgentMsg::Failed(e.to_string()));
@@ -69,7 +73,7 @@ fn move_in(h: &Host, listener: &TcpListener) -> Result<(TcpStream, i32, Image), 
 
 pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<(), MigrateError> {
     let events = ptrace::child_events()?;
-    let (mut deputy, pid, first) = match move_in(h, &listener) {
+    let (mut deputy, pid, first, mut relays) = match move_in(h, &listener) {
         Ok(moved) => moved,
         Err(e) => {
             line(report, &format!("error {e}"));
@@ -79,30 +83,51 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
     drop(listener);
     line(report, &format!("running {pid}"));
     loop {
-        let ready = ptrace::wait_readable(&[events.as_fd(), deputy.as_fd()])?;
-        if ready[0] {
+        let mut watched = vec![
+            (events.as_fd(), libc::POLLIN),
+            (deputy.as_fd(), libc::POLLIN),
+        ];
+        watched.extend(relays.poll_set());
+        let ready = ptrace::wait_ready(&watched)?;
+        drop(watched);
+        let mut out = Vec::new();
+        // Sockets only on this side: no descriptor to close in the process.
+        relays.service(&ready[2..], &mut out);
+        for msg in &out {
+            link::send(&mut deputy, msg)?;
+        }
+        if ready[0] != 0 {
             ptrace::drain_child_events(events.as_fd());
-            match ptrace::poll_child(pid)? {
+            let end = match ptrace::poll_child(pid)? {
                 Some(Stop::Exited(code)) => {
-                    let _ = link::send(&mut deputy, &AgentMsg::Exited(code));
-                    line(report, &format!("ended exit {code}"));
-                    return Ok(());
+                    Some((AgentMsg::Exited(code), format!("ended exit {code}")))
                 }
                 Some(Stop::Killed(sig)) => {
-                    let _ = link::send(&mut deputy, &AgentMsg::Killed(sig));
-                    line(report, &format!("ended signal {sig}"));
-                    return Ok(());
+                    Some((AgentMsg::Killed(sig), format!("ended signal {sig}")))
                 }
-                _ => {}
+                _ => None,
+            };
+            if let Some((msg, text)) = end {
+                // Its last output first.
+                let mut out = Vec::new();
+                relays.drain(&mut out);
+                for m in out.iter().chain([&msg]) {
+                    let _ = link::send(&mut deputy, m);
+                }
+                line(report, &text);
+                return Ok(());
             }
         }
-        if ready[1] {
+        if ready[1] != 0 {
             match link::receive(&mut deputy) {
                 Ok(AgentMsg::Signal(sig)) => {
                     let _ = ptrace::kill(pid, sig);
                 }
+                Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
+                    relays.on_message(msg);
+                }
                 Ok(AgentMsg::ComeHome) => {
-                    if send_home(h, pid, &first, &mut deputy)? {
+                    if send_home(h, pid, &first, &mut deputy, &mut relays)? {
                         reap(pid);
                         line(report, "ended went home");
                         return Ok(());
@@ -132,9 +157,16 @@ fn send_home(
     pid: i32,
     first: &Image,
     deputy: &mut TcpStream,
+    relays: &mut Relays,
 ) -> Result<bool, MigrateError> {
     let info = DaemonConn::connect(&h.node_socket)?.process_info(pid)?;
     let mut tracee = Tracee::seize(pid)?;
+    // What it wrote before it stopped goes home ahead of it.
+    let mut out = Vec::new();
+    relays.drain(&mut out);
+    for msg in &out {
+        link::send(deputy, msg)?;
+    }
     let image = match checkpoint(&mut tracee, &info) {
         Ok(mut image) => {
             // The library's socket slot does not move; its connections may

@@ -102,6 +102,9 @@ pub enum FdKind {
     File { path: String, pos: u64 },
     /// A character device (/dev/null, a terminal…), reopened by path.
     Device { path: String },
+    /// A pipe or a socket: relayed between the node it runs on and the home
+    /// process, which keeps the original (`what` is its /proc name).
+    Relayed { what: String },
     /// The process's connection to its node's daemon: /dev/null stands in
     /// for it, and the client library reconnects to the daemon named in
     /// its socket slot on its next call.

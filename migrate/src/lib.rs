@@ -13,6 +13,7 @@ pub mod image;
 pub mod link;
 pub mod procfs;
 pub mod ptrace;
+pub mod relay;
 pub mod restore;
 
 pub use checkpoint::checkpoint;

@@ -34,6 +34,15 @@ pub enum AgentMsg {
     ComeHome,
     /// Deputy → host: the process runs at home again; end the copy here.
     HomeOk,
+    /// Either way: bytes for relayed descriptor `fd` (its number in the
+    /// process).
+    Data {
+        fd: i32,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// Either way: no more bytes will come for relayed descriptor `fd`.
+    Shut { fd: i32 },
 }
 
 pub fn send(stream: &mut TcpStream, msg: &AgentMsg) -> Result<(), MigrateError> {

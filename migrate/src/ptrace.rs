@@ -628,9 +628,60 @@ pub fn readable_within(
     fd: std::os::fd::BorrowedFd<'_>,
     limit: std::time::Duration,
 ) -> io::Result<bool> {
+    ready_within(fd, libc::POLLIN, limit)
+}
+
+/// Whether `fd` becomes writable within `limit`.
+pub fn writable_within(
+    fd: std::os::fd::BorrowedFd<'_>,
+    limit: std::time::Duration,
+) -> io::Result<bool> {
+    ready_within(fd, libc::POLLOUT, limit)
+}
+
+/// Shut the sending side of a socket (the peer reads end of file).
+pub fn shutdown_write(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown of a live descriptor.
+    check(
+        unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::SHUT_WR) }
+            as libc::c_long,
+    )
+    .map(|_| ())
+}
+
+/// Poll `fds` with their events until one is ready; the returned events,
+/// in order.
+pub fn wait_ready(fds: &[(std::os::fd::BorrowedFd<'_>, i16)]) -> io::Result<Vec<i16>> {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|(fd, events)| libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+            events: *events,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: polls is a live array of its length.
+        let r = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, -1) };
+        if r >= 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+    Ok(polls.iter().map(|p| p.revents).collect())
+}
+
+fn ready_within(
+    fd: std::os::fd::BorrowedFd<'_>,
+    events: i16,
+    limit: std::time::Duration,
+) -> io::Result<bool> {
     let mut p = libc::pollfd {
         fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     let deadline = std::time::Instant::now() + limit;

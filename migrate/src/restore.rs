@@ -35,6 +35,18 @@ const MM_MAP_SIZE: u64 = 104;
 /// A process restored as a child of the caller.
 pub struct Restored {
     pub child: std::process::Child,
+    /// Our ends of its relayed descriptors.
+    pub relays: crate::relay::Relays,
+}
+
+/// Whether bytes flow out of (reads) / into (writes) a descriptor opened
+/// with these flags, from the process's point of view.
+pub fn directions(flags: i32) -> (bool, bool) {
+    match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => (true, false),
+        libc::O_WRONLY => (false, true),
+        _ => (true, true),
+    }
 }
 
 /// Start a new process from `image`: the image's executable is started
@@ -60,15 +72,27 @@ pub fn restore_fresh(image: &Image, node: Option<&Path>) -> Result<Restored, Mig
         });
     }
     let started = std::time::Instant::now();
+    // A socketpair per relayed descriptor: the process gets one end.
+    let mut relays = crate::relay::Relays::default();
+    let mut ends = HashMap::new();
+    for entry in &image.fds {
+        if let FdKind::Relayed { .. } = entry.kind {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+            let (process_reads, process_writes) = directions(entry.flags);
+            // We write what the process reads, and read what it writes.
+            relays.add(entry.fd, OwnedFd::from(ours), process_writes, process_reads);
+            ends.insert(entry.fd, OwnedFd::from(theirs));
+        }
+    }
     let mut child = command.spawn()?;
     let pid = child.id() as i32;
     tracing::debug!(elapsed = ?started.elapsed(), "restore shell started");
     let rebuilt = Tracee::adopt_exec_stopped_child(pid).and_then(|mut t| {
-        restore_into(&mut t, image, node).map_err(std::io::Error::other)?;
+        restore_into(&mut t, image, node, &ends).map_err(std::io::Error::other)?;
         t.detach()
     });
     match rebuilt {
-        Ok(()) => Ok(Restored { child }),
+        Ok(()) => Ok(Restored { child, relays }),
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
@@ -99,11 +123,14 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 
 /// Rebuild `image` inside the stopped tracee and set the registers it
 /// resumes with; the caller detaches. `node`: the socket of this node's
-/// daemon, which serves the process's segments from now on.
+/// daemon, which serves the process's segments from now on. `relay_ends`:
+/// what each relayed descriptor becomes; one not there must be open in the
+/// tracee already (the home process's original) and is kept as it is.
 pub fn restore_into(
     t: &mut Tracee,
     image: &Image,
     node: Option<&Path>,
+    relay_ends: &HashMap<i32, OwnedFd>,
 ) -> Result<(), MigrateError> {
     let needs_daemon =
         !image.attachments.is_empty() || image.fds.iter().any(|f| f.kind == FdKind::DaemonLink);
@@ -229,7 +256,7 @@ pub fn restore_into(
     put_string(t, scratch, &image.comm)?;
     t.syscall_ok(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, scratch])?;
     tracing::debug!(elapsed = ?started.elapsed(), "segments adopted");
-    restore_fds(t, image, scratch)?;
+    restore_fds(t, image, scratch, relay_ends)?;
     put_string(t, scratch, &image.cwd)?;
     t.syscall_ok(libc::SYS_chdir, &[scratch])?;
     t.syscall_ok(libc::SYS_umask, &[u64::from(image.umask)])?;
@@ -443,14 +470,55 @@ fn set_mm(t: &mut Tracee, image: &Image, scratch: u64) -> Result<(), MigrateErro
     Ok(())
 }
 
-fn restore_fds(t: &mut Tracee, image: &Image, scratch: u64) -> Result<(), MigrateError> {
-    for (fd, ..) in procfs::fds(t.pid)? {
-        t.syscall_ok(libc::SYS_close, &[fd as u64])?;
+fn restore_fds(
+    t: &mut Tracee,
+    image: &Image,
+    scratch: u64,
+    relay_ends: &HashMap<i32, OwnedFd>,
+) -> Result<(), MigrateError> {
+    let kept = |fd: i32| {
+        image.fds.iter().any(|e| {
+            e.fd == fd && matches!(e.kind, FdKind::Relayed { .. }) && !relay_ends.contains_key(&fd)
+        })
+    };
+    let open_now: Vec<i32> = procfs::fds(t.pid)?.into_iter().map(|f| f.0).collect();
+    for &fd in &open_now {
+        if !kept(fd) {
+            t.syscall_ok(libc::SYS_close, &[fd as u64])?;
+        }
     }
     for entry in &image.fds {
         let path = match &entry.kind {
             FdKind::File { path, .. } | FdKind::Device { path } => path,
             FdKind::DaemonLink => "/dev/null",
+            FdKind::Relayed { what } => {
+                match relay_ends.get(&entry.fd) {
+                    Some(end) => {
+                        let dup = end.try_clone()?;
+                        let given = give_fds(t, scratch, &[dup])?[0];
+                        let cloexec = if entry.cloexec { libc::O_CLOEXEC } else { 0 };
+                        t.syscall_ok(libc::SYS_dup3, &[given, entry.fd as u64, cloexec as u64])?;
+                        t.syscall_ok(libc::SYS_close, &[given])?;
+                        // Non-blocking if the original was.
+                        t.syscall_ok(
+                            libc::SYS_fcntl,
+                            &[
+                                entry.fd as u64,
+                                libc::F_SETFL as u64,
+                                (entry.flags & libc::O_NONBLOCK) as u64,
+                            ],
+                        )?;
+                    }
+                    None if open_now.contains(&entry.fd) => {}
+                    None => {
+                        return Err(MigrateError::Restore(format!(
+                            "fd {} ({what}) has no relay",
+                            entry.fd
+                        )))
+                    }
+                }
+                continue;
+            }
         };
         put_string(t, scratch, path)?;
         let mut flags = entry.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
@@ -576,7 +644,14 @@ fn adopt_segments(
         .map_err(|e| MigrateError::Restore(format!("connecting to {}: {e}", node.display())))?;
     let stream = std::os::unix::net::UnixStream::from(ptrace::take_fd(t.pid, sock)?);
     t.syscall_ok(libc::SYS_close, &[sock])?;
-    let mut as_process = DaemonConn::over(stream)?;
+    // Recorded with the session it leaves, so that the next move finds the
+    // library's socket slot even before the library reconnects.
+    let link = image.socket_slot.map(|socket_slot| dsm::wire::ClientLink {
+        // No descriptor of the library's is open yet (-1): it reconnects.
+        fd: -1,
+        socket_slot,
+    });
+    let mut as_process = DaemonConn::over_as(stream, link)?;
     as_process.call_ok(
         &dsm::wire::ClientRequest::Adopt {
             attachments: image.attachments.clone(),

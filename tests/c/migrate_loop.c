@@ -9,8 +9,14 @@
  * Prints "shmid ID" first, then "loop N pid P usr1 U peer V" every 100
  * loops and whenever the pid, the SIGUSR1 count or the peer word changes.
  * On SIGTERM, with a segment: IPC_RMID, and "rmid 0" or "rmid ERRNO".
+ * With MIGRATE_ECHO_PORT set: connects to 127.0.0.1:PORT and, each loop,
+ * answers whatever arrived there with "echo " and the same bytes.
  */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <sys/shm.h>
 #include <stdio.h>
@@ -50,6 +56,17 @@ int main(int argc, char **argv) {
         printf("shmid %d\n", shmid);
     }
     unsigned long last_peer = 0;
+    int echo = -1;
+    if (getenv("MIGRATE_ECHO_PORT")) {
+        struct sockaddr_in addr;
+        memset(&addr, 0, sizeof addr);
+        addr.sin_family = AF_INET;
+        addr.sin_port = htons((unsigned short)atoi(getenv("MIGRATE_ECHO_PORT")));
+        addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        echo = socket(AF_INET, SOCK_STREAM, 0);
+        if (echo < 0 || connect(echo, (struct sockaddr *)&addr, sizeof addr) < 0)
+            return 9;
+    }
     pid_t last_pid = 0;
     int last_usr1 = -1;
     unsigned long i;
@@ -82,6 +99,16 @@ int main(int argc, char **argv) {
             return 6;
         }
         unsigned long peer = shm ? shm[1] : 0;
+        struct pollfd pfd = {echo, POLLIN, 0};
+        if (echo >= 0 && poll(&pfd, 1, 0) == 1) {
+            char in[256], reply[300];
+            ssize_t n = recv(echo, in, sizeof in, 0);
+            if (n > 0) {
+                memcpy(reply, "echo ", 5);
+                memcpy(reply + 5, in, (size_t)n);
+                send(echo, reply, (size_t)n + 5, 0);
+            }
+        }
         pid_t pid = getpid();
         if (i % 100 == 0 || pid != last_pid || usr1_count != last_usr1 || peer != last_peer) {
             printf("loop %lu pid %d usr1 %d peer %lu\n", i, (int)pid, (int)usr1_count, peer);

@@ -1,0 +1,216 @@
+//! Relays for what cannot be reopened on another node: pipes and sockets.
+//! The migrated process gets one end of a socketpair at the descriptor's
+//! number; its host pumps bytes between the other end and the deputy, which
+//! pumps them to and from the home process's original descriptor. Each side
+//! sends `Data` as bytes come and `Shut` when its source reaches end of
+//! file; bytes are written on only when the descriptor can take them, so
+//! neither agent ever blocks on a slow reader.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use crate::link::AgentMsg;
+
+/// Bytes read from one descriptor per turn.
+const CHUNK: usize = 64 << 10;
+/// Bytes written per turn: a pipe that reports POLLOUT takes a page
+/// without blocking.
+const WRITE_STEP: usize = 4096;
+
+pub struct Relay {
+    /// The descriptor's number in the process.
+    pub fd: i32,
+    end: File,
+    /// Bytes flow from `end` to the other side.
+    reads: bool,
+    /// Bytes from the other side are written to `end`.
+    writes: bool,
+    pending: VecDeque<u8>,
+    /// The other side's source ended: shut `end` once `pending` is written.
+    shut_after_pending: bool,
+    /// `end` reached end of file (or failed).
+    read_done: bool,
+    is_socket: bool,
+}
+
+/// What the owner of the relays must do besides sending messages.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RelayEvent {
+    /// A pipe the process wrote to was closed on the other side: close the
+    /// process's own descriptor too, so the reader sees end of file.
+    CloseInProcess(i32),
+}
+
+#[derive(Default)]
+pub struct Relays {
+    pub list: Vec<Relay>,
+}
+
+impl Relays {
+    /// Relay `end` for descriptor `fd`: `reads` if bytes flow out of it,
+    /// `writes` if bytes from the other side go into it.
+    pub fn add(&mut self, fd: i32, end: OwnedFd, reads: bool, writes: bool) {
+        let is_socket = std::fs::read_link(format!("/proc/self/fd/{}", end.as_raw_fd()))
+            .is_ok_and(|p| p.to_string_lossy().starts_with("socket:"));
+        self.list.push(Relay {
+            fd,
+            end: File::from(end),
+            reads,
+            writes,
+            pending: VecDeque::new(),
+            shut_after_pending: false,
+            read_done: false,
+            is_socket,
+        });
+    }
+
+    /// (descriptor, poll events) for every relay that has something to do.
+    pub fn poll_set(&self) -> Vec<(BorrowedFd<'_>, i16)> {
+        self.list
+            .iter()
+            .map(|r| {
+                let mut events = 0;
+                if r.reads && !r.read_done {
+                    events |= libc::POLLIN;
+                }
+                if !r.pending.is_empty() {
+                    events |= libc::POLLOUT;
+                }
+                (r.end.as_fd(), events)
+            })
+            .collect()
+    }
+
+    /// After a poll: read what came in (as messages for the other side) and
+    /// write what can be written. `revents` is in `poll_set` order.
+    pub fn service(&mut self, revents: &[i16], out: &mut Vec<AgentMsg>) -> Vec<RelayEvent> {
+        let mut events = Vec::new();
+        for (r, &rev) in self.list.iter_mut().zip(revents) {
+            if rev == 0 {
+                continue;
+            }
+            if r.reads && !r.read_done && rev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+            {
+                read_some(r, out);
+            }
+            if !r.pending.is_empty() && rev & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0 {
+                write_some(r);
+            }
+            if r.pending.is_empty() && r.shut_after_pending {
+                r.shut_after_pending = false;
+                events.extend(shut(r));
+            }
+        }
+        events
+    }
+
+    /// A message from the other side.
+    pub fn on_message(&mut self, msg: AgentMsg) -> Vec<RelayEvent> {
+        let (fd, data, is_shut) = match msg {
+            AgentMsg::Data { fd, bytes } => (fd, bytes, false),
+            AgentMsg::Shut { fd } => (fd, Vec::new(), true),
+            _ => return Vec::new(),
+        };
+        let Some(r) = self.list.iter_mut().find(|r| r.fd == fd && r.writes) else {
+            tracing::warn!(fd, "relay data for a descriptor that takes none");
+            return Vec::new();
+        };
+        r.pending.extend(data);
+        if is_shut {
+            r.shut_after_pending = true;
+        }
+        if r.pending.is_empty() && r.shut_after_pending {
+            r.shut_after_pending = false;
+            return shut(r);
+        }
+        Vec::new()
+    }
+
+    /// Stop relaying `fd` (its descriptor was closed in the process).
+    pub fn remove(&mut self, fd: i32) {
+        self.list.retain(|r| r.fd != fd);
+    }
+
+    /// Everything readable right now, without waiting (before a move).
+    pub fn drain(&mut self, out: &mut Vec<AgentMsg>) {
+        for r in self.list.iter_mut().filter(|r| r.reads && !r.read_done) {
+            while readable_now(r.end.as_fd()) && !r.read_done {
+                if !read_some(r, out) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Write everything pending, waiting up to `limit` in all.
+    pub fn flush(&mut self, limit: std::time::Duration) -> Vec<RelayEvent> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut events = Vec::new();
+        for r in &mut self.list {
+            while !r.pending.is_empty() && std::time::Instant::now() < deadline {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if crate::ptrace::writable_within(r.end.as_fd(), left).unwrap_or(false) {
+                    write_some(r);
+                }
+            }
+            if r.pending.is_empty() && r.shut_after_pending {
+                r.shut_after_pending = false;
+                events.extend(shut(r));
+            }
+        }
+        events
+    }
+}
+
+fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    crate::ptrace::readable_within(fd, std::time::Duration::ZERO).unwrap_or(false)
+}
+
+/// One read; false when nothing more will come from it.
+fn read_some(r: &mut Relay, out: &mut Vec<AgentMsg>) -> bool {
+    let mut buf = vec![0u8; CHUNK];
+    match (&r.end).read(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
+        Ok(0) | Err(_) => {
+            r.read_done = true;
+            out.push(AgentMsg::Shut { fd: r.fd });
+            false
+        }
+        Ok(n) => {
+            buf.truncate(n);
+            out.push(AgentMsg::Data {
+                fd: r.fd,
+                bytes: buf,
+            });
+            true
+        }
+    }
+}
+
+fn write_some(r: &mut Relay) {
+    let step: Vec<u8> = r.pending.iter().take(WRITE_STEP).copied().collect();
+    match (&r.end).write(&step) {
+        Ok(n) => {
+            r.pending.drain(..n);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(e) => {
+            // The reader is gone (EPIPE): what is left can go nowhere.
+            tracing::debug!(fd = r.fd, "relay write: {e}");
+            r.pending.clear();
+        }
+    }
+}
+
+fn shut(r: &mut Relay) -> Vec<RelayEvent> {
+    if r.is_socket {
+        if let Err(e) = crate::ptrace::shutdown_write(r.end.as_fd()) {
+            tracing::debug!(fd = r.fd, "relay shutdown: {e}");
+        }
+        Vec::new()
+    } else {
+        vec![RelayEvent::CloseInProcess(r.fd)]
+    }
+}
