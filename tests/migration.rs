@@ -120,7 +120,10 @@ fn restored_process_carries_on() {
 
     let encoded = image.encode().expect("encode");
     let image = migrate::Image::decode(&encoded).expect("decode");
-    let mut restored = Proc::from(migrate::restore_fresh(&image, None).expect("restore").child);
+    let (child, _relays) = migrate::restore_fresh(&image, None)
+        .and_then(|r| r.run())
+        .expect("restore");
+    let mut restored = Proc::from(child);
     let new_pid = restored.child.id() as i32;
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out))
@@ -197,11 +200,10 @@ fn restored_process_keeps_its_segment_on_another_node() {
     tracee.forget();
     kill(pid, libc::SIGKILL).expect("kill the original");
     let _ = original.child.wait();
-    let mut restored = Proc::from(
-        migrate::restore_fresh(&image, Some(cluster.socket(2)))
-            .expect("restore on node 2")
-            .child,
-    );
+    let (child, _relays) = migrate::restore_fresh(&image, Some(cluster.socket(2)))
+        .and_then(|r| r.run())
+        .expect("restore on node 2");
+    let mut restored = Proc::from(child);
     let new_pid = restored.child.id() as i32;
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out))
@@ -644,4 +646,161 @@ fn pipe_and_socket_work_through_migrations() {
     let all = seen();
     assert!(all.contains("rmid 0") && all.contains("done "), "{all}");
     assert_continuous(&all);
+}
+
+fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The destination node dies while the process is being rebuilt there:
+/// `omctl migrate` fails with a reason, the process goes on at home as if
+/// nothing happened, and nothing is left on either node.
+#[test]
+fn destination_killed_during_a_migration_leaves_the_process_at_home() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .expect("cluster ready");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = tempdir("dies");
+    let out = dir.join("out");
+    // 64 MiB: the rebuild takes long enough to be cut in the middle.
+    let mut process = Proc::from(start_loop(&dir, 64 << 20, Some(&node1)));
+    let pid = process.child.id() as i32;
+    assert!(eventually(Duration::from_secs(20), || loops(&output(&out))
+        .len()
+        >= 2));
+    let dsmd2 = cluster.node(2).pid().expect("node 2 runs");
+    // Node 2 dies as soon as its host agent starts rebuilding the process.
+    let killer = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            for host in children_of(dsmd2) {
+                if !children_of(host as u32).is_empty() {
+                    let _ = kill(host, libc::SIGKILL);
+                    let _ = kill(dsmd2 as i32, libc::SIGKILL);
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        false
+    });
+    let started = std::time::Instant::now();
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
+    assert!(
+        killer.join().unwrap_or(false),
+        "node 2 was never caught rebuilding"
+    );
+    assert!(!ok, "the move cannot succeed: {stdout}");
+    assert!(stderr.starts_with("omctl: cannot migrate"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30), "bounded");
+    let last = loops(&output(&out)).last().copied().expect("lines");
+    assert!(
+        eventually(Duration::from_secs(20), || loops(&output(&out))
+            .iter()
+            .any(|l| l.pid == pid && l.run > last.run)),
+        "the process goes on at home: {}",
+        output(&out)
+    );
+    assert!(loops(&output(&out)).iter().all(|l| l.pid == pid));
+    assert_eq!(omctl(&node1, &["ps"]).1.lines().count(), 1);
+    kill(pid, libc::SIGTERM).expect("SIGTERM");
+    let status = wait_status(&mut process.child, Duration::from_secs(20)).expect("it ends");
+    assert_eq!(status.code(), Some(42), "{}", output(&out));
+    assert_continuous(&output(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Going home fails (the program's executable changed at home meanwhile):
+/// the failure is reported, the process runs on where it was, and once the
+/// cause is gone the same request succeeds.
+#[test]
+fn a_failed_return_is_reported_and_can_be_retried() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .expect("cluster ready");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = tempdir("retry");
+    let out = dir.join("out");
+    // A copy of the program of its own, to touch.
+    let prog = dir.join("migrate_loop");
+    std::fs::copy(c_program("migrate_loop").expect("compile"), &prog).expect("copy");
+    let mtime = std::fs::metadata(&prog)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let mut command = omrun_command(&node1, None, &prog);
+    command
+        .args(["65536", "shm"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("output"))
+        .stderr(Stdio::null());
+    // SAFETY: close_range is async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut process = Proc::from(command.spawn().expect("start"));
+    let pid = process.child.id() as i32;
+    let pid_arg = pid.to_string();
+    assert!(eventually(Duration::from_secs(10), || loops(&output(&out))
+        .len()
+        >= 2));
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid_arg, "2"]);
+    assert!(ok, "{stdout} {stderr}");
+    let set_mtime = |t: std::time::SystemTime| {
+        // Read-only: the file is being executed. As its owner we may still
+        // set its times.
+        std::fs::File::open(&prog)
+            .and_then(|f| f.set_modified(t))
+            .expect("set mtime");
+    };
+    set_mtime(mtime + Duration::from_secs(60));
+    let (ok, _, stderr) = omctl(&node1, &["migrate", &pid_arg, "home"]);
+    assert!(!ok, "the return must fail");
+    assert!(stderr.contains("is not the file"), "{stderr}");
+    let (_, ps, _) = omctl(&node1, &["ps"]);
+    let pid_there: i32 = ps
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .expect("still on node 2");
+    let last = loops(&output(&out)).last().copied().expect("lines");
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&output(&out))
+            .iter()
+            .any(|l| l.pid == pid_there && l.run > last.run + 20)),
+        "it runs on on node 2: {}",
+        output(&out)
+    );
+    set_mtime(mtime);
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid_arg, "home"]);
+    assert!(ok, "the retry succeeds: {stdout} {stderr}");
+    let last = loops(&output(&out)).last().copied().expect("lines");
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&output(&out))
+            .iter()
+            .any(|l| l.pid == pid && l.run > last.run)),
+        "{}",
+        output(&out)
+    );
+    kill(pid, libc::SIGTERM).expect("SIGTERM");
+    let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+    assert_eq!(status.code(), Some(42), "{}", output(&out));
+    assert_continuous(&output(&out));
+    let _ = std::fs::remove_dir_all(&dir);
 }

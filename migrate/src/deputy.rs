@@ -129,6 +129,13 @@ pub fn run(
     };
     // From here the copy runs: the home process must never run on.
     tracee.kill_if_we_die()?;
+    if let Err(e) = link::send(&mut host, &AgentMsg::Go) {
+        // The copy never ran: the process goes on at home.
+        tracee.keep_if_we_die()?;
+        drop(tracee);
+        line(report, &format!("error {e}"));
+        return Err(e);
+    }
     if let Err(e) = release_dsm_state(&mut tracee, &info) {
         tracing::warn!(pid = d.pid, "releasing the home process's segments: {e}");
     }

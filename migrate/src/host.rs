@@ -57,12 +57,17 @@ fn move_in(
     tracing::debug!(elapsed = ?started.elapsed(), "restored");
     match restored {
         Ok(restored) => {
-            let pid = restored.child.id() as i32;
-            // We reap it ourselves (waitpid), never through `Child`.
-            std::mem::forget(restored.child);
+            let pid = restored.pid();
             link::send(&mut stream, &AgentMsg::Running { pid })?;
+            // Dropping `restored` on any failure here kills the copy.
+            let (child, relays) = match link::receive(&mut stream)? {
+                AgentMsg::Go => restored.run()?,
+                other => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
+            };
+            // We reap it ourselves (waitpid), never through `Child`.
+            std::mem::forget(child);
             stream.set_read_timeout(None)?;
-            Ok((stream, pid, image, restored.relays))
+            Ok((stream, pid, image, relays))
         }
         Err(e) => {
             let _ = link::send(&mut stream, &AgentMsg::Failed(e.to_string()));
@@ -172,6 +177,7 @@ fn send_home(
             // The library's socket slot does not move; its connections may
             // not have been reopened here yet.
             image.socket_slot = image.socket_slot.or(first.socket_slot);
+            image.keep_identities_of(first);
             image
         }
         Err(e) => {

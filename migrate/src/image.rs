@@ -188,6 +188,35 @@ pub struct Image {
 }
 
 impl Image {
+    /// Take the file identities `earlier` recorded for the same files (same
+    /// path and inode): what the process mapped is what it had when it was
+    /// first checkpointed, not what the files are now.
+    pub fn keep_identities_of(&mut self, earlier: &Image) {
+        let known = |f: &FileIdentity| -> Option<FileIdentity> {
+            std::iter::once(&earlier.exe)
+                .chain(earlier.regions.iter().filter_map(|r| match &r.backing {
+                    Backing::PrivateFile { file, .. } | Backing::SharedFile { file, .. } => {
+                        Some(file)
+                    }
+                    _ => None,
+                }))
+                .find(|e| e.path == f.path && e.inode == f.inode && e.dev == f.dev)
+                .cloned()
+        };
+        if let Some(e) = known(&self.exe) {
+            self.exe = e;
+        }
+        for r in &mut self.regions {
+            if let Backing::PrivateFile { file, .. } | Backing::SharedFile { file, .. } =
+                &mut r.backing
+            {
+                if let Some(e) = known(file) {
+                    *file = e;
+                }
+            }
+        }
+    }
+
     pub fn private_bytes(&self) -> usize {
         self.pages.iter().map(|r| r.data.len()).sum()
     }

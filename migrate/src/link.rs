@@ -20,8 +20,11 @@ pub enum AgentMsg {
     /// A checkpoint (postcard `Image`): deputy → host to move the process
     /// there, host → deputy to bring it home.
     Image(#[serde(with = "serde_bytes")] Vec<u8>),
-    /// Host → deputy: the process runs here under this pid.
+    /// Host → deputy: the process is rebuilt here under this pid, stopped
+    /// until the deputy answers `Go` (it never runs beside its home copy).
     Running { pid: i32 },
+    /// Deputy → host: the home process is parked for good; let the copy run.
+    Go,
     /// Either way: the step asked for failed; the process runs where it ran.
     Failed(String),
     /// Deputy → host: a signal sent to the process's home pid.

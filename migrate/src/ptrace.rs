@@ -350,6 +350,17 @@ impl Tracee {
         Ok(())
     }
 
+    /// Undo `kill_if_we_die`.
+    pub fn keep_if_we_die(&self) -> io::Result<()> {
+        ptrace(
+            libc::PTRACE_SETOPTIONS,
+            self.pid,
+            0,
+            libc::PTRACE_O_TRACESYSGOOD as usize,
+        )?;
+        Ok(())
+    }
+
     /// Leave the process sleeping in `pause()` (run from its vDSO), still
     /// traced: every signal sent to it stops it for us first.
     pub fn park(&mut self) -> io::Result<()> {

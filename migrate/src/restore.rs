@@ -32,11 +32,43 @@ const USER_SPACE_END: u64 = 0x7fff_ffff_f000;
 const PR_SET_MM_MAP: u64 = 14;
 const MM_MAP_SIZE: u64 = 104;
 
-/// A process restored as a child of the caller.
+/// A process restored as a child of the caller, still stopped: it runs
+/// once `resume` is called (after its deputy committed to the move), and is
+/// killed if dropped before.
 pub struct Restored {
-    pub child: std::process::Child,
+    child: Option<std::process::Child>,
     /// Our ends of its relayed descriptors.
-    pub relays: crate::relay::Relays,
+    relays: crate::relay::Relays,
+    stopped: Option<Tracee>,
+}
+
+impl Restored {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Let the restored process run: the child, and our ends of its
+    /// relayed descriptors.
+    pub fn run(mut self) -> Result<(std::process::Child, crate::relay::Relays), MigrateError> {
+        if let Some(t) = self.stopped.take() {
+            t.detach()?;
+        }
+        let child = self
+            .child
+            .take()
+            .ok_or_else(|| MigrateError::Restore("no child".into()))?;
+        Ok((child, std::mem::take(&mut self.relays)))
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        if let (Some(t), Some(child)) = (self.stopped.take(), self.child.as_mut()) {
+            t.forget();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Whether bytes flow out of (reads) / into (writes) a descriptor opened
@@ -89,10 +121,14 @@ pub fn restore_fresh(image: &Image, node: Option<&Path>) -> Result<Restored, Mig
     tracing::debug!(elapsed = ?started.elapsed(), "restore shell started");
     let rebuilt = Tracee::adopt_exec_stopped_child(pid).and_then(|mut t| {
         restore_into(&mut t, image, node, &ends).map_err(std::io::Error::other)?;
-        t.detach()
+        Ok(t)
     });
     match rebuilt {
-        Ok(()) => Ok(Restored { child, relays }),
+        Ok(t) => Ok(Restored {
+            child: Some(child),
+            relays,
+            stopped: Some(t),
+        }),
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
