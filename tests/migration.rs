@@ -804,3 +804,72 @@ fn a_failed_return_is_reported_and_can_be_retried() {
     assert_continuous(&output(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `omrun --node 2`: the program's home is node 1 (its pid, its parent)
+/// but it runs on node 2 from its first line; it ends at home with its
+/// status. A node that cannot take it: the program does not run (127).
+#[test]
+fn omrun_node_starts_the_program_elsewhere() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .expect("cluster ready");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = tempdir("node");
+    let out = dir.join("out");
+    let prog = c_program("migrate_loop").expect("compile");
+    let start = |node: &str| {
+        let mut command = Command::new(migshm::binary("omrun"));
+        command
+            .arg("--socket")
+            .arg(&node1)
+            .args(["--node", node, "--"])
+            .arg(&prog)
+            .args(["65536", "shm"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("output"))
+            .stderr(Stdio::piped());
+        // SAFETY: close_range is async-signal-safe.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                Ok(())
+            });
+        }
+        Proc::from(command.spawn().expect("start omrun --node"))
+    };
+    let mut process = start("2");
+    let pid = process.child.id() as i32;
+    assert!(
+        eventually(Duration::from_secs(20), || !loops(&output(&out)).is_empty()),
+        "{}",
+        output(&out)
+    );
+    assert!(
+        loops(&output(&out)).iter().all(|l| l.pid != pid),
+        "every line comes from node 2: {}",
+        output(&out)
+    );
+    let (_, ps, _) = omctl(&node1, &["ps"]);
+    assert!(
+        ps.lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with(&pid.to_string())),
+        "{ps}"
+    );
+    kill(pid, libc::SIGTERM).expect("SIGTERM");
+    let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+    assert_eq!(status.code(), Some(42), "{}", output(&out));
+    assert!(output(&out).contains("rmid 0"), "{}", output(&out));
+
+    // Node 7 is not in the cluster.
+    let mut refused = start("7");
+    let status = wait_status(&mut refused.child, Duration::from_secs(20)).expect("it ends");
+    assert_eq!(status.code(), Some(127));
+    assert!(loops(&output(&out)).is_empty(), "the program never ran");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -434,9 +434,12 @@ extern "C" fn resolve_dlopen() {
     if let Some(f) = real(c"dlopen") {
         REAL_DLOPEN.store(f as usize, std::sync::atomic::Ordering::Release);
     }
+    // Only under `omrun --node`; never unwinds into the loader.
+    let _ = std::panic::catch_unwind(crate::runtime::start_where_asked);
 }
 
-// Runs when the interposer is loaded: one dlsym, nothing else.
+// Runs when the interposer is loaded: one dlsym (and, under `omrun --node`,
+// the move to that node).
 #[used]
 #[link_section = ".init_array"]
 static RESOLVE_DLOPEN: extern "C" fn() = resolve_dlopen;

@@ -28,6 +28,48 @@ static RUNTIME: OnceLock<Found> = OnceLock::new();
 /// Set by `omrun --home NODE`: the node that homes what the program creates.
 pub const HOME_ENV: &str = "MIGSHM_HOME";
 
+/// Set by `omrun --node NODE`: the node the program runs on from the start.
+pub const START_ON_ENV: &str = "MIGSHM_START_ON";
+
+/// At load time, under `omrun --node NODE`: ask this node's daemon to move
+/// the process to NODE before the program runs. The request is answered on
+/// the copy's side by the loss of the connection (its descriptor is a
+/// stand-in there) with the library pointed at NODE's daemon; a refusal
+/// ends the program (exit status 127), as omrun's own failures do.
+pub fn start_where_asked() {
+    let Some(node) = std::env::var_os(START_ON_ENV) else {
+        return;
+    };
+    // Children the program starts run where they are started.
+    // SAFETY: at load time, before the program runs: no other thread reads
+    // the environment.
+    unsafe { libc::unsetenv(c"MIGSHM_START_ON".as_ptr()) };
+    let Some(to) = node
+        .to_str()
+        .and_then(|n| n.parse::<u8>().ok())
+        .and_then(dsm::ids::NodeId::new)
+    else {
+        fail_start(&format!("{START_ON_ENV}={node:?} is not a node id"));
+    };
+    let Some(path) = std::env::var_os(dsm::client::SOCKET_ENV) else {
+        fail_start("no daemon socket");
+    };
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let moved = Client::connect(&path).and_then(|c| c.migrate(me, Some(to)));
+    match moved {
+        _ if dsm::client::relocated() => {}
+        Ok(()) => {}
+        Err(e) => fail_start(&format!("cannot start on node {to}: {e}")),
+    }
+}
+
+fn fail_start(why: &str) -> ! {
+    eprintln!("omrun: {why}");
+    // SAFETY: ends the process at once, as a failed exec would.
+    unsafe { libc::_exit(127) }
+}
+
 /// How a call is served.
 pub enum Route {
     Native,
@@ -41,6 +83,8 @@ pub fn route() -> Route {
         let Some(path) = std::env::var_os(dsm::client::SOCKET_ENV) else {
             return Found::Native;
         };
+        // After a migration: the daemon of the node the process is on.
+        let path = dsm::client::current_socket(std::path::Path::new(&path));
         let connected = Client::connect(&path).and_then(|segments| {
             let sems = Semaphores::connect(&path)?;
             let home = std::env::var(HOME_ENV)

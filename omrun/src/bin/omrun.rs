@@ -1,10 +1,12 @@
-//! `omrun [--socket PATH] [--home NODE] -- PROGRAM ARGS...`: run an
-//! unmodified program on the node of that daemon (default `DSMD_SOCKET`)
-//! with its SysV shared memory and semaphores made cluster-wide (the ones it
-//! creates homed on NODE if given, else on this node), by preloading
-//! `libmigshm_preload.so` (found next to this binary). The program replaces
-//! `omrun` (exec), so its exit status, or the signal that ended it, is
-//! `omrun`'s.
+//! `omrun [--socket PATH] [--home NODE] [--node NODE] -- PROGRAM ARGS...`:
+//! run an unmodified program on the node of that daemon (default
+//! `DSMD_SOCKET`) with its SysV shared memory and semaphores made
+//! cluster-wide (the ones it creates homed on NODE if given, else on this
+//! node), by preloading `libmigshm_preload.so` (found next to this binary).
+//! The program replaces `omrun` (exec), so its exit status, or the signal
+//! that ended it, is `omrun`'s. With `--node NODE` its home is this node but
+//! it runs on NODE from the start (moved before `main`, as openMosix's
+//! `mosrun -NODE`); if it cannot move it does not run (exit status 127).
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: omrun [--socket PATH] [--home NODE] -- PROGRAM [ARGS...]";
+const USAGE: &str = "usage: omrun [--socket PATH] [--home NODE] [--node NODE] -- PROGRAM [ARGS...]";
 const PRELOAD: &str = "libmigshm_preload.so";
 
 fn fail(msg: &str) -> ExitCode {
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     let mut socket: Option<PathBuf> = None;
     let mut home: Option<u8> = None;
+    let mut start_on: Option<u8> = None;
     let mut program: Vec<OsString> = Vec::new();
     while let Some(a) = args.next() {
         match a.to_str() {
@@ -75,6 +78,10 @@ fn main() -> ExitCode {
             Some("--home") => match args.next().and_then(|v| v.to_str()?.parse::<u8>().ok()) {
                 Some(n) if dsm::ids::NodeId::new(n).is_some() => home = Some(n),
                 _ => return fail("--home needs a node id (1..=127)"),
+            },
+            Some("--node") => match args.next().and_then(|v| v.to_str()?.parse::<u8>().ok()) {
+                Some(n) if dsm::ids::NodeId::new(n).is_some() => start_on = Some(n),
+                _ => return fail("--node needs a node id (1..=127)"),
             },
             Some("-h" | "--help") => {
                 println!("{USAGE}");
@@ -129,6 +136,10 @@ fn main() -> ExitCode {
     match home {
         Some(n) => cmd.env("MIGSHM_HOME", n.to_string()),
         None => cmd.env_remove("MIGSHM_HOME"),
+    };
+    match start_on {
+        Some(n) => cmd.env("MIGSHM_START_ON", n.to_string()),
+        None => cmd.env_remove("MIGSHM_START_ON"),
     };
     let err = cmd.exec();
     fail(&format!("cannot run {}: {err}", exe.to_string_lossy()))
