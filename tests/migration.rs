@@ -873,3 +873,37 @@ fn omrun_node_starts_the_program_elsewhere() {
     assert!(loops(&output(&out)).is_empty(), "the program never ran");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What cannot migrate is refused with the reason, and keeps running:
+/// a process with two threads.
+#[test]
+fn a_threaded_process_is_refused_with_the_reason() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .expect("cluster ready");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = tempdir("threads");
+    let out = dir.join("out");
+    let prog = c_program("two_threads").expect("compile two_threads.c");
+    let mut process = Proc::from(
+        omrun_command(&node1, None, &prog)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("output"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start"),
+    );
+    assert!(eventually(Duration::from_secs(10), || output(&out).contains("ready")));
+    let pid = process.child.id() as i32;
+    let (ok, _, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
+    assert!(!ok);
+    assert!(stderr.contains("2 threads"), "{stderr}");
+    assert!(pid_running(pid), "it runs on at home");
+    assert!(process.child.try_wait().ok().flatten().is_none());
+    assert_eq!(omctl(&node1, &["ps"]).1.lines().count(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
