@@ -120,10 +120,10 @@ fn restored_process_carries_on() {
 
     let encoded = image.encode().expect("encode");
     let image = migrate::Image::decode(&encoded).expect("decode");
-    let (child, _relays) = migrate::restore_fresh(&image, None)
+    let running = migrate::restore_fresh(&image, None)
         .and_then(|r| r.run())
         .expect("restore");
-    let mut restored = Proc::from(child);
+    let mut restored = Proc::from(running.child);
     let new_pid = restored.child.id() as i32;
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out))
@@ -200,10 +200,10 @@ fn restored_process_keeps_its_segment_on_another_node() {
     tracee.forget();
     kill(pid, libc::SIGKILL).expect("kill the original");
     let _ = original.child.wait();
-    let (child, _relays) = migrate::restore_fresh(&image, Some(cluster.socket(2)))
+    let running = migrate::restore_fresh(&image, Some(cluster.socket(2)))
         .and_then(|r| r.run())
         .expect("restore on node 2");
-    let mut restored = Proc::from(child);
+    let mut restored = Proc::from(running.child);
     let new_pid = restored.child.id() as i32;
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out))

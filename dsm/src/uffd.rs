@@ -355,6 +355,12 @@ fn decode(msg: uapi::uffd_msg) -> Event {
     }
 }
 
+impl std::os::fd::AsFd for Uffd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl AsRawFd for Uffd {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()

@@ -70,6 +70,33 @@ pub fn portable_registers(regs: libc::user_regs_struct) -> Registers {
 /// Checkpoint the stopped tracee. `dsm` is what its node's daemon knows of
 /// it (its segments and connections), empty for a process not under omrun.
 pub fn checkpoint(t: &mut Tracee, dsm: &ProcessInfo) -> Result<Image, MigrateError> {
+    checkpoint_with(t, dsm, Transfer::Eager)
+}
+
+/// How private memory travels with an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transfer {
+    /// Every page in the image.
+    Eager,
+    /// Anonymous regions of at least `LAZY_REGION_MIN` bytes (not the
+    /// stack) stay behind and are fetched once the process runs.
+    Lazy,
+}
+
+/// Regions smaller than this (libraries' .bss, small mmaps) travel in the
+/// image: the process touches them at once, a fault each would cost more.
+pub const LAZY_REGION_MIN: u64 = 256 << 10;
+/// Around the thread pointer: static TLS below it, libc's thread
+/// descriptor above.
+const THREAD_AREA_BELOW: u64 = 256 << 10;
+const THREAD_AREA_ABOVE: u64 = 64 << 10;
+
+/// `checkpoint`, choosing how private memory travels.
+pub fn checkpoint_with(
+    t: &mut Tracee,
+    dsm: &ProcessInfo,
+    transfer: Transfer,
+) -> Result<Image, MigrateError> {
     let pid = t.pid;
     let threads = procfs::thread_count(pid)?;
     if threads != 1 {
@@ -87,7 +114,7 @@ pub fn checkpoint(t: &mut Tracee, dsm: &ProcessInfo) -> Result<Image, MigrateErr
 
     let asked = ask_process(t)?;
     let regions = regions(&maps, dsm)?;
-    let pages = private_pages(t, &regions)?;
+    let (pages, lazy) = private_pages(t, &regions, transfer, regs.fs_base)?;
     let fds = fds(pid, dsm)?;
 
     let stat = procfs::stat_fields(pid)?;
@@ -105,19 +132,7 @@ pub fn checkpoint(t: &mut Tracee, dsm: &ProcessInfo) -> Result<Image, MigrateErr
         env_start: field(50),
         env_end: field(51),
     };
-    let ids = |key: &str| -> Result<Vec<u32>, MigrateError> {
-        Ok(procfs::status_field(pid, key)?
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect())
-    };
-    let uids = ids("Uid")?;
-    let gids = ids("Gid")?;
-    let credentials = Credentials {
-        uid: uids.get(1).copied().unwrap_or(u32::MAX),
-        gid: gids.get(1).copied().unwrap_or(u32::MAX),
-        groups: ids("Groups")?,
-    };
+    let credentials = credentials_of(pid)?;
     let umask = u32::from_str_radix(&procfs::status_field(pid, "Umask")?, 8).unwrap_or(0o022);
     let rlimits = (0..=libc::RLIMIT_RTTIME)
         .filter_map(|resource| {
@@ -156,6 +171,7 @@ pub fn checkpoint(t: &mut Tracee, dsm: &ProcessInfo) -> Result<Image, MigrateErr
         auxv: std::fs::read(format!("/proc/{pid}/auxv"))?,
         regions,
         pages,
+        lazy,
         fds,
         cwd: std::fs::read_link(format!("/proc/{pid}/cwd"))?
             .to_string_lossy()
@@ -164,6 +180,36 @@ pub fn checkpoint(t: &mut Tracee, dsm: &ProcessInfo) -> Result<Image, MigrateErr
         rlimits,
         socket_slot: dsm.links.first().map(|l| l.socket_slot),
         attachments: dsm.attachments.clone(),
+    })
+}
+
+/// The effective ids and groups a process runs with.
+pub fn credentials_of(pid: i32) -> Result<Credentials, MigrateError> {
+    let ids = |key: &str| -> Result<Vec<u32>, MigrateError> {
+        Ok(procfs::status_field(pid, key)?
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect())
+    };
+    let uids = ids("Uid")?;
+    let gids = ids("Gid")?;
+    Ok(Credentials {
+        uid: uids.get(1).copied().unwrap_or(u32::MAX),
+        gid: gids.get(1).copied().unwrap_or(u32::MAX),
+        groups: ids("Groups")?,
+    })
+}
+
+/// What a restore of this process will start, read while it runs.
+pub fn shell_spec_of(pid: i32) -> Result<crate::restore::ShellSpec, MigrateError> {
+    Ok(crate::restore::ShellSpec {
+        exe: std::fs::read_link(format!("/proc/{pid}/exe"))?
+            .to_string_lossy()
+            .into_owned(),
+        comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))?
+            .trim_end()
+            .to_string(),
+        credentials: credentials_of(pid)?,
     })
 }
 
@@ -286,8 +332,21 @@ fn regions(maps: &[MapEntry], dsm: &ProcessInfo) -> Result<Vec<Region>, MigrateE
     Ok(regions)
 }
 
-fn private_pages(t: &Tracee, regions: &[Region]) -> Result<Vec<PageRun>, MigrateError> {
+/// Whether a region's pages may stay behind under lazy transfer.
+pub fn lazy_region(r: &Region) -> bool {
+    matches!(r.backing, Backing::Anonymous { grows_down: false }) && r.end - r.start >= LAZY_REGION_MIN
+}
+
+type PrivatePages = (Vec<PageRun>, Vec<(u64, u64)>);
+
+fn private_pages(
+    t: &Tracee,
+    regions: &[Region],
+    transfer: Transfer,
+    thread_area: u64,
+) -> Result<PrivatePages, MigrateError> {
     let mut pages = Vec::new();
+    let mut lazy = Vec::new();
     for r in regions {
         let file_backed = match r.backing {
             Backing::Anonymous { .. } => false,
@@ -296,14 +355,41 @@ fn private_pages(t: &Tracee, regions: &[Region]) -> Result<Vec<PageRun>, Migrate
                 continue
             }
         };
-        for (addr, len) in procfs::own_page_runs(t.pid, r.start, r.end, file_backed)? {
+        let mut runs = procfs::own_page_runs(t.pid, r.start, r.end, file_backed)?;
+        if transfer == Transfer::Lazy && lazy_region(r) {
+            // The thread's own area (TLS, libc's thread descriptor), often
+            // merged into a large anonymous region, is used at once and
+            // written by the kernel (rseq): it travels; the rest stays.
+            let hot = (
+                thread_area.saturating_sub(THREAD_AREA_BELOW) & !(PAGE_SIZE - 1),
+                (thread_area + THREAD_AREA_ABOVE).next_multiple_of(PAGE_SIZE),
+            );
+            let mut eager = Vec::new();
+            for (addr, len) in runs {
+                let end = addr + len;
+                let (cut_start, cut_end) = (hot.0.max(addr), hot.1.min(end));
+                if cut_start >= cut_end {
+                    lazy.push((addr, len));
+                    continue;
+                }
+                if addr < cut_start {
+                    lazy.push((addr, cut_start - addr));
+                }
+                eager.push((cut_start, cut_end - cut_start));
+                if cut_end < end {
+                    lazy.push((cut_end, end - cut_end));
+                }
+            }
+            runs = eager;
+        }
+        for (addr, len) in runs {
             pages.push(PageRun {
                 addr,
                 data: t.read(addr, len as usize)?,
             });
         }
     }
-    Ok(pages)
+    Ok((pages, lazy))
 }
 
 fn fds(pid: i32, dsm: &ProcessInfo) -> Result<Vec<FdEntry>, MigrateError> {

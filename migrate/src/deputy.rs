@@ -22,7 +22,8 @@ use crate::link::{self, AgentMsg};
 use crate::ptrace::{self, Stop, Tracee};
 use crate::relay::{RelayEvent, Relays};
 use crate::restore::directions;
-use crate::{checkpoint, restore_into, Image, MigrateError};
+use crate::checkpoint::{checkpoint_with, Transfer};
+use crate::{restore_into, Image, MigrateError};
 
 /// Bound on each wait for the host during a move or a return.
 const HOST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,18 +42,29 @@ fn line(report: &mut dyn Write, text: &str) {
 
 /// Checkpoint the process and start it on the host: all or nothing; on any
 /// failure the process runs on at home as if nothing happened.
-type Moved = (Tracee, TcpStream, i32, dsm::wire::ProcessInfo, Vec<FdEntry>);
+type Moved = (Tracee, TcpStream, i32, dsm::wire::ProcessInfo, Image);
 
 fn move_out(d: &Deputy) -> Result<Moved, MigrateError> {
     let info = DaemonConn::connect(&d.home_socket)?.process_info(d.pid)?;
-    let frozen = std::time::Instant::now();
-    let mut tracee = Tracee::seize(d.pid)?;
-    let image = checkpoint(&mut tracee, &info)?;
-    tracing::debug!(pid = d.pid, elapsed = ?frozen.elapsed(), bytes = image.private_bytes(), "checkpointed");
+    // Everything that needs no stop first: the host starts the process's
+    // shell while we checkpoint it.
     let mut stream = TcpStream::connect_timeout(&d.host, HOST_TIMEOUT)?;
     stream.set_read_timeout(Some(HOST_TIMEOUT))?;
     stream.set_nodelay(true)?;
-    link::send(&mut stream, &AgentMsg::Hello { token: d.token })?;
+    // Little queued ahead of a page the process waits for.
+    ptrace::limit_send_buffer(stream.as_fd(), LINK_BUFFER)?;
+    let shell = crate::checkpoint::shell_spec_of(d.pid)?;
+    link::send(
+        &mut stream,
+        &AgentMsg::Hello {
+            token: d.token,
+            shell,
+        },
+    )?;
+    let frozen = std::time::Instant::now();
+    let mut tracee = Tracee::seize(d.pid)?;
+    let image = checkpoint_with(&mut tracee, &info, Transfer::Lazy)?;
+    tracing::debug!(pid = d.pid, elapsed = ?frozen.elapsed(), bytes = image.private_bytes(), lazy = image.lazy_bytes(), "checkpointed");
     let bytes = image
         .encode()
         .map_err(|e| MigrateError::Link(e.to_string()))?;
@@ -61,7 +73,7 @@ fn move_out(d: &Deputy) -> Result<Moved, MigrateError> {
         AgentMsg::Running { pid } => {
             tracing::debug!(pid = d.pid, elapsed = ?frozen.elapsed(), "running on the host");
             stream.set_read_timeout(None)?;
-            Ok((tracee, stream, pid, info, image.fds))
+            Ok((tracee, stream, pid, info, image))
         }
         AgentMsg::Failed(why) => Err(MigrateError::Restore(why)),
         other => Err(MigrateError::Link(format!("unexpected {other:?}"))),
@@ -79,6 +91,59 @@ fn release_dsm_state(t: &mut Tracee, info: &dsm::wire::ProcessInfo) -> Result<()
         t.syscall_ok(libc::SYS_close, &[l.fd as u64])?;
     }
     Ok(())
+}
+
+/// Send buffer of the link: small, so that the answer to a fault never
+/// waits behind much streamed memory.
+const LINK_BUFFER: usize = 256 << 10;
+
+/// Bytes of lazily moved memory per `Pages` message when streaming.
+const PUSH_CHUNK: u64 = 256 << 10;
+
+/// Streams the pages that stayed behind to the host, from the parked home
+/// process's memory, between everything else.
+struct Pusher {
+    runs: Vec<(u64, u64)>,
+    /// Next run, and bytes of it already sent.
+    next: usize,
+    offset: u64,
+    finished: bool,
+}
+
+impl Pusher {
+    fn new(runs: &[(u64, u64)]) -> Pusher {
+        Pusher {
+            runs: runs.to_vec(),
+            next: 0,
+            offset: 0,
+            // Nothing to say if nothing stayed behind.
+            finished: runs.is_empty(),
+        }
+    }
+
+    fn pending(&self) -> bool {
+        !self.finished
+    }
+
+    fn send_next(&mut self, t: &Tracee, host: &mut TcpStream) -> Result<(), MigrateError> {
+        if self.finished {
+            return Ok(());
+        }
+        let Some(&(addr, len)) = self.runs.get(self.next) else {
+            self.finished = true;
+            return link::send(host, &AgentMsg::PushDone);
+        };
+        let n = PUSH_CHUNK.min(len - self.offset);
+        let at = addr + self.offset;
+        let bytes = t.read(at, n as usize)?;
+        link::send(host, &AgentMsg::Pages { addr: at, bytes })?;
+        self.offset += n;
+        if self.offset == len {
+            self.next += 1;
+            self.offset = 0;
+        }
+        Ok(())
+    }
 }
 
 /// The home process's originals of its relayed descriptors.
@@ -120,7 +185,7 @@ pub fn run(
     report: &mut dyn Write,
 ) -> Result<(), MigrateError> {
     let events = ptrace::child_events()?;
-    let (mut tracee, mut host, remote_pid, info, fds) = match move_out(d) {
+    let (mut tracee, mut host, remote_pid, info, image) = match move_out(d) {
         Ok(moved) => moved,
         Err(e) => {
             line(report, &format!("error {e}"));
@@ -139,7 +204,8 @@ pub fn run(
     if let Err(e) = release_dsm_state(&mut tracee, &info) {
         tracing::warn!(pid = d.pid, "releasing the home process's segments: {e}");
     }
-    let mut relays = relays_for(d.pid, &fds)?;
+    let mut relays = relays_for(d.pid, &image.fds)?;
+    let mut push = Pusher::new(&image.lazy);
     tracee.park()?;
     line(report, &format!("running {remote_pid}"));
 
@@ -147,9 +213,14 @@ pub fn run(
     loop {
         // SAFETY: fd 0 stays open for the whole loop (it is never closed).
         let stdin = unsafe { BorrowedFd::borrow_raw(0) };
+        let host_events = if push.pending() {
+            libc::POLLIN | libc::POLLOUT
+        } else {
+            libc::POLLIN
+        };
         let mut watched: Vec<(BorrowedFd<'_>, i16)> = vec![
             (events.as_fd(), libc::POLLIN),
-            (host.as_fd(), libc::POLLIN),
+            (host.as_fd(), host_events),
             (stdin, if commands_open { libc::POLLIN } else { 0 }),
         ];
         watched.extend(relays.poll_set());
@@ -181,8 +252,15 @@ pub fn run(
                 }
             }
         }
-        if ready[1] != 0 {
+        if ready[1] & libc::POLLOUT != 0 {
+            push.send_next(&tracee, &mut host)?;
+        }
+        if ready[1] & !libc::POLLOUT != 0 {
             match link::receive(&mut host) {
+                Ok(AgentMsg::PageRequest { addr, len }) => {
+                    let bytes = tracee.read(addr, len as usize)?;
+                    link::send(&mut host, &AgentMsg::Pages { addr, bytes })?;
+                }
                 Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
                     let events = relays.on_message(msg);
                     close_in_process(&mut tracee, &mut relays, events)?;
@@ -222,6 +300,10 @@ pub fn run(
             if cmd.trim() != "home" {
                 line(report, &format!("error unknown command {:?}", cmd.trim()));
                 continue;
+            }
+            // Every page first: the host checkpoints only a whole process.
+            while push.pending() {
+                push.send_next(&tracee, &mut host)?;
             }
             match come_home(&mut tracee, &mut host, &d.home_socket, &mut relays) {
                 Ok(()) => {
@@ -276,7 +358,7 @@ fn come_home(
     }
     let restored = restore_into(t, &image, Some(home_socket), &Default::default());
     match restored {
-        Ok(()) => {
+        Ok(_lazy_none) => {
             link::send(host, &AgentMsg::HomeOk)?;
             for sig in signals {
                 let _ = ptrace::kill(t.pid, sig);

@@ -15,7 +15,9 @@ use std::time::Duration;
 use crate::daemon::DaemonConn;
 use crate::link::{self, AgentMsg};
 use crate::ptrace::{self, Stop, Tracee};
+use crate::lazy::LazyMemory;
 use crate::relay::Relays;
+use crate::restore::Shell;
 use crate::{checkpoint, restore_fresh, Image, MigrateError};
 
 /// How long the host waits for its deputy to connect and send the image.
@@ -32,20 +34,19 @@ fn line(report: &mut dyn Write, text: &str) {
 }
 
 /// Take the deputy's connection and the image; restore it.
-fn move_in(
-    h: &Host,
-    listener: &TcpListener,
-) -> Result<(TcpStream, i32, Image, Relays), MigrateError> {
+type MovedIn = (TcpStream, i32, Image, Relays, Option<LazyMemory>);
+
+fn move_in(h: &Host, listener: &TcpListener) -> Result<MovedIn, MigrateError> {
     if !ptrace::readable_within(listener.as_fd(), DEPUTY_TIMEOUT)? {
         return Err(MigrateError::Link("no deputy came".into()));
     }
     let (mut stream, _) = listener.accept()?;
     stream.set_read_timeout(Some(DEPUTY_TIMEOUT))?;
     stream.set_nodelay(true)?;
-    match link::receive(&mut stream)? {
-        AgentMsg::Hello { token } if token == h.token => {}
+    let shell = match link::receive(&mut stream)? {
+        AgentMsg::Hello { token, shell } if token == h.token => Shell::start(&shell),
         _ => return Err(MigrateError::Link("a connection without the token".into())),
-    }
+    };
     let image = match link::receive(&mut stream)? {
         AgentMsg::Image(bytes) => {
             Image::decode(&bytes).map_err(|e| MigrateError::Link(e.to_string()))?
@@ -53,21 +54,24 @@ fn move_in(
         other => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
     };
     let started = std::time::Instant::now();
-    let restored = restore_fresh(&image, Some(&h.node_socket));
+    let restored = match shell {
+        Ok(shell) => shell.restore(&image, Some(&h.node_socket)),
+        Err(_) => restore_fresh(&image, Some(&h.node_socket)),
+    };
     tracing::debug!(elapsed = ?started.elapsed(), "restored");
     match restored {
         Ok(restored) => {
             let pid = restored.pid();
             link::send(&mut stream, &AgentMsg::Running { pid })?;
             // Dropping `restored` on any failure here kills the copy.
-            let (child, relays) = match link::receive(&mut stream)? {
+            let running = match link::receive(&mut stream)? {
                 AgentMsg::Go => restored.run()?,
                 other => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
             };
             // We reap it ourselves (waitpid), never through `Child`.
-            std::mem::forget(child);
+            std::mem::forget(running.child);
             stream.set_read_timeout(None)?;
-            Ok((stream, pid, image, relays))
+            Ok((stream, pid, image, running.relays, running.lazy))
         }
         Err(e) => {
             let _ = link::send(&mut stream, &AgentMsg::Failed(e.to_string()));
@@ -78,7 +82,7 @@ fn move_in(
 
 pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<(), MigrateError> {
     let events = ptrace::child_events()?;
-    let (mut deputy, pid, first, mut relays) = match move_in(h, &listener) {
+    let (mut deputy, pid, first, mut relays, mut lazy) = match move_in(h, &listener) {
         Ok(moved) => moved,
         Err(e) => {
             line(report, &format!("error {e}"));
@@ -92,12 +96,19 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
             (events.as_fd(), libc::POLLIN),
             (deputy.as_fd(), libc::POLLIN),
         ];
+        let relay_count = relays.list.len();
         watched.extend(relays.poll_set());
+        if let Some(l) = &lazy {
+            watched.extend(l.poll_set());
+        }
         let ready = ptrace::wait_ready(&watched)?;
         drop(watched);
         let mut out = Vec::new();
         // Sockets only on this side: no descriptor to close in the process.
-        relays.service(&ready[2..], &mut out);
+        relays.service(&ready[2..2 + relay_count], &mut out);
+        if let Some(l) = &mut lazy {
+            l.service(&ready[2 + relay_count..], &mut out);
+        }
         for msg in &out {
             link::send(&mut deputy, msg)?;
         }
@@ -130,6 +141,24 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
                 }
                 Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
                     relays.on_message(msg);
+                }
+                Ok(AgentMsg::Pages { addr, bytes }) => {
+                    if let Some(l) = &mut lazy {
+                        l.on_pages(addr, &bytes);
+                    }
+                }
+                Ok(AgentMsg::PushDone) => {
+                    if let Some(l) = &mut lazy {
+                        l.on_done();
+                    }
+                }
+                Ok(AgentMsg::ComeHome) if lazy.as_ref().is_some_and(|l| !l.is_done()) => {
+                    // Its memory is not all here yet: a checkpoint now
+                    // would leave pages behind.
+                    link::send(
+                        &mut deputy,
+                        &AgentMsg::Failed("the transfer of its memory is not complete".into()),
+                    )?;
                 }
                 Ok(AgentMsg::ComeHome) => {
                     if send_home(h, pid, &first, &mut deputy, &mut relays)? {

@@ -175,6 +175,10 @@ pub struct Image {
     pub auxv: Vec<u8>,
     pub regions: Vec<Region>,
     pub pages: Vec<PageRun>,
+    /// Private pages left behind, fetched from the source once the process
+    /// runs (on fault, and streamed meanwhile): (address, length) runs, all
+    /// in regions that hold no page of `pages`.
+    pub lazy: Vec<(u64, u64)>,
     pub fds: Vec<FdEntry>,
     pub cwd: String,
     pub umask: u32,
@@ -219,6 +223,10 @@ impl Image {
 
     pub fn private_bytes(&self) -> usize {
         self.pages.iter().map(|r| r.data.len()).sum()
+    }
+
+    pub fn lazy_bytes(&self) -> u64 {
+        self.lazy.iter().map(|r| r.1).sum()
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {

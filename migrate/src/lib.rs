@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod deputy;
 pub mod host;
 pub mod image;
+pub mod lazy;
 pub mod link;
 pub mod procfs;
 pub mod ptrace;

@@ -15,8 +15,12 @@ const MESSAGE_MAX: u64 = 4 << 30;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentMsg {
-    /// Deputy → host, first: the token the daemons agreed on.
-    Hello { token: u128 },
+    /// Deputy → host, first: the token the daemons agreed on, and what to
+    /// start for the process while it is checkpointed.
+    Hello {
+        token: u128,
+        shell: crate::restore::ShellSpec,
+    },
     /// A checkpoint (postcard `Image`): deputy → host to move the process
     /// there, host → deputy to bring it home.
     Image(#[serde(with = "serde_bytes")] Vec<u8>),
@@ -46,6 +50,16 @@ pub enum AgentMsg {
     },
     /// Either way: no more bytes will come for relayed descriptor `fd`.
     Shut { fd: i32 },
+    /// Host → deputy: the process faulted on pages that stayed behind.
+    PageRequest { addr: u64, len: u64 },
+    /// Deputy → host: pages that stayed behind (asked for, or streamed).
+    Pages {
+        addr: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// Deputy → host: every page that stayed behind has been sent.
+    PushDone,
 }
 
 pub fn send(stream: &mut TcpStream, msg: &AgentMsg) -> Result<(), MigrateError> {

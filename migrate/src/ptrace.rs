@@ -650,6 +650,22 @@ pub fn writable_within(
     ready_within(fd, libc::POLLOUT, limit)
 }
 
+/// Cap a socket's send buffer.
+pub fn limit_send_buffer(fd: std::os::fd::BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let value = bytes as libc::c_int;
+    // SAFETY: setsockopt reads one c_int from a live local.
+    check(unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } as libc::c_long)
+    .map(|_| ())
+}
+
 /// Shut the sending side of a socket (the peer reads end of file).
 pub fn shutdown_write(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: shutdown of a live descriptor.

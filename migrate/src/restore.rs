@@ -39,7 +39,17 @@ pub struct Restored {
     child: Option<std::process::Child>,
     /// Our ends of its relayed descriptors.
     relays: crate::relay::Relays,
+    lazy: Option<crate::lazy::LazyMemory>,
     stopped: Option<Tracee>,
+}
+
+/// A restored process let run, and what serves it.
+pub struct Running {
+    pub child: std::process::Child,
+    /// Our ends of its relayed descriptors.
+    pub relays: crate::relay::Relays,
+    /// The server of its pages that stayed behind (lazy transfer).
+    pub lazy: Option<crate::lazy::LazyMemory>,
 }
 
 impl Restored {
@@ -47,9 +57,8 @@ impl Restored {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
 
-    /// Let the restored process run: the child, and our ends of its
-    /// relayed descriptors.
-    pub fn run(mut self) -> Result<(std::process::Child, crate::relay::Relays), MigrateError> {
+    /// Let the restored process run.
+    pub fn run(mut self) -> Result<Running, MigrateError> {
         if let Some(t) = self.stopped.take() {
             t.detach()?;
         }
@@ -57,7 +66,11 @@ impl Restored {
             .child
             .take()
             .ok_or_else(|| MigrateError::Restore("no child".into()))?;
-        Ok((child, std::mem::take(&mut self.relays)))
+        Ok(Running {
+            child,
+            relays: std::mem::take(&mut self.relays),
+            lazy: self.lazy.take(),
+        })
     }
 }
 
@@ -85,54 +98,120 @@ pub fn directions(flags: i32) -> (bool, bool) {
 /// stopped (traced, with the image's credentials) and rebuilt before it runs
 /// a single instruction of its own. The new process is a child of the caller.
 pub fn restore_fresh(image: &Image, node: Option<&Path>) -> Result<Restored, MigrateError> {
-    check_identity(&image.exe)?;
-    let creds = image.credentials.clone();
-    let mut command = std::process::Command::new(&image.exe.path);
-    command
-        .arg0(&image.comm)
-        .env_clear()
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    // SAFETY: the hook only makes async-signal-safe system calls.
-    unsafe {
-        command.pre_exec(move || {
-            ptrace::become_user(creds.uid, creds.gid, &creds.groups)?;
-            // The copy never outlives the agent that answers for it.
-            ptrace::die_with_parent()?;
-            ptrace::trace_me()
-        });
-    }
-    let started = std::time::Instant::now();
-    // A socketpair per relayed descriptor: the process gets one end.
-    let mut relays = crate::relay::Relays::default();
-    let mut ends = HashMap::new();
-    for entry in &image.fds {
-        if let FdKind::Relayed { .. } = entry.kind {
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-            let (process_reads, process_writes) = directions(entry.flags);
-            // We write what the process reads, and read what it writes.
-            relays.add(entry.fd, OwnedFd::from(ours), process_writes, process_reads);
-            ends.insert(entry.fd, OwnedFd::from(theirs));
+    Shell::start(&ShellSpec::of(image))?.restore(image, node)
+}
+
+/// What the process to restore into is started as: known before the
+/// checkpoint, so that the shell can be started while it is taken.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShellSpec {
+    pub exe: String,
+    pub comm: String,
+    pub credentials: crate::image::Credentials,
+}
+
+impl ShellSpec {
+    pub fn of(image: &Image) -> ShellSpec {
+        ShellSpec {
+            exe: image.exe.path.clone(),
+            comm: image.comm.clone(),
+            credentials: image.credentials.clone(),
         }
     }
-    let mut child = command.spawn()?;
-    let pid = child.id() as i32;
-    tracing::debug!(elapsed = ?started.elapsed(), "restore shell started");
-    let rebuilt = Tracee::adopt_exec_stopped_child(pid).and_then(|mut t| {
-        restore_into(&mut t, image, node, &ends).map_err(std::io::Error::other)?;
-        Ok(t)
-    });
-    match rebuilt {
-        Ok(t) => Ok(Restored {
-            child: Some(child),
-            relays,
-            stopped: Some(t),
-        }),
-        Err(e) => {
+}
+
+/// The image's executable, started traced and stopped at its first
+/// instruction: the process a restore rebuilds.
+pub struct Shell {
+    spec: ShellSpec,
+    child: Option<std::process::Child>,
+    tracee: Option<Tracee>,
+}
+
+impl Drop for Shell {
+    /// A shell never used must not run the program from its start.
+    fn drop(&mut self) {
+        if let (Some(t), Some(child)) = (self.tracee.take(), self.child.as_mut()) {
+            t.forget();
             let _ = child.kill();
             let _ = child.wait();
-            Err(MigrateError::Restore(e.to_string()))
+        }
+    }
+}
+
+impl Shell {
+    pub fn start(spec: &ShellSpec) -> Result<Shell, MigrateError> {
+        let creds = spec.credentials.clone();
+        let mut command = std::process::Command::new(&spec.exe);
+        command
+            .arg0(&spec.comm)
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: the hook only makes async-signal-safe system calls.
+        unsafe {
+            command.pre_exec(move || {
+                ptrace::become_user(creds.uid, creds.gid, &creds.groups)?;
+                // The copy never outlives the agent that answers for it.
+                ptrace::die_with_parent()?;
+                ptrace::trace_me()
+            });
+        }
+        let started = std::time::Instant::now();
+        let mut child = command.spawn()?;
+        match Tracee::adopt_exec_stopped_child(child.id() as i32) {
+            Ok(t) => {
+                tracing::debug!(elapsed = ?started.elapsed(), "restore shell started");
+                Ok(Shell {
+                    spec: spec.clone(),
+                    child: Some(child),
+                    tracee: Some(t),
+                })
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(MigrateError::Restore(format!("starting {}: {e}", spec.exe)))
+            }
+        }
+    }
+
+    /// Rebuild `image` in this shell (one started for another executable
+    /// or credentials is replaced by a fitting one).
+    pub fn restore(mut self, image: &Image, node: Option<&Path>) -> Result<Restored, MigrateError> {
+        check_identity(&image.exe)?;
+        if self.spec != ShellSpec::of(image) {
+            return Shell::start(&ShellSpec::of(image))?.restore(image, node);
+        }
+        // A socketpair per relayed descriptor: the process gets one end.
+        let mut relays = crate::relay::Relays::default();
+        let mut ends = HashMap::new();
+        for entry in &image.fds {
+            if let FdKind::Relayed { .. } = entry.kind {
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+                let (process_reads, process_writes) = directions(entry.flags);
+                // We write what the process reads, and read what it writes.
+                relays.add(entry.fd, OwnedFd::from(ours), process_writes, process_reads);
+                ends.insert(entry.fd, OwnedFd::from(theirs));
+            }
+        }
+        let (Some(mut t), Some(mut child)) = (self.tracee.take(), self.child.take()) else {
+            return Err(MigrateError::Restore("shell already used".into()));
+        };
+        match restore_into(&mut t, image, node, &ends) {
+            Ok(lazy) => Ok(Restored {
+                child: Some(child),
+                relays,
+                lazy,
+                stopped: Some(t),
+            }),
+            Err(e) => {
+                t.forget();
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
         }
     }
 }
@@ -167,7 +246,7 @@ pub fn restore_into(
     image: &Image,
     node: Option<&Path>,
     relay_ends: &HashMap<i32, OwnedFd>,
-) -> Result<(), MigrateError> {
+) -> Result<Option<crate::lazy::LazyMemory>, MigrateError> {
     let needs_daemon =
         !image.attachments.is_empty() || image.fds.iter().any(|f| f.kind == FdKind::DaemonLink);
     if needs_daemon && node.is_none() {
@@ -288,6 +367,7 @@ pub fn restore_into(
     if let Some(node) = node.filter(|_| needs_daemon) {
         adopt_segments(t, image, scratch, node)?;
     }
+
     set_mm(t, image, scratch)?;
     put_string(t, scratch, &image.comm)?;
     t.syscall_ok(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, scratch])?;
@@ -340,11 +420,14 @@ pub fn restore_into(
         )?;
     }
     tracing::debug!(elapsed = ?started.elapsed(), "state restored");
+    // Last of all the writes into its memory (ours and the kernel's, such
+    // as rseq's): from here a write into a lazy region waits for its page.
+    let lazy = register_lazy(t, image, scratch)?;
     t.set_sigmask(image.sigmask)?;
     t.syscall_ok(libc::SYS_munmap, &[scratch, SCRATCH_LEN])?;
     t.set_xstate(&image.xstate)?;
     t.set_resume_regs(image.regs.into());
-    Ok(())
+    Ok(lazy)
 }
 
 fn move_mapping(t: &mut Tracee, from: u64, len: u64, to: u64) -> Result<(), MigrateError> {
@@ -635,23 +718,7 @@ fn adopt_segments(
         t.syscall_ok(libc::SYS_close, &[fd])?;
     }
 
-    // A userfaultfd bound to the process's memory, made by the process.
-    let dev = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/userfaultfd")?;
-    let dev_in_target = give_fds(t, scratch, &[OwnedFd::from(dev)])?[0];
-    let uffd_in_target = t.syscall_ok(
-        libc::SYS_ioctl,
-        &[
-            dev_in_target,
-            USERFAULTFD_IOC_NEW,
-            (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64,
-        ],
-    )?;
-    let uffd = ptrace::take_fd(t.pid, uffd_in_target)?;
-    t.syscall_ok(libc::SYS_close, &[uffd_in_target])?;
-    t.syscall_ok(libc::SYS_close, &[dev_in_target])?;
+    let uffd = new_uffd_in(t, scratch)?;
 
     // A connection the daemon takes for the process's own (its peer
     // credentials are the process's), to hand over the attachments; when
@@ -702,6 +769,64 @@ fn adopt_segments(
     }
     drop(host);
     Ok(())
+}
+
+/// A userfaultfd bound to the tracee's memory, made by the tracee (through
+/// /dev/userfaultfd, which we open for it), for us to use.
+fn new_uffd_in(t: &mut Tracee, scratch: u64) -> Result<OwnedFd, MigrateError> {
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")?;
+    let dev_in_target = give_fds(t, scratch, &[OwnedFd::from(dev)])?[0];
+    let uffd_in_target = t.syscall_ok(
+        libc::SYS_ioctl,
+        &[
+            dev_in_target,
+            USERFAULTFD_IOC_NEW,
+            (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64,
+        ],
+    )?;
+    let uffd = ptrace::take_fd(t.pid, uffd_in_target)?;
+    t.syscall_ok(libc::SYS_close, &[uffd_in_target])?;
+    t.syscall_ok(libc::SYS_close, &[dev_in_target])?;
+    Ok(uffd)
+}
+
+/// Register the lazy regions with a userfaultfd of the tracee's: the
+/// server of their pages from now on.
+fn register_lazy(
+    t: &mut Tracee,
+    image: &Image,
+    scratch: u64,
+) -> Result<Option<crate::lazy::LazyMemory>, MigrateError> {
+    if image.lazy.is_empty() {
+        return Ok(None);
+    }
+    let regions: Vec<(u64, u64)> = image
+        .regions
+        .iter()
+        .filter(|r| crate::checkpoint::lazy_region(r))
+        .filter(|r| image.lazy.iter().any(|&(a, _)| r.start <= a && a < r.end))
+        .map(|r| (r.start, r.end))
+        .collect();
+    if image
+        .lazy
+        .iter()
+        .any(|&(a, l)| !regions.iter().any(|&(s, e)| s <= a && a + l <= e))
+    {
+        return Err(MigrateError::Restore("lazy pages outside the lazy regions".into()));
+    }
+    let uffd = dsm::uffd::Uffd::from_fd(new_uffd_in(t, scratch)?);
+    uffd.api(u64::from(linux_raw_sys::general::UFFD_FEATURE_EVENT_FORK))?;
+    for &(start, end) in &regions {
+        uffd.register(
+            start,
+            end - start,
+            u64::from(linux_raw_sys::general::UFFDIO_REGISTER_MODE_MISSING),
+        )?;
+    }
+    Ok(Some(crate::lazy::LazyMemory::new(uffd, &image.lazy, regions)))
 }
 
 /// Put duplicates of `fds` into the tracee (SCM_RIGHTS to a socket it

@@ -72,6 +72,9 @@ fn one_round(cluster: &Cluster, bytes: usize) -> Result<Round, String> {
         .find(|l| l.starts_with("gap_us"))
         .ok_or(format!("no result line in {all:?}"))?
         .to_string();
+    if std::env::var_os("MIGRATE_BENCH_VERBOSE").is_some() {
+        eprintln!("  {bytes} bytes: {result}");
+    }
     let fields: Vec<&str> = result.split_whitespace().collect();
     let field = |name: &str| -> Result<f64, String> {
         fields
