@@ -325,7 +325,7 @@ fn deputy_and_host_move_a_process_there_and_back() {
     let running = agent_line(&deputy_lines);
     let remote_pid: i32 = running
         .strip_prefix("running ")
-        .and_then(|p| p.parse().ok())
+        .and_then(|p| p.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("deputy: {running}"));
     assert_eq!(agent_line(&host_lines), format!("running {remote_pid}"));
     assert!(

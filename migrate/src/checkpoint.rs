@@ -334,7 +334,8 @@ fn regions(maps: &[MapEntry], dsm: &ProcessInfo) -> Result<Vec<Region>, MigrateE
 
 /// Whether a region's pages may stay behind under lazy transfer.
 pub fn lazy_region(r: &Region) -> bool {
-    matches!(r.backing, Backing::Anonymous { grows_down: false }) && r.end - r.start >= LAZY_REGION_MIN
+    matches!(r.backing, Backing::Anonymous { grows_down: false })
+        && r.end - r.start >= LAZY_REGION_MIN
 }
 
 type PrivatePages = (Vec<PageRun>, Vec<(u64, u64)>);

@@ -6,8 +6,8 @@
 //! ends the same way (exit status or signal); `kill -9` of the home pid ends
 //! the copy; and bringing it home restores the host's checkpoint into it.
 //!
-//! Reports one line per event on `report`: `running PID` or `error MSG`
-//! after the move; `home` or `error MSG` after each request to come home;
+//! Reports one line per event on `report`: `running PID frozen_us=N` (N:
+//! how long the process was stopped) or `error MSG` after the move; `home` or `error MSG` after each request to come home;
 //! `ended …` last.
 
 use std::io::{BufRead, Write};
@@ -16,13 +16,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::checkpoint::{checkpoint_with, Transfer};
 use crate::daemon::DaemonConn;
 use crate::image::{FdEntry, FdKind};
 use crate::link::{self, AgentMsg};
 use crate::ptrace::{self, Stop, Tracee};
 use crate::relay::{RelayEvent, Relays};
 use crate::restore::directions;
-use crate::checkpoint::{checkpoint_with, Transfer};
 use crate::{restore_into, Image, MigrateError};
 
 /// Bound on each wait for the host during a move or a return.
@@ -42,7 +42,14 @@ fn line(report: &mut dyn Write, text: &str) {
 
 /// Checkpoint the process and start it on the host: all or nothing; on any
 /// failure the process runs on at home as if nothing happened.
-type Moved = (Tracee, TcpStream, i32, dsm::wire::ProcessInfo, Image);
+type Moved = (
+    Tracee,
+    TcpStream,
+    i32,
+    dsm::wire::ProcessInfo,
+    Image,
+    std::time::Instant,
+);
 
 fn move_out(d: &Deputy) -> Result<Moved, MigrateError> {
     let info = DaemonConn::connect(&d.home_socket)?.process_info(d.pid)?;
@@ -73,7 +80,7 @@ fn move_out(d: &Deputy) -> Result<Moved, MigrateError> {
         AgentMsg::Running { pid } => {
             tracing::debug!(pid = d.pid, elapsed = ?frozen.elapsed(), "running on the host");
             stream.set_read_timeout(None)?;
-            Ok((tracee, stream, pid, info, image))
+            Ok((tracee, stream, pid, info, image, frozen))
         }
         AgentMsg::Failed(why) => Err(MigrateError::Restore(why)),
         other => Err(MigrateError::Link(format!("unexpected {other:?}"))),
@@ -185,7 +192,7 @@ pub fn run(
     report: &mut dyn Write,
 ) -> Result<(), MigrateError> {
     let events = ptrace::child_events()?;
-    let (mut tracee, mut host, remote_pid, info, image) = match move_out(d) {
+    let (mut tracee, mut host, remote_pid, info, image, frozen) = match move_out(d) {
         Ok(moved) => moved,
         Err(e) => {
             line(report, &format!("error {e}"));
@@ -201,13 +208,18 @@ pub fn run(
         line(report, &format!("error {e}"));
         return Err(e);
     }
+    // Frozen here until the copy was let run.
+    let downtime = frozen.elapsed();
     if let Err(e) = release_dsm_state(&mut tracee, &info) {
         tracing::warn!(pid = d.pid, "releasing the home process's segments: {e}");
     }
     let mut relays = relays_for(d.pid, &image.fds)?;
     let mut push = Pusher::new(&image.lazy);
     tracee.park()?;
-    line(report, &format!("running {remote_pid}"));
+    line(
+        report,
+        &format!("running {remote_pid} frozen_us={}", downtime.as_micros()),
+    );
 
     let mut commands_open = true;
     loop {

@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::daemon::DaemonConn;
+use crate::lazy::LazyMemory;
 use crate::link::{self, AgentMsg};
 use crate::ptrace::{self, Stop, Tracee};
-use crate::lazy::LazyMemory;
 use crate::relay::Relays;
 use crate::restore::Shell;
 use crate::{checkpoint, restore_fresh, Image, MigrateError};

@@ -207,11 +207,7 @@ impl LazyMemory {
 
     /// Every page has come: the kernel takes the regions back.
     pub fn on_done(&mut self) {
-        if let Some(missing) = self
-            .runs
-            .iter()
-            .find(|r| r.present.iter().any(|p| !p))
-        {
+        if let Some(missing) = self.runs.iter().find(|r| r.present.iter().any(|p| !p)) {
             tracing::error!(addr = missing.addr, "transfer ended with pages missing");
         }
         for uffd in &self.uffds {

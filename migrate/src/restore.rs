@@ -815,7 +815,9 @@ fn register_lazy(
         .iter()
         .any(|&(a, l)| !regions.iter().any(|&(s, e)| s <= a && a + l <= e))
     {
-        return Err(MigrateError::Restore("lazy pages outside the lazy regions".into()));
+        return Err(MigrateError::Restore(
+            "lazy pages outside the lazy regions".into(),
+        ));
     }
     let uffd = dsm::uffd::Uffd::from_fd(new_uffd_in(t, scratch)?);
     uffd.api(u64::from(linux_raw_sys::general::UFFD_FEATURE_EVENT_FORK))?;
@@ -826,7 +828,11 @@ fn register_lazy(
             u64::from(linux_raw_sys::general::UFFDIO_REGISTER_MODE_MISSING),
         )?;
     }
-    Ok(Some(crate::lazy::LazyMemory::new(uffd, &image.lazy, regions)))
+    Ok(Some(crate::lazy::LazyMemory::new(
+        uffd,
+        &image.lazy,
+        regions,
+    )))
 }
 
 /// Put duplicates of `fds` into the tracee (SCM_RIGHTS to a socket it

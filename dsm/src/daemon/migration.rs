@@ -197,8 +197,15 @@ impl Migrations {
         };
         let mut reports = report_lines(stdout);
         let first = tokio::time::timeout(AGENT_TIMEOUT, reports.recv()).await;
+        let first_line = match &first {
+            Ok(Some(line)) => line.clone(),
+            _ => String::new(),
+        };
         let pid_there = match first {
-            Ok(Some(line)) => match line.strip_prefix("running ").and_then(|p| p.parse().ok()) {
+            Ok(Some(line)) => match line
+                .strip_prefix("running ")
+                .and_then(|p| p.split_whitespace().next()?.parse().ok())
+            {
                 Some(p) => p,
                 None => {
                     let _ = child.wait().await;
@@ -224,6 +231,7 @@ impl Migrations {
             reports: Mutex::new(reports_for_requests),
         });
         self.deputies.borrow_mut().insert(pid, deputy.clone());
+        tracing::info!(pid, "deputy: {first_line}");
         let me = self.clone();
         tokio::task::spawn_local(async move {
             while let Some(line) = reports.recv().await {
