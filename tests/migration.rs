@@ -907,3 +907,58 @@ fn a_threaded_process_is_refused_with_the_reason() {
     assert_eq!(omctl(&node1, &["ps"]).1.lines().count(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A host takes nothing from a connection without the token the daemons
+/// agreed on (nor an oversized first message): it reports the refusal,
+/// starts nothing and ends.
+#[test]
+fn a_host_refuses_a_connection_without_the_token() {
+    use std::io::Write;
+    for first in [
+        // A Hello with another token (postcard: variant 0, then the u128).
+        {
+            let mut m = vec![0u8];
+            m.extend([0x01; 16]);
+            m
+        },
+        // Garbage.
+        b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+    ] {
+        let (mut host, lines) = spawn_agent(&[
+            "host",
+            "--socket",
+            "/nonexistent.sock",
+            "--bind",
+            "127.0.0.1",
+            "--token",
+            "0123456789abcdef0123456789abcdef",
+        ]);
+        let port = agent_line(&lines);
+        let port = port.strip_prefix("listening ").expect("listening PORT");
+        let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+        let _ = s.write_all(&(first.len() as u64).to_le_bytes());
+        let _ = s.write_all(&first);
+        let report = agent_line(&lines);
+        assert!(report.starts_with("error "), "{report}");
+        let status = host
+            .wait_timeout(Duration::from_secs(10))
+            .expect("the host ends");
+        assert!(!status.success());
+    }
+    // A first message announcing 1 TiB is refused before any allocation.
+    let (mut host, lines) = spawn_agent(&[
+        "host",
+        "--socket",
+        "/nonexistent.sock",
+        "--bind",
+        "127.0.0.1",
+        "--token",
+        "0123456789abcdef0123456789abcdef",
+    ]);
+    let port = agent_line(&lines);
+    let port = port.strip_prefix("listening ").expect("listening PORT");
+    let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+    let _ = s.write_all(&(1u64 << 40).to_le_bytes());
+    assert!(agent_line(&lines).starts_with("error "));
+    assert!(host.wait_timeout(Duration::from_secs(10)).is_some());
+}

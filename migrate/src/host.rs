@@ -43,7 +43,7 @@ fn move_in(h: &Host, listener: &TcpListener) -> Result<MovedIn, MigrateError> {
     let (mut stream, _) = listener.accept()?;
     stream.set_read_timeout(Some(DEPUTY_TIMEOUT))?;
     stream.set_nodelay(true)?;
-    let shell = match link::receive(&mut stream)? {
+    let shell = match link::receive_at_most(&mut stream, link::HELLO_MAX)? {
         AgentMsg::Hello { token, shell } if token == h.token => Shell::start(&shell),
         _ => return Err(MigrateError::Link("a connection without the token".into())),
     };

@@ -69,11 +69,19 @@ pub fn send(stream: &mut TcpStream, msg: &AgentMsg) -> Result<(), MigrateError> 
     Ok(())
 }
 
+/// Largest message before the token is checked.
+pub const HELLO_MAX: u64 = 64 << 10;
+
 pub fn receive(stream: &mut TcpStream) -> Result<AgentMsg, MigrateError> {
+    receive_at_most(stream, MESSAGE_MAX)
+}
+
+/// `receive`, refusing a message longer than `max` before reading it.
+pub fn receive_at_most(stream: &mut TcpStream, max: u64) -> Result<AgentMsg, MigrateError> {
     let mut len = [0u8; 8];
     stream.read_exact(&mut len)?;
     let len = u64::from_le_bytes(len);
-    if len > MESSAGE_MAX {
+    if len > max {
         return Err(MigrateError::Link(format!("message of {len} bytes")));
     }
     let mut body = vec![0u8; len as usize];
