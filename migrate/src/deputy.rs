@@ -104,27 +104,37 @@ fn release_dsm_state(t: &mut Tracee, info: &dsm::wire::ProcessInfo) -> Result<()
 /// waits behind much streamed memory.
 const LINK_BUFFER: usize = 256 << 10;
 
+const PAGE: u64 = crate::procfs::PAGE_SIZE;
+
 /// Bytes of lazily moved memory per `Pages` message when streaming.
 const PUSH_CHUNK: u64 = 256 << 10;
 
 /// Streams the pages that stayed behind to the host, from the parked home
-/// process's memory, between everything else.
+/// process's memory, between everything else. Streaming goes on from just
+/// after the pages the process last faulted on: it is probably headed there.
 struct Pusher {
-    runs: Vec<(u64, u64)>,
-    /// Next run, and bytes of it already sent.
-    next: usize,
-    offset: u64,
+    /// Every page to send, in address order, and whether it went.
+    pages: Vec<u64>,
+    sent: Vec<bool>,
+    cursor: usize,
+    left: usize,
     finished: bool,
 }
 
 impl Pusher {
     fn new(runs: &[(u64, u64)]) -> Pusher {
+        let mut pages: Vec<u64> = runs
+            .iter()
+            .flat_map(|&(addr, len)| (0..len / PAGE).map(move |i| addr + i * PAGE))
+            .collect();
+        pages.sort_unstable();
         Pusher {
-            runs: runs.to_vec(),
-            next: 0,
-            offset: 0,
+            sent: vec![false; pages.len()],
+            left: pages.len(),
             // Nothing to say if nothing stayed behind.
-            finished: runs.is_empty(),
+            finished: pages.is_empty(),
+            pages,
+            cursor: 0,
         }
     }
 
@@ -132,24 +142,53 @@ impl Pusher {
         !self.finished
     }
 
+    /// The host asked for these pages (and gets them at once).
+    fn requested(&mut self, addr: u64, len: u64) {
+        let first = self.pages.partition_point(|&p| p < addr);
+        let mut i = first;
+        while i < self.pages.len() && self.pages[i] < addr + len {
+            if !self.sent[i] {
+                self.sent[i] = true;
+                self.left -= 1;
+            }
+            i += 1;
+        }
+        if i < self.pages.len() {
+            self.cursor = i;
+        }
+    }
+
     fn send_next(&mut self, t: &Tracee, host: &mut TcpStream) -> Result<(), MigrateError> {
         if self.finished {
             return Ok(());
         }
-        let Some(&(addr, len)) = self.runs.get(self.next) else {
+        if self.left == 0 {
             self.finished = true;
             return link::send(host, &AgentMsg::PushDone);
-        };
-        let n = PUSH_CHUNK.min(len - self.offset);
-        let at = addr + self.offset;
-        let bytes = t.read(at, n as usize)?;
-        link::send(host, &AgentMsg::Pages { addr: at, bytes })?;
-        self.offset += n;
-        if self.offset == len {
-            self.next += 1;
-            self.offset = 0;
         }
-        Ok(())
+        while self.sent[self.cursor] {
+            self.cursor = (self.cursor + 1) % self.pages.len();
+        }
+        let start = self.cursor;
+        let mut n = 0;
+        while start + n < self.pages.len()
+            && (n as u64) < PUSH_CHUNK / PAGE
+            && !self.sent[start + n]
+            && self.pages[start + n] == self.pages[start] + n as u64 * PAGE
+        {
+            self.sent[start + n] = true;
+            n += 1;
+        }
+        self.left -= n;
+        self.cursor = (start + n) % self.pages.len();
+        let bytes = t.read(self.pages[start], n * PAGE as usize)?;
+        link::send(
+            host,
+            &AgentMsg::Pages {
+                addr: self.pages[start],
+                bytes,
+            },
+        )
     }
 }
 
@@ -210,9 +249,9 @@ pub fn run(
     }
     // Frozen here until the copy was let run.
     let downtime = frozen.elapsed();
-    if let Err(e) = release_dsm_state(&mut tracee, &info) {
-        tracing::warn!(pid = d.pid, "releasing the home process's segments: {e}");
-    }
+    // The home process lets go of its segments once the copy has all its
+    // memory: serving the copy's first faults comes first.
+    let mut released = false;
     let mut relays = relays_for(d.pid, &image.fds)?;
     let mut push = Pusher::new(&image.lazy);
     tracee.park()?;
@@ -223,6 +262,16 @@ pub fn run(
 
     let mut commands_open = true;
     loop {
+        if !released && !push.pending() {
+            for sig in tracee.interrupt()? {
+                link::send(&mut host, &AgentMsg::Signal(sig))?;
+            }
+            if let Err(e) = release_dsm_state(&mut tracee, &info) {
+                tracing::warn!(pid = d.pid, "releasing the home process's segments: {e}");
+            }
+            tracee.park()?;
+            released = true;
+        }
         // SAFETY: fd 0 stays open for the whole loop (it is never closed).
         let stdin = unsafe { BorrowedFd::borrow_raw(0) };
         let host_events = if push.pending() {
@@ -270,6 +319,7 @@ pub fn run(
         if ready[1] & !libc::POLLOUT != 0 {
             match link::receive(&mut host) {
                 Ok(AgentMsg::PageRequest { addr, len }) => {
+                    push.requested(addr, len);
                     let bytes = tracee.read(addr, len as usize)?;
                     link::send(&mut host, &AgentMsg::Pages { addr, bytes })?;
                 }
@@ -314,8 +364,19 @@ pub fn run(
                 continue;
             }
             // Every page first: the host checkpoints only a whole process.
-            while push.pending() {
-                push.send_next(&tracee, &mut host)?;
+            // The loop's next turn releases the home process's segments.
+            if push.pending() || !released {
+                while push.pending() {
+                    push.send_next(&tracee, &mut host)?;
+                }
+                for sig in tracee.interrupt()? {
+                    link::send(&mut host, &AgentMsg::Signal(sig))?;
+                }
+                if let Err(e) = release_dsm_state(&mut tracee, &info) {
+                    tracing::warn!(pid = d.pid, "releasing the home process's segments: {e}");
+                }
+                tracee.park()?;
+                released = true;
             }
             match come_home(&mut tracee, &mut host, &d.home_socket, &mut relays) {
                 Ok(()) => {

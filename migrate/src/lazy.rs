@@ -14,7 +14,7 @@ use crate::link::AgentMsg;
 use crate::procfs::PAGE_SIZE;
 
 /// Pages asked for on one fault (the faulting page and the ones after it).
-const FAULT_BATCH_PAGES: u64 = 16;
+const FAULT_BATCH_PAGES: u64 = 64;
 
 struct LazyRun {
     addr: u64,
