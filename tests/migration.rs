@@ -517,7 +517,14 @@ fn exit_status_of_a_migrated_process_reaches_its_parent() {
     let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
     assert!(ok, "{stdout} {stderr}");
     kill(pid, libc::SIGTERM).expect("SIGTERM to the home pid");
-    let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+    let status = wait_status(&mut process.child, Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!(
+            "it ends\n{}\nnode 1:\n{}\nnode 2:\n{}",
+            output(&out),
+            cluster.log(1),
+            cluster.log(2)
+        )
+    });
     let text = output(&out);
     assert_eq!(status.code(), Some(42), "{text}");
     assert!(text.contains("rmid 0"), "{text}");

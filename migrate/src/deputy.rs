@@ -210,17 +210,37 @@ fn relays_for(pid: i32, fds: &[FdEntry]) -> Result<Relays, MigrateError> {
 /// comes home.
 const FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
+/// Park the home process again, passing on to the copy the signals that
+/// arrived while we held it.
+fn park(t: &mut Tracee, host: &mut TcpStream) -> Result<(), MigrateError> {
+    for sig in t.take_held_signals() {
+        link::send(host, &AgentMsg::Signal(sig))?;
+    }
+    t.park()?;
+    Ok(())
+}
+
+/// Stop the parked home process, passing on the signals that arrive on the
+/// way.
+fn hold(t: &mut Tracee, host: &mut TcpStream) -> Result<(), MigrateError> {
+    for sig in t.interrupt()? {
+        link::send(host, &AgentMsg::Signal(sig))?;
+    }
+    Ok(())
+}
+
 /// Close descriptors in the parked home process (a pipe the copy closed).
 fn close_in_process(
     t: &mut Tracee,
+    host: &mut TcpStream,
     relays: &mut Relays,
     events: Vec<RelayEvent>,
 ) -> Result<(), MigrateError> {
     for RelayEvent::CloseInProcess(fd) in events {
         relays.remove(fd);
-        t.interrupt()?;
+        hold(t, host)?;
         t.syscall_ok(libc::SYS_close, &[fd as u64])?;
-        t.park()?;
+        park(t, host)?;
     }
     Ok(())
 }
@@ -254,7 +274,7 @@ pub fn run(
     let mut released = false;
     let mut relays = relays_for(d.pid, &image.fds)?;
     let mut push = Pusher::new(&image.lazy);
-    tracee.park()?;
+    park(&mut tracee, &mut host)?;
     line(
         report,
         &format!("running {remote_pid} frozen_us={}", downtime.as_micros()),
@@ -263,13 +283,11 @@ pub fn run(
     let mut commands_open = true;
     loop {
         if !released && !push.pending() {
-            for sig in tracee.interrupt()? {
-                link::send(&mut host, &AgentMsg::Signal(sig))?;
-            }
+            hold(&mut tracee, &mut host)?;
             if let Err(e) = release_dsm_state(&mut tracee, &info) {
                 tracing::warn!(pid = d.pid, "releasing the home process's segments: {e}");
             }
-            tracee.park()?;
+            park(&mut tracee, &mut host)?;
             released = true;
         }
         // SAFETY: fd 0 stays open for the whole loop (it is never closed).
@@ -292,7 +310,7 @@ pub fn run(
         for msg in &out {
             link::send(&mut host, msg)?;
         }
-        close_in_process(&mut tracee, &mut relays, relay_events)?;
+        close_in_process(&mut tracee, &mut host, &mut relays, relay_events)?;
         if ready[0] != 0 {
             ptrace::drain_child_events(events.as_fd());
             while let Some(stop) = ptrace::poll_child(d.pid)? {
@@ -325,7 +343,7 @@ pub fn run(
                 }
                 Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
                     let events = relays.on_message(msg);
-                    close_in_process(&mut tracee, &mut relays, events)?;
+                    close_in_process(&mut tracee, &mut host, &mut relays, events)?;
                 }
                 Ok(AgentMsg::Exited(code)) => {
                     // What the copy wrote reaches the readers before its end.
@@ -369,13 +387,11 @@ pub fn run(
                 while push.pending() {
                     push.send_next(&tracee, &mut host)?;
                 }
-                for sig in tracee.interrupt()? {
-                    link::send(&mut host, &AgentMsg::Signal(sig))?;
-                }
+                hold(&mut tracee, &mut host)?;
                 if let Err(e) = release_dsm_state(&mut tracee, &info) {
                     tracing::warn!(pid = d.pid, "releasing the home process's segments: {e}");
                 }
-                tracee.park()?;
+                park(&mut tracee, &mut host)?;
                 released = true;
             }
             match come_home(&mut tracee, &mut host, &d.home_socket, &mut relays) {
@@ -386,7 +402,7 @@ pub fn run(
                 }
                 Err(e) => {
                     // The copy runs on; the home process waits again.
-                    tracee.park()?;
+                    park(&mut tracee, &mut host)?;
                     line(report, &format!("error {e}"));
                 }
             }
@@ -410,7 +426,7 @@ fn come_home(
             // What the copy wrote before it stopped.
             Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
                 let events = relays.on_message(msg);
-                close_in_process(t, relays, events)?;
+                close_in_process(t, host, relays, events)?;
             }
             Ok(AgentMsg::Image(bytes)) => {
                 break Image::decode(&bytes).map_err(|e| MigrateError::Link(e.to_string()))?

@@ -38,7 +38,9 @@ pub struct Tracee {
     /// Registers at the stop, the base of every injected call.
     stop_regs: Regs,
     /// A signal that arrived while we held the process: delivered at detach.
-    pending_signal: i32,
+    /// Signals that arrived while we held the process (each stopped it and
+    /// was held back): delivered when we let it go, or taken by the caller.
+    held_signals: Vec<i32>,
     attached: bool,
 }
 
@@ -118,7 +120,7 @@ impl Tracee {
             syscall_at: None,
             // SAFETY: user_regs_struct is plain integers; all-zero is valid.
             stop_regs: unsafe { std::mem::zeroed() },
-            pending_signal: 0,
+            held_signals: Vec::new(),
             attached: true,
         };
         t.stop_regs = t.regs()?;
@@ -156,7 +158,9 @@ impl Tracee {
         let mut t = Tracee::new(pid).inspect_err(|_| {
             let _ = ptrace(libc::PTRACE_DETACH, pid, 0, pending as usize);
         })?;
-        t.pending_signal = pending;
+        if pending != 0 {
+            t.held_signals.push(pending);
+        }
         Ok(t)
     }
 
@@ -310,7 +314,7 @@ impl Tracee {
                 match wait_stop(self.pid)? {
                     Stop::Syscall => break,
                     // Hold a signal that arrives meanwhile for later.
-                    Stop::Signal(sig) => self.pending_signal = sig,
+                    Stop::Signal(sig) => self.held_signals.push(sig),
                     Stop::Event(_) => {}
                     Stop::Exited(_) | Stop::Killed(_) => {
                         self.attached = false;
@@ -380,6 +384,12 @@ impl Tracee {
     pub fn resume(&self, sig: i32) -> io::Result<()> {
         ptrace(libc::PTRACE_CONT, self.pid, 0, sig as usize)?;
         Ok(())
+    }
+
+    /// The signals held back so far (for a caller that passes them on
+    /// itself rather than letting the process have them at detach).
+    pub fn take_held_signals(&mut self) -> Vec<i32> {
+        std::mem::take(&mut self.held_signals)
     }
 
     /// Stop a running (parked) tracee. Signals that stopped it on the way
@@ -452,12 +462,16 @@ impl Tracee {
         }
         self.attached = false;
         self.set_regs(&self.stop_regs)?;
+        let mut held = std::mem::take(&mut self.held_signals).into_iter();
         ptrace(
             libc::PTRACE_DETACH,
             self.pid,
             0,
-            self.pending_signal as usize,
+            held.next().unwrap_or(0) as usize,
         )?;
+        for sig in held {
+            let _ = kill(self.pid, sig);
+        }
         Ok(())
     }
 

@@ -423,6 +423,114 @@ pub unsafe extern "C" fn semctl(semid: c_int, semnum: c_int, cmd: c_int, arg: c_
     })
 }
 
+// ---- anonymous shared memory --------------------------------------------------------
+
+/// libc's `mmap` and `munmap`, found on first use (dlsym does not map
+/// anything through them).
+static REAL_MMAP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static REAL_MUNMAP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+type MmapFn =
+    unsafe extern "C" fn(*mut c_void, size_t, c_int, c_int, c_int, libc::off_t) -> *mut c_void;
+type MunmapFn = unsafe extern "C" fn(*mut c_void, size_t) -> c_int;
+
+fn cached(slot: &std::sync::atomic::AtomicUsize, name: &CStr) -> Option<*mut c_void> {
+    let known = slot.load(std::sync::atomic::Ordering::Acquire);
+    if known != 0 {
+        return Some(known as *mut c_void);
+    }
+    let f = real(name)?;
+    slot.store(f as usize, std::sync::atomic::Ordering::Release);
+    Some(f)
+}
+
+/// `mmap`: an anonymous shared mapping becomes a DSM segment under omrun
+/// (so that it stays one memory for processes on several nodes); anything
+/// else, or a DSM refusal, goes to libc as is.
+///
+/// # Safety
+/// As `mmap(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    offset: libc::off_t,
+) -> *mut c_void {
+    let shared_anonymous = flags & libc::MAP_ANONYMOUS != 0
+        && flags & libc::MAP_SHARED != 0
+        && prot & libc::PROT_READ != 0;
+    if shared_anonymous {
+        let fixed = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0;
+        let writable = prot & libc::PROT_WRITE != 0;
+        let dsm = std::panic::catch_unwind(|| {
+            daemon(|rt| {
+                crate::runtime::map_shared_anonymous(rt, addr as usize, len, writable, fixed)
+            })
+        });
+        // Not under a daemon, or refused (limits): plain memory below,
+        // which works on this node (and keeps the process from migrating).
+        if let Ok(Some(Ok(at))) = dsm {
+            return at as *mut c_void;
+        }
+    }
+    match cached(&REAL_MMAP, c"mmap") {
+        // SAFETY: libc's mmap, with the caller's arguments.
+        Some(f) => unsafe {
+            std::mem::transmute::<*mut c_void, MmapFn>(f)(addr, len, prot, flags, fd, offset)
+        },
+        None => {
+            set_errno(libc::ENOSYS);
+            libc::MAP_FAILED
+        }
+    }
+}
+
+/// # Safety
+/// As `mmap64(2)` (the same call on 64-bit Linux).
+#[no_mangle]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    offset: libc::off_t,
+) -> *mut c_void {
+    // SAFETY: forwarded as received.
+    unsafe { mmap(addr, len, prot, flags, fd, offset) }
+}
+
+/// `munmap`: a DSM segment made by `mmap` is detached.
+///
+/// # Safety
+/// As `munmap(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
+    if crate::runtime::ANY_SHARED_ANONYMOUS.load(std::sync::atomic::Ordering::Acquire) {
+        let dsm =
+            std::panic::catch_unwind(|| crate::runtime::unmap_shared_anonymous(addr as usize));
+        match dsm {
+            Ok(Some(Ok(()))) => return 0,
+            Ok(Some(Err(e))) => {
+                set_errno(e);
+                return -1;
+            }
+            Ok(None) | Err(_) => {}
+        }
+    }
+    match cached(&REAL_MUNMAP, c"munmap") {
+        // SAFETY: libc's munmap, with the caller's arguments.
+        Some(f) => unsafe { std::mem::transmute::<*mut c_void, MunmapFn>(f)(addr, len) },
+        None => {
+            set_errno(libc::ENOSYS);
+            -1
+        }
+    }
+}
+
 // ---- dlopen --------------------------------------------------------------------------
 
 /// glibc's `dlopen`, found when the interposer loads.

@@ -135,3 +135,59 @@ pub fn errno_of(e: &Error) -> i32 {
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// Anonymous shared mappings (`mmap(MAP_SHARED|MAP_ANONYMOUS)`) made DSM
+/// segments: keyless, removed at once so that they end with their last
+/// user, inherited across fork as any attachment, and so able to follow a
+/// process that migrates (Apache's scoreboard is one).
+static SHARED_ANONYMOUS: Mutex<Vec<Attachment>> = Mutex::new(Vec::new());
+/// Whether `SHARED_ANONYMOUS` may hold anything (checked by every munmap).
+pub static ANY_SHARED_ANONYMOUS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// A DSM segment in place of an anonymous shared mapping; its address.
+/// `fixed`: at exactly `addr` (MAP_FIXED, whatever was there goes).
+pub fn map_shared_anonymous(
+    rt: &Runtime,
+    addr: usize,
+    len: usize,
+    writable: bool,
+    fixed: bool,
+) -> Result<usize, i32> {
+    if len == 0 {
+        return Err(libc::EINVAL);
+    }
+    let id = rt
+        .segments
+        .get_on(
+            libc::IPC_PRIVATE,
+            len as u64,
+            libc::IPC_CREAT | 0o600,
+            rt.home,
+        )
+        .map_err(|e| errno_of(&e))?;
+    let hint = (addr != 0).then_some(addr);
+    let attached = match rt.segments.attach_at(id, !writable, hint) {
+        // A hint, unlike MAP_FIXED, may be ignored.
+        Err(_) if hint.is_some() && !fixed => rt.segments.attach_at(id, !writable, None),
+        other => other,
+    };
+    // Gone with its last user, as anonymous memory is.
+    let _ = rt.segments.remove(id);
+    let attachment = attached.map_err(|e| errno_of(&e))?;
+    let at = attachment.as_ptr() as usize;
+    lock(&SHARED_ANONYMOUS).push(attachment);
+    ANY_SHARED_ANONYMOUS.store(true, std::sync::atomic::Ordering::Release);
+    Ok(at)
+}
+
+/// `munmap` of a mapping made by `map_shared_anonymous`, if `addr` starts
+/// one: detached from its segment.
+pub fn unmap_shared_anonymous(addr: usize) -> Option<Result<(), i32>> {
+    let attachment = {
+        let mut all = lock(&SHARED_ANONYMOUS);
+        let i = all.iter().position(|a| a.as_ptr() as usize == addr)?;
+        all.swap_remove(i)
+    };
+    Some(attachment.detach().map_err(|e| errno_of(&e)))
+}
