@@ -969,3 +969,80 @@ fn a_host_refuses_a_connection_without_the_token() {
     assert!(agent_line(&lines).starts_with("error "));
     assert!(host.wait_timeout(Duration::from_secs(10)).is_some());
 }
+
+/// Anonymous shared memory made before a fork is a DSM object under omrun:
+/// the child, moved to node 2 and home again while it ping-pongs with its
+/// parent through that memory, never sees a turn out of order, and the two
+/// keep going wherever the child runs.
+#[test]
+fn a_forked_child_sharing_anonymous_memory_moves_and_stays_coherent() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .expect("cluster ready");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = tempdir("anon");
+    let out = dir.join("out");
+    let prog = c_program("shared_anon").expect("compile shared_anon.c");
+    let mut command = omrun_command(&node1, None, &prog);
+    command
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("output"))
+        .stderr(Stdio::null());
+    // SAFETY: close_range is async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut parent = Proc::from(command.spawn().expect("start"));
+    let turns = || {
+        output(&out)
+            .lines()
+            .filter_map(|l| l.strip_prefix("turns ")?.parse::<u64>().ok())
+            .last()
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || turns() >= 2000),
+        "{}",
+        output(&out)
+    );
+    let child: i32 = output(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("child ")?.parse().ok())
+        .expect("child line");
+    // The mapping is a segment of the cluster's, attached by both.
+    let (_, ipcs, _) = omctl(&node1, &["ipcs"]);
+    assert!(
+        ipcs.lines()
+            .any(|l| l.split_whitespace().nth(6) == Some("dest")),
+        "a keyless segment: {ipcs}"
+    );
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &child.to_string(), "2"]);
+    assert!(ok, "{stdout} {stderr}");
+    let before = turns();
+    assert!(
+        eventually(Duration::from_secs(20), || turns() >= before + 2000),
+        "the ping-pong goes on across nodes: {}",
+        output(&out)
+    );
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &child.to_string(), "home"]);
+    assert!(ok, "{stdout} {stderr}");
+    let before = turns();
+    assert!(
+        eventually(Duration::from_secs(20), || turns() >= before + 2000),
+        "{}",
+        output(&out)
+    );
+    kill(parent.child.id() as i32, libc::SIGTERM).expect("SIGTERM");
+    let status = wait_status(&mut parent.child, Duration::from_secs(20)).expect("it ends");
+    assert_eq!(status.code(), Some(0), "{}", output(&out));
+    assert!(output(&out).contains("child-status 0"), "{}", output(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
