@@ -461,7 +461,8 @@ pub unsafe extern "C" fn mmap(
 ) -> *mut c_void {
     let shared_anonymous = flags & libc::MAP_ANONYMOUS != 0
         && flags & libc::MAP_SHARED != 0
-        && prot & libc::PROT_READ != 0;
+        && prot & libc::PROT_READ != 0
+        && crate::runtime::anonymous_shared_as_dsm();
     if shared_anonymous {
         let fixed = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0;
         let writable = prot & libc::PROT_WRITE != 0;

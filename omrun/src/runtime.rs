@@ -145,6 +145,13 @@ static SHARED_ANONYMOUS: Mutex<Vec<Attachment>> = Mutex::new(Vec::new());
 pub static ANY_SHARED_ANONYMOUS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
+/// `MIGSHM_ANON_SHARED=native`: anonymous shared mappings stay plain
+/// memory (they then keep a process from migrating).
+pub fn anonymous_shared_as_dsm() -> bool {
+    static AS_DSM: OnceLock<bool> = OnceLock::new();
+    *AS_DSM.get_or_init(|| std::env::var_os("MIGSHM_ANON_SHARED").is_none_or(|v| v != "native"))
+}
+
 /// A DSM segment in place of an anonymous shared mapping; its address.
 /// `fixed`: at exactly `addr` (MAP_FIXED, whatever was there goes).
 pub fn map_shared_anonymous(
