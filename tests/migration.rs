@@ -1004,8 +1004,8 @@ fn a_forked_child_sharing_anonymous_memory_moves_and_stays_coherent() {
     let turns = || {
         output(&out)
             .lines()
-            .filter_map(|l| l.strip_prefix("turns ")?.parse::<u64>().ok())
-            .last()
+            .rev()
+            .find_map(|l| l.strip_prefix("turns ")?.parse::<u64>().ok())
             .unwrap_or(0)
     };
     assert!(
