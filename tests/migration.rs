@@ -1046,3 +1046,84 @@ fn a_forked_child_sharing_anonymous_memory_moves_and_stays_coherent() {
     assert!(output(&out).contains("child-status 0"), "{}", output(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A process that uses a semaphore set (without SEM_UNDO) moves there and
+/// back: on the new node its old fast path is retired and it asks that
+/// node's daemon, every P and V works, and IPC_RMID of the set works at the
+/// end. One that made SEM_UNDO operations is refused with the reason.
+#[test]
+fn semaphores_keep_working_through_a_move_and_undo_is_a_stay_reason() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .expect("cluster ready");
+    let node1 = cluster.socket(1).to_path_buf();
+    let prog = c_program("migrate_loop").expect("compile");
+    for mode in ["plain", "undo"] {
+        let dir = tempdir(&format!("sem-{mode}"));
+        let out = dir.join("out");
+        let mut command = omrun_command(&node1, None, &prog);
+        command
+            .args(["65536", "shm"])
+            .env("MIGRATE_SEM", mode)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("output"))
+            .stderr(Stdio::null());
+        // SAFETY: close_range is async-signal-safe.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                Ok(())
+            });
+        }
+        let mut process = Proc::from(command.spawn().expect("start"));
+        let pid = process.child.id() as i32;
+        assert!(eventually(Duration::from_secs(10), || loops(&output(&out))
+            .len()
+            >= 2));
+        let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
+        if mode == "undo" {
+            assert!(!ok, "{stdout}");
+            assert!(stderr.contains("SEM_UNDO"), "{stderr}");
+        } else {
+            assert!(ok, "{stdout} {stderr}");
+            let (_, ps, _) = omctl(&node1, &["ps"]);
+            let there: i32 = ps
+                .lines()
+                .nth(1)
+                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+                .expect("pid on node 2");
+            assert!(
+                eventually(Duration::from_secs(10), || loops(&output(&out))
+                    .iter()
+                    .any(|l| l.pid == there && l.run % 100 == 0)),
+                "P and V go on on node 2: {}",
+                output(&out)
+            );
+            let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "home"]);
+            assert!(ok, "{stdout} {stderr}");
+            let last = loops(&output(&out)).last().copied().expect("lines");
+            assert!(
+                eventually(Duration::from_secs(10), || loops(&output(&out))
+                    .iter()
+                    .any(|l| l.pid == pid && l.run > last.run)),
+                "{}",
+                output(&out)
+            );
+        }
+        kill(pid, libc::SIGTERM).expect("SIGTERM");
+        let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+        let text = output(&out);
+        assert_eq!(status.code(), Some(42), "{mode}: {text}");
+        assert!(
+            text.contains("semrmid 0") && text.contains("rmid 0"),
+            "{text}"
+        );
+        assert_continuous(&text);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

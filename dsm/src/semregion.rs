@@ -79,6 +79,16 @@ struct Layout {
 
 pub const REGION_BYTES: usize = size_of::<Layout>().next_multiple_of(4096);
 
+/// The first bytes of a region that the daemon owns for good (lock word,
+/// state): what a migrated process finds where its region was, so that it
+/// asks the daemon of its new node instead.
+pub fn retired_header() -> [u8; 8] {
+    let mut h = [0u8; 8];
+    h[..4].copy_from_slice(&DAEMON.to_le_bytes());
+    h[4..].copy_from_slice(&RETIRED.to_le_bytes());
+    h
+}
+
 /// A mapped region (the daemon's, or a process's copy of its mapping).
 pub struct Region {
     map: Mapping,

@@ -723,6 +723,9 @@ pub struct ClientLink {
 pub struct ProcessInfo {
     pub attachments: Vec<AttachmentRecord>,
     pub links: Vec<ClientLink>,
+    /// It made SEM_UNDO operations: its undo adjustments belong to this
+    /// node's record of its pid.
+    pub sem_undo: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

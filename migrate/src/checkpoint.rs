@@ -98,6 +98,11 @@ pub fn checkpoint_with(
     transfer: Transfer,
 ) -> Result<Image, MigrateError> {
     let pid = t.pid;
+    if dsm.sem_undo {
+        return Err(stay(
+            "the process made SEM_UNDO semaphore operations: their undo record stays with its pid on this node (undo does not move yet)",
+        ));
+    }
     let threads = procfs::thread_count(pid)?;
     if threads != 1 {
         return Err(stay(format!(
@@ -280,6 +285,8 @@ fn regions(maps: &[MapEntry], dsm: &ProcessInfo) -> Result<Vec<Region>, MigrateE
                 readonly: a.readonly,
                 offset: m.offset,
             }
+        } else if m.shared && m.path.starts_with("/memfd:migshm-sem") {
+            Backing::RetiredSemRegion
         } else if m.path.starts_with("/memfd:") {
             return Err(stay(format!(
                 "shared memory at {:#x} ({}) is not a DSM segment (SysV semaphores do not migrate yet)",
@@ -352,9 +359,10 @@ fn private_pages(
         let file_backed = match r.backing {
             Backing::Anonymous { .. } => false,
             Backing::PrivateFile { .. } => true,
-            Backing::SharedFile { .. } | Backing::Segment { .. } | Backing::Special { .. } => {
-                continue
-            }
+            Backing::SharedFile { .. }
+            | Backing::Segment { .. }
+            | Backing::Special { .. }
+            | Backing::RetiredSemRegion => continue,
         };
         let mut runs = procfs::own_page_runs(t.pid, r.start, r.end, file_backed)?;
         if transfer == Transfer::Lazy && lazy_region(r) {

@@ -52,6 +52,9 @@ pub enum Backing {
         readonly: bool,
         offset: u64,
     },
+    /// A semaphore set's fast-path region of the old node: replaced by a
+    /// retired one, so that the process asks its new node's daemon.
+    RetiredSemRegion,
     /// One of the kernel's special mappings ("[vdso]", "[vvar]",
     /// "[vvar_vclock]"): moved back to its old address, never copied.
     Special { name: String },

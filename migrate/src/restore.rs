@@ -476,6 +476,22 @@ fn map_regions(t: &mut Tracee, image: &Image, scratch: u64) -> Result<(), Migrat
         let len = r.end - r.start;
         let (flags, fd, offset) = match &r.backing {
             Backing::Special { .. } | Backing::Segment { .. } => continue,
+            Backing::RetiredSemRegion => {
+                t.syscall_ok(
+                    libc::SYS_mmap,
+                    &[
+                        r.start,
+                        len,
+                        (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                        (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE)
+                            as u64,
+                        u64::MAX,
+                        0,
+                    ],
+                )?;
+                t.write(r.start, &dsm::semregion::retired_header())?;
+                continue;
+            }
             Backing::Anonymous { grows_down } => {
                 let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
                 if *grows_down {

@@ -9,6 +9,10 @@
  * Prints "shmid ID" first, then "loop N pid P usr1 U peer V" every 100
  * loops and whenever the pid, the SIGUSR1 count or the peer word changes.
  * On SIGTERM, with a segment: IPC_RMID, and "rmid 0" or "rmid ERRNO".
+ * With MIGRATE_SEM=plain (or =undo): also a semaphore set (IPC_PRIVATE, one
+ * semaphore at 1), a P and a V each loop (with SEM_UNDO for =undo), its
+ * value checked after (status 10); "semid ID" first, and on SIGTERM
+ * "semrmid 0" or "semrmid ERRNO".
  * With MIGRATE_ECHO_PORT set: connects to 127.0.0.1:PORT and, each loop,
  * answers whatever arrived there with "echo " and the same bytes.
  */
@@ -18,6 +22,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <signal.h>
+#include <sys/sem.h>
 #include <sys/shm.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,6 +61,15 @@ int main(int argc, char **argv) {
         printf("shmid %d\n", shmid);
     }
     unsigned long last_peer = 0;
+    int semid = -1;
+    short sem_flags = 0;
+    if (getenv("MIGRATE_SEM")) {
+        sem_flags = strcmp(getenv("MIGRATE_SEM"), "undo") == 0 ? SEM_UNDO : 0;
+        semid = semget(IPC_PRIVATE, 1, IPC_CREAT | 0600);
+        if (semid < 0 || semctl(semid, 0, SETVAL, 1) < 0)
+            return 11;
+        printf("semid %d\n", semid);
+    }
     int echo = -1;
     if (getenv("MIGRATE_ECHO_PORT")) {
         struct sockaddr_in addr;
@@ -78,6 +92,13 @@ int main(int argc, char **argv) {
         acc += 0.5;
         if (shm)
             shm[0] = i;
+        if (semid >= 0) {
+            struct sembuf p = {0, -1, sem_flags}, v = {0, 1, sem_flags};
+            if (semop(semid, &p, 1) < 0 || semop(semid, &v, 1) < 0 || semctl(semid, 0, GETVAL) != 1) {
+                printf("sem failure in loop %lu: %d\n", i, errno);
+                return 10;
+            }
+        }
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL); /* EINTR is fine */
         for (size_t k = 0; k < heap_bytes; k += 4096)
@@ -119,6 +140,8 @@ int main(int argc, char **argv) {
     }
     if (shmid >= 0)
         printf("rmid %d\n", shmctl(shmid, IPC_RMID, NULL) == 0 ? 0 : errno);
+    if (semid >= 0)
+        printf("semrmid %d\n", semctl(semid, 0, IPC_RMID) == 0 ? 0 : errno);
     printf("done %lu usr1 %d\n", i, (int)usr1_count);
     free(heap);
     return 42;

@@ -660,7 +660,12 @@ impl Core {
             .filter(|(p, _)| *p == pid)
             .map(|(_, link)| *link)
             .collect();
-        wire::ProcessInfo { attachments, links }
+        let sem_undo = self.sems.holds_undo(pid);
+        wire::ProcessInfo {
+            attachments,
+            links,
+            sem_undo,
+        }
     }
 
     pub fn session_attached(&mut self, session: u64, pid: i32, id: SegmentId) {

@@ -796,6 +796,13 @@ impl SemService {
         }
     }
 
+    /// Whether local process `pid` holds undo adjustments (maybe zero).
+    pub fn holds_undo(&self, pid: i32) -> bool {
+        self.undo_sets
+            .get(&pid)
+            .is_some_and(|sets| !sets.is_empty())
+    }
+
     /// Local process `pid` is about to hold undo adjustments on `id`.
     /// True the first time for that process (it must now be watched).
     pub fn note_undo(&mut self, pid: i32, id: SemSetId) -> bool {
