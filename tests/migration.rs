@@ -53,6 +53,11 @@ fn assert_continuous(text: &str) {
 
 /// migrate_loop.c with its output in DIR/out; under omrun on `socket` if given.
 fn start_loop(dir: &Path, heap: usize, omrun: Option<&Path>) -> Child {
+    start_loop_with(dir, heap, omrun, &[])
+}
+
+/// `start_loop` with more environment.
+fn start_loop_with(dir: &Path, heap: usize, omrun: Option<&Path>, env: &[(&str, &str)]) -> Child {
     let prog = c_program("migrate_loop").expect("compile migrate_loop.c");
     let out = std::fs::File::create(dir.join("out")).expect("create output file");
     let mut command = match omrun {
@@ -78,6 +83,7 @@ fn start_loop(dir: &Path, heap: usize, omrun: Option<&Path>) -> Child {
         });
     }
     command
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(Stdio::null())
@@ -1126,4 +1132,69 @@ fn semaphores_keep_working_through_a_move_and_undo_is_a_stay_reason() {
         assert_continuous(&text);
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// Queued signals sent to the home pid at any moment of moves there and
+/// back are each delivered exactly once (none lost in a checkpoint, none
+/// twice), including while the process blocks them (it does for most of
+/// each loop, so they wait in its queue when it is stopped).
+#[test]
+fn every_signal_sent_during_moves_arrives_once() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .expect("cluster ready");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = tempdir("signals");
+    let out = dir.join("out");
+    let mut process = Proc::from(start_loop_with(
+        &dir,
+        1 << 20,
+        Some(&node1),
+        &[("MIGRATE_BLOCK_RT", "1")],
+    ));
+    let pid = process.child.id() as i32;
+    assert!(eventually(Duration::from_secs(10), || loops(&output(&out))
+        .len()
+        >= 2));
+    const SENT: i32 = 600;
+    let sender = std::thread::spawn(move || {
+        for _ in 0..SENT {
+            // SAFETY: a plain kill with the pid we started.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGRTMIN() + 1) }, 0);
+            std::thread::sleep(Duration::from_micros(700));
+        }
+    });
+    for round in 0..3 {
+        let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
+        assert!(ok, "round {round} away: {stdout} {stderr}");
+        std::thread::sleep(Duration::from_millis(40));
+        let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "home"]);
+        assert!(ok, "round {round} home: {stdout} {stderr}");
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    sender.join().expect("sender");
+    // Let the last ones land, then end.
+    std::thread::sleep(Duration::from_millis(200));
+    kill(pid, libc::SIGTERM).expect("SIGTERM");
+    let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+    let text = output(&out);
+    assert_eq!(status.code(), Some(42), "{text}");
+    let rt: i32 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("done ")?
+                .split("rt ")
+                .nth(1)?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .expect("done line");
+    assert_eq!(rt, SENT, "queued signals delivered: {text}");
+    assert_continuous(&text);
+    let _ = std::fs::remove_dir_all(&dir);
 }

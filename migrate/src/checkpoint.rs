@@ -91,6 +91,20 @@ pub const LAZY_REGION_MIN: u64 = 256 << 10;
 const THREAD_AREA_BELOW: u64 = 256 << 10;
 const THREAD_AREA_ABOVE: u64 = 64 << 10;
 
+/// The signals waiting for the stopped tracee: those queued in the kernel
+/// and those our stop held back, as `siginfo_t` records, to queue again
+/// wherever it is restored (when the tracee itself will not run again).
+pub fn take_pending_signals(t: &mut Tracee) -> Result<Vec<Vec<u8>>, MigrateError> {
+    let mut out: Vec<Vec<u8>> = t.pending_signals()?.iter().map(|s| s.to_vec()).collect();
+    for sig in t.take_held_signals() {
+        // si_signo, si_errno, si_code = SI_USER (0), sender pid 0.
+        let mut info = vec![0u8; 128];
+        info[..4].copy_from_slice(&sig.to_le_bytes());
+        out.push(info);
+    }
+    Ok(out)
+}
+
 /// `checkpoint`, choosing how private memory travels.
 pub fn checkpoint_with(
     t: &mut Tracee,
@@ -183,6 +197,7 @@ pub fn checkpoint_with(
             .into_owned(),
         umask,
         rlimits,
+        pending_signals: Vec::new(),
         socket_slot: dsm.links.first().map(|l| l.socket_slot),
         attachments: dsm.attachments.clone(),
     })

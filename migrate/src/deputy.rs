@@ -269,6 +269,10 @@ pub fn run(
     }
     // Frozen here until the copy was let run.
     let downtime = frozen.elapsed();
+    // The parked process blocks nothing: every signal sent to it, and any
+    // it had blocked and pending, stops it for us and goes to the copy,
+    // whose own mask (restored from the image) decides.
+    tracee.set_sigmask(0)?;
     // The home process lets go of its segments once the copy has all its
     // memory: serving the copy's first faults comes first.
     let mut released = false;

@@ -207,6 +207,12 @@ fn send_home(
             // not have been reopened here yet.
             image.socket_slot = image.socket_slot.or(first.socket_slot);
             image.keep_identities_of(first);
+            // This copy is killed once the process runs at home: what
+            // waits for it goes home with it.
+            match crate::checkpoint::take_pending_signals(&mut tracee) {
+                Ok(signals) => image.pending_signals = signals,
+                Err(e) => tracing::warn!(pid, "reading pending signals: {e}"),
+            }
             image
         }
         Err(e) => {

@@ -187,6 +187,11 @@ pub struct Image {
     pub umask: u32,
     /// (resource, soft, hard)
     pub rlimits: Vec<(u32, u64, u64)>,
+    /// Signals queued and not yet delivered (raw `siginfo_t`), queued again
+    /// in the restored process: only in an image whose source process is
+    /// killed after it (a return home), never one that stays to pass them on.
+    #[serde(default)]
+    pub pending_signals: Vec<Vec<u8>>,
     /// Where the client library reads the daemon's socket path from on
     /// reconnecting (`dsm::wire::ClientLink::socket_slot`).
     pub socket_slot: Option<u64>,

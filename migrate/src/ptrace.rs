@@ -386,6 +386,38 @@ impl Tracee {
         Ok(())
     }
 
+    /// Signals queued for the process and not yet delivered (its own
+    /// queue, then its thread group's), as raw `siginfo_t` records.
+    pub fn pending_signals(&self) -> io::Result<Vec<[u8; 128]>> {
+        const PEEKSIGINFO_SHARED: u32 = 1;
+        const BATCH: usize = 32;
+        let mut out = Vec::new();
+        for flags in [0, PEEKSIGINFO_SHARED] {
+            let mut offset = 0u64;
+            loop {
+                let args = libc::ptrace_peeksiginfo_args {
+                    off: offset,
+                    flags,
+                    nr: BATCH as i32,
+                };
+                // The kernel writes at most `nr` records of 128 bytes.
+                let mut buf = [[0u8; 128]; BATCH];
+                let n = ptrace(
+                    libc::PTRACE_PEEKSIGINFO,
+                    self.pid,
+                    &args as *const libc::ptrace_peeksiginfo_args as usize,
+                    buf.as_mut_ptr() as usize,
+                )? as usize;
+                out.extend_from_slice(&buf[..n.min(BATCH)]);
+                offset += n as u64;
+                if n < BATCH {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The signals held back so far (for a caller that passes them on
     /// itself rather than letting the process have them at detach).
     pub fn take_held_signals(&mut self) -> Vec<i32> {

@@ -420,6 +420,17 @@ pub fn restore_into(
         )?;
     }
     tracing::debug!(elapsed = ?started.elapsed(), "state restored");
+    // Signals that waited for the process where it was: queued again here.
+    for info in &image.pending_signals {
+        let signo = i32::from_le_bytes(info[..4].try_into().unwrap_or_default());
+        t.write(scratch, info)?;
+        if let Err(e) = t.syscall_ok(
+            libc::SYS_rt_tgsigqueueinfo,
+            &[t.pid as u64, t.pid as u64, signo as u64, scratch],
+        ) {
+            tracing::warn!(pid = t.pid, signo, "queueing a pending signal again: {e}");
+        }
+    }
     // Last of all the writes into its memory (ours and the kernel's, such
     // as rseq's): from here a write into a lazy region waits for its page.
     let lazy = register_lazy(t, image, scratch)?;

@@ -8,6 +8,8 @@
  * it back (status 6 if wrong); word 1 is for others to write ("peer").
  * Prints "shmid ID" first, then "loop N pid P usr1 U peer V" every 100
  * loops and whenever the pid, the SIGUSR1 count or the peer word changes.
+ * Counts SIGRTMIN+1 (queued signals) and prints the count in its last line
+ * ("done N usr1 U rt R").
  * On SIGTERM, with a segment: IPC_RMID, and "rmid 0" or "rmid ERRNO".
  * With MIGRATE_SEM=plain (or =undo): also a semaphore set (IPC_PRIVATE, one
  * semaphore at 1), a P and a V each loop (with SEM_UNDO for =undo), its
@@ -30,9 +32,11 @@
 #include <time.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t usr1_count, stop;
+static volatile sig_atomic_t usr1_count, rt_count, stop;
 
 static void on_usr1(int sig) { (void)sig; usr1_count++; }
+/* SIGRTMIN+1 is queued, not merged: every one sent is counted. */
+static void on_rt(int sig) { (void)sig; rt_count++; }
 static void on_term(int sig) { (void)sig; stop = 1; }
 
 int main(int argc, char **argv) {
@@ -46,6 +50,9 @@ int main(int argc, char **argv) {
     sigaction(SIGUSR1, &sa, NULL);
     sa.sa_handler = on_term;
     sigaction(SIGTERM, &sa, NULL);
+    sa.sa_handler = on_rt;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGRTMIN + 1, &sa, NULL);
     if (!heap)
         return 2;
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -100,7 +107,15 @@ int main(int argc, char **argv) {
             }
         }
         struct timespec ts = {0, 1000000};
+        sigset_t rt;
+        sigemptyset(&rt);
+        sigaddset(&rt, SIGRTMIN + 1);
+        /* With MIGRATE_BLOCK_RT: queued signals wait while it sleeps. */
+        if (getenv("MIGRATE_BLOCK_RT"))
+            sigprocmask(SIG_BLOCK, &rt, NULL);
         nanosleep(&ts, NULL); /* EINTR is fine */
+        if (getenv("MIGRATE_BLOCK_RT"))
+            sigprocmask(SIG_UNBLOCK, &rt, NULL);
         for (size_t k = 0; k < heap_bytes; k += 4096)
             if (heap[k] != (unsigned char)(i + k / 4096)) {
                 printf("heap mismatch in loop %lu\n", i);
@@ -142,7 +157,7 @@ int main(int argc, char **argv) {
         printf("rmid %d\n", shmctl(shmid, IPC_RMID, NULL) == 0 ? 0 : errno);
     if (semid >= 0)
         printf("semrmid %d\n", semctl(semid, 0, IPC_RMID) == 0 ? 0 : errno);
-    printf("done %lu usr1 %d\n", i, (int)usr1_count);
+    printf("done %lu usr1 %d rt %d\n", i, (int)usr1_count, (int)rt_count);
     free(heap);
     return 42;
 }
