@@ -109,11 +109,6 @@ fn relocated_socket() -> Option<PathBuf> {
     (!path.is_empty()).then(|| PathBuf::from(std::ffi::OsString::from_vec(path)))
 }
 
-/// Whether a migrator moved this process to another node's daemon.
-pub fn relocated() -> bool {
-    relocated_socket().is_some()
-}
-
 /// The daemon this process belongs to now: the one a migrator named, or
 /// `default` if the process never moved.
 pub fn current_socket(default: &Path) -> PathBuf {

@@ -138,6 +138,13 @@ pub enum RpcRequest {
     },
     /// This node's migrated and guest processes.
     Migrations,
+    /// `omctl migrate`, asked on the node a process runs on, for its home
+    /// (which does it): the caller's uid, the home pid, the target.
+    Migrate {
+        uid: u32,
+        pid: i32,
+        to: Option<NodeId>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +176,8 @@ pub enum RpcResponse {
     Created(IpcId),
     /// Where the host listens for the deputy.
     HostPort(u16),
+    /// A request refused or failed, with the reason for the user.
+    Refused(String),
     Migrations(Vec<MigrationEntry>),
 }
 
@@ -726,6 +735,8 @@ pub struct ProcessInfo {
     /// It made SEM_UNDO operations: its undo adjustments belong to this
     /// node's record of its pid.
     pub sem_undo: bool,
+    /// It used semaphore sets (through a connection still open).
+    pub sem_used: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

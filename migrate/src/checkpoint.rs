@@ -117,7 +117,13 @@ pub fn checkpoint_with(
             "the process made SEM_UNDO semaphore operations: their undo record stays with its pid on this node (undo does not move yet)",
         ));
     }
+    if dsm.sem_used {
+        return Err(stay(
+            "the process uses SysV semaphore sets, which do not move with it yet",
+        ));
+    }
     let threads = procfs::thread_count(pid)?;
+    quiesce(t, dsm)?;
     if threads != 1 {
         return Err(stay(format!(
             "the process has {threads} threads; only single-threaded processes migrate"
@@ -352,6 +358,64 @@ fn regions(maps: &[MapEntry], dsm: &ProcessInfo) -> Result<Vec<Region>, MigrateE
         });
     }
     Ok(regions)
+}
+
+/// Times a process found inside a semaphore fast-path operation is let run
+/// on to finish it (each a few hundred ns of work) before giving up.
+const QUIESCE_TRIES: u32 = 200;
+
+/// Make sure the process is between two of its library's dealings with the
+/// daemon: not inside a semaphore fast-path operation (holding a region's
+/// lock word, with its pid in it: an image taken there would carry half an
+/// operation the daemon rolls back), and not waiting for the daemon's
+/// answer on one of its connections (which are stand-ins after the move:
+/// the answer would be lost). It is let run a moment until it is out; one
+/// that stays (a semaphore operation that blocks) is refused, to be moved
+/// again later.
+fn quiesce(t: &mut Tracee, dsm: &ProcessInfo) -> Result<(), MigrateError> {
+    for _ in 0..QUIESCE_TRIES {
+        let holding = procfs::maps(t.pid)?
+            .iter()
+            .filter(|m| m.shared && m.path.starts_with("/memfd:migshm-sem"))
+            .any(|m| {
+                t.read(m.start, 4)
+                    .is_ok_and(|w| w.as_slice() == (t.pid as u32).to_le_bytes())
+            });
+        if !holding && !in_daemon_call(t, dsm) {
+            return Ok(());
+        }
+        t.run_briefly(std::time::Duration::from_micros(50))?;
+    }
+    Err(stay(
+        "the process waits on its daemon (a semaphore operation that blocks?); try again",
+    ))
+}
+
+/// Whether the stopped process is in a system call on one of its daemon
+/// connections (or polling one).
+fn in_daemon_call(t: &Tracee, dsm: &ProcessInfo) -> bool {
+    let regs = t.stop_regs();
+    if (regs.orig_rax as i64) < 0 {
+        return false;
+    }
+    let is_link = |fd: i64| dsm.links.iter().any(|l| i64::from(l.fd) == fd);
+    match regs.orig_rax as i64 {
+        libc::SYS_read
+        | libc::SYS_write
+        | libc::SYS_recvfrom
+        | libc::SYS_sendto
+        | libc::SYS_recvmsg
+        | libc::SYS_sendmsg => is_link(regs.rdi as i64),
+        libc::SYS_poll | libc::SYS_ppoll => {
+            // struct pollfd { int fd; short events, revents; }, rsi of them.
+            let count = (regs.rsi as usize).min(1024);
+            t.read(regs.rdi, count * 8).is_ok_and(|raw| {
+                raw.chunks_exact(8)
+                    .any(|p| is_link(i64::from(i32::from_le_bytes([p[0], p[1], p[2], p[3]]))))
+            })
+        }
+        _ => false,
+    }
 }
 
 /// Whether a region's pages may stay behind under lazy transfer.

@@ -418,6 +418,17 @@ impl Tracee {
         Ok(out)
     }
 
+    /// Let the stopped process run for `time`, then stop it again (signals
+    /// that arrive meanwhile are held).
+    pub fn run_briefly(&mut self, time: std::time::Duration) -> io::Result<()> {
+        self.set_regs(&self.stop_regs)?;
+        ptrace(libc::PTRACE_CONT, self.pid, 0, 0)?;
+        std::thread::sleep(time);
+        let held = self.interrupt()?;
+        self.held_signals.extend(held);
+        Ok(())
+    }
+
     /// The signals held back so far (for a caller that passes them on
     /// itself rather than letting the process have them at detach).
     pub fn take_held_signals(&mut self) -> Vec<i32> {

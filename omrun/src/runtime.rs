@@ -56,12 +56,62 @@ pub fn start_where_asked() {
     };
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
-    let moved = Client::connect(&path).and_then(|c| c.migrate(me, Some(to)));
-    match moved {
-        _ if dsm::client::relocated() => {}
-        Ok(()) => {}
+    // A plain connection, not one of the library's: while the process
+    // moves it waits here for the answer, which comes through the relay the
+    // move makes for this socket, on the node it now runs on.
+    let asked = ask_once(
+        std::path::Path::new(&path),
+        &dsm::wire::ClientRequest::Migrate {
+            pid: me,
+            to: Some(to),
+        },
+    );
+    match asked {
+        Ok(dsm::wire::ClientReply::Ok) => {}
+        Ok(dsm::wire::ClientReply::Refused(why)) => {
+            fail_start(&format!("cannot start on node {to}: {why}"))
+        }
+        Ok(other) => fail_start(&format!("cannot start on node {to}: {other:?}")),
         Err(e) => fail_start(&format!("cannot start on node {to}: {e}")),
     }
+}
+
+/// One request on a connection of its own (Hello, then `req`).
+fn ask_once(
+    path: &std::path::Path,
+    req: &dsm::wire::ClientRequest,
+) -> std::io::Result<dsm::wire::ClientReply> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+    let mut call = |id: u64,
+                    req: &dsm::wire::ClientRequest|
+     -> std::io::Result<dsm::wire::ClientReply> {
+        stream.write_all(&dsm::wire::encode_client(id, req))?;
+        let mut buf = Vec::new();
+        loop {
+            if let Some(len) = dsm::wire::client_frame_len(&buf).map_err(std::io::Error::other)? {
+                if buf.len() >= len {
+                    let (_, reply): (u64, dsm::wire::ClientReply) =
+                        dsm::wire::decode_client(&buf[4..len]).map_err(std::io::Error::other)?;
+                    return Ok(reply);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    call(
+        1,
+        &dsm::wire::ClientRequest::Hello {
+            version: dsm::wire::PROTOCOL_VERSION,
+            link: None,
+        },
+    )?;
+    call(2, req)
 }
 
 fn fail_start(why: &str) -> ! {

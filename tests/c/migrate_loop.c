@@ -101,8 +101,11 @@ int main(int argc, char **argv) {
             shm[0] = i;
         if (semid >= 0) {
             struct sembuf p = {0, -1, sem_flags}, v = {0, 1, sem_flags};
-            if (semop(semid, &p, 1) < 0 || semop(semid, &v, 1) < 0 || semctl(semid, 0, GETVAL) != 1) {
-                printf("sem failure in loop %lu: %d\n", i, errno);
+            const char *what = semop(semid, &p, 1) < 0 ? "P"
+                               : semop(semid, &v, 1) < 0 ? "V"
+                               : semctl(semid, 0, GETVAL) != 1 ? "GETVAL" : NULL;
+            if (what) {
+                printf("sem failure in loop %lu: %s errno %d\n", i, what, errno);
                 return 10;
             }
         }

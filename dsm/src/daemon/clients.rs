@@ -196,6 +196,16 @@ impl Session {
                     return Ok(());
                 }
             };
+            if matches!(
+                req,
+                ClientRequest::SemGet { .. }
+                    | ClientRequest::SemOp { .. }
+                    | ClientRequest::SemCtl { .. }
+                    | ClientRequest::SemRegion { .. }
+            ) {
+                // A process that uses semaphore sets does not move yet.
+                self.core.borrow_mut().sem_sessions.insert(self.session);
+            }
             match req {
                 ClientRequest::SemOp {
                     id: set,
@@ -456,7 +466,9 @@ impl Session {
                 all.sort_by_key(|s| s.id);
                 ClientReply::Segments(all)
             }
-            ClientRequest::Migrate { pid, to } => self.migrate(pid, to).await,
+            ClientRequest::Migrate { pid, to } => {
+                super::migration::migrate(&self.core, self.uid, pid, to).await
+            }
             ClientRequest::Ps => {
                 let mut all: Vec<wire::MigrationEntry> = Vec::new();
                 for reply in self.ask_every_live_node(RpcRequest::Migrations).await {
@@ -776,71 +788,6 @@ impl Session {
             }
         }
         Err(libc::EAGAIN)
-    }
-
-    /// `omctl migrate`: move a process homed here, or bring it home.
-    async fn migrate(&mut self, pid: i32, to: Option<crate::ids::NodeId>) -> ClientReply {
-        let owner = std::fs::metadata(format!("/proc/{pid}"))
-            .ok()
-            .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
-        match owner {
-            None => return ClientReply::Err(libc::ESRCH),
-            Some(uid) if self.uid != 0 && uid != self.uid => return ClientReply::Err(libc::EPERM),
-            Some(_) => {}
-        }
-        let (migrations, me) = {
-            let core = self.core.borrow();
-            (core.migrations.clone(), core.me)
-        };
-        let target = to.filter(|n| *n != me);
-        let Some(to) = target else {
-            if migrations.is_migrated(pid).is_none() {
-                return ClientReply::Refused(format!(
-                    "process {pid} already runs on its home node"
-                ));
-            }
-            return match migrations.bring_home(pid).await {
-                Ok(()) => ClientReply::Ok,
-                Err(e) => ClientReply::Refused(e),
-            };
-        };
-        if let Some(at) = migrations.is_migrated(pid) {
-            return ClientReply::Refused(format!(
-                "process {pid} runs on node {at}; bring it home first"
-            ));
-        }
-        let address = {
-            let core = self.core.borrow();
-            match core.peers.get(&to) {
-                Some(p) if core.is_up(to) => p.address,
-                Some(_) => return ClientReply::Refused(format!("node {to} is down")),
-                None => return ClientReply::Refused(format!("node {to} is not in the cluster")),
-            }
-        };
-        let token = rand::random::<u128>();
-        let port = match self
-            .rpc(
-                to,
-                RpcRequest::StartHost {
-                    token,
-                    home_pid: pid,
-                },
-            )
-            .await
-        {
-            RpcResponse::HostPort(port) => port,
-            other => {
-                return ClientReply::Refused(format!(
-                    "node {to} cannot host it: {}",
-                    std::io::Error::from_raw_os_error(errno_of(other))
-                ))
-            }
-        };
-        let host = std::net::SocketAddr::new(address.ip(), port);
-        match migrations.move_out(pid, to, host, token).await {
-            Ok(()) => ClientReply::Ok,
-            Err(e) => ClientReply::Refused(e),
-        }
     }
 
     /// `inherited`: no permission check and allowed after IPC_RMID, as for

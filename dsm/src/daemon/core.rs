@@ -122,7 +122,12 @@ pub struct Core {
     pub orphans: HashMap<i32, super::clients::Orphan>,
     /// Each session's process and its side of the connection, for migrators.
     pub links: HashMap<u64, (i32, wire::ClientLink)>,
+    /// Sessions that made semaphore requests.
+    pub sem_sessions: std::collections::HashSet<u64>,
     pub migrations: Rc<super::migration::Migrations>,
+    /// This core itself, for work started here that outlives a call (an
+    /// RPC answered once a migration is done).
+    pub self_ref: std::rc::Weak<RefCell<Core>>,
     /// The pidfds of both tables above, to find the processes that exited
     /// in one call (`None` if epoll failed: exits are then settled as
     /// connections end and watchers fire).
@@ -188,7 +193,9 @@ impl Core {
             next_session: 1,
             orphans: HashMap::new(),
             links: HashMap::new(),
+            sem_sessions: std::collections::HashSet::new(),
             migrations: super::migration::Migrations::new(config.node, &config.socket),
+            self_ref: std::rc::Weak::new(),
             exits: crate::pidfd::ExitSet::new().ok(),
             sem_retry: Rc::new(tokio::sync::Notify::new()),
             next_watch: 1,
@@ -447,6 +454,25 @@ impl Core {
                 self.drain_engine();
             }
             wire::PeerFrame::Control(Control::Ping) => {}
+            wire::PeerFrame::Control(Control::Request {
+                id,
+                body: RpcRequest::Migrate { uid, pid, to },
+            }) => {
+                // Answered when the move is done, by a task of its own.
+                let Some(core) = self.self_ref.upgrade() else {
+                    return Ok(());
+                };
+                tokio::task::spawn_local(async move {
+                    let reply = match super::migration::migrate(&core, uid, pid, to).await {
+                        wire::ClientReply::Ok => RpcResponse::Ok,
+                        wire::ClientReply::Refused(why) => RpcResponse::Refused(why),
+                        wire::ClientReply::Err(e) => RpcResponse::Err(e),
+                        other => RpcResponse::Refused(format!("{other:?}")),
+                    };
+                    core.borrow_mut()
+                        .send_control(node, &Control::Response { id, body: reply });
+                });
+            }
             wire::PeerFrame::Control(Control::Request { id, body }) => {
                 let reply = self.handle_rpc(node, body);
                 self.send_control(node, &Control::Response { id, body: reply });
@@ -661,10 +687,15 @@ impl Core {
             .map(|(_, link)| *link)
             .collect();
         let sem_undo = self.sems.holds_undo(pid);
+        let sem_used = self
+            .sem_sessions
+            .iter()
+            .any(|s| self.links.get(s).is_some_and(|(p, _)| *p == pid));
         wire::ProcessInfo {
             attachments,
             links,
             sem_undo,
+            sem_used,
         }
     }
 
@@ -705,6 +736,7 @@ impl Core {
     /// The connection ended: uncount what it still had attached.
     pub fn session_ended(&mut self, session: u64) {
         self.links.remove(&session);
+        self.sem_sessions.remove(&session);
         if let Some(entry) = self.attachments.remove(&session) {
             if let (Some(exits), Some(fd)) = (&self.exits, &entry.exited) {
                 exits.remove(fd);
@@ -1324,6 +1356,8 @@ impl Core {
                 }
             }
             RpcRequest::Migrations => R::Migrations(self.migrations.entries()),
+            // Answered by a task (see the peer frame dispatch).
+            RpcRequest::Migrate { .. } => R::Err(libc::EINVAL),
         }
     }
 

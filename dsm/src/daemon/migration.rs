@@ -84,6 +84,15 @@ impl Migrations {
         })
     }
 
+    /// The home node of a process running here as a guest, by its home pid.
+    pub fn home_of_guest(&self, home_pid: i32) -> Option<NodeId> {
+        self.guests
+            .borrow()
+            .values()
+            .find(|g| g.home_pid == home_pid && g.home != self.me)
+            .map(|g| g.home)
+    }
+
     pub fn is_migrated(&self, pid: i32) -> Option<NodeId> {
         self.deputies.borrow().get(&pid).map(|d| d.runs_on)
     }
@@ -269,5 +278,101 @@ impl Migrations {
             Ok(None) => Err("the deputy ended".into()),
             Err(_) => Err("timed out (the process still runs where it ran; try again)".into()),
         }
+    }
+}
+
+/// An RPC to `to` with the daemon's bound on the answer.
+async fn rpc(
+    core: &super::core::SharedCore,
+    to: NodeId,
+    req: crate::wire::RpcRequest,
+) -> crate::wire::RpcResponse {
+    let (rx, timeout) = {
+        let mut c = core.borrow_mut();
+        (c.start_rpc(to, req), c.rpc_timeout)
+    };
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => crate::wire::RpcResponse::Err(libc::EHOSTDOWN),
+        Err(_) => crate::wire::RpcResponse::Err(libc::ETIMEDOUT),
+    }
+}
+
+/// `omctl migrate PID NODE|home` asked of this node by a user with `uid`:
+/// PID is the process's pid on its home node. Done here for a process
+/// homed here; for one that runs here away from home, asked of its home.
+pub async fn migrate(
+    core: &super::core::SharedCore,
+    uid: u32,
+    pid: i32,
+    to: Option<NodeId>,
+) -> crate::wire::ClientReply {
+    use crate::wire::{ClientReply, RpcRequest, RpcResponse};
+    let (migrations, me) = {
+        let c = core.borrow();
+        (c.migrations.clone(), c.me)
+    };
+    if let Some(home) = migrations.home_of_guest(pid) {
+        return match rpc(core, home, RpcRequest::Migrate { uid, pid, to }).await {
+            RpcResponse::Ok => ClientReply::Ok,
+            RpcResponse::Refused(why) => ClientReply::Refused(why),
+            RpcResponse::Err(e) => ClientReply::Err(e),
+            other => ClientReply::Refused(format!("node {home} answered {other:?}")),
+        };
+    }
+    let owner = std::fs::metadata(format!("/proc/{pid}"))
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    match owner {
+        None => return ClientReply::Err(libc::ESRCH),
+        Some(owner) if uid != 0 && owner != uid => return ClientReply::Err(libc::EPERM),
+        Some(_) => {}
+    }
+    let Some(to) = to.filter(|n| *n != me) else {
+        if migrations.is_migrated(pid).is_none() {
+            return ClientReply::Refused(format!("process {pid} already runs on its home node"));
+        }
+        return match migrations.bring_home(pid).await {
+            Ok(()) => ClientReply::Ok,
+            Err(e) => ClientReply::Refused(e),
+        };
+    };
+    if let Some(at) = migrations.is_migrated(pid) {
+        return ClientReply::Refused(format!(
+            "process {pid} runs on node {at}; bring it home first"
+        ));
+    }
+    let address = {
+        let c = core.borrow();
+        match c.peers.get(&to) {
+            Some(p) if c.is_up(to) => p.address,
+            Some(_) => return ClientReply::Refused(format!("node {to} is down")),
+            None => return ClientReply::Refused(format!("node {to} is not in the cluster")),
+        }
+    };
+    let token = rand::random::<u128>();
+    let port = match rpc(
+        core,
+        to,
+        RpcRequest::StartHost {
+            token,
+            home_pid: pid,
+        },
+    )
+    .await
+    {
+        RpcResponse::HostPort(port) => port,
+        RpcResponse::Err(e) => {
+            return ClientReply::Refused(format!(
+                "node {to} cannot host it: {}",
+                std::io::Error::from_raw_os_error(e)
+            ))
+        }
+        other => return ClientReply::Refused(format!("node {to} answered {other:?}")),
+    };
+    let host = SocketAddr::new(address.ip(), port);
+    match migrations.move_out(pid, to, host, token).await {
+        Ok(()) => ClientReply::Ok,
+        Err(e) => ClientReply::Refused(e),
     }
 }

@@ -67,6 +67,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             .map_err(|e| DaemonError::Socket(config.socket.display().to_string(), e))?;
     }
     let core = Rc::new(RefCell::new(core::Core::new(&config)));
+    core.borrow_mut().self_ref = Rc::downgrade(&core);
     let identity = Rc::new(peers::Identity {
         me: config.node,
         incarnation: core.borrow().incarnation,
