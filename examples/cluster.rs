@@ -187,16 +187,7 @@ fn migration_demo(cluster: &Cluster, admin: &Client) -> Result<bool, Box<dyn std
         .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(&out_path)?)
         .stderr(std::process::Stdio::null());
-    // Only the standard descriptors: others the caller may hold (a make
-    // jobserver's pipe) would be relayed for nothing.
-    // SAFETY: close_range is async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    migshm::only_standard_fds(&mut command);
     let mut proc = migshm::Proc::from(command.spawn()?);
     let pid = proc.child.id() as i32;
     let text = || std::fs::read_to_string(&out_path).unwrap_or_default();

@@ -324,6 +324,20 @@ impl Proc {
     }
 }
 
+/// Start `cmd` with descriptors 0-2 only: others the caller holds (a make
+/// jobserver's pipe, a test harness's) would be relayed by a migration, or
+/// keep it from migrating.
+pub fn only_standard_fds(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: close_range is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    }
+}
+
 impl From<Child> for Proc {
     fn from(child: Child) -> Proc {
         Proc { child }

@@ -72,16 +72,7 @@ fn start_loop_with(dir: &Path, heap: usize, omrun: Option<&Path>, env: &[(&str, 
             c
         }
     };
-    // Only the three standard descriptors: the test harness leaks others
-    // (a jobserver pipe) that would be a reason not to migrate.
-    // SAFETY: close_range is async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    migshm::only_standard_fds(&mut command);
     command
         .envs(env.iter().copied())
         .stdin(Stdio::null())
@@ -571,14 +562,7 @@ fn pipe_and_socket_work_through_migrations() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    // SAFETY: close_range is async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    migshm::only_standard_fds(&mut command);
     let mut process = Proc::from(command.spawn().expect("start the loop"));
     let pid = process.child.id() as i32;
     let stdout = process.child.stdout.take().expect("stdout pipe");
@@ -760,14 +744,7 @@ fn a_failed_return_is_reported_and_can_be_retried() {
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).expect("output"))
         .stderr(Stdio::null());
-    // SAFETY: close_range is async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    migshm::only_standard_fds(&mut command);
     let mut process = Proc::from(command.spawn().expect("start"));
     let pid = process.child.id() as i32;
     let pid_arg = pid.to_string();
@@ -846,14 +823,7 @@ fn omrun_node_starts_the_program_elsewhere() {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).expect("output"))
             .stderr(Stdio::piped());
-        // SAFETY: close_range is async-signal-safe.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                Ok(())
-            });
-        }
+        migshm::only_standard_fds(&mut command);
         Proc::from(command.spawn().expect("start omrun --node"))
     };
     let mut process = start("2");
@@ -999,14 +969,7 @@ fn a_forked_child_sharing_anonymous_memory_moves_and_stays_coherent() {
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).expect("output"))
         .stderr(Stdio::null());
-    // SAFETY: close_range is async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    migshm::only_standard_fds(&mut command);
     let mut parent = Proc::from(command.spawn().expect("start"));
     let turns = || {
         output(&out)
@@ -1078,14 +1041,7 @@ fn a_process_using_semaphores_is_refused_with_the_reason() {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).expect("output"))
             .stderr(Stdio::null());
-        // SAFETY: close_range is async-signal-safe.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                Ok(())
-            });
-        }
+        migshm::only_standard_fds(&mut command);
         let mut process = Proc::from(command.spawn().expect("start"));
         let pid = process.child.id() as i32;
         assert!(eventually(Duration::from_secs(10), || loops(&output(&out))

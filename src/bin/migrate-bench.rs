@@ -26,16 +26,7 @@ fn one_round(cluster: &Cluster, bytes: usize) -> Result<Round, String> {
     let out_path = std::env::temp_dir().join(format!("migrate-bench-{}", std::process::id()));
     let out = std::fs::File::create(&out_path).map_err(|e| e.to_string())?;
     let mut command = omrun_command(cluster.socket(1), None, &prog);
-    // Only the three standard descriptors (the caller's others, such as a
-    // make jobserver's pipe, would be relayed).
-    // SAFETY: close_range is async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    migshm::only_standard_fds(&mut command);
     let child = command
         .arg(bytes.to_string())
         .stdin(Stdio::null())
