@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::checkpoint::{checkpoint_with, Transfer};
 use crate::daemon::DaemonConn;
 use crate::image::{FdEntry, FdKind};
-use crate::link::{self, AgentMsg};
+use crate::link::{self, line, AgentMsg};
 use crate::ptrace::{self, Stop, Tracee};
 use crate::relay::{RelayEvent, Relays};
 use crate::restore::directions;
@@ -33,11 +33,6 @@ pub struct Deputy {
     pub home_socket: PathBuf,
     pub host: SocketAddr,
     pub token: u128,
-}
-
-fn line(report: &mut dyn Write, text: &str) {
-    let _ = writeln!(report, "{}", text.replace('\n', " "));
-    let _ = report.flush();
 }
 
 /// Checkpoint the process and start it on the host: all or nothing; on any

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::daemon::DaemonConn;
 use crate::lazy::LazyMemory;
-use crate::link::{self, AgentMsg};
+use crate::link::{self, line, AgentMsg};
 use crate::ptrace::{self, Stop, Tracee};
 use crate::relay::Relays;
 use crate::restore::Shell;
@@ -28,14 +28,9 @@ pub struct Host {
     pub token: u128,
 }
 
-fn line(report: &mut dyn Write, text: &str) {
-    let _ = writeln!(report, "{}", text.replace('\n', " "));
-    let _ = report.flush();
-}
-
-/// Take the deputy's connection and the image; restore it.
 type MovedIn = (TcpStream, i32, Image, Relays, Option<LazyMemory>);
 
+/// Take the deputy's connection and the image; restore it.
 fn move_in(h: &Host, listener: &TcpListener) -> Result<MovedIn, MigrateError> {
     if !ptrace::readable_within(listener.as_fd(), DEPUTY_TIMEOUT)? {
         return Err(MigrateError::Link("no deputy came".into()));

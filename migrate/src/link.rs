@@ -69,6 +69,12 @@ pub fn send(stream: &mut TcpStream, msg: &AgentMsg) -> Result<(), MigrateError> 
     Ok(())
 }
 
+/// One report line of an agent (for dsmd, which reads them).
+pub fn line(report: &mut dyn std::io::Write, text: &str) {
+    let _ = writeln!(report, "{}", text.replace('\n', " "));
+    let _ = report.flush();
+}
+
 /// Largest message before the token is checked.
 pub const HELLO_MAX: u64 = 64 << 10;
 
