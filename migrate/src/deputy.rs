@@ -289,8 +289,8 @@ pub fn run(
             park(&mut tracee, &mut host)?;
             released = true;
         }
-        // SAFETY: fd 0 stays open for the whole loop (it is never closed).
-        let stdin = unsafe { BorrowedFd::borrow_raw(0) };
+        let stdin_handle = std::io::stdin();
+        let stdin = stdin_handle.as_fd();
         let host_events = if push.pending() {
             libc::POLLIN | libc::POLLOUT
         } else {

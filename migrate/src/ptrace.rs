@@ -593,12 +593,40 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
     check(unsafe { libc::kill(pid, sig) } as libc::c_long).map(|_| ())
 }
 
+/// Make `command` start its program as a shell to restore into: with these
+/// credentials, killed if we die, and traced, so that its `execve` stops
+/// it before the program runs a single instruction.
+pub fn exec_traced_as(command: &mut std::process::Command, uid: u32, gid: u32, groups: Vec<u32>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook only makes async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(move || {
+            become_user(uid, gid, &groups)?;
+            // The copy never outlives the agent that answers for it.
+            die_with_parent()?;
+            trace_me()
+        });
+    }
+}
+
+/// A descriptor our parent left us at `fd`, if it is a socket.
+pub fn inherited_socket(fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let path = std::fs::read_link(format!("/proc/self/fd/{fd}"))?;
+    if !path.to_string_lossy().starts_with("socket:") {
+        return Err(io::Error::other(format!("fd {fd} is not a socket")));
+    }
+    // SAFETY: the descriptor exists (checked above), was left to us by our
+    // parent and is owned by nothing else in this process.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// Prepare a forked child to be restored into: it asks to be traced, so the
 /// `execve` that follows stops it before the program runs.
 ///
 /// # Safety
 /// Call only between fork and exec (a `pre_exec` hook).
-pub unsafe fn trace_me() -> io::Result<()> {
+unsafe fn trace_me() -> io::Result<()> {
     // SAFETY: async-signal-safe syscall.
     check(unsafe {
         libc::ptrace(
@@ -616,7 +644,7 @@ pub unsafe fn trace_me() -> io::Result<()> {
 ///
 /// # Safety
 /// Call only between fork and exec (a `pre_exec` hook).
-pub unsafe fn die_with_parent() -> io::Result<()> {
+unsafe fn die_with_parent() -> io::Result<()> {
     // SAFETY: async-signal-safe syscall with integer arguments.
     check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } as libc::c_long).map(|_| ())
 }
@@ -625,7 +653,7 @@ pub unsafe fn die_with_parent() -> io::Result<()> {
 ///
 /// # Safety
 /// Call only between fork and exec (a `pre_exec` hook).
-pub unsafe fn become_user(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
+unsafe fn become_user(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
     // SAFETY: the group list is live; the rest take integers.
     unsafe {
         check(libc::setgroups(groups.len(), groups.as_ptr()) as libc::c_long)?;

@@ -149,15 +149,7 @@ impl Shell {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
-        // SAFETY: the hook only makes async-signal-safe system calls.
-        unsafe {
-            command.pre_exec(move || {
-                ptrace::become_user(creds.uid, creds.gid, &creds.groups)?;
-                // The copy never outlives the agent that answers for it.
-                ptrace::die_with_parent()?;
-                ptrace::trace_me()
-            });
-        }
+        ptrace::exec_traced_as(&mut command, creds.uid, creds.gid, creds.groups);
         let started = std::time::Instant::now();
         let mut child = command.spawn()?;
         match Tracee::adopt_exec_stopped_child(child.id() as i32) {

@@ -53,15 +53,7 @@ enum Role {
 
 /// The listening socket dsmd left at `fd` (checked to be one).
 fn inherited_listener(fd: i32) -> std::io::Result<TcpListener> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let path = std::fs::read_link(format!("/proc/self/fd/{fd}"))?;
-    if !path.to_string_lossy().starts_with("socket:") {
-        return Err(std::io::Error::other(format!("fd {fd} is not a socket")));
-    }
-    // SAFETY: the descriptor exists (checked above), was left to us by our
-    // parent and is owned by nothing else in this process.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let listener = TcpListener::from(owned);
+    let listener = TcpListener::from(migrate::ptrace::inherited_socket(fd)?);
     listener.local_addr()?;
     Ok(listener)
 }
