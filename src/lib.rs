@@ -148,15 +148,11 @@ impl Cluster {
                     .stdout(Stdio::null())
                     .stderr(log);
                 // The daemons end when the thread that started them ends (the
-                // test or the program), even if it is killed.
-                // SAFETY: the hook runs in the forked child before exec and
-                // only calls prctl, which is async-signal-safe.
-                unsafe {
-                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                        Ok(())
-                    });
-                }
+                // test or the program), even if it is killed. Asked of dsmd
+                // rather than done in a pre-exec hook: a hook makes std fork
+                // (running the client library's fork handlers in a child of
+                // a threaded test) where it would otherwise posix_spawn.
+                cmd.env("DSMD_PARENT_PID", std::process::id().to_string());
                 let child = cmd.spawn()?;
                 cluster.nodes[i].child = Some(child);
             }
@@ -324,18 +320,32 @@ impl Proc {
     }
 }
 
-/// Start `cmd` with descriptors 0-2 only: others the caller holds (a make
-/// jobserver's pipe, a test harness's) would be relayed by a migration, or
-/// keep it from migrating.
+/// Start `cmd` with descriptors 0-2 only: others this process inherited
+/// without close-on-exec (a make jobserver's pipe) would be relayed by a
+/// migration, or keep it from migrating. They are marked close-on-exec in
+/// this process instead of closed in a pre-exec hook, which would make std
+/// fork rather than posix_spawn (and run fork handlers in the child).
 pub fn only_standard_fds(cmd: &mut Command) -> &mut Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: close_range is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        })
-    }
+    static MARKED: std::sync::Once = std::sync::Once::new();
+    MARKED.call_once(|| {
+        let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for fd in fds.into_iter().filter(|&fd| fd > 2) {
+            // SAFETY: fcntl on a descriptor number only changes its flags
+            // (one already closed just fails).
+            unsafe {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags >= 0 {
+                    libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                }
+            }
+        }
+    });
+    cmd
 }
 
 impl From<Child> for Proc {

@@ -5,7 +5,28 @@ use clap::Parser;
 use dsm::daemon::{run, Args, Config};
 use std::process::ExitCode;
 
+/// `DSMD_PARENT_PID=PID` (set by test harnesses): die with that parent.
+/// Asked by the daemon itself rather than in a hook between fork and exec,
+/// so that its starter can use posix_spawn (no fork handlers run).
+fn die_with_parent() {
+    let Some(parent) = std::env::var("DSMD_PARENT_PID")
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return;
+    };
+    // SAFETY: prctl and getppid take and return plain integers.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != parent {
+            // It died before we asked.
+            std::process::exit(1);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    die_with_parent();
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e)
