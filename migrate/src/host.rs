@@ -175,6 +175,50 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
     }
 }
 
+/// Times a process caught opening a connection here is let run on before
+/// a return is refused.
+const SETTLE_TRIES: u32 = 50;
+
+/// A checkpoint of the copy that can go home: every pipe or socket in it
+/// is one of our relays (the home process has its original). A socket the
+/// copy opened here is not: one caught while the library opens a daemon
+/// connection (before the daemon knows it as a link) is let run a moment
+/// until it does; any other is a reason not to return yet.
+fn checkpoint_for_home(
+    h: &Host,
+    pid: i32,
+    tracee: &mut Tracee,
+    relays: &Relays,
+) -> Result<Image, MigrateError> {
+    let mut tries = 0;
+    loop {
+        let info = DaemonConn::connect(&h.node_socket)?.process_info(pid)?;
+        let image = checkpoint(tracee, &info)?;
+        let foreign = image.fds.iter().find(|f| {
+            matches!(f.kind, crate::image::FdKind::Relayed { .. })
+                && !relays.list.iter().any(|r| r.fd == f.fd)
+        });
+        match foreign {
+            None => return Ok(image),
+            Some(f) if tries < SETTLE_TRIES => {
+                tracing::debug!(
+                    pid,
+                    fd = f.fd,
+                    "a descriptor opened here; letting it settle"
+                );
+                tries += 1;
+                tracee.run_briefly(Duration::from_millis(1))?;
+            }
+            Some(f) => {
+                return Err(MigrateError::CannotMigrate(format!(
+                    "fd {} was opened on this node and cannot go home; try again",
+                    f.fd
+                )))
+            }
+        }
+    }
+}
+
 fn reap(pid: i32) {
     let _ = ptrace::wait_stop(pid);
 }
@@ -188,7 +232,6 @@ fn send_home(
     deputy: &mut TcpStream,
     relays: &mut Relays,
 ) -> Result<bool, MigrateError> {
-    let info = DaemonConn::connect(&h.node_socket)?.process_info(pid)?;
     let mut tracee = Tracee::seize(pid)?;
     // What it wrote before it stopped goes home ahead of it.
     let mut out = Vec::new();
@@ -196,7 +239,7 @@ fn send_home(
     for msg in &out {
         link::send(deputy, msg)?;
     }
-    let image = match checkpoint(&mut tracee, &info) {
+    let image = match checkpoint_for_home(h, pid, &mut tracee, relays) {
         Ok(mut image) => {
             // The library's socket slot does not move; its connections may
             // not have been reopened here yet.
