@@ -91,7 +91,12 @@ pub fn wait_stop(pid: i32) -> io::Result<Stop> {
             return Err(e);
         }
     }
-    Ok(if libc::WIFEXITED(status) {
+    Ok(stop_of(status))
+}
+
+/// What a `waitpid` status says, for a tracee (TRACESYSGOOD set).
+fn stop_of(status: i32) -> Stop {
+    if libc::WIFEXITED(status) {
         Stop::Exited(libc::WEXITSTATUS(status))
     } else if libc::WIFSIGNALED(status) {
         Stop::Killed(libc::WTERMSIG(status))
@@ -105,7 +110,7 @@ pub fn wait_stop(pid: i32) -> io::Result<Stop> {
         } else {
             Stop::Signal(sig)
         }
-    })
+    }
 }
 
 impl Tracee {
@@ -695,30 +700,6 @@ pub fn drain_child_events(fd: std::os::fd::BorrowedFd<'_>) {
     {}
 }
 
-/// Wait until one of `fds` is readable (or hung up); which ones.
-pub fn wait_readable(fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<Vec<bool>> {
-    let mut polls: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        // SAFETY: polls is a live array of its length.
-        let r = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, -1) };
-        if r >= 0 {
-            break;
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
-    }
-    Ok(polls.iter().map(|p| p.revents != 0).collect())
-}
-
 /// Whether `fd` becomes readable within `limit`.
 pub fn readable_within(
     fd: std::os::fd::BorrowedFd<'_>,
@@ -772,18 +753,30 @@ pub fn wait_ready(fds: &[(std::os::fd::BorrowedFd<'_>, i16)]) -> io::Result<Vec<
             revents: 0,
         })
         .collect();
+    poll_until(&mut polls, None)?;
+    Ok(polls.iter().map(|p| p.revents).collect())
+}
+
+/// `poll` until something is ready or `limit` (None: forever) passes,
+/// going on after EINTR; how many are ready.
+fn poll_until(polls: &mut [libc::pollfd], limit: Option<std::time::Duration>) -> io::Result<usize> {
+    let deadline = limit.map(|l| std::time::Instant::now() + l);
     loop {
+        let timeout = deadline.map_or(-1, |d| {
+            d.saturating_duration_since(std::time::Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32
+        });
         // SAFETY: polls is a live array of its length.
-        let r = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, -1) };
+        let r = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout) };
         if r >= 0 {
-            break;
+            return Ok(r as usize);
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINTR) {
             return Err(e);
         }
     }
-    Ok(polls.iter().map(|p| p.revents).collect())
 }
 
 fn ready_within(
@@ -791,24 +784,12 @@ fn ready_within(
     events: i16,
     limit: std::time::Duration,
 ) -> io::Result<bool> {
-    let mut p = libc::pollfd {
+    let mut p = [libc::pollfd {
         fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
         events,
         revents: 0,
-    };
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        // SAFETY: one live pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-        if r >= 0 {
-            return Ok(r > 0);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
-    }
+    }];
+    Ok(poll_until(&mut p, Some(limit))? > 0)
 }
 
 /// A child's state change, if it has one (exit, or a stop when traced).
@@ -822,15 +803,5 @@ pub fn poll_child(pid: i32) -> io::Result<Option<Stop>> {
     if r == 0 {
         return Ok(None);
     }
-    Ok(Some(if libc::WIFEXITED(status) {
-        Stop::Exited(libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        Stop::Killed(libc::WTERMSIG(status))
-    } else if libc::WSTOPSIG(status) == libc::SIGTRAP | 0x80 {
-        Stop::Syscall
-    } else if status >> 16 != 0 {
-        Stop::Event(status >> 16)
-    } else {
-        Stop::Signal(libc::WSTOPSIG(status))
-    }))
+    Ok(Some(stop_of(status)))
 }
