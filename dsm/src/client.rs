@@ -24,7 +24,7 @@ use crate::wire::{
     self, AttachmentRecord, ClientReply, ClientRequest, NodeInfo, NodeStatus, SemSetStat,
 };
 use parking_lot::Mutex;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
@@ -216,8 +216,19 @@ fn call_on(
     }
     let id = state.next_id;
     state.next_id += 1;
+    exchange(state.stream.as_fd(), id, req, fd.map(|f| f.as_fd()))
+}
+
+/// One request (with a descriptor, if any) and its answer on a connection
+/// to a daemon: the local protocol's framing, for every client of it.
+pub fn exchange(
+    stream: BorrowedFd<'_>,
+    id: u64,
+    req: &ClientRequest,
+    fd: Option<BorrowedFd<'_>>,
+) -> Result<(ClientReply, Option<OwnedFd>), Error> {
     let frame = wire::encode_client(id, req);
-    let sock = state.stream.as_raw_fd();
+    let sock = stream.as_raw_fd();
     let mut sent = 0;
     let mut fds: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
     while sent < frame.len() {

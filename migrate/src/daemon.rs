@@ -1,12 +1,11 @@
 //! A migrator's own connection to a node's daemon (plain blocking calls of
 //! the local protocol in `dsm::wire`).
 
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use dsm::fdpass;
 use dsm::wire::{self, ClientReply, ClientRequest};
 
 use crate::MigrateError;
@@ -63,39 +62,10 @@ impl DaemonConn {
     ) -> Result<(ClientReply, Option<OwnedFd>), MigrateError> {
         let id = self.next_id;
         self.next_id += 1;
-        let frame = wire::encode_client(id, req);
-        let sock = self.stream.as_raw_fd();
-        let mut fds: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
-        let mut sent = 0;
-        while sent < frame.len() {
-            sent += fdpass::send_with_fds(sock, &frame[sent..], &fds)?;
-            fds.clear();
-        }
-        let mut buf = Vec::new();
-        let mut received = Vec::new();
-        loop {
-            if let Some(len) =
-                wire::client_frame_len(&buf).map_err(|e| MigrateError::Daemon(e.to_string()))?
-            {
-                if buf.len() >= len {
-                    let (reply_id, reply): (u64, ClientReply) =
-                        wire::decode_client(&buf[4..len])
-                            .map_err(|e| MigrateError::Daemon(e.to_string()))?;
-                    if reply_id != id {
-                        return Err(protocol(reply_id));
-                    }
-                    return Ok((reply, received.pop()));
-                }
-            }
-            let mut chunk = [0u8; 16384];
-            let n = fdpass::recv_with_fds(sock, &mut chunk, &mut received)?;
-            if n == 0 {
-                return Err(MigrateError::Daemon(
-                    "the daemon closed the connection".into(),
-                ));
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
+        dsm::client::exchange(self.stream.as_fd(), id, req, fd).map_err(|e| match e {
+            dsm::client::Error::Io(io) => MigrateError::Io(io),
+            other => MigrateError::Daemon(other.to_string()),
+        })
     }
 
     /// A call answered `Ok`.

@@ -80,38 +80,15 @@ pub fn start_where_asked() {
 fn ask_once(
     path: &std::path::Path,
     req: &dsm::wire::ClientRequest,
-) -> std::io::Result<dsm::wire::ClientReply> {
-    use std::io::{Read, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
-    let mut call = |id: u64,
-                    req: &dsm::wire::ClientRequest|
-     -> std::io::Result<dsm::wire::ClientReply> {
-        stream.write_all(&dsm::wire::encode_client(id, req))?;
-        let mut buf = Vec::new();
-        loop {
-            if let Some(len) = dsm::wire::client_frame_len(&buf).map_err(std::io::Error::other)? {
-                if buf.len() >= len {
-                    let (_, reply): (u64, dsm::wire::ClientReply) =
-                        dsm::wire::decode_client(&buf[4..len]).map_err(std::io::Error::other)?;
-                    return Ok(reply);
-                }
-            }
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk)?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
+) -> Result<dsm::wire::ClientReply, Error> {
+    use std::os::fd::AsFd;
+    let stream = std::os::unix::net::UnixStream::connect(path)?;
+    let hello = dsm::wire::ClientRequest::Hello {
+        version: dsm::wire::PROTOCOL_VERSION,
+        link: None,
     };
-    call(
-        1,
-        &dsm::wire::ClientRequest::Hello {
-            version: dsm::wire::PROTOCOL_VERSION,
-            link: None,
-        },
-    )?;
-    call(2, req)
+    dsm::client::exchange(stream.as_fd(), 1, &hello, None)?;
+    Ok(dsm::client::exchange(stream.as_fd(), 2, req, None)?.0)
 }
 
 fn fail_start(why: &str) -> ! {
