@@ -169,10 +169,7 @@ fn restored_process_keeps_its_segment_on_another_node() {
     if !uffd_or_skip() {
         return;
     }
-    let mut cluster = Cluster::start(3).expect("start 3 daemons");
-    cluster
-        .wait_ready(Duration::from_secs(10))
-        .expect("cluster ready");
+    let cluster = Cluster::start(3).expect("start 3 daemons");
     let dir = tempdir("segment");
     let out = dir.join("out");
     let mut original = Proc::from(start_loop(&dir, 256 << 10, Some(cluster.socket(1))));
@@ -282,10 +279,7 @@ fn deputy_and_host_move_a_process_there_and_back() {
     if !uffd_or_skip() {
         return;
     }
-    let mut cluster = Cluster::start(2).expect("start 2 daemons");
-    cluster
-        .wait_ready(Duration::from_secs(10))
-        .expect("cluster ready");
+    let cluster = Cluster::start(2).expect("start 2 daemons");
     let dir = tempdir("agents");
     let out = dir.join("out");
     let mut process = Proc::from(start_loop(&dir, 1 << 20, Some(cluster.socket(1))));
@@ -383,6 +377,18 @@ fn omctl(socket: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The pid on the node it runs on of the one process `omctl ps` lists.
+fn listed_pid_there(socket: &Path) -> Option<i32> {
+    omctl(socket, &["ps"])
+        .1
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
 fn pid_running(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         !s.rsplit(')')
@@ -402,10 +408,7 @@ fn omctl_migrates_there_and_home_and_kill_ends_it_everywhere() {
     if !uffd_or_skip() {
         return;
     }
-    let mut cluster = Cluster::start(3).expect("start 3 daemons");
-    cluster
-        .wait_ready(Duration::from_secs(10))
-        .expect("cluster ready");
+    let cluster = Cluster::start(3).expect("start 3 daemons");
     let node1 = cluster.socket(1).to_path_buf();
     let dir = tempdir("omctl");
     let out = dir.join("out");
@@ -460,12 +463,7 @@ fn omctl_migrates_there_and_home_and_kill_ends_it_everywhere() {
 
     let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid_arg, "3"]);
     assert!(ok, "migrate to 3: {stdout} {stderr}");
-    let (_, ps, _) = omctl(&node1, &["ps"]);
-    let pid_there: i32 = ps
-        .lines()
-        .nth(1)
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        .expect("pid on node 3");
+    let pid_there = listed_pid_there(&node1).expect("pid on node 3");
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out))
             .iter()
@@ -500,10 +498,7 @@ fn exit_status_of_a_migrated_process_reaches_its_parent() {
     if !uffd_or_skip() {
         return;
     }
-    let mut cluster = Cluster::start(2).expect("start 2 daemons");
-    cluster
-        .wait_ready(Duration::from_secs(10))
-        .expect("cluster ready");
+    let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
     let dir = tempdir("exit");
     let out = dir.join("out");
@@ -547,10 +542,7 @@ fn pipe_and_socket_work_through_migrations() {
     if !uffd_or_skip() {
         return;
     }
-    let mut cluster = Cluster::start(2).expect("start 2 daemons");
-    cluster
-        .wait_ready(Duration::from_secs(10))
-        .expect("cluster ready");
+    let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
     let port = listener.local_addr().expect("port").port();
@@ -603,12 +595,7 @@ fn pipe_and_socket_work_through_migrations() {
 
     let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
     assert!(ok, "{stdout} {stderr}");
-    let (_, ps, _) = omctl(&node1, &["ps"]);
-    let pid_there: i32 = ps
-        .lines()
-        .nth(1)
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        .expect("pid on node 2");
+    let pid_there = listed_pid_there(&node1).expect("pid on node 2");
     assert!(
         eventually(Duration::from_secs(10), || loops(&seen())
             .iter()
@@ -662,10 +649,7 @@ fn destination_killed_during_a_migration_leaves_the_process_at_home() {
     if !uffd_or_skip() {
         return;
     }
-    let mut cluster = Cluster::start(2).expect("start 2 daemons");
-    cluster
-        .wait_ready(Duration::from_secs(10))
-        .expect("cluster ready");
+    let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
     let dir = tempdir("dies");
     let out = dir.join("out");
@@ -725,10 +709,7 @@ fn a_failed_return_is_reported_and_can_be_retried() {
     if !uffd_or_skip() {
         return;
     }
-    let mut cluster = Cluster::start(2).expect("start 2 daemons");
-    cluster
-        .wait_ready(Duration::from_secs(10))
-        .expect("cluster ready");
+    let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
     let dir = tempdir("retry");
     let out = dir.join("out");
@@ -764,12 +745,7 @@ fn a_failed_return_is_reported_and_can_be_retried() {
     let (ok, _, stderr) = omctl(&node1, &["migrate", &pid_arg, "home"]);
     assert!(!ok, "the return must fail");
     assert!(stderr.contains("is not the file"), "{stderr}");
-    let (_, ps, _) = omctl(&node1, &["ps"]);
-    let pid_there: i32 = ps
-        .lines()
-        .nth(1)
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        .expect("still on node 2");
+    let pid_there = listed_pid_there(&node1).expect("still on node 2");
     let last = loops(&output(&out)).last().copied().expect("lines");
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out))
@@ -804,10 +780,7 @@ fn omrun_node_starts_the_program_elsewhere() {
     if !uffd_or_skip() {
         return;
     }
-    let mut cluster = Cluster::start(2).expect("start 2 daemons");
-    cluster
-        .wait_ready(Duration::from_secs(10))
-        .expect("cluster ready");
+    let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
     let dir = tempdir("node");
     let out = dir.join("out");
@@ -865,10 +838,7 @@ fn a_threaded_process_is_refused_with_the_reason() {
     if !uffd_or_skip() {
         return;
     }
-    let mut cluster = Cluster::start(2).expect("start 2 daemons");
-    cluster
-        .wait_ready(Duration::from_secs(10))
-        .expect("cluster ready");
+    let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
     let dir = tempdir("threads");
     let out = dir.join("out");
@@ -956,10 +926,7 @@ fn a_forked_child_sharing_anonymous_memory_moves_and_stays_coherent() {
     if !uffd_or_skip() {
         return;
     }
-    let mut cluster = Cluster::start(2).expect("start 2 daemons");
-    cluster
-        .wait_ready(Duration::from_secs(10))
-        .expect("cluster ready");
+    let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
     let dir = tempdir("anon");
     let out = dir.join("out");
@@ -1025,10 +992,7 @@ fn a_process_using_semaphores_is_refused_with_the_reason() {
     if !uffd_or_skip() {
         return;
     }
-    let mut cluster = Cluster::start(2).expect("start 2 daemons");
-    cluster
-        .wait_ready(Duration::from_secs(10))
-        .expect("cluster ready");
+    let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
     let prog = c_program("migrate_loop").expect("compile");
     for mode in ["plain", "undo"] {
@@ -1085,10 +1049,7 @@ fn every_signal_sent_during_moves_arrives_once() {
     if !uffd_or_skip() {
         return;
     }
-    let mut cluster = Cluster::start(2).expect("start 2 daemons");
-    cluster
-        .wait_ready(Duration::from_secs(10))
-        .expect("cluster ready");
+    let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
     let dir = tempdir("signals");
     let out = dir.join("out");
