@@ -603,12 +603,17 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
 /// it before the program runs a single instruction.
 pub fn exec_traced_as(command: &mut std::process::Command, uid: u32, gid: u32, groups: Vec<u32>) {
     use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as i32;
     // SAFETY: the hook only makes async-signal-safe system calls.
     unsafe {
         command.pre_exec(move || {
             become_user(uid, gid, &groups)?;
-            // The copy never outlives the agent that answers for it.
+            // The copy never outlives the agent that answers for it (one
+            // that died before we asked leaves us with another parent).
             die_with_parent()?;
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
             trace_me()
         });
     }
