@@ -553,6 +553,7 @@ fn bad_semaphore_requests_change_nothing() {
             sops: vec![sop(0, 1)],
             pid: 1,
             cred: cred.clone(),
+            owner: NodeId(3),
         },
         wire::Notice::SemResult {
             wait: 77,

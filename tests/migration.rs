@@ -318,6 +318,7 @@ fn deputy_and_host_move_a_process_there_and_back() {
         .strip_prefix("running ")
         .and_then(|p| p.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("deputy: {running}"));
+    assert_eq!(agent_line(&host_lines), format!("guest {remote_pid}"));
     assert_eq!(agent_line(&host_lines), format!("running {remote_pid}"));
     assert!(
         eventually(Duration::from_secs(10), || loops(&output(&out))
@@ -984,58 +985,98 @@ fn a_forked_child_sharing_anonymous_memory_moves_and_stays_coherent() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A process that uses semaphore sets is refused with the reason (with or
-/// without SEM_UNDO), and runs on: its sets still work and go away with
-/// IPC_RMID at the end.
+/// The number `tag` (e.g. "semid") the loop printed first.
+fn printed_id(out: &Path, tag: &str) -> Option<i32> {
+    output(out)
+        .lines()
+        .find_map(|l| l.strip_prefix(tag)?.trim().parse().ok())
+}
+
+/// A process that works a semaphore set (P and V each loop, with or
+/// without SEM_UNDO) moves there and back, three times, each time while it
+/// waits in a `semop` (a gate the test holds closed): the wait is
+/// withdrawn, asked again on the node it lands on, and ends there when the
+/// test opens the gate. Every value it checks stays right. With SEM_UNDO,
+/// the adjustments it made at home and away stay in force through the
+/// moves (none undone when a copy is left behind) and are all undone when
+/// it is killed.
 #[test]
-fn a_process_using_semaphores_is_refused_with_the_reason() {
+fn semaphore_users_move_even_while_they_wait_and_keep_their_undo() {
     if !uffd_or_skip() {
         return;
     }
     let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
-    let prog = c_program("migrate_loop").expect("compile");
+    let sems = semaphore::Semaphores::connect(&node1).expect("connect");
     for mode in ["plain", "undo"] {
         let dir = tempdir(&format!("sem-{mode}"));
         let out = dir.join("out");
-        let mut command = omrun_command(&node1, None, &prog);
-        command
-            .args(["65536", "shm"])
-            .env("MIGRATE_SEM", mode)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).expect("output"))
-            .stderr(Stdio::null());
-        migshm::only_standard_fds(&mut command);
-        let mut process = Proc::from(command.spawn().expect("start"));
+        let mut process = Proc::from(start_loop_with(
+            &dir,
+            65536,
+            Some(&node1),
+            &[("MIGRATE_SEM", mode)],
+        ));
         let pid = process.child.id() as i32;
         assert!(eventually(Duration::from_secs(10), || loops(&output(&out))
             .len()
             >= 2));
-        let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
-        assert!(!ok, "{mode}: {stdout}");
-        let reason = if mode == "undo" {
-            "SEM_UNDO"
-        } else {
-            "semaphore sets"
-        };
-        assert!(stderr.contains(reason), "{mode}: {stderr}");
-        let last = loops(&output(&out)).last().copied().expect("lines");
-        assert!(
-            eventually(Duration::from_secs(10), || loops(&output(&out))
-                .iter()
-                .any(|l| l.pid == pid && l.run > last.run)),
-            "it runs on at home: {}",
-            output(&out)
-        );
-        kill(pid, libc::SIGTERM).expect("SIGTERM");
-        let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+        let set = sems.open(printed_id(&out, "semid ").expect("semid"));
+        for round in 0..3 {
+            set.set_value(1, 1).expect("close the gate");
+            std::thread::sleep(Duration::from_millis(30));
+            let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
+            assert!(ok, "{mode} round {round}: {stdout} {stderr}");
+            let there = listed_pid_there(&node1).expect("pid on node 2");
+            assert_eq!(set.get_ncnt(0).expect("GETNCNT"), 0);
+            let last = loops(&output(&out)).last().copied().expect("lines");
+            set.set_value(1, 0).expect("open the gate");
+            assert!(
+                eventually(Duration::from_secs(10), || loops(&output(&out))
+                    .iter()
+                    .any(|l| l.pid == there && l.run > last.run + 100)),
+                "{mode}: it goes on on node 2: {}",
+                output(&out)
+            );
+            let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "home"]);
+            assert!(ok, "{mode} round {round}: {stdout} {stderr}");
+            let last = loops(&output(&out)).last().copied().expect("lines");
+            assert!(
+                eventually(Duration::from_secs(10), || loops(&output(&out))
+                    .iter()
+                    .any(|l| l.pid == pid && l.run > last.run + 100)),
+                "{mode}: it goes on at home: {}",
+                output(&out)
+            );
+        }
         let text = output(&out);
-        assert_eq!(status.code(), Some(42), "{mode}: {text}");
-        assert!(
-            text.contains("semrmid 0") && text.contains("rmid 0"),
-            "{text}"
-        );
-        assert_continuous(&text);
+        assert!(!text.contains("failure"), "{mode}: {text}");
+        if mode == "undo" {
+            let ups = set.get_value(2).expect("GETVAL");
+            assert!(ups > 0, "{text}");
+            kill(pid, libc::SIGKILL).expect("SIGKILL");
+            wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+            assert!(
+                eventually(Duration::from_secs(10), || set.get_value(2).ok() == Some(0)),
+                "every adjustment (here {ups}) undone at its end: {:?}",
+                set.get_value(2)
+            );
+            set.remove().expect("IPC_RMID");
+            let shmid = printed_id(&out, "shmid ").expect("shmid");
+            dsm::client::Client::connect(&node1)
+                .and_then(|c| c.remove(shmid))
+                .expect("shm IPC_RMID");
+        } else {
+            kill(pid, libc::SIGTERM).expect("SIGTERM");
+            let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+            let text = output(&out);
+            assert_eq!(status.code(), Some(42), "{mode}: {text}");
+            assert!(
+                text.contains("semrmid 0") && text.contains("rmid 0"),
+                "{text}"
+            );
+        }
+        assert_continuous(&output(&out));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

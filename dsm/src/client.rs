@@ -115,11 +115,40 @@ pub fn current_socket(default: &Path) -> PathBuf {
     relocated_socket().unwrap_or_else(|| default.to_path_buf())
 }
 
+/// Calls this process has in flight on its daemon connections, from the
+/// first byte of a request to the last of its answer: a migrator reads it
+/// (see [`wire::ClientLink::calls_in_flight`]) so as never to move the
+/// process with an answer on its way to a connection it leaves behind.
+static CALLS_IN_FLIGHT: AtomicU32 = AtomicU32::new(0);
+
+/// Held for the length of one call to a daemon.
+pub struct CallInFlight(());
+
+impl CallInFlight {
+    pub fn begin() -> CallInFlight {
+        CALLS_IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        CallInFlight(())
+    }
+}
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        CALLS_IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// In a forked child (one thread, no call of its own yet): calls other
+/// threads of the parent had in flight are not the child's.
+pub fn forget_parent_calls() {
+    CALLS_IN_FLIGHT.store(0, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// What a migrator needs to know about a connection to the daemon.
 pub fn link_of(stream: &UnixStream) -> wire::ClientLink {
     wire::ClientLink {
         fd: stream.as_raw_fd(),
         socket_slot: RELOCATED_SOCKET.0.get() as u64,
+        calls_in_flight: CALLS_IN_FLIGHT.as_ptr() as u64,
     }
 }
 
@@ -174,6 +203,7 @@ fn call_on(
     if state.broken {
         return Err(Error::Errno(libc::EIO));
     }
+    let _in_flight = CallInFlight::begin();
     if fdpass::identity(state.stream.as_fd()) != state.stream_id {
         // The program closed our descriptor (and may have reused its
         // number): never write there, never close it. Reconnect and take
@@ -288,6 +318,9 @@ fn expect_ok(reply: ClientReply) -> Result<(), Error> {
 impl Client {
     /// Connect to the daemon listening on `path`.
     pub fn connect(path: impl AsRef<Path>) -> Result<Client, Error> {
+        // From the connect on: a migrator must not take this connection,
+        // still unknown to the daemon, for one of the program's.
+        let _in_flight = CallInFlight::begin();
         let path = path.as_ref().to_path_buf();
         let stream = open_stream(&path)?;
         let stream_id = fdpass::identity(stream.as_fd());
@@ -685,6 +718,7 @@ extern "C" fn atfork_parent() {
 }
 
 extern "C" fn atfork_child() {
+    forget_parent_calls();
     release_fork_locks();
     let live: Vec<Arc<Inner>> = LIVE.lock().iter().filter_map(Weak::upgrade).collect();
     for inner in live {
@@ -708,6 +742,7 @@ extern "C" fn atfork_child() {
 /// In a forked child: a connection of its own, a userfaultfd of its own,
 /// and the inherited attachments handed to the daemon before returning.
 fn adopt_in_child(path: &Path, state: &mut State) -> Result<(), Error> {
+    let _in_flight = CallInFlight::begin();
     let fresh = open_stream(path)?;
     let inherited_id = std::mem::replace(&mut state.stream_id, fdpass::identity(fresh.as_fd()));
     // The inherited descriptor is the parent's connection: close the

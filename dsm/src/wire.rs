@@ -145,6 +145,13 @@ pub enum RpcRequest {
         pid: i32,
         to: Option<NodeId>,
     },
+    /// To a migrated process's home: process `pid` of this node, running
+    /// on the asking node, is about to make SEM_UNDO operations on `set`:
+    /// its exit here must apply them. `Err(ESRCH)`: it is gone.
+    SemNoteUndo {
+        pid: i32,
+        set: SemSetId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +186,10 @@ pub enum RpcResponse {
     /// A request refused or failed, with the reason for the user.
     Refused(String),
     Migrations(Vec<MigrationEntry>),
+    /// A `SemOp` withdrawn for a migration (`ClientRequest::WithdrawWaits`):
+    /// nothing of it was applied; the caller asks again, from wherever it
+    /// runs by then.
+    Withdrawn,
 }
 
 /// One-way notices between daemons.
@@ -199,6 +210,9 @@ pub enum Notice {
         sops: Vec<SemBuf>,
         pid: i32,
         cred: Credentials,
+        /// The node whose process `pid` is (its undo record's key): the
+        /// origin, or the home of a process that migrated to the origin.
+        owner: NodeId,
     },
     /// To a set's home: give up waiting (signal, timeout, caller gone). The
     /// answer is the op's own `SemResult`: `Cancelled`, or the outcome it
@@ -707,6 +721,21 @@ pub enum ClientRequest {
     SemRegion {
         id: i32,
     },
+    /// For a migrator (root only): every `SemOp` of local process `pid`
+    /// that waits ends now with [`ClientReply::Withdrawn`] (nothing of it
+    /// applied), or with the outcome it had already reached. Answered
+    /// `Value(n)`: how many waited.
+    WithdrawWaits {
+        pid: i32,
+    },
+    /// For a host agent (root only), before the copy it made runs: local
+    /// process `pid` is the process the host with `token` receives, moved
+    /// here. Its semaphore operations count as its home process's (its
+    /// undo record stays at home).
+    Guest {
+        pid: i32,
+        token: u128,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -725,6 +754,10 @@ pub struct AttachmentRecord {
 pub struct ClientLink {
     pub fd: i32,
     pub socket_slot: u64,
+    /// The address of the library's count of calls it has in flight on
+    /// its daemon connections (a `u32`): a migrator stops the process only
+    /// where it is zero, or after withdrawing the call that waits.
+    pub calls_in_flight: u64,
 }
 
 /// What the daemon knows of one local process, for a migrator.
@@ -732,11 +765,6 @@ pub struct ClientLink {
 pub struct ProcessInfo {
     pub attachments: Vec<AttachmentRecord>,
     pub links: Vec<ClientLink>,
-    /// It made SEM_UNDO operations: its undo adjustments belong to this
-    /// node's record of its pid.
-    pub sem_undo: bool,
-    /// It used semaphore sets (through a connection still open).
-    pub sem_used: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -767,6 +795,10 @@ pub enum ClientReply {
     /// A request refused or failed, with the reason for the user.
     Refused(String),
     Migrations(Vec<MigrationEntry>),
+    /// A `SemOp` withdrawn for a migration (`ClientRequest::WithdrawWaits`):
+    /// nothing of it was applied; the caller asks again, from wherever it
+    /// runs by then.
+    Withdrawn,
 }
 
 /// A process that runs away from its home node.

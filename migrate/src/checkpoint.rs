@@ -5,6 +5,7 @@
 //! asked by system calls run inside it. Nothing in it changes: a checkpoint
 //! that fails leaves the process to run on as if nothing happened.
 
+use crate::daemon::DaemonConn;
 use crate::image::{
     Backing, Credentials, FdEntry, FdKind, Image, MmFields, PageRun, Region, Registers, Rseq,
     SignalAction,
@@ -13,6 +14,7 @@ use crate::procfs::{self, MapEntry, PAGE_SIZE};
 use crate::ptrace::Tracee;
 use crate::MigrateError;
 use dsm::wire::ProcessInfo;
+use std::os::fd::AsFd;
 
 /// Where glibc 2.36 keeps the thread id in its thread descriptor (fs base +
 /// this); checked against the pid before it is used.
@@ -50,12 +52,19 @@ pub fn locate_syscall(t: &mut Tracee, maps: &[MapEntry]) -> Result<(), MigrateEr
 /// system call has the kernel's restart codes in rax: turn them into what
 /// the kernel would have done (re-issue the call), except for calls whose
 /// restart state stays in the old kernel task (nanosleep…): those return
-/// EINTR, as for a signal handler without SA_RESTART.
+/// EINTR, as for a signal handler without SA_RESTART. `poll` is re-issued
+/// as it was (its arguments are all in registers; a timeout starts again):
+/// libraries wait for their daemon's answer in it and must not see EINTR
+/// that no signal caused.
 pub fn portable_registers(regs: libc::user_regs_struct) -> Registers {
     let mut r = Registers::from(regs);
     if (r.orig_rax as i64) >= 0 {
         match r.rax as i64 {
             ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+                r.rax = r.orig_rax;
+                r.rip -= 2;
+            }
+            ERESTART_RESTARTBLOCK if r.orig_rax as i64 == libc::SYS_poll => {
                 r.rax = r.orig_rax;
                 r.rip -= 2;
             }
@@ -70,7 +79,7 @@ pub fn portable_registers(regs: libc::user_regs_struct) -> Registers {
 /// Checkpoint the stopped tracee. `dsm` is what its node's daemon knows of
 /// it (its segments and connections), empty for a process not under omrun.
 pub fn checkpoint(t: &mut Tracee, dsm: &ProcessInfo) -> Result<Image, MigrateError> {
-    checkpoint_with(t, dsm, Transfer::Eager)
+    checkpoint_with(t, dsm, Transfer::Eager, None)
 }
 
 /// How private memory travels with an image.
@@ -105,25 +114,19 @@ pub fn take_pending_signals(t: &mut Tracee) -> Result<Vec<Vec<u8>>, MigrateError
     Ok(out)
 }
 
-/// `checkpoint`, choosing how private memory travels.
+/// `checkpoint`, choosing how private memory travels. With `daemon` (a
+/// connection to the process's node's daemon), a `semop` the process waits
+/// in is withdrawn so that it can move (it asks again where it lands);
+/// without, such a process is refused.
 pub fn checkpoint_with(
     t: &mut Tracee,
     dsm: &ProcessInfo,
     transfer: Transfer,
+    daemon: Option<&mut DaemonConn>,
 ) -> Result<Image, MigrateError> {
     let pid = t.pid;
-    if dsm.sem_undo {
-        return Err(stay(
-            "the process made SEM_UNDO semaphore operations: their undo record stays with its pid on this node (undo does not move yet)",
-        ));
-    }
-    if dsm.sem_used {
-        return Err(stay(
-            "the process uses SysV semaphore sets, which do not move with it yet",
-        ));
-    }
     let threads = procfs::thread_count(pid)?;
-    quiesce(t, dsm)?;
+    let unread = quiesce(t, dsm, daemon)?;
     if threads != 1 {
         return Err(stay(format!(
             "the process has {threads} threads; only single-threaded processes migrate"
@@ -140,7 +143,7 @@ pub fn checkpoint_with(
     let asked = ask_process(t)?;
     let regions = regions(&maps, dsm)?;
     let (pages, lazy) = private_pages(t, &regions, transfer, regs.fs_base)?;
-    let fds = fds(pid, dsm)?;
+    let fds = fds(pid, dsm, unread)?;
 
     let stat = procfs::stat_fields(pid)?;
     let field = |n: usize| stat.get(n).copied().unwrap_or(0);
@@ -205,6 +208,7 @@ pub fn checkpoint_with(
         rlimits,
         pending_signals: Vec::new(),
         socket_slot: dsm.links.first().map(|l| l.socket_slot),
+        calls_in_flight: calls_in_flight_word(dsm),
         attachments: dsm.attachments.clone(),
     })
 }
@@ -360,20 +364,45 @@ fn regions(maps: &[MapEntry], dsm: &ProcessInfo) -> Result<Vec<Region>, MigrateE
     Ok(regions)
 }
 
-/// Times a process found inside a semaphore fast-path operation is let run
-/// on to finish it (each a few hundred ns of work) before giving up.
+/// Times a process found inside a semaphore fast-path operation or a call
+/// to its daemon is let run on to finish it (each a few hundred ns to a few
+/// tens of µs of work) before giving up.
 const QUIESCE_TRIES: u32 = 200;
+/// Rounds after which a process still in a call to its daemon is taken for
+/// one waiting in a `semop`, and its daemon asked to withdraw it.
+const WITHDRAW_AFTER: u32 = 10;
+/// How long the daemon may take to answer withdrawn operations.
+const WITHDRAWN_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The address of the library's count of calls in flight, if it has one.
+fn calls_in_flight_word(dsm: &ProcessInfo) -> Option<u64> {
+    dsm.links
+        .iter()
+        .map(|l| l.calls_in_flight)
+        .find(|&a| a != 0)
+}
+
+/// Answers on their way to the process, per daemon connection: the bytes
+/// it has not read yet.
+type Unread = Vec<(i32, Vec<u8>)>;
 
 /// Make sure the process is between two of its library's dealings with the
 /// daemon: not inside a semaphore fast-path operation (holding a region's
 /// lock word, with its pid in it: an image taken there would carry half an
-/// operation the daemon rolls back), and not waiting for the daemon's
-/// answer on one of its connections (which are stand-ins after the move:
-/// the answer would be lost). It is let run a moment until it is out; one
-/// that stays (a semaphore operation that blocks) is refused, to be moved
-/// again later.
-fn quiesce(t: &mut Tracee, dsm: &ProcessInfo) -> Result<(), MigrateError> {
-    for _ in 0..QUIESCE_TRIES {
+/// operation the daemon rolls back), and not in a call to the daemon
+/// (whose answer would go to a connection it leaves behind). It is let run
+/// a moment until it is out. One that stays in a call waits in a `semop`:
+/// with `daemon`, that wait is withdrawn, and the answer (`Withdrawn`, or
+/// the outcome it had reached) travels with the process, which reads it
+/// where it lands and asks again there. Otherwise it is refused, to be
+/// moved again later.
+fn quiesce(
+    t: &mut Tracee,
+    dsm: &ProcessInfo,
+    mut daemon: Option<&mut DaemonConn>,
+) -> Result<Unread, MigrateError> {
+    let word = calls_in_flight_word(dsm);
+    for round in 0..QUIESCE_TRIES {
         let holding = procfs::maps(t.pid)?
             .iter()
             .filter(|m| m.shared && m.path.starts_with("/memfd:migshm-sem"))
@@ -381,14 +410,73 @@ fn quiesce(t: &mut Tracee, dsm: &ProcessInfo) -> Result<(), MigrateError> {
                 t.read(m.start, 4)
                     .is_ok_and(|w| w.as_slice() == (t.pid as u32).to_le_bytes())
             });
-        if !holding && !in_daemon_call(t, dsm) {
-            return Ok(());
+        let calling = match word {
+            Some(addr) => t.read(addr, 4).is_ok_and(|w| w != [0; 4]),
+            None => in_daemon_call(t, dsm),
+        };
+        if !holding && !calling {
+            return Ok(Vec::new());
+        }
+        if !holding && round >= WITHDRAW_AFTER {
+            if let Some(conn) = daemon.as_deref_mut() {
+                let withdrawn = conn.withdraw_waits(t.pid)?;
+                if withdrawn > 0 {
+                    return withdrawn_answers(t.pid, dsm, withdrawn);
+                }
+            }
         }
         t.run_briefly(std::time::Duration::from_micros(50))?;
     }
     Err(stay(
-        "the process waits on its daemon (a semaphore operation that blocks?); try again",
+        "the process stays in a call to its daemon or a semaphore operation; try again",
     ))
+}
+
+/// The answers to `count` withdrawn operations of the stopped process, as
+/// they arrive on its daemon connections (left there: if the move fails,
+/// the process reads them at home).
+fn withdrawn_answers(pid: i32, dsm: &ProcessInfo, count: usize) -> Result<Unread, MigrateError> {
+    let links: Vec<(i32, std::os::fd::OwnedFd)> = dsm
+        .links
+        .iter()
+        .filter(|l| l.fd >= 0)
+        .filter_map(|l| Some((l.fd, crate::ptrace::take_fd(pid, l.fd as u64).ok()?)))
+        .collect();
+    let deadline = std::time::Instant::now() + WITHDRAWN_ANSWER_TIMEOUT;
+    loop {
+        let mut unread = Vec::new();
+        let mut frames = 0;
+        for (fd, sock) in &links {
+            let bytes = crate::ptrace::peek(sock.as_fd(), 1 << 20)?;
+            frames += complete_frames(&bytes);
+            if !bytes.is_empty() {
+                unread.push((*fd, bytes));
+            }
+        }
+        if frames >= count {
+            tracing::debug!(pid, count, ?unread, "withdrawn operations answered");
+            return Ok(unread);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(MigrateError::Daemon(format!(
+                "{frames} of {count} withdrawn semaphore operations answered"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// How many whole frames of the local protocol `bytes` starts with.
+fn complete_frames(mut bytes: &[u8]) -> usize {
+    let mut n = 0;
+    while let Ok(Some(len)) = dsm::wire::client_frame_len(bytes) {
+        if bytes.len() < len {
+            break;
+        }
+        bytes = &bytes[len..];
+        n += 1;
+    }
+    n
 }
 
 /// Whether the stopped process is in a system call on one of its daemon
@@ -480,7 +568,7 @@ fn private_pages(
     Ok((pages, lazy))
 }
 
-fn fds(pid: i32, dsm: &ProcessInfo) -> Result<Vec<FdEntry>, MigrateError> {
+fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, MigrateError> {
     let mut out = Vec::new();
     for (fd, target, flags, pos) in procfs::fds(pid)? {
         let cloexec = flags & libc::O_CLOEXEC != 0;
@@ -490,7 +578,13 @@ fn fds(pid: i32, dsm: &ProcessInfo) -> Result<Vec<FdEntry>, MigrateError> {
                 fd,
                 flags: libc::O_RDWR,
                 cloexec,
-                kind: FdKind::DaemonLink,
+                kind: FdKind::DaemonLink {
+                    unread: unread
+                        .iter()
+                        .position(|(f, _)| *f == fd)
+                        .map(|i| unread.swap_remove(i).1)
+                        .unwrap_or_default(),
+                },
             });
             continue;
         }

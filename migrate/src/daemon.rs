@@ -91,6 +91,16 @@ impl DaemonConn {
         }
     }
 
+    /// End every `semop` of local process `pid` that waits (each answered
+    /// `Withdrawn` to the process, or with the outcome it had reached);
+    /// how many waited.
+    pub fn withdraw_waits(&mut self, pid: i32) -> Result<usize, MigrateError> {
+        match self.call(&ClientRequest::WithdrawWaits { pid }, None)?.0 {
+            ClientReply::Value(n) => Ok(n.max(0) as usize),
+            other => Err(protocol(other)),
+        }
+    }
+
     /// The node's memfd of segment `id`, counted as attached by this
     /// connection until it closes.
     pub fn segment_memfd(&mut self, id: i32, readonly: bool) -> Result<OwnedFd, MigrateError> {

@@ -47,7 +47,7 @@ type Moved = (
 );
 
 fn move_out(d: &Deputy) -> Result<Moved, MigrateError> {
-    let info = DaemonConn::connect(&d.home_socket)?.process_info(d.pid)?;
+    let mut daemon = DaemonConn::connect(&d.home_socket)?;
     // Everything that needs no stop first: the host starts the process's
     // shell while we checkpoint it.
     let mut stream = TcpStream::connect_timeout(&d.host, HOST_TIMEOUT)?;
@@ -65,7 +65,9 @@ fn move_out(d: &Deputy) -> Result<Moved, MigrateError> {
     )?;
     let frozen = std::time::Instant::now();
     let mut tracee = Tracee::seize(d.pid)?;
-    let image = checkpoint_with(&mut tracee, &info, Transfer::Lazy)?;
+    // Read stopped: the connections it has now.
+    let info = daemon.process_info(d.pid)?;
+    let image = checkpoint_with(&mut tracee, &info, Transfer::Lazy, Some(&mut daemon))?;
     tracing::debug!(pid = d.pid, elapsed = ?frozen.elapsed(), bytes = image.private_bytes(), lazy = image.lazy_bytes(), "checkpointed");
     let bytes = image
         .encode()
@@ -400,8 +402,7 @@ pub fn run(
                     return Ok(());
                 }
                 Err(e) => {
-                    // The copy runs on; the home process waits again.
-                    park(&mut tracee, &mut host)?;
+                    // The copy runs on; the home process waits (again).
                     line(report, &format!("error {e}"));
                 }
             }
@@ -410,7 +411,8 @@ pub fn run(
 }
 
 /// Ask the host for its checkpoint and restore it into the home process.
-/// On failure the host resumes its copy.
+/// On failure the host resumes its copy, and the home process is parked
+/// again.
 fn come_home(
     t: &mut Tracee,
     host: &mut TcpStream,
@@ -455,6 +457,11 @@ fn come_home(
         }
         Err(e) => {
             let _ = link::send(host, &AgentMsg::Failed(e.to_string()));
+            // Whatever the restore did to it is rewritten by the next one.
+            park(t, host)?;
+            for sig in signals {
+                let _ = ptrace::kill(t.pid, sig);
+            }
             Err(e)
         }
     }

@@ -3,7 +3,8 @@
 //! checkpoints it again when it is called home. If the deputy goes away,
 //! the copy is killed: a process never runs without its home pid.
 //!
-//! Reports `running PID` or `error MSG` on `report` once the move is done,
+//! Reports `guest PID` when the copy is built (before it runs), `running
+//! PID` or `error MSG` on `report` once the move is done,
 //! then `ended …`.
 
 use std::io::Write;
@@ -12,13 +13,14 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::checkpoint::{checkpoint_with, Transfer};
 use crate::daemon::DaemonConn;
 use crate::lazy::LazyMemory;
 use crate::link::{self, line, AgentMsg};
 use crate::ptrace::{self, Stop, Tracee};
 use crate::relay::Relays;
 use crate::restore::Shell;
-use crate::{checkpoint, restore_fresh, Image, MigrateError};
+use crate::{restore_fresh, Image, MigrateError};
 
 /// How long the host waits for its deputy to connect and send the image.
 const DEPUTY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,7 +33,11 @@ pub struct Host {
 type MovedIn = (TcpStream, i32, Image, Relays, Option<LazyMemory>);
 
 /// Take the deputy's connection and the image; restore it.
-fn move_in(h: &Host, listener: &TcpListener) -> Result<MovedIn, MigrateError> {
+fn move_in(
+    h: &Host,
+    listener: &TcpListener,
+    report: &mut dyn Write,
+) -> Result<MovedIn, MigrateError> {
     if !ptrace::readable_within(listener.as_fd(), DEPUTY_TIMEOUT)? {
         return Err(MigrateError::Link("no deputy came".into()));
     }
@@ -57,6 +63,19 @@ fn move_in(h: &Host, listener: &TcpListener) -> Result<MovedIn, MigrateError> {
     match restored {
         Ok(restored) => {
             let pid = restored.pid();
+            // Before it runs, the daemon learns whose process it is (its
+            // semaphore operations are its home process's).
+            // (A host started by hand, not by its daemon, is unknown there:
+            // the copy's semaphore operations then count as its own.)
+            line(report, &format!("guest {pid}"));
+            let guest = dsm::wire::ClientRequest::Guest {
+                pid,
+                token: h.token,
+            };
+            match DaemonConn::connect(&h.node_socket)?.call(&guest, None)?.0 {
+                dsm::wire::ClientReply::Ok => {}
+                other => tracing::warn!(pid, ?other, "the daemon did not take the guest"),
+            }
             link::send(&mut stream, &AgentMsg::Running { pid })?;
             // Dropping `restored` on any failure here kills the copy.
             let running = match link::receive(&mut stream)? {
@@ -77,7 +96,7 @@ fn move_in(h: &Host, listener: &TcpListener) -> Result<MovedIn, MigrateError> {
 
 pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<(), MigrateError> {
     let events = ptrace::child_events()?;
-    let (mut deputy, pid, first, mut relays, mut lazy) = match move_in(h, &listener) {
+    let (mut deputy, pid, first, mut relays, mut lazy) = match move_in(h, &listener, report) {
         Ok(moved) => moved,
         Err(e) => {
             line(report, &format!("error {e}"));
@@ -192,8 +211,9 @@ fn checkpoint_for_home(
 ) -> Result<Image, MigrateError> {
     let mut tries = 0;
     loop {
-        let info = DaemonConn::connect(&h.node_socket)?.process_info(pid)?;
-        let image = checkpoint(tracee, &info)?;
+        let mut daemon = DaemonConn::connect(&h.node_socket)?;
+        let info = daemon.process_info(pid)?;
+        let image = checkpoint_with(tracee, &info, Transfer::Eager, Some(&mut daemon))?;
         let foreign = image.fds.iter().find(|f| {
             matches!(f.kind, crate::image::FdKind::Relayed { .. })
                 && !relays.list.iter().any(|r| r.fd == f.fd)

@@ -108,10 +108,15 @@ pub enum FdKind {
     /// A pipe or a socket: relayed between the node it runs on and the home
     /// process, which keeps the original (`what` is its /proc name).
     Relayed { what: String },
-    /// The process's connection to its node's daemon: /dev/null stands in
-    /// for it, and the client library reconnects to the daemon named in
-    /// its socket slot on its next call.
-    DaemonLink,
+    /// The process's connection to its node's daemon: the client library
+    /// reconnects to the daemon named in its socket slot on its next call.
+    /// Until then /dev/null stands in for it, or, if an answer was on its
+    /// way to the process (a `semop` withdrawn for the move), a socket
+    /// holding `unread`, the bytes the process had still to read.
+    DaemonLink {
+        #[serde(with = "serde_bytes")]
+        unread: Vec<u8>,
+    },
 }
 
 /// `struct kernel_sigaction` for one signal.
@@ -195,6 +200,10 @@ pub struct Image {
     /// Where the client library reads the daemon's socket path from on
     /// reconnecting (`dsm::wire::ClientLink::socket_slot`).
     pub socket_slot: Option<u64>,
+    /// Where the client library counts its calls in flight
+    /// (`dsm::wire::ClientLink::calls_in_flight`).
+    #[serde(default)]
+    pub calls_in_flight: Option<u64>,
     /// The process's DSM attachments, as its node's daemon registered them.
     pub attachments: Vec<dsm::wire::AttachmentRecord>,
 }

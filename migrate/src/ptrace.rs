@@ -426,7 +426,17 @@ impl Tracee {
     /// Let the stopped process run for `time`, then stop it again (signals
     /// that arrive meanwhile are held).
     pub fn run_briefly(&mut self, time: std::time::Duration) -> io::Result<()> {
-        self.set_regs(&self.stop_regs)?;
+        let mut regs = self.stop_regs;
+        // An interrupted poll would go on as restart_syscall, whose state
+        // stays in this kernel task: a later checkpoint could then only
+        // make it fail with EINTR. Re-issue it as the poll it is instead.
+        const ERESTART_RESTARTBLOCK: i64 = -516;
+        if regs.orig_rax as i64 == libc::SYS_poll && regs.rax as i64 == ERESTART_RESTARTBLOCK {
+            regs.rax = regs.orig_rax;
+            regs.rip -= 2;
+            regs.orig_rax = u64::MAX;
+        }
+        self.set_regs(&regs)?;
         ptrace(libc::PTRACE_CONT, self.pid, 0, 0)?;
         std::thread::sleep(time);
         let held = self.interrupt()?;
@@ -738,6 +748,31 @@ pub fn limit_send_buffer(fd: std::os::fd::BorrowedFd<'_>, bytes: usize) -> io::R
 }
 
 /// Shut the sending side of a socket (the peer reads end of file).
+/// What is waiting to be read on socket `fd`, without taking it (up to
+/// `max` bytes; nothing if nothing is there).
+pub fn peek(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; max];
+    // SAFETY: recv writes at most buf.len() bytes into buf.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Ok(Vec::new());
+        }
+        return Err(e);
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
 pub fn shutdown_write(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: shutdown of a live descriptor.
     check(

@@ -239,8 +239,11 @@ pub fn restore_into(
     node: Option<&Path>,
     relay_ends: &HashMap<i32, OwnedFd>,
 ) -> Result<Option<crate::lazy::LazyMemory>, MigrateError> {
-    let needs_daemon =
-        !image.attachments.is_empty() || image.fds.iter().any(|f| f.kind == FdKind::DaemonLink);
+    let needs_daemon = !image.attachments.is_empty()
+        || image
+            .fds
+            .iter()
+            .any(|f| matches!(f.kind, FdKind::DaemonLink { .. }));
     if needs_daemon && node.is_none() {
         return Err(MigrateError::Restore(
             "the process uses DSM and no daemon was given".into(),
@@ -628,7 +631,22 @@ fn restore_fds(
     for entry in &image.fds {
         let path = match &entry.kind {
             FdKind::File { path, .. } | FdKind::Device { path } => path,
-            FdKind::DaemonLink => "/dev/null",
+            FdKind::DaemonLink { unread } if unread.is_empty() => "/dev/null",
+            FdKind::DaemonLink { unread } => {
+                // A socket holding what the process had still to read, then
+                // end of file; the library reconnects after reading it.
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+                {
+                    use std::io::Write;
+                    (&ours).write_all(unread)?;
+                }
+                drop(ours);
+                let given = give_fds(t, scratch, &[OwnedFd::from(theirs)])?[0];
+                let cloexec = if entry.cloexec { libc::O_CLOEXEC } else { 0 };
+                t.syscall_ok(libc::SYS_dup3, &[given, entry.fd as u64, cloexec as u64])?;
+                t.syscall_ok(libc::SYS_close, &[given])?;
+                continue;
+            }
             FdKind::Relayed { what } => {
                 match relay_ends.get(&entry.fd) {
                     Some(end) => {
@@ -772,6 +790,7 @@ fn adopt_segments(
         // No descriptor of the library's is open yet (-1): it reconnects.
         fd: -1,
         socket_slot,
+        calls_in_flight: image.calls_in_flight.unwrap_or(0),
     });
     let mut as_process = DaemonConn::over_as(stream, link)?;
     as_process.call_ok(

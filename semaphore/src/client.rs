@@ -56,6 +56,9 @@ static ATFORK: Once = Once::new();
 
 impl Conn {
     fn open(path: &Path) -> Result<(Conn, NodeId), Error> {
+        // From the connect on: a migrator must not take this connection,
+        // still unknown to the daemon, for one of the program's.
+        let _in_flight = dsm::client::CallInFlight::begin();
         let stream = UnixStream::connect(path).map_err(|source| Error::Unreachable {
             path: path.to_path_buf(),
             source,
@@ -80,9 +83,12 @@ impl Conn {
     }
 
     fn send(&mut self, id: u64, req: &ClientRequest) -> Result<(), Error> {
-        use std::io::Write;
         let frame = wire::encode_client(id, req);
-        self.stream.write_all(&frame)?;
+        let mut sent = 0;
+        while sent < frame.len() {
+            // MSG_NOSIGNAL: a daemon gone is an error, not a SIGPIPE.
+            sent += dsm::fdpass::send_with_fds(self.stream.as_raw_fd(), &frame[sent..], &[])?;
+        }
         Ok(())
     }
 
@@ -94,6 +100,7 @@ impl Conn {
         &mut self,
         req: &ClientRequest,
     ) -> Result<(ClientReply, Option<OwnedFd>), Error> {
+        let _in_flight = dsm::client::CallInFlight::begin();
         let id = self.next_id;
         self.next_id += 1;
         self.send(id, req)?;
@@ -403,6 +410,18 @@ impl SemSet {
     /// `semtimedop`: like [`SemSet::op`], but EAGAIN once `timeout` passed
     /// without the operations applying.
     pub fn timed_op(&self, sops: &[SemBuf], timeout: Option<Duration>) -> Result<(), Error> {
+        loop {
+            match self.try_op(sops, timeout)? {
+                ClientReply::Withdrawn => {}
+                reply => return expect_ok(reply),
+            }
+        }
+    }
+
+    /// One attempt at a `semop`: answered with its outcome, or `Withdrawn`
+    /// when a migrator took the process away while it waited (nothing of
+    /// it applied: the caller asks again, now on the node it runs on).
+    fn try_op(&self, sops: &[SemBuf], timeout: Option<Duration>) -> Result<ClientReply, Error> {
         // SAFETY: geteuid/getegid only read the calling thread's credentials.
         let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let inner = &self.sems.0;
@@ -410,7 +429,9 @@ impl SemSet {
         if let Some(region) = inner.region(self.id) {
             let cred = inner.credentials(euid, egid);
             match region.try_semop(sops, cred.pid, &cred, dsm::sysv::now_seconds()) {
-                Fast::Done(result) => return result.map_err(Error::Errno),
+                Fast::Done(result) => {
+                    return Ok(result.map_or_else(ClientReply::Err, |()| ClientReply::Ok))
+                }
                 Fast::Slow => {}
                 Fast::Retired => retired = true,
             }
@@ -423,6 +444,7 @@ impl SemSet {
             euid,
             egid,
         };
+        let _in_flight = dsm::client::CallInFlight::begin();
         let mut conn = inner.checkout()?;
         let id = conn.next_id;
         conn.next_id += 1;
@@ -430,8 +452,14 @@ impl SemSet {
         // The daemon bounds every wait on another node; only the local
         // daemon itself could keep this waiting, and its death ends it.
         let (reply, _) = conn.receive(id, None, true)?;
-        inner.checkin(conn);
-        expect_ok(reply)
+        if reply == ClientReply::Withdrawn {
+            // A migrator took the connection over (it may be a stand-in
+            // now): ours to close, the program never saw this number free.
+            drop(conn);
+        } else {
+            inner.checkin(conn);
+        }
+        Ok(reply)
     }
 
     fn ctl(&self, cmd: SemCtl) -> Result<ClientReply, Error> {
@@ -537,6 +565,7 @@ fn expect_ok(reply: ClientReply) -> Result<(), Error> {
 /// In a forked child: the inherited connections carry the parent's calls.
 /// Close them here (the parent keeps its own) and start with empty pools.
 extern "C" fn atfork_child() {
+    dsm::client::forget_parent_calls();
     // The child has one thread; locks another parent thread held at fork
     // time stay locked forever in the child: never block on them.
     let fds = match OPEN_FDS.try_lock() {

@@ -11,10 +11,13 @@
  * Counts SIGRTMIN+1 (queued signals) and prints the count in its last line
  * ("done N usr1 U rt R").
  * On SIGTERM, with a segment: IPC_RMID, and "rmid 0" or "rmid ERRNO".
- * With MIGRATE_SEM=plain (or =undo): also a semaphore set (IPC_PRIVATE, one
- * semaphore at 1), a P and a V each loop (with SEM_UNDO for =undo), its
- * value checked after (status 10); "semid ID" first, and on SIGTERM
- * "semrmid 0" or "semrmid ERRNO".
+ * With MIGRATE_SEM=plain (or =undo): also a semaphore set (IPC_PRIVATE, three
+ * semaphores): each loop a P and a V on semaphore 0 (at 1; with SEM_UNDO
+ * for =undo), its value checked after, then a wait for semaphore 1 (a gate
+ * a test closes by setting it to 1) to be zero; with =undo, every 50 loops
+ * also +1 with SEM_UNDO on semaphore 2, whose value must then equal the
+ * count of them (undo applied early or lost shows). Any failure: status 10.
+ * "semid ID" first, and on SIGTERM "semrmid 0" or "semrmid ERRNO".
  * With MIGRATE_ECHO_PORT set: connects to 127.0.0.1:PORT and, each loop,
  * answers whatever arrived there with "echo " and the same bytes.
  */
@@ -70,9 +73,10 @@ int main(int argc, char **argv) {
     unsigned long last_peer = 0;
     int semid = -1;
     short sem_flags = 0;
+    int ups = 0;
     if (getenv("MIGRATE_SEM")) {
         sem_flags = strcmp(getenv("MIGRATE_SEM"), "undo") == 0 ? SEM_UNDO : 0;
-        semid = semget(IPC_PRIVATE, 1, IPC_CREAT | 0600);
+        semid = semget(IPC_PRIVATE, 3, IPC_CREAT | 0600);
         if (semid < 0 || semctl(semid, 0, SETVAL, 1) < 0)
             return 11;
         printf("semid %d\n", semid);
@@ -100,10 +104,16 @@ int main(int argc, char **argv) {
         if (shm)
             shm[0] = i;
         if (semid >= 0) {
-            struct sembuf p = {0, -1, sem_flags}, v = {0, 1, sem_flags};
+            struct sembuf p = {0, -1, sem_flags}, v = {0, 1, sem_flags}, gate = {1, 0, 0},
+                          up = {2, 1, SEM_UNDO};
+            int count_up = sem_flags && i % 50 == 0;
             const char *what = semop(semid, &p, 1) < 0 ? "P"
                                : semop(semid, &v, 1) < 0 ? "V"
-                               : semctl(semid, 0, GETVAL) != 1 ? "GETVAL" : NULL;
+                               : semctl(semid, 0, GETVAL) != 1 ? "GETVAL"
+                               : semop(semid, &gate, 1) < 0 ? "gate"
+                               : count_up && semop(semid, &up, 1) < 0 ? "up"
+                               : count_up && semctl(semid, 2, GETVAL) != ++ups ? "undo count"
+                                                                              : NULL;
             if (what) {
                 printf("sem failure in loop %lu: %s errno %d\n", i, what, errno);
                 return 10;

@@ -159,6 +159,9 @@ struct Session {
     cred_cache: Option<Credentials>,
 }
 
+/// The `withdrawn` mark of a `semop` a migrator withdrew (not an errno).
+const MIGRATING: i32 = -1;
+
 fn errno_of(r: RpcResponse) -> i32 {
     match r {
         RpcResponse::Err(e) => e,
@@ -196,16 +199,6 @@ impl Session {
                     return Ok(());
                 }
             };
-            if matches!(
-                req,
-                ClientRequest::SemGet { .. }
-                    | ClientRequest::SemOp { .. }
-                    | ClientRequest::SemCtl { .. }
-                    | ClientRequest::SemRegion { .. }
-            ) {
-                // A process that uses semaphore sets does not move yet.
-                self.core.borrow_mut().sem_sessions.insert(self.session);
-            }
             match req {
                 ClientRequest::SemOp {
                     id: set,
@@ -412,6 +405,11 @@ impl Session {
                 };
             }
             ClientRequest::SemRegion { id } => {
+                // A process that moved here operates as its home process:
+                // the fast path (which knows local pids only) is not for it.
+                if self.core.borrow().migrations.guest(self.pid).is_some() {
+                    return (ClientReply::Err(libc::ENOENT), None);
+                }
                 let found = self.core.borrow().sem_region_fd(IpcId(id), &self.cred());
                 return match found {
                     Ok(fd) => (ClientReply::Ok, Some(fd)),
@@ -487,6 +485,23 @@ impl Session {
                 all.sort_by_key(|e| (e.home, e.home_pid));
                 ClientReply::Migrations(all)
             }
+            ClientRequest::WithdrawWaits { pid } => {
+                if self.uid != 0 {
+                    ClientReply::Err(libc::EPERM)
+                } else {
+                    ClientReply::Value(self.core.borrow().withdraw_waits(pid) as i32)
+                }
+            }
+            ClientRequest::Guest { pid, token } => {
+                let migrations = self.core.borrow().migrations.clone();
+                if self.uid != 0 {
+                    ClientReply::Err(libc::EPERM)
+                } else if migrations.guest_of_host(pid, token) {
+                    ClientReply::Ok
+                } else {
+                    ClientReply::Err(libc::ENOENT)
+                }
+            }
             ClientRequest::ProcessInfo { pid } => {
                 if self.uid != 0 {
                     ClientReply::Err(libc::EPERM)
@@ -550,14 +565,46 @@ impl Session {
         if self.home_of(id).is_err() {
             return Some(ClientReply::Err(libc::EINVAL));
         }
-        let cred = self.semop_cred(euid, egid);
+        let mut cred = self.semop_cred(euid, egid);
         self.core.borrow_mut().flush_exited_processes();
-        if sops.iter().any(|s| s.flags & SEM_UNDO != 0) && !self.watch_for_undo(id) {
+        // A process that moved here operates as the process it is at home.
+        let guest = self.core.borrow().migrations.guest(self.pid);
+        let owner = match guest {
+            Some((home, home_pid)) => {
+                cred.pid = home_pid;
+                home
+            }
+            None => self.core.borrow().me,
+        };
+        if sops.iter().any(|s| s.flags & SEM_UNDO != 0) && !self.watch_for_undo(id, guest).await {
             // The process is gone and this frame outlived it: applying it
             // now would leave an adjustment nobody will ever undo.
             return None;
         }
-        let (wait, mut rx) = self.core.borrow_mut().sem_submit(id, sops, cred);
+        let (wait, mut rx) = self.core.borrow_mut().sem_submit(id, sops, cred, owner);
+        let withdraw = std::rc::Rc::new(tokio::sync::Notify::new());
+        self.core
+            .borrow_mut()
+            .sem_waiting
+            .insert(self.session, (self.pid, withdraw.clone()));
+        let reply = self
+            .await_semop(conn, id, wait, &mut rx, timeout_ns, &withdraw)
+            .await;
+        self.core.borrow_mut().sem_waiting.remove(&self.session);
+        reply
+    }
+
+    /// The rest of [`Session::semop`]: wait for the outcome of `wait`,
+    /// withdrawing it on a cancel, the timeout or a migrator's demand.
+    async fn await_semop(
+        &mut self,
+        conn: &mut Connection,
+        id: SemSetId,
+        wait: u64,
+        rx: &mut tokio::sync::oneshot::Receiver<SemResult>,
+        timeout_ns: Option<u64>,
+        withdraw: &tokio::sync::Notify,
+    ) -> Option<ClientReply> {
         let never = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
         let deadline = timeout_ns.map(|ns| tokio::time::Instant::now() + Duration::from_nanos(ns));
         let timer = tokio::time::sleep_until(deadline.unwrap_or(never));
@@ -567,16 +614,23 @@ impl Session {
         loop {
             tokio::select! {
                 biased;
-                result = &mut rx => {
+                result = &mut *rx => {
                     let reply = match result {
                         Ok(SemResult::Done) => ClientReply::Ok,
                         Ok(SemResult::Failed(e)) => ClientReply::Err(self.lost_home_errno(id, e)),
+                        Ok(SemResult::Cancelled) if withdrawn == Some(MIGRATING) => {
+                            ClientReply::Withdrawn
+                        }
                         Ok(SemResult::Cancelled) => {
                             ClientReply::Err(withdrawn.unwrap_or(libc::EINTR))
                         }
                         Err(_) => ClientReply::Err(libc::EIDRM),
                     };
                     return connection_open.then_some(reply);
+                }
+                _ = withdraw.notified(), if withdrawn.is_none() => {
+                    withdrawn = Some(MIGRATING);
+                    self.core.borrow_mut().sem_cancel(id, wait);
                 }
                 _ = &mut timer, if deadline.is_some() && withdrawn.is_none() => {
                     withdrawn = Some(libc::EAGAIN);
@@ -612,35 +666,40 @@ impl Session {
         }
     }
 
-    /// Before a `SEM_UNDO` operation: make sure the process's exit will be
-    /// seen (a pidfd). False if the process is already gone.
-    fn watch_for_undo(&mut self, id: SemSetId) -> bool {
-        let pid = self.pid;
-        let shared = self.core.clone();
-        let mut core = self.core.borrow_mut();
-        if let Some((generation, fd)) = core.sem_watched.get(&pid) {
-            if !pidfd::has_exited(fd) {
-                core.sems.note_undo(pid, id);
-                return true;
+    /// Before a `SEM_UNDO` operation: make sure the process's exit will
+    /// apply it. For a process that moved here, its home is told (its
+    /// exit there applies it). False if the process is already gone.
+    async fn watch_for_undo(&mut self, id: SemSetId, guest: Option<(NodeId, i32)>) -> bool {
+        let Some((home, home_pid)) = guest else {
+            return self.core.borrow_mut().watch_for_undo(self.pid, id);
+        };
+        let migrations = self.core.borrow().migrations.clone();
+        if !migrations.first_undo_on(self.pid, id) {
+            return true;
+        }
+        match self
+            .rpc(
+                home,
+                RpcRequest::SemNoteUndo {
+                    pid: home_pid,
+                    set: id,
+                },
+            )
+            .await
+        {
+            RpcResponse::Ok => true,
+            other => {
+                tracing::warn!(
+                    pid = self.pid,
+                    ?home,
+                    home_pid,
+                    ?other,
+                    "home not told of undo"
+                );
+                migrations.undo_not_noted(self.pid, id);
+                false
             }
-            // That process exited and its watcher has not run yet: settle
-            // it now; this caller may be a new process with its pid.
-            let generation = *generation;
-            core.sem_process_exited(pid, generation);
         }
-        let Ok(fd) = pidfd::open(pid) else {
-            return false;
-        };
-        if pidfd::has_exited(&fd) {
-            return false;
-        }
-        let Ok(watch) = fd.try_clone() else {
-            return false;
-        };
-        let generation = core.watch_process(pid, fd);
-        core.sems.note_undo(pid, id);
-        tokio::task::spawn_local(watch_exit(shared, pid, generation, watch));
-        true
     }
 
     fn home_of(&self, id: SegmentId) -> Result<crate::ids::NodeId, i32> {
@@ -1108,11 +1167,6 @@ fn still_maps_segments(pid: i32) -> bool {
 }
 
 /// Wait for a process holding undo adjustments to exit, then settle them.
-async fn watch_exit(core: SharedCore, pid: i32, generation: u64, fd: OwnedFd) {
-    pidfd::exited(fd).await;
-    core.borrow_mut().sem_process_exited(pid, generation);
-}
-
 /// Read the process's faults as they come and feed them to the engine.
 async fn serve_faults(core: SharedCore, proc: ProcId, uffd: Arc<Uffd>) {
     let Ok(fd) = uffd::async_uffd(uffd.clone()) else {

@@ -122,8 +122,9 @@ pub struct Core {
     pub orphans: HashMap<i32, super::clients::Orphan>,
     /// Each session's process and its side of the connection, for migrators.
     pub links: HashMap<u64, (i32, wire::ClientLink)>,
-    /// Sessions that made semaphore requests.
-    pub sem_sessions: std::collections::HashSet<u64>,
+    /// Per connection with a `semop` waiting: its process, and what wakes
+    /// the wait to withdraw it for a migration.
+    pub sem_waiting: HashMap<u64, (i32, Rc<tokio::sync::Notify>)>,
     pub migrations: Rc<super::migration::Migrations>,
     /// This core itself, for work started here that outlives a call (an
     /// RPC answered once a migration is done).
@@ -193,7 +194,7 @@ impl Core {
             next_session: 1,
             orphans: HashMap::new(),
             links: HashMap::new(),
-            sem_sessions: std::collections::HashSet::new(),
+            sem_waiting: HashMap::new(),
             migrations: super::migration::Migrations::new(config.node, &config.socket),
             self_ref: std::rc::Weak::new(),
             exits: crate::pidfd::ExitSet::new().ok(),
@@ -686,17 +687,7 @@ impl Core {
             .filter(|(p, _)| *p == pid)
             .map(|(_, link)| *link)
             .collect();
-        let sem_undo = self.sems.holds_undo(pid);
-        let sem_used = self
-            .sem_sessions
-            .iter()
-            .any(|s| self.links.get(s).is_some_and(|(p, _)| *p == pid));
-        wire::ProcessInfo {
-            attachments,
-            links,
-            sem_undo,
-            sem_used,
-        }
+        wire::ProcessInfo { attachments, links }
     }
 
     pub fn session_attached(&mut self, session: u64, pid: i32, id: SegmentId) {
@@ -736,7 +727,6 @@ impl Core {
     /// The connection ended: uncount what it still had attached.
     pub fn session_ended(&mut self, session: u64) {
         self.links.remove(&session);
-        self.sem_sessions.remove(&session);
         if let Some(entry) = self.attachments.remove(&session) {
             if let (Some(exits), Some(fd)) = (&self.exits, &entry.exited) {
                 exits.remove(fd);
@@ -1050,11 +1040,14 @@ impl Core {
 
     /// Start a `semop` at the set's home; its result arrives on the
     /// returned channel (the wait id withdraws it, see [`Core::sem_cancel`]).
+    /// `owner` is the node whose process `cred.pid` is (see
+    /// [`SemService::submit_as`]).
     pub fn sem_submit(
         &mut self,
         id: IpcId,
         sops: Vec<::sysv::sem::SemBuf>,
         cred: Credentials,
+        owner: NodeId,
     ) -> (u64, oneshot::Receiver<SemResult>) {
         let (tx, rx) = oneshot::channel();
         let pid = cred.pid;
@@ -1062,9 +1055,57 @@ impl Core {
         let wait = self.sems.reserve_wait();
         self.sem_waiters.insert(wait, tx);
         self.with_set(id, move |sems| {
-            sems.submit_as(wait, id, sops, pid, cred, now)
+            sems.submit_as(wait, id, sops, pid, cred, owner, now)
         });
         (wait, rx)
+    }
+
+    /// Before SEM_UNDO operations of local process `pid` on `id`: make
+    /// sure its exit will be seen (a pidfd) and settle them. False if the
+    /// process is already gone.
+    pub fn watch_for_undo(&mut self, pid: i32, id: IpcId) -> bool {
+        if let Some((generation, fd)) = self.sem_watched.get(&pid) {
+            if !crate::pidfd::has_exited(fd) {
+                self.sems.note_undo(pid, id);
+                return true;
+            }
+            // That process exited and its watcher has not run yet: settle
+            // it now; this caller may be a new process with its pid.
+            let generation = *generation;
+            self.sem_process_exited(pid, generation);
+        }
+        let Some(shared) = self.self_ref.upgrade() else {
+            return false;
+        };
+        let Ok(fd) = crate::pidfd::open(pid) else {
+            return false;
+        };
+        if crate::pidfd::has_exited(&fd) {
+            return false;
+        }
+        let Ok(watch) = fd.try_clone() else {
+            return false;
+        };
+        let generation = self.watch_process(pid, fd);
+        self.sems.note_undo(pid, id);
+        tokio::task::spawn_local(async move {
+            crate::pidfd::exited(watch).await;
+            shared.borrow_mut().sem_process_exited(pid, generation);
+        });
+        true
+    }
+
+    /// `ClientRequest::WithdrawWaits`: end every `semop` of local process
+    /// `pid` that waits; how many did.
+    pub fn withdraw_waits(&self, pid: i32) -> usize {
+        let mut n = 0;
+        for (waiter, withdraw) in self.sem_waiting.values() {
+            if *waiter == pid {
+                withdraw.notify_one();
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Withdraw the `semop` `wait` on set `id` (see [`Core::sem_submit`]).
@@ -1356,6 +1397,15 @@ impl Core {
                 }
             }
             RpcRequest::Migrations => R::Migrations(self.migrations.entries()),
+            RpcRequest::SemNoteUndo { pid, set } => {
+                if self.migrations.is_migrated(pid) != Some(from) {
+                    R::Err(libc::EPERM)
+                } else if self.watch_for_undo(pid, set) {
+                    R::Ok
+                } else {
+                    R::Err(libc::ESRCH)
+                }
+            }
             // Answered by a task (see the peer frame dispatch).
             RpcRequest::Migrate { .. } => R::Err(libc::EINVAL),
         }

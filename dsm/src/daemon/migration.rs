@@ -38,6 +38,18 @@ struct Deputy {
 struct Guest {
     home: NodeId,
     home_pid: i32,
+    /// Sets its home was told it makes SEM_UNDO operations on.
+    undo_noted: std::collections::BTreeSet<crate::ids::SemSetId>,
+}
+
+impl Guest {
+    fn new(home: NodeId, home_pid: i32) -> Guest {
+        Guest {
+            home,
+            home_pid,
+            undo_noted: Default::default(),
+        }
+    }
 }
 
 pub struct Migrations {
@@ -45,6 +57,8 @@ pub struct Migrations {
     socket: PathBuf,
     deputies: RefCell<HashMap<i32, Rc<Deputy>>>,
     guests: RefCell<HashMap<i32, Guest>>,
+    /// The hosts started here, by token: whose process each receives.
+    hosts: RefCell<HashMap<u128, (NodeId, i32)>>,
 }
 
 fn agent_binary() -> Result<PathBuf, String> {
@@ -81,6 +95,7 @@ impl Migrations {
             socket: socket.to_path_buf(),
             deputies: RefCell::new(HashMap::new()),
             guests: RefCell::new(HashMap::new()),
+            hosts: RefCell::new(HashMap::new()),
         })
     }
 
@@ -91,6 +106,51 @@ impl Migrations {
             .values()
             .find(|g| g.home_pid == home_pid && g.home != self.me)
             .map(|g| g.home)
+    }
+
+    /// Local process `pid` is process `home_pid` of `home`, moved here
+    /// (told by its host before it runs).
+    pub fn add_guest(&self, pid: i32, home: NodeId, home_pid: i32) {
+        let mut guests = self.guests.borrow_mut();
+        let same = guests
+            .get(&pid)
+            .is_some_and(|g| g.home == home && g.home_pid == home_pid);
+        if !same {
+            guests.insert(pid, Guest::new(home, home_pid));
+        }
+    }
+
+    /// Local process `pid` is the copy the host with `token` made (false:
+    /// no such host).
+    pub fn guest_of_host(&self, pid: i32, token: u128) -> bool {
+        let Some((home, home_pid)) = self.hosts.borrow().get(&token).copied() else {
+            return false;
+        };
+        self.add_guest(pid, home, home_pid);
+        true
+    }
+
+    /// Whose process local process `pid` is, if it moved here: its home
+    /// node and its pid there.
+    pub fn guest(&self, pid: i32) -> Option<(NodeId, i32)> {
+        self.guests.borrow().get(&pid).map(|g| (g.home, g.home_pid))
+    }
+
+    /// Whether guest `pid`'s home still has to be told of its undo on
+    /// `set`; noted as told from now on.
+    pub fn first_undo_on(&self, pid: i32, set: crate::ids::SemSetId) -> bool {
+        self.guests
+            .borrow_mut()
+            .get_mut(&pid)
+            .is_some_and(|g| g.undo_noted.insert(set))
+    }
+
+    /// Undo the note of [`Migrations::first_undo_on`] (the home could not
+    /// be told).
+    pub fn undo_not_noted(&self, pid: i32, set: crate::ids::SemSetId) {
+        if let Some(g) = self.guests.borrow_mut().get_mut(&pid) {
+            g.undo_noted.remove(&set);
+        }
     }
 
     pub fn is_migrated(&self, pid: i32) -> Option<NodeId> {
@@ -162,19 +222,29 @@ impl Migrations {
             return Err("host without stdout".into());
         };
         let mut reports = report_lines(stdout);
+        self.hosts.borrow_mut().insert(token, (home, home_pid));
         let me = self.clone();
         tokio::task::spawn_local(async move {
-            let mut guest = None;
+            // The copies this host made (`guest PID` before it registers
+            // one, `running PID` once it runs).
+            let mut pids = Vec::new();
             while let Some(line) = reports.recv().await {
                 tracing::info!(home = ?home, home_pid, "host: {line}");
-                if let Some(pid) = line.strip_prefix("running ").and_then(|p| p.parse().ok()) {
-                    me.guests.borrow_mut().insert(pid, Guest { home, home_pid });
-                    guest = Some(pid);
+                let pid = line
+                    .strip_prefix("guest ")
+                    .or_else(|| line.strip_prefix("running "))
+                    .and_then(|p| p.parse::<i32>().ok());
+                if let Some(pid) = pid {
+                    if line.starts_with("running ") {
+                        me.add_guest(pid, home, home_pid);
+                    }
+                    pids.push(pid);
                 }
             }
-            if let Some(pid) = guest {
-                me.guests.borrow_mut().remove(&pid);
-            }
+            me.hosts.borrow_mut().remove(&token);
+            me.guests
+                .borrow_mut()
+                .retain(|pid, g| !(pids.contains(pid) && g.home == home && g.home_pid == home_pid));
             let _ = child.wait().await;
         });
         Ok(port)

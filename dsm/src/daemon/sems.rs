@@ -359,6 +359,7 @@ impl SemService {
         sops: &[SemBuf],
         pid: i32,
         cred: Credentials,
+        owner: NodeId,
         now: i64,
     ) {
         let key = engine_wait(origin, wait);
@@ -369,6 +370,7 @@ impl SemService {
             sops: sops.to_vec(),
             pid,
             cred: cred.clone(),
+            owner,
         };
         match self.route(id, origin) {
             Route::Here => {}
@@ -390,7 +392,7 @@ impl SemService {
             return;
         };
         let caller = Caller {
-            process: process_of(origin, pid),
+            process: process_of(owner, pid),
             pid,
             cred,
         };
@@ -715,7 +717,8 @@ impl SemService {
                 sops,
                 pid,
                 cred,
-            } => self.on_op(origin, wait, set, &sops, pid, cred, now),
+                owner,
+            } => self.on_op(origin, wait, set, &sops, pid, cred, owner, now),
             Notice::SemCancel { origin, set, wait } => self.on_cancel(origin, set, wait),
             Notice::SemResult { wait, result } => self.on_result(from, wait, result),
             Notice::SemProcessExited { origin, set, pid } => {
@@ -744,7 +747,7 @@ impl SemService {
         now: i64,
     ) -> u64 {
         let wait = self.reserve_wait();
-        self.submit_as(wait, id, sops, pid, cred, now);
+        self.submit_as(wait, id, sops, pid, cred, self.me, now);
         wait
     }
 
@@ -755,8 +758,11 @@ impl SemService {
         wait
     }
 
-    /// Send a `semop` as wait `wait` (from [`SemService::reserve_wait`]);
-    /// it ends with one [`SemAction::Complete`] for that wait.
+    /// Send a `semop` as wait `wait` (from [`SemService::reserve_wait`])
+    /// for process `pid` of node `owner` (this node, or the home of a
+    /// process that moved here); it ends with one [`SemAction::Complete`]
+    /// for that wait.
+    #[allow(clippy::too_many_arguments)]
     pub fn submit_as(
         &mut self,
         wait: u64,
@@ -764,13 +770,14 @@ impl SemService {
         sops: Vec<SemBuf>,
         pid: i32,
         cred: Credentials,
+        owner: NodeId,
         now: i64,
     ) {
         self.outstanding.insert(wait, id);
         if id.home().is_none() {
             self.complete(wait, SemResult::Failed(libc::EINVAL));
         } else {
-            self.on_op(self.me, wait, id, &sops, pid, cred, now);
+            self.on_op(self.me, wait, id, &sops, pid, cred, owner, now);
         }
     }
 
