@@ -570,6 +570,14 @@ fn private_pages(
 
 fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, MigrateError> {
     let mut out = Vec::new();
+    let listening = procfs::listening_inodes()?;
+    let is_listener = |target: &str| {
+        target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|i| i.parse::<u64>().ok())
+            .is_some_and(|inode| listening.contains(&inode))
+    };
     for (fd, target, flags, pos) in procfs::fds(pid)? {
         let cloexec = flags & libc::O_CLOEXEC != 0;
         let flags = flags & !libc::O_CLOEXEC;
@@ -600,6 +608,10 @@ fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, 
                     return Err(stay(format!("fd {fd} ({target}) cannot be reopened")));
                 }
             }
+            _ if is_listener(&target) => FdKind::Listener { what: target },
+            _ if target == "anon_inode:[eventpoll]" => FdKind::Epoll {
+                targets: procfs::epoll_targets(pid, fd)?,
+            },
             _ if target.starts_with("pipe:") || target.starts_with("socket:") => {
                 FdKind::Relayed { what: target }
             }

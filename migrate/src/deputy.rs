@@ -16,6 +16,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::accept::HomeListeners;
 use crate::checkpoint::{checkpoint_with, Transfer};
 use crate::daemon::DaemonConn;
 use crate::image::{FdEntry, FdKind};
@@ -274,6 +275,9 @@ pub fn run(
     // memory: serving the copy's first faults comes first.
     let mut released = false;
     let mut relays = relays_for(d.pid, &image.fds)?;
+    let mut listeners = HomeListeners::of(d.pid, &image.fds)?;
+    // A return asked for, waiting for the host's `Quiet`.
+    let mut returning = false;
     let mut push = Pusher::new(&image.lazy);
     park(&mut tracee, &mut host)?;
     line(
@@ -303,11 +307,14 @@ pub fn run(
             (host.as_fd(), host_events),
             (stdin, if commands_open { libc::POLLIN } else { 0 }),
         ];
+        let relay_count = relays.list.len();
         watched.extend(relays.poll_set());
+        watched.extend(listeners.poll_set());
         let ready = ptrace::wait_ready(&watched)?;
         drop(watched);
         let mut out = Vec::new();
-        let relay_events = relays.service(&ready[3..], &mut out);
+        let relay_events = relays.service(&ready[3..3 + relay_count], &mut out);
+        listeners.service(&ready[3 + relay_count..], &mut relays, &mut out);
         for msg in &out {
             link::send(&mut host, msg)?;
         }
@@ -346,6 +353,35 @@ pub fn run(
                     let events = relays.on_message(msg);
                     close_in_process(&mut tracee, &mut host, &mut relays, events)?;
                 }
+                Ok(AgentMsg::Want { fd }) => listeners.want(fd),
+                Ok(AgentMsg::Quiet) if returning => {
+                    returning = false;
+                    if go_home(
+                        d,
+                        &mut tracee,
+                        &mut host,
+                        &mut relays,
+                        &mut push,
+                        &mut released,
+                        &info,
+                        report,
+                    )? {
+                        tracee.detach()?;
+                        tracing::info!(
+                            pid = d.pid,
+                            accepted = listeners.accepted,
+                            "home again; connections accepted for it while away"
+                        );
+                        line(report, "home");
+                        return Ok(());
+                    }
+                    listeners.resume();
+                }
+                Ok(AgentMsg::Failed(why)) if returning => {
+                    returning = false;
+                    listeners.resume();
+                    line(report, &format!("error {why}"));
+                }
                 Ok(AgentMsg::Exited(code)) => {
                     // What the copy wrote reaches the readers before its end.
                     relays.flush(FLUSH_LIMIT);
@@ -382,30 +418,52 @@ pub fn run(
                 line(report, &format!("error unknown command {:?}", cmd.trim()));
                 continue;
             }
-            // Every page first: the host checkpoints only a whole process.
-            // The loop's next turn releases the home process's segments.
-            if push.pending() || !released {
-                while push.pending() {
-                    push.send_next(&tracee, &mut host)?;
-                }
-                hold(&mut tracee, &mut host)?;
-                if let Err(e) = release_dsm_state(&mut tracee, &info) {
-                    tracing::warn!(pid = d.pid, "releasing the home process's segments: {e}");
-                }
-                park(&mut tracee, &mut host)?;
-                released = true;
+            if returning {
+                line(report, "error a return is already under way");
+                continue;
             }
-            match come_home(&mut tracee, &mut host, &d.home_socket, &mut relays) {
-                Ok(()) => {
-                    tracee.detach()?;
-                    line(report, "home");
-                    return Ok(());
-                }
-                Err(e) => {
-                    // The copy runs on; the home process waits (again).
-                    line(report, &format!("error {e}"));
-                }
-            }
+            // No more connections for the copy; the host answers `Quiet`
+            // once it is done with those it has.
+            listeners.quiesce();
+            link::send(&mut host, &AgentMsg::Quiesce)?;
+            returning = true;
+        }
+    }
+}
+
+/// The return itself, once the copy is quiet: every page first, the home
+/// process's segments released, then its checkpoint restored here. True
+/// when the process runs at home again (still traced); false (reported)
+/// if it stays where it runs.
+#[allow(clippy::too_many_arguments)]
+fn go_home(
+    d: &Deputy,
+    tracee: &mut Tracee,
+    host: &mut TcpStream,
+    relays: &mut Relays,
+    push: &mut Pusher,
+    released: &mut bool,
+    info: &dsm::wire::ProcessInfo,
+    report: &mut dyn Write,
+) -> Result<bool, MigrateError> {
+    // Every page first: the host checkpoints only a whole process.
+    if push.pending() || !*released {
+        while push.pending() {
+            push.send_next(tracee, host)?;
+        }
+        hold(tracee, host)?;
+        if let Err(e) = release_dsm_state(tracee, info) {
+            tracing::warn!(pid = d.pid, "releasing the home process's segments: {e}");
+        }
+        park(tracee, host)?;
+        *released = true;
+    }
+    match come_home(tracee, host, &d.home_socket, relays) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            // The copy runs on; the home process waits (again).
+            line(report, &format!("error {e}"));
+            Ok(false)
         }
     }
 }
@@ -432,6 +490,8 @@ fn come_home(
             Ok(AgentMsg::Image(bytes)) => {
                 break Image::decode(&bytes).map_err(|e| MigrateError::Link(e.to_string()))?
             }
+            // Sent before the host saw `ComeHome`: nothing is accepted now.
+            Ok(AgentMsg::Want { .. }) => {}
             Ok(AgentMsg::Failed(why)) => {
                 host.set_read_timeout(None)?;
                 return Err(MigrateError::Restore(why));

@@ -13,14 +13,15 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::accept::StandIns;
 use crate::checkpoint::{checkpoint_with, Transfer};
 use crate::daemon::DaemonConn;
 use crate::lazy::LazyMemory;
 use crate::link::{self, line, AgentMsg};
 use crate::ptrace::{self, Stop, Tracee};
 use crate::relay::Relays;
-use crate::restore::Shell;
-use crate::{restore_fresh, Image, MigrateError};
+use crate::restore::{Shell, ShellSpec};
+use crate::{Image, MigrateError};
 
 /// How long the host waits for its deputy to connect and send the image.
 const DEPUTY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,7 +31,7 @@ pub struct Host {
     pub token: u128,
 }
 
-type MovedIn = (TcpStream, i32, Image, Relays, Option<LazyMemory>);
+type MovedIn = (TcpStream, i32, Image, Relays, Option<LazyMemory>, StandIns);
 
 /// Take the deputy's connection and the image; restore it.
 fn move_in(
@@ -55,9 +56,11 @@ fn move_in(
         other => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
     };
     let started = std::time::Instant::now();
+    let (stand_ins, listener_ends) = StandIns::for_image(&image)?;
     let restored = match shell {
-        Ok(shell) => shell.restore(&image, Some(&h.node_socket)),
-        Err(_) => restore_fresh(&image, Some(&h.node_socket)),
+        Ok(shell) => shell.restore_with(&image, Some(&h.node_socket), listener_ends),
+        Err(_) => Shell::start(&ShellSpec::of(&image))
+            .and_then(|s| s.restore_with(&image, Some(&h.node_socket), listener_ends)),
     };
     tracing::debug!(elapsed = ?started.elapsed(), "restored");
     match restored {
@@ -85,7 +88,7 @@ fn move_in(
             // We reap it ourselves (waitpid), never through `Child`.
             std::mem::forget(running.child);
             stream.set_read_timeout(None)?;
-            Ok((stream, pid, image, running.relays, running.lazy))
+            Ok((stream, pid, image, running.relays, running.lazy, stand_ins))
         }
         Err(e) => {
             let _ = link::send(&mut stream, &AgentMsg::Failed(e.to_string()));
@@ -96,13 +99,14 @@ fn move_in(
 
 pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<(), MigrateError> {
     let events = ptrace::child_events()?;
-    let (mut deputy, pid, first, mut relays, mut lazy) = match move_in(h, &listener, report) {
-        Ok(moved) => moved,
-        Err(e) => {
-            line(report, &format!("error {e}"));
-            return Err(e);
-        }
-    };
+    let (mut deputy, pid, first, mut relays, mut lazy, mut stand_ins) =
+        match move_in(h, &listener, report) {
+            Ok(moved) => moved,
+            Err(e) => {
+                line(report, &format!("error {e}"));
+                return Err(e);
+            }
+        };
     drop(listener);
     line(report, &format!("running {pid}"));
     loop {
@@ -115,7 +119,10 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
         if let Some(l) = &lazy {
             watched.extend(l.poll_set());
         }
-        let ready = ptrace::wait_ready(&watched)?;
+        // A process with listeners is looked at now and then: it may start
+        // waiting for a connection at any time.
+        let look_again = stand_ins.needs_ticks().then_some(STAND_IN_TICK);
+        let ready = ptrace::wait_ready_within(&watched, look_again)?;
         drop(watched);
         let mut out = Vec::new();
         // Sockets only on this side: no descriptor to close in the process.
@@ -123,6 +130,7 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
         if let Some(l) = &mut lazy {
             l.service(&ready[2 + relay_count..], &mut out);
         }
+        stand_ins.tick(pid, &relays, &mut out);
         for msg in &out {
             link::send(&mut deputy, msg)?;
         }
@@ -156,6 +164,8 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
                 Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
                     relays.on_message(msg);
                 }
+                Ok(AgentMsg::Accepted { fd, conn }) => stand_ins.on_accepted(fd, conn, &mut relays),
+                Ok(AgentMsg::Quiesce) => stand_ins.quiesce(),
                 Ok(AgentMsg::Pages { addr, bytes }) => {
                     if let Some(l) = &mut lazy {
                         l.on_pages(addr, &bytes);
@@ -173,6 +183,7 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
                         &mut deputy,
                         &AgentMsg::Failed("the transfer of its memory is not complete".into()),
                     )?;
+                    stand_ins.resume();
                 }
                 Ok(AgentMsg::ComeHome) => {
                     if send_home(h, pid, &first, &mut deputy, &mut relays)? {
@@ -180,6 +191,7 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
                         line(report, "ended went home");
                         return Ok(());
                     }
+                    stand_ins.resume();
                 }
                 Ok(other) => tracing::warn!(?other, "unexpected message from the deputy"),
                 Err(e) => {
@@ -193,6 +205,10 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
         }
     }
 }
+
+/// How often a process with listeners is looked at (is it waiting for a
+/// connection?).
+const STAND_IN_TICK: Duration = Duration::from_millis(1);
 
 /// Times a process caught opening a connection here is let run on before
 /// a return is refused.

@@ -108,6 +108,14 @@ pub enum FdKind {
     /// A pipe or a socket: relayed between the node it runs on and the home
     /// process, which keeps the original (`what` is its /proc name).
     Relayed { what: String },
+    /// A listening TCP socket: the home process keeps it, and a stand-in
+    /// listener on the node the process runs on gets, one at a time, the
+    /// connections the deputy accepts from it while the process waits for
+    /// one (see `accept.rs`).
+    Listener { what: String },
+    /// An epoll instance and what it watches (descriptor, events, data),
+    /// made again with the same targets once the other descriptors are back.
+    Epoll { targets: Vec<(i32, u32, u64)> },
     /// The process's connection to its node's daemon: the client library
     /// reconnects to the daemon named in its socket slot on its next call.
     /// Until then /dev/null stands in for it, or, if an answer was on its

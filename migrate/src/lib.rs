@@ -5,6 +5,7 @@
 //! DSM segments are not part of an image's memory: they are re-attached on
 //! the destination node and fault in through the coherence protocol.
 
+pub mod accept;
 pub mod checkpoint;
 pub mod daemon;
 pub mod deputy;

@@ -26,7 +26,9 @@ pub enum AgentMsg {
     Image(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Host → deputy: the process is rebuilt here under this pid, stopped
     /// until the deputy answers `Go` (it never runs beside its home copy).
-    Running { pid: i32 },
+    Running {
+        pid: i32,
+    },
     /// Deputy → host: the home process is parked for good; let the copy run.
     Go,
     /// Either way: the step asked for failed; the process runs where it ran.
@@ -49,9 +51,14 @@ pub enum AgentMsg {
         bytes: Vec<u8>,
     },
     /// Either way: no more bytes will come for relayed descriptor `fd`.
-    Shut { fd: i32 },
+    Shut {
+        fd: i32,
+    },
     /// Host → deputy: the process faulted on pages that stayed behind.
-    PageRequest { addr: u64, len: u64 },
+    PageRequest {
+        addr: u64,
+        len: u64,
+    },
     /// Deputy → host: pages that stayed behind (asked for, or streamed).
     Pages {
         addr: u64,
@@ -60,6 +67,22 @@ pub enum AgentMsg {
     },
     /// Deputy → host: every page that stayed behind has been sent.
     PushDone,
+    /// Host → deputy: the process waits for a connection on listener `fd`:
+    /// accept one for it.
+    Want {
+        fd: i32,
+    },
+    /// Deputy → host, before `ComeHome`: no more connections come (the
+    /// deputy accepts none from now on); answer `Quiet` once the process
+    /// has taken every one it was given and closed them all, or `Failed`.
+    Quiesce,
+    Quiet,
+    /// Deputy → host: a connection accepted from listener `fd`, relayed as
+    /// `conn` (a relay key below every descriptor number) from now on.
+    Accepted {
+        fd: i32,
+        conn: i32,
+    },
 }
 
 pub fn send(stream: &mut TcpStream, msg: &AgentMsg) -> Result<(), MigrateError> {

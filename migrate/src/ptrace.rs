@@ -773,6 +773,60 @@ pub fn peek(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Vec<u8>> 
     Ok(buf)
 }
 
+/// Accept a connection from listener `fd` if one is queued (`None` if not,
+/// or if someone else took it first). Our descriptor shares the file with
+/// the process that owns the listener: its O_NONBLOCK is theirs, so a
+/// blocking listener is checked with poll first (and could still block if
+/// one of theirs takes the connection in between).
+pub fn accept_now(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<std::os::fd::OwnedFd>> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    if !readable_within(fd, std::time::Duration::ZERO)? {
+        return Ok(None);
+    }
+    // SAFETY: accept4 without an address buffer; the result is a new
+    // descriptor we own, or -1.
+    let conn = unsafe {
+        libc::accept4(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if conn < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::ECONNABORTED) | Some(libc::EINTR) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: accept4 returned a fresh descriptor nobody else owns.
+    Ok(Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(conn) }))
+}
+
+/// How many connections wait in listening TCP socket `fd`'s accept queue.
+pub fn accept_queue_len(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero is a valid tcp_info.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // For a listener, the kernel reports its accept queue as "unacked".
+    Ok(info.tcpi_unacked)
+}
+
 pub fn shutdown_write(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: shutdown of a live descriptor.
     check(
@@ -785,6 +839,14 @@ pub fn shutdown_write(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
 /// Poll `fds` with their events until one is ready; the returned events,
 /// in order.
 pub fn wait_ready(fds: &[(std::os::fd::BorrowedFd<'_>, i16)]) -> io::Result<Vec<i16>> {
+    wait_ready_within(fds, None)
+}
+
+/// `wait_ready`, giving up after `limit` (every event 0 then).
+pub fn wait_ready_within(
+    fds: &[(std::os::fd::BorrowedFd<'_>, i16)],
+    limit: Option<std::time::Duration>,
+) -> io::Result<Vec<i16>> {
     let mut polls: Vec<libc::pollfd> = fds
         .iter()
         .map(|(fd, events)| libc::pollfd {
@@ -793,7 +855,7 @@ pub fn wait_ready(fds: &[(std::os::fd::BorrowedFd<'_>, i16)]) -> io::Result<Vec<
             revents: 0,
         })
         .collect();
-    poll_until(&mut polls, None)?;
+    poll_until(&mut polls, limit)?;
     Ok(polls.iter().map(|p| p.revents).collect())
 }
 

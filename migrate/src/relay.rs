@@ -32,7 +32,21 @@ pub struct Relay {
     shut_after_pending: bool,
     /// `end` reached end of file (or failed).
     read_done: bool,
+    /// The other side's source ended and all of it was written.
+    peer_done: bool,
     is_socket: bool,
+}
+
+impl Relay {
+    /// A relayed connection (not a descriptor of the process: its key is
+    /// negative, see `accept.rs`).
+    fn is_connection(&self) -> bool {
+        self.fd < 0
+    }
+
+    fn finished(&self) -> bool {
+        self.read_done && self.peer_done && self.pending.is_empty()
+    }
 }
 
 /// What the owner of the relays must do besides sending messages.
@@ -62,6 +76,7 @@ impl Relays {
             pending: VecDeque::new(),
             shut_after_pending: false,
             read_done: false,
+            peer_done: false,
             is_socket,
         });
     }
@@ -103,7 +118,18 @@ impl Relays {
                 events.extend(shut(r));
             }
         }
+        // Connections done both ways are forgotten (closed).
+        self.list.retain(|r| !(r.is_connection() && r.finished()));
         events
+    }
+
+    /// Whether the process has closed every relayed connection on its
+    /// side (our end of each reached end of file).
+    pub fn conns_closed_here(&self) -> bool {
+        self.list
+            .iter()
+            .filter(|r| r.is_connection())
+            .all(|r| r.read_done && r.pending.is_empty())
     }
 
     /// A message from the other side.
@@ -205,6 +231,7 @@ fn write_some(r: &mut Relay) {
 }
 
 fn shut(r: &mut Relay) -> Vec<RelayEvent> {
+    r.peer_done = true;
     if r.is_socket {
         if let Err(e) = crate::ptrace::shutdown_write(r.end.as_fd()) {
             tracing::debug!(fd = r.fd, "relay shutdown: {e}");

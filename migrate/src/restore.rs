@@ -171,14 +171,25 @@ impl Shell {
 
     /// Rebuild `image` in this shell (one started for another executable
     /// or credentials is replaced by a fitting one).
-    pub fn restore(mut self, image: &Image, node: Option<&Path>) -> Result<Restored, MigrateError> {
+    pub fn restore(self, image: &Image, node: Option<&Path>) -> Result<Restored, MigrateError> {
+        self.restore_with(image, node, HashMap::new())
+    }
+
+    /// `restore`, with what the image's listeners become (see
+    /// `accept::StandIns`), by descriptor number.
+    pub fn restore_with(
+        mut self,
+        image: &Image,
+        node: Option<&Path>,
+        listeners: HashMap<i32, OwnedFd>,
+    ) -> Result<Restored, MigrateError> {
         check_identity(&image.exe)?;
         if self.spec != ShellSpec::of(image) {
-            return Shell::start(&ShellSpec::of(image))?.restore(image, node);
+            return Shell::start(&ShellSpec::of(image))?.restore_with(image, node, listeners);
         }
         // A socketpair per relayed descriptor: the process gets one end.
         let mut relays = crate::relay::Relays::default();
-        let mut ends = HashMap::new();
+        let mut ends = listeners;
         for entry in &image.fds {
             if let FdKind::Relayed { .. } = entry.kind {
                 let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
@@ -617,9 +628,13 @@ fn restore_fds(
     scratch: u64,
     relay_ends: &HashMap<i32, OwnedFd>,
 ) -> Result<(), MigrateError> {
+    // A relayed descriptor or a listener without an end here is the home
+    // process's original: it stays.
     let kept = |fd: i32| {
         image.fds.iter().any(|e| {
-            e.fd == fd && matches!(e.kind, FdKind::Relayed { .. }) && !relay_ends.contains_key(&fd)
+            e.fd == fd
+                && matches!(e.kind, FdKind::Relayed { .. } | FdKind::Listener { .. })
+                && !relay_ends.contains_key(&fd)
         })
     };
     let open_now: Vec<i32> = procfs::fds(t.pid)?.into_iter().map(|f| f.0).collect();
@@ -642,19 +657,17 @@ fn restore_fds(
                 }
                 drop(ours);
                 let given = give_fds(t, scratch, &[OwnedFd::from(theirs)])?[0];
-                let cloexec = if entry.cloexec { libc::O_CLOEXEC } else { 0 };
-                t.syscall_ok(libc::SYS_dup3, &[given, entry.fd as u64, cloexec as u64])?;
-                t.syscall_ok(libc::SYS_close, &[given])?;
+                place_fd(t, given, entry)?;
                 continue;
             }
-            FdKind::Relayed { what } => {
+            // Made once every descriptor it watches is back.
+            FdKind::Epoll { .. } => continue,
+            FdKind::Relayed { what } | FdKind::Listener { what } => {
                 match relay_ends.get(&entry.fd) {
                     Some(end) => {
                         let dup = end.try_clone()?;
                         let given = give_fds(t, scratch, &[dup])?[0];
-                        let cloexec = if entry.cloexec { libc::O_CLOEXEC } else { 0 };
-                        t.syscall_ok(libc::SYS_dup3, &[given, entry.fd as u64, cloexec as u64])?;
-                        t.syscall_ok(libc::SYS_close, &[given])?;
+                        place_fd(t, given, entry)?;
                         // Non-blocking if the original was.
                         t.syscall_ok(
                             libc::SYS_fcntl,
@@ -676,29 +689,102 @@ fn restore_fds(
                 continue;
             }
         };
-        put_string(t, scratch, path)?;
-        let mut flags = entry.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
-        if entry.cloexec {
-            flags |= libc::O_CLOEXEC;
-        }
-        let fd = t
-            .syscall_ok(libc::SYS_open, &[scratch, flags as u64, 0])
-            .map_err(|e| {
-                MigrateError::Restore(format!("reopening fd {} ({path}): {e}", entry.fd))
-            })?;
-        if fd != entry.fd as u64 {
-            let cloexec = if entry.cloexec { libc::O_CLOEXEC } else { 0 };
-            t.syscall_ok(libc::SYS_dup3, &[fd, entry.fd as u64, cloexec as u64])?;
-            t.syscall_ok(libc::SYS_close, &[fd])?;
-        }
+        // Opened here, as root, and handed over: the process may have
+        // dropped the rights it opened the file with (a server that
+        // switched to an unprivileged user keeps its logs open).
+        let file = reopen(path, entry.flags).map_err(|e| {
+            MigrateError::Restore(format!("reopening fd {} ({path}): {e}", entry.fd))
+        })?;
         if let FdKind::File { pos, .. } = entry.kind {
             if entry.flags & libc::O_APPEND == 0 {
-                t.syscall_ok(
-                    libc::SYS_lseek,
-                    &[entry.fd as u64, pos, libc::SEEK_SET as u64],
-                )?;
+                use std::io::Seek;
+                (&file).seek(std::io::SeekFrom::Start(pos))?;
             }
         }
+        let given = give_fds(t, scratch, &[OwnedFd::from(file)])?[0];
+        place_fd(t, given, entry)?;
+    }
+    for entry in &image.fds {
+        if let FdKind::Epoll { targets } = &entry.kind {
+            restore_epoll(t, scratch, entry, targets)?;
+        }
+    }
+    Ok(())
+}
+
+/// Put `given`, a descriptor the process just received, at `entry`'s
+/// number with its close-on-exec flag.
+fn place_fd(t: &mut Tracee, given: u64, entry: &crate::image::FdEntry) -> Result<(), MigrateError> {
+    let fd = entry.fd as u64;
+    if given == fd {
+        let flag = if entry.cloexec { libc::FD_CLOEXEC } else { 0 };
+        t.syscall_ok(libc::SYS_fcntl, &[fd, libc::F_SETFD as u64, flag as u64])?;
+    } else {
+        let cloexec = if entry.cloexec { libc::O_CLOEXEC } else { 0 };
+        t.syscall_ok(libc::SYS_dup3, &[given, fd, cloexec as u64])?;
+        t.syscall_ok(libc::SYS_close, &[given])?;
+    }
+    Ok(())
+}
+
+/// `path` opened as the process had it (`flags` from its fdinfo, without
+/// those that only matter when creating).
+fn reopen(path: &str, flags: i32) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (reads, writes) = match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => (true, false),
+        libc::O_WRONLY => (false, true),
+        _ => (true, true),
+    };
+    std::fs::OpenOptions::new()
+        .read(reads)
+        .write(writes)
+        .custom_flags(
+            flags
+                & !(libc::O_ACCMODE
+                    | libc::O_CREAT
+                    | libc::O_EXCL
+                    | libc::O_TRUNC
+                    | libc::O_CLOEXEC),
+        )
+        .open(path)
+}
+
+/// A new epoll instance at `entry`'s number, watching `targets` (each
+/// descriptor with its events and data) as the original did.
+fn restore_epoll(
+    t: &mut Tracee,
+    scratch: u64,
+    entry: &crate::image::FdEntry,
+    targets: &[(i32, u32, u64)],
+) -> Result<(), MigrateError> {
+    let cloexec = if entry.cloexec {
+        libc::EPOLL_CLOEXEC
+    } else {
+        0
+    };
+    let fd = t.syscall_ok(libc::SYS_epoll_create1, &[cloexec as u64])?;
+    if fd != entry.fd as u64 {
+        t.syscall_ok(libc::SYS_dup3, &[fd, entry.fd as u64, cloexec as u64])?;
+        t.syscall_ok(libc::SYS_close, &[fd])?;
+    }
+    for &(target, events, data) in targets {
+        // struct epoll_event is packed on x86-64: u32 events, u64 data.
+        let mut event = events.to_le_bytes().to_vec();
+        event.extend_from_slice(&data.to_le_bytes());
+        t.write(scratch, &event)?;
+        t.syscall_ok(
+            libc::SYS_epoll_ctl,
+            &[
+                entry.fd as u64,
+                libc::EPOLL_CTL_ADD as u64,
+                target as u64,
+                scratch,
+            ],
+        )
+        .map_err(|e| {
+            MigrateError::Restore(format!("epoll {}: watching fd {target}: {e}", entry.fd))
+        })?;
     }
     Ok(())
 }
