@@ -58,8 +58,14 @@ impl Drop for Group {
 }
 
 /// An Apache prefork configuration with two `Listen` lines, so that the
-/// children take turns accepting under the SysV accept mutex.
+/// children take turns accepting under the SysV accept mutex; with PHP if
+/// it is installed.
 pub fn apache_conf(dir: &Path, ports: [u16; 2]) -> PathBuf {
+    apache_conf_with(dir, ports, Path::new(MOD_PHP).exists())
+}
+
+/// `apache_conf`, with or without PHP.
+pub fn apache_conf_with(dir: &Path, ports: [u16; 2], php: bool) -> PathBuf {
     let htdocs = dir.join("htdocs");
     std::fs::create_dir_all(&htdocs).unwrap();
     std::fs::write(htdocs.join("index.html"), "hello from migshm\n").unwrap();
@@ -75,6 +81,7 @@ LoadModule mpm_prefork_module /usr/lib/apache2/modules/mod_mpm_prefork.so
 LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
 LoadModule mime_module /usr/lib/apache2/modules/mod_mime.so
 LoadModule dir_module /usr/lib/apache2/modules/mod_dir.so
+LoadModule status_module /usr/lib/apache2/modules/mod_status.so
 TypesConfig /etc/mime.types
 User www-data
 Group www-data
@@ -83,6 +90,9 @@ DocumentRoot {d}/htdocs
 <Directory {d}/htdocs>
   Require all granted
 </Directory>
+<Location /server-status>
+  SetHandler server-status
+</Location>
 StartServers 4
 MinSpareServers 2
 MaxSpareServers 8
@@ -94,7 +104,7 @@ MaxRequestWorkers 16
     );
     // PHP with opcache in a SysV segment (created by the parent, removed at
     // once, inherited by the children), when mod_php is installed.
-    let conf = if Path::new(MOD_PHP).exists() {
+    let conf = if php {
         let php = dir.join("php");
         std::fs::create_dir_all(&php).unwrap();
         std::fs::write(

@@ -342,7 +342,7 @@ fn deputy_and_host_move_a_process_there_and_back() {
         let stdin = deputy.child.stdin.as_mut().expect("deputy stdin");
         writeln!(stdin, "home").expect("ask to come home");
     }
-    assert_eq!(agent_line(&deputy_lines), "home");
+    assert_eq!(agent_line(&deputy_lines), "home accepted=0");
     assert_eq!(agent_line(&host_lines), "ended went home");
     let before = loops(&output(&out)).last().copied().expect("lines");
     assert!(

@@ -2,8 +2,8 @@
 //! cluster's. `scripts/test.sh` installs the Debian packages they need.
 
 use migshm::programs::{
-    ab, apache_conf, apache_installed, free_port, pg_init, pgbench, pgbench_figures,
-    postgres_installed, start_apache, start_postgres, Under, MOD_PHP,
+    ab, apache_conf, apache_conf_with, apache_installed, free_port, pg_init, pgbench,
+    pgbench_figures, postgres_installed, start_apache, start_postgres, Under, MOD_PHP,
 };
 use migshm::{uffd_or_skip, Cluster};
 use std::io::Read;
@@ -160,5 +160,202 @@ fn postgresql_with_sysv_shared_memory_runs_pgbench_under_omrun() {
     assert!(status.success(), "postgres stopped with {status:?}");
     assert!(admin.ipcs().unwrap().is_empty(), "{:?}", admin.ipcs());
     assert!(admin.sem_ipcs().unwrap().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// `omctl --socket SOCKET ARGS`: (success, stdout + stderr).
+fn omctl(socket: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(migshm::binary("omctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run omctl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The scoreboard Apache's status page shows: (slots in use, busy, idle).
+fn scoreboard(port: u16) -> Option<(usize, u32, u32)> {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5"])
+        .arg(format!("http://127.0.0.1:{port}/server-status?auto"))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+    };
+    let board = field("Scoreboard:")?;
+    Some((
+        board.chars().filter(|c| *c != '.').count(),
+        field("BusyWorkers:")?.parse().ok()?,
+        field("IdleWorkers:")?.parse().ok()?,
+    ))
+}
+
+/// Issue 5's Apache acceptance: Apache prefork under omrun with the SysV
+/// accept mutex; while ab runs, children (which hold the accept mutex in
+/// turn, with SEM_UNDO, and accept on two listeners through epoll) are
+/// moved to nodes 2 and 3 and back, again and again. ab gets no failed
+/// request, the moved children served connections while away, the
+/// scoreboard the parent sees accounts for every worker, and Apache stops
+/// cleanly with nothing left behind (no process, agent, set or segment).
+#[test]
+fn apache_children_move_to_other_nodes_and_back_while_ab_runs() {
+    if !uffd_or_skip() {
+        return;
+    }
+    if !apache_installed() {
+        eprintln!("SKIP: apache2/ab not installed (scripts/test.sh installs them)");
+        return;
+    }
+    let cluster = Cluster::start(3).expect("start cluster");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = std::env::temp_dir().join(format!("migshm-apache-move-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ports = [free_port(), free_port()];
+    // Without PHP: opcache keeps a deleted lock file open, which cannot
+    // move (a stay reason).
+    let conf = apache_conf_with(&dir, ports, false);
+    let mut apache = start_apache(
+        Under::Omrun {
+            socket: &node1,
+            home: None,
+        },
+        &conf,
+        ports[0],
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+        )
+    });
+    let parent = apache.0.id();
+    const REQUESTS: u32 = 30000;
+    let url = format!("http://127.0.0.1:{}/index.html", ports[0]);
+    let load = std::thread::spawn(move || ab(&url, REQUESTS, 4));
+    let mut round_trips = 0;
+    let mut refused = Vec::new();
+    let mut turn = 0usize;
+    while !load.is_finished() && round_trips < 12 {
+        let children = children_of(parent);
+        if children.is_empty() {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let child = children[turn % children.len()].to_string();
+        let node = if turn.is_multiple_of(2) { "2" } else { "3" };
+        turn += 1;
+        let started = std::time::Instant::now();
+        let (ok, text) = omctl(&node1, &["migrate", &child, node]);
+        eprintln!("move {child} to {node}: {ok} in {:?}", started.elapsed());
+        if !ok {
+            refused.push(text);
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        // A return waits until the child is done with its connections:
+        // it may have to be asked again.
+        let mut home = (false, String::new());
+        for _ in 0..20 {
+            let started = std::time::Instant::now();
+            home = omctl(&node1, &["migrate", &child, "home"]);
+            eprintln!("home {child}: {home:?} in {:?}", started.elapsed());
+            if home.0 || home.1.contains("already runs on its home node") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(home.0, "child {child} did not come home: {}", home.1);
+        round_trips += 1;
+    }
+    let (complete, failed, rate) = load.join().expect("ab");
+    eprintln!(
+        "apache with moving children: {complete} requests, {failed} failed, {rate:.0}/s, \
+         {round_trips} round trips, {} refusals: {refused:?}",
+        refused.len()
+    );
+    assert_eq!((complete, failed), (REQUESTS, 0));
+    assert!(round_trips >= 3, "too few moves: {refused:?}");
+    let log = cluster.log(1);
+    let served_away: u64 = log
+        .lines()
+        .filter(|l| l.contains("deputy: home accepted="))
+        .filter_map(|l| {
+            let at = l.find("accepted=")? + "accepted=".len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(served_away > 0, "no connection went to a moved child");
+    assert_eq!(omctl(&node1, &["ps"]).1.lines().count(), 1, "all home");
+    // Every worker the parent has is on the scoreboard, and only those.
+    assert!(
+        migshm::eventually(Duration::from_secs(10), || {
+            let workers = children_of(parent).len();
+            scoreboard(ports[0]).is_some_and(|(used, busy, idle)| {
+                used == workers && (busy + idle) as usize == workers
+            })
+        }),
+        "scoreboard {:?} vs {} children",
+        scoreboard(ports[0]),
+        children_of(parent).len()
+    );
+    let status = apache
+        .stop(libc::SIGTERM, Duration::from_secs(20))
+        .expect("apache did not stop");
+    assert!(status.success(), "apache stopped with {status:?}");
+    let admin = dsm::client::Client::connect(&node1).unwrap();
+    assert!(
+        migshm::eventually(Duration::from_secs(5), || admin
+            .sem_ipcs()
+            .is_ok_and(|s| s.is_empty())
+            && admin.ipcs().is_ok_and(|s| s.is_empty())),
+        "left behind: {:?} {:?}",
+        admin.sem_ipcs(),
+        admin.ipcs()
+    );
+    let leftover = |name: &str| {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("cmdline")).is_ok_and(|c| {
+                    c.contains(name) && c.contains(&dir.to_string_lossy().to_string())
+                })
+            })
+            .count()
+    };
+    assert_eq!(leftover("apache2"), 0, "an Apache process was left behind");
+    assert!(
+        migshm::eventually(Duration::from_secs(5), || (1..=3).all(|n| cluster
+            .node(n)
+            .pid()
+            .is_some_and(|pid| children_of(pid).is_empty()))),
+        "an agent was left behind"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

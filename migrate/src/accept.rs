@@ -216,7 +216,7 @@ impl StandIns {
             }
         }
         if let Some(since) = self.quiescing {
-            let settled = self.list.iter().all(|s| !s.queued) && relays.conns_closed_here();
+            let settled = self.list.iter().all(|s| !s.queued) && relays.connections_over();
             if settled {
                 self.quiescing = None;
                 self.held = true;

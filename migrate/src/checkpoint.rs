@@ -570,13 +570,14 @@ fn private_pages(
 
 fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, MigrateError> {
     let mut out = Vec::new();
-    let listening = procfs::listening_inodes()?;
-    let is_listener = |target: &str| {
-        target
-            .strip_prefix("socket:[")
-            .and_then(|t| t.strip_suffix(']'))
-            .and_then(|i| i.parse::<u64>().ok())
-            .is_some_and(|inode| listening.contains(&inode))
+    // A TCP listener (SO_ACCEPTCONN on a duplicate; unix listeners do not
+    // move: relayed, they fail at accept).
+    let is_listener = |fd: i32, target: &str| {
+        target.starts_with("socket:")
+            && crate::ptrace::take_fd(pid, fd as u64).is_ok_and(|dup| {
+                crate::ptrace::is_listening(dup.as_fd()).unwrap_or(false)
+                    && std::net::TcpListener::from(dup).local_addr().is_ok()
+            })
     };
     for (fd, target, flags, pos) in procfs::fds(pid)? {
         let cloexec = flags & libc::O_CLOEXEC != 0;
@@ -608,7 +609,7 @@ fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, 
                     return Err(stay(format!("fd {fd} ({target}) cannot be reopened")));
                 }
             }
-            _ if is_listener(&target) => FdKind::Listener { what: target },
+            _ if is_listener(fd, &target) => FdKind::Listener { what: target },
             _ if target == "anon_inode:[eventpoll]" => FdKind::Epoll {
                 targets: procfs::epoll_targets(pid, fd)?,
             },

@@ -7,8 +7,9 @@
 //! the copy; and bringing it home restores the host's checkpoint into it.
 //!
 //! Reports one line per event on `report`: `running PID frozen_us=N` (N:
-//! how long the process was stopped) or `error MSG` after the move; `home` or `error MSG` after each request to come home;
-//! `ended …` last.
+//! how long the process was stopped) or `error MSG` after the move;
+//! `home accepted=N` (N: connections accepted for it while away) or
+//! `error MSG` after each request to come home; `ended …` last.
 
 use std::io::{BufRead, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -367,12 +368,7 @@ pub fn run(
                         report,
                     )? {
                         tracee.detach()?;
-                        tracing::info!(
-                            pid = d.pid,
-                            accepted = listeners.accepted,
-                            "home again; connections accepted for it while away"
-                        );
-                        line(report, "home");
+                        line(report, &format!("home accepted={}", listeners.accepted));
                         return Ok(());
                     }
                     listeners.resume();

@@ -222,6 +222,48 @@ pub fn thread_count(pid: i32) -> io::Result<usize> {
     Ok(fs::read_dir(format!("/proc/{pid}/task"))?.count())
 }
 
+/// What epoll descriptor `fd` of `pid` watches: (descriptor, events,
+/// data) per target, from its fdinfo.
+pub fn epoll_targets(pid: i32, fd: i32) -> io::Result<Vec<(i32, u32, u64)>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))?;
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("tfd:")) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let value = |key: &str| {
+            fields
+                .iter()
+                .position(|f| *f == key)
+                .and_then(|i| fields.get(i + 1))
+                .copied()
+        };
+        let parsed = (|| {
+            Some((
+                value("tfd:")?.parse().ok()?,
+                u32::from_str_radix(value("events:")?, 16).ok()?,
+                u64::from_str_radix(value("data:")?, 16).ok()?,
+            ))
+        })();
+        out.push(parsed.ok_or_else(|| bad("epoll fdinfo", line))?);
+    }
+    Ok(out)
+}
+
+/// The system call `pid` is blocked in, with its arguments, from
+/// `/proc/PID/syscall` (`None`: running, or not in a call).
+pub fn blocked_syscall(pid: i32) -> Option<(i64, [u64; 6])> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
+    let mut fields = text.split_whitespace();
+    let nr: i64 = fields.next()?.parse().ok()?;
+    if nr < 0 {
+        return None;
+    }
+    let mut args = [0u64; 6];
+    for a in &mut args {
+        *a = u64::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok()?;
+    }
+    Some((nr, args))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,68 +309,4 @@ mod tests {
         assert!(stat_fields(me).unwrap()[28] > 0);
         assert!(status_field(me, "Umask").is_ok());
     }
-}
-
-/// The inodes of the TCP sockets (IPv4 and IPv6) that listen, from
-/// `/proc/net/tcp{,6}` of the caller's network namespace.
-pub fn listening_inodes() -> io::Result<std::collections::HashSet<u64>> {
-    const LISTEN: &str = "0A";
-    let mut out = std::collections::HashSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.get(3) == Some(&LISTEN) {
-                if let Some(inode) = fields.get(9).and_then(|i| i.parse().ok()) {
-                    out.insert(inode);
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// What epoll descriptor `fd` of `pid` watches: (descriptor, events,
-/// data) per target, from its fdinfo.
-pub fn epoll_targets(pid: i32, fd: i32) -> io::Result<Vec<(i32, u32, u64)>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))?;
-    let mut out = Vec::new();
-    for line in text.lines().filter(|l| l.starts_with("tfd:")) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let value = |key: &str| {
-            fields
-                .iter()
-                .position(|f| *f == key)
-                .and_then(|i| fields.get(i + 1))
-                .copied()
-        };
-        let parsed = (|| {
-            Some((
-                value("tfd:")?.parse().ok()?,
-                u32::from_str_radix(value("events:")?, 16).ok()?,
-                u64::from_str_radix(value("data:")?, 16).ok()?,
-            ))
-        })();
-        out.push(parsed.ok_or_else(|| bad("epoll fdinfo", line))?);
-    }
-    Ok(out)
-}
-
-/// The system call `pid` is blocked in, with its arguments, from
-/// `/proc/PID/syscall` (`None`: running, or not in a call).
-pub fn blocked_syscall(pid: i32) -> Option<(i64, [u64; 6])> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
-    let mut fields = text.split_whitespace();
-    let nr: i64 = fields.next()?.parse().ok()?;
-    if nr < 0 {
-        return None;
-    }
-    let mut args = [0u64; 6];
-    for a in &mut args {
-        *a = u64::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok()?;
-    }
-    Some((nr, args))
 }

@@ -804,6 +804,27 @@ pub fn accept_now(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<std::os:
     Ok(Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(conn) }))
 }
 
+/// Whether socket `fd` listens (SO_ACCEPTCONN).
+pub fn is_listening(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value != 0)
+}
+
 /// How many connections wait in listening TCP socket `fd`'s accept queue.
 pub fn accept_queue_len(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
     use std::os::fd::AsRawFd;

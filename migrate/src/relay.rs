@@ -123,13 +123,10 @@ impl Relays {
         events
     }
 
-    /// Whether the process has closed every relayed connection on its
-    /// side (our end of each reached end of file).
-    pub fn conns_closed_here(&self) -> bool {
-        self.list
-            .iter()
-            .filter(|r| r.is_connection())
-            .all(|r| r.read_done && r.pending.is_empty())
+    /// Whether every relayed connection is over both ways (then the
+    /// process closes its side, as it has seen both ends shut).
+    pub fn connections_over(&self) -> bool {
+        !self.list.iter().any(|r| r.is_connection())
     }
 
     /// A message from the other side.

@@ -315,7 +315,7 @@ impl Migrations {
         tokio::task::spawn_local(async move {
             while let Some(line) = reports.recv().await {
                 tracing::info!(pid, "deputy: {line}");
-                let ended = line.starts_with("ended") || line == "home";
+                let ended = line.starts_with("ended") || is_home(&line);
                 let _ = forward.send(line);
                 if ended {
                     break;
@@ -343,12 +343,18 @@ impl Migrations {
             .await
             .map_err(|e| format!("the deputy is gone: {e}"))?;
         match tokio::time::timeout(AGENT_TIMEOUT, reports.recv()).await {
-            Ok(Some(line)) if line == "home" => Ok(()),
+            Ok(Some(line)) if is_home(&line) => Ok(()),
             Ok(Some(line)) => Err(line.strip_prefix("error ").unwrap_or(&line).to_string()),
             Ok(None) => Err("the deputy ended".into()),
             Err(_) => Err("timed out (the process still runs where it ran; try again)".into()),
         }
     }
+}
+
+/// A deputy's report that the process runs at home again (`home`, maybe
+/// followed by figures).
+fn is_home(line: &str) -> bool {
+    line == "home" || line.starts_with("home ")
 }
 
 /// An RPC to `to` with the daemon's bound on the answer.
