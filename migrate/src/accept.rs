@@ -203,7 +203,7 @@ impl StandIns {
     /// Whether the host must look at the process now and then (it may
     /// start waiting for a connection at any time).
     pub fn needs_ticks(&self) -> bool {
-        !self.list.is_empty()
+        !self.list.is_empty() || self.quiescing.is_some()
     }
 
     /// A look at the process: ask for a connection for each stand-in it

@@ -165,7 +165,15 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
                     relays.on_message(msg);
                 }
                 Ok(AgentMsg::Accepted { fd, conn }) => stand_ins.on_accepted(fd, conn, &mut relays),
-                Ok(AgentMsg::Quiesce) => stand_ins.quiesce(),
+                Ok(AgentMsg::Quiesce) => {
+                    stand_ins.quiesce();
+                    // Answered at once when there is nothing to wait for.
+                    let mut out = Vec::new();
+                    stand_ins.tick(pid, &relays, &mut out);
+                    for msg in &out {
+                        link::send(&mut deputy, msg)?;
+                    }
+                }
                 Ok(AgentMsg::Pages { addr, bytes }) => {
                     if let Some(l) = &mut lazy {
                         l.on_pages(addr, &bytes);
