@@ -43,6 +43,11 @@ fn apache_prefork_with_a_sysv_accept_mutex_serves_under_omrun() {
         )
     });
     let admin = dsm::client::Client::connect(cluster.socket(2)).unwrap();
+    // The port answers as soon as Apache listens, a moment before its
+    // parent creates the accept mutex and forks the children.
+    migshm::eventually(Duration::from_secs(10), || {
+        admin.sem_ipcs().is_ok_and(|s| !s.is_empty())
+    });
     let sets = admin.sem_ipcs().unwrap();
     assert_eq!(sets.len(), 1, "the accept mutex: {sets:?}");
     assert_eq!(sets[0].home, 1);

@@ -250,22 +250,38 @@ impl StandIns {
 
     /// The deputy accepted connection `conn` for stand-in `fd`: put it in
     /// the stand-in's queue, relayed.
-    pub fn on_accepted(&mut self, fd: i32, conn: i32, relays: &mut Relays) {
-        let Some(s) = self.list.iter_mut().find(|s| s.fd == fd) else {
-            tracing::warn!(fd, "a connection for a descriptor that has no stand-in");
-            return;
+    /// If it cannot be, the deputy is told the connection ends here
+    /// (`Shut`), so its client sees it closed rather than waiting.
+    pub fn on_accepted(
+        &mut self,
+        fd: i32,
+        conn: i32,
+        relays: &mut Relays,
+        out: &mut Vec<AgentMsg>,
+    ) {
+        let connected = match self.list.iter_mut().find(|s| s.fd == fd) {
+            Some(s) => {
+                s.want_sent = false;
+                match TcpStream::connect(s.addr) {
+                    Ok(stream) => {
+                        let _ = stream.set_nodelay(true);
+                        s.queued = true;
+                        relays.add(conn, OwnedFd::from(stream), true, true);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(fd, "connecting to the stand-in listener: {e}");
+                        false
+                    }
+                }
+            }
+            None => {
+                tracing::warn!(fd, "a connection for a descriptor that has no stand-in");
+                false
+            }
         };
-        s.want_sent = false;
-        match TcpStream::connect(s.addr) {
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
-                s.queued = true;
-                relays.add(conn, OwnedFd::from(stream), true, true);
-            }
-            // The deputy's end is not relayed here: it sees our Shut.
-            Err(e) => {
-                tracing::error!(fd, "connecting to the stand-in listener: {e}");
-            }
+        if !connected {
+            out.push(AgentMsg::Shut { fd: conn });
         }
     }
 

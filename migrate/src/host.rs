@@ -164,7 +164,13 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
                 Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
                     relays.on_message(msg);
                 }
-                Ok(AgentMsg::Accepted { fd, conn }) => stand_ins.on_accepted(fd, conn, &mut relays),
+                Ok(AgentMsg::Accepted { fd, conn }) => {
+                    let mut out = Vec::new();
+                    stand_ins.on_accepted(fd, conn, &mut relays, &mut out);
+                    for msg in &out {
+                        link::send(&mut deputy, msg)?;
+                    }
+                }
                 Ok(AgentMsg::Quiesce) => {
                     stand_ins.quiesce();
                     // Answered at once when there is nothing to wait for.

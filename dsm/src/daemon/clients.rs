@@ -576,10 +576,14 @@ impl Session {
             }
             None => self.core.borrow().me,
         };
-        if sops.iter().any(|s| s.flags & SEM_UNDO != 0) && !self.watch_for_undo(id, guest).await {
-            // The process is gone and this frame outlived it: applying it
-            // now would leave an adjustment nobody will ever undo.
-            return None;
+        if sops.iter().any(|s| s.flags & SEM_UNDO != 0) {
+            match self.watch_for_undo(id, guest).await {
+                Ok(()) => {}
+                // The process is gone and this frame outlived it: applying
+                // it now would leave an adjustment nobody will ever undo.
+                Err(None) => return None,
+                Err(Some(errno)) => return Some(ClientReply::Err(errno)),
+            }
         }
         let (wait, mut rx) = self.core.borrow_mut().sem_submit(id, sops, cred, owner);
         let withdraw = std::rc::Rc::new(tokio::sync::Notify::new());
@@ -668,14 +672,22 @@ impl Session {
 
     /// Before a `SEM_UNDO` operation: make sure the process's exit will
     /// apply it. For a process that moved here, its home is told (its
-    /// exit there applies it). False if the process is already gone.
-    async fn watch_for_undo(&mut self, id: SemSetId, guest: Option<(NodeId, i32)>) -> bool {
+    /// exit there applies it). `Err(None)`: the process is gone (the frame
+    /// outlived it); `Err(Some(errno))`: its home could not be told.
+    async fn watch_for_undo(
+        &mut self,
+        id: SemSetId,
+        guest: Option<(NodeId, i32)>,
+    ) -> Result<(), Option<i32>> {
         let Some((home, home_pid)) = guest else {
-            return self.core.borrow_mut().watch_for_undo(self.pid, id);
+            return match self.core.borrow_mut().watch_for_undo(self.pid, id) {
+                true => Ok(()),
+                false => Err(None),
+            };
         };
         let migrations = self.core.borrow().migrations.clone();
         if !migrations.first_undo_on(self.pid, id) {
-            return true;
+            return Ok(());
         }
         match self
             .rpc(
@@ -687,7 +699,7 @@ impl Session {
             )
             .await
         {
-            RpcResponse::Ok => true,
+            RpcResponse::Ok => Ok(()),
             other => {
                 tracing::warn!(
                     pid = self.pid,
@@ -697,7 +709,10 @@ impl Session {
                     "home not told of undo"
                 );
                 migrations.undo_not_noted(self.pid, id);
-                false
+                match other {
+                    RpcResponse::Err(libc::ESRCH) => Err(None),
+                    _ => Err(Some(self.lost_home_errno(id, libc::EHOSTDOWN))),
+                }
             }
         }
     }

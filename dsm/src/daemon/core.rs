@@ -1398,7 +1398,7 @@ impl Core {
             }
             RpcRequest::Migrations => R::Migrations(self.migrations.entries()),
             RpcRequest::SemNoteUndo { pid, set } => {
-                if self.migrations.is_migrated(pid) != Some(from) {
+                if self.migrations.runs_or_moves_to(pid) != Some(from) {
                     R::Err(libc::EPERM)
                 } else if self.watch_for_undo(pid, set) {
                     R::Ok

@@ -59,6 +59,9 @@ pub struct Migrations {
     guests: RefCell<HashMap<i32, Guest>>,
     /// The hosts started here, by token: whose process each receives.
     hosts: RefCell<HashMap<u128, (NodeId, i32)>>,
+    /// Processes homed here being moved, and where to: the copy may run
+    /// (and ask us things) before the deputy has reported it running.
+    moving: RefCell<HashMap<i32, NodeId>>,
 }
 
 fn agent_binary() -> Result<PathBuf, String> {
@@ -96,6 +99,7 @@ impl Migrations {
             deputies: RefCell::new(HashMap::new()),
             guests: RefCell::new(HashMap::new()),
             hosts: RefCell::new(HashMap::new()),
+            moving: RefCell::new(HashMap::new()),
         })
     }
 
@@ -155,6 +159,12 @@ impl Migrations {
 
     pub fn is_migrated(&self, pid: i32) -> Option<NodeId> {
         self.deputies.borrow().get(&pid).map(|d| d.runs_on)
+    }
+
+    /// Where local process `pid` runs or is being moved to, if not here.
+    pub fn runs_or_moves_to(&self, pid: i32) -> Option<NodeId> {
+        self.is_migrated(pid)
+            .or_else(|| self.moving.borrow().get(&pid).copied())
     }
 
     pub fn entries(&self) -> Vec<MigrationEntry> {
@@ -252,6 +262,19 @@ impl Migrations {
 
     /// Move local process `pid` to `to`, whose host listens at `host`.
     pub async fn move_out(
+        self: &Rc<Self>,
+        pid: i32,
+        to: NodeId,
+        host: SocketAddr,
+        token: u128,
+    ) -> Result<(), String> {
+        self.moving.borrow_mut().insert(pid, to);
+        let moved = self.start_deputy(pid, to, host, token).await;
+        self.moving.borrow_mut().remove(&pid);
+        moved
+    }
+
+    async fn start_deputy(
         self: &Rc<Self>,
         pid: i32,
         to: NodeId,
