@@ -918,71 +918,98 @@ fn a_host_refuses_a_connection_without_the_token() {
     assert!(host.wait_timeout(Duration::from_secs(10)).is_some());
 }
 
-/// Anonymous shared memory made before a fork is a DSM object under omrun:
-/// the child, moved to node 2 and home again while it ping-pongs with its
-/// parent through that memory, never sees a turn out of order, and the two
-/// keep going wherever the child runs.
+/// Anonymous shared memory made before a fork is a DSM object under omrun,
+/// and so is POSIX shared memory (shm_open + mmap): the child, moved to
+/// node 2 and home again while it ping-pongs with its parent through that
+/// memory, never sees a turn out of order, and the two keep going wherever
+/// the child runs. The POSIX object goes with shm_unlink at the end.
 #[test]
-fn a_forked_child_sharing_anonymous_memory_moves_and_stays_coherent() {
+fn a_forked_child_sharing_memory_moves_and_stays_coherent() {
     if !uffd_or_skip() {
         return;
     }
     let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
-    let dir = tempdir("anon");
-    let out = dir.join("out");
     let prog = c_program("shared_anon").expect("compile shared_anon.c");
-    let mut command = omrun_command(&node1, None, &prog);
-    command
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).expect("output"))
-        .stderr(Stdio::null());
-    migshm::only_standard_fds(&mut command);
-    let mut parent = Proc::from(command.spawn().expect("start"));
-    let turns = || {
-        output(&out)
+    let posix_name = format!("/migshm-pingpong-{}", std::process::id());
+    for posix in [None, Some(posix_name.as_str())] {
+        let dir = tempdir(if posix.is_some() { "posix" } else { "anon" });
+        let out = dir.join("out");
+        let mut command = omrun_command(&node1, None, &prog);
+        command
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("output"))
+            .stderr(Stdio::null());
+        if let Some(name) = posix {
+            command.env("SHARED_POSIX", name);
+        }
+        migshm::only_standard_fds(&mut command);
+        let mut parent = Proc::from(command.spawn().expect("start"));
+        let turns = || {
+            output(&out)
+                .lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("turns ")?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || turns() >= 2000),
+            "{}",
+            output(&out)
+        );
+        let child: i32 = output(&out)
             .lines()
-            .rev()
-            .find_map(|l| l.strip_prefix("turns ")?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    assert!(
-        eventually(Duration::from_secs(10), || turns() >= 2000),
-        "{}",
-        output(&out)
-    );
-    let child: i32 = output(&out)
-        .lines()
-        .find_map(|l| l.strip_prefix("child ")?.parse().ok())
-        .expect("child line");
-    // The mapping is a segment of the cluster's, attached by both.
-    let (_, ipcs, _) = omctl(&node1, &["ipcs"]);
-    assert!(
-        ipcs.lines()
-            .any(|l| l.split_whitespace().nth(6) == Some("dest")),
-        "a keyless segment: {ipcs}"
-    );
-    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &child.to_string(), "2"]);
-    assert!(ok, "{stdout} {stderr}");
-    let before = turns();
-    assert!(
-        eventually(Duration::from_secs(20), || turns() >= before + 2000),
-        "the ping-pong goes on across nodes: {}",
-        output(&out)
-    );
-    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &child.to_string(), "home"]);
-    assert!(ok, "{stdout} {stderr}");
-    let before = turns();
-    assert!(
-        eventually(Duration::from_secs(20), || turns() >= before + 2000),
-        "{}",
-        output(&out)
-    );
-    kill(parent.child.id() as i32, libc::SIGTERM).expect("SIGTERM");
-    let status = wait_status(&mut parent.child, Duration::from_secs(20)).expect("it ends");
-    assert_eq!(status.code(), Some(0), "{}", output(&out));
-    assert!(output(&out).contains("child-status 0"), "{}", output(&out));
-    let _ = std::fs::remove_dir_all(&dir);
+            .find_map(|l| l.strip_prefix("child ")?.parse().ok())
+            .expect("child line");
+        // The mapping is a segment of the cluster's, attached by both:
+        // keyless and removed at once (anonymous), or keyed (POSIX).
+        let admin = dsm::client::Client::connect(&node1).expect("connect");
+        let segments = admin.ipcs().expect("ipcs");
+        const SHM_DEST: u32 = 0o1000;
+        assert!(
+            segments.iter().any(|s| s.size == 4096
+                && s.nattch == 2
+                && if posix.is_some() {
+                    s.perm.key != 0 && s.perm.mode & SHM_DEST == 0
+                } else {
+                    s.perm.key == 0 && s.perm.mode & SHM_DEST != 0
+                }),
+            "{posix:?}: {segments:?}"
+        );
+        let (ok, stdout, stderr) = omctl(&node1, &["migrate", &child.to_string(), "2"]);
+        assert!(ok, "{stdout} {stderr}");
+        let before = turns();
+        assert!(
+            eventually(Duration::from_secs(20), || turns() >= before + 2000),
+            "the ping-pong goes on across nodes: {}",
+            output(&out)
+        );
+        let (ok, stdout, stderr) = omctl(&node1, &["migrate", &child.to_string(), "home"]);
+        assert!(ok, "{stdout} {stderr}");
+        let before = turns();
+        assert!(
+            eventually(Duration::from_secs(20), || turns() >= before + 2000),
+            "{}",
+            output(&out)
+        );
+        kill(parent.child.id() as i32, libc::SIGTERM).expect("SIGTERM");
+        let status = wait_status(&mut parent.child, Duration::from_secs(20)).expect("it ends");
+        let text = output(&out);
+        assert_eq!(status.code(), Some(0), "{text}");
+        assert!(text.contains("child-status 0"), "{text}");
+        if posix.is_some() {
+            assert!(text.contains("unlink 0"), "{text}");
+        }
+
+        assert!(
+            eventually(Duration::from_secs(5), || admin
+                .ipcs()
+                .is_ok_and(|l| l.is_empty())),
+            "left behind: {:?}",
+            admin.ipcs()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 /// The number `tag` (e.g. "semid") the loop printed first.

@@ -335,3 +335,64 @@ fn a_segment_stays_coherent_after_the_program_closes_all_descriptors() {
         "its memory stopped being coherent, or segment calls failed after it closed everything"
     );
 }
+
+/// POSIX shared memory under omrun is the cluster's: an object made with
+/// shm_open on node 1 is listed as a segment (its size and mode); on node 2
+/// it is opened without O_CREAT and mapped even where its file is not (the
+/// test removes the file, as on another machine: the file made again there
+/// is a new one, so only the cluster's segment can carry the words); the
+/// two see each other's writes; shm_unlink on node 2 removes it everywhere
+/// (a new shm_open fails with ENOENT, no segment is left).
+#[test]
+fn posix_shared_memory_is_one_object_across_nodes() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let prog = c_program("posix_shm").expect("compile posix_shm.c");
+    let cluster = Cluster::start(2).expect("start cluster");
+    let name = format!("/migshm-posix-{}", std::process::id());
+    let file = format!("/dev/shm{name}");
+    let _ = std::fs::remove_file(&file);
+    let admin = dsm::client::Client::connect(cluster.socket(2)).expect("connect");
+    let creator = spawn_under_omrun(cluster.socket(1), &prog, &["create", &name]).unwrap();
+    assert!(
+        migshm::eventually(Duration::from_secs(10), || admin
+            .ipcs()
+            .is_ok_and(|l| l.iter().any(|s| s.size == 8192 && s.nattch == 1))),
+        "the object's segment: {:?}",
+        admin.ipcs()
+    );
+    let segment = admin
+        .ipcs()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.size == 8192)
+        .unwrap();
+    assert_eq!(segment.perm.mode & 0o777, 0o640);
+    std::fs::remove_file(&file).expect("the creator's file");
+    let (status, out) = run_under_omrun(
+        cluster.socket(2),
+        &prog,
+        &["join", &name],
+        Duration::from_secs(60),
+    )
+    .expect("the joiner hung");
+    assert!(status.success(), "join: {status:?} {out}");
+    assert!(
+        out.contains("unlink 0") && out.contains("reopen ENOENT"),
+        "{out}"
+    );
+    let (status, out) = creator
+        .output(Duration::from_secs(30))
+        .expect("creator hung");
+    assert!(status.success(), "create: {status:?} {out}");
+    assert!(out.contains("creator done"), "{out}");
+    assert!(
+        migshm::eventually(Duration::from_secs(5), || admin
+            .ipcs()
+            .is_ok_and(|l| l.is_empty())),
+        "left behind: {:?}",
+        admin.ipcs()
+    );
+    assert!(!std::path::Path::new(&file).exists());
+}

@@ -477,6 +477,27 @@ pub unsafe extern "C" fn mmap(
             return at as *mut c_void;
         }
     }
+    let shared_file = flags & libc::MAP_SHARED != 0
+        && flags & libc::MAP_ANONYMOUS == 0
+        && fd >= 0
+        && offset == 0
+        && prot & libc::PROT_READ != 0
+        && crate::runtime::anonymous_shared_as_dsm();
+    if shared_file {
+        let fixed = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0;
+        let writable = prot & libc::PROT_WRITE != 0;
+        let dsm = std::panic::catch_unwind(|| {
+            let name = crate::runtime::posix_shm_name(fd)?;
+            daemon(|rt| {
+                crate::runtime::map_posix_shm(rt, fd, &name, addr as usize, len, writable, fixed)
+            })
+        });
+        // Not a POSIX shared memory object, part of one, or refused: the
+        // kernel's mapping (which keeps the process from migrating).
+        if let Ok(Some(Ok(at))) = dsm {
+            return at as *mut c_void;
+        }
+    }
     match cached(&REAL_MMAP, c"mmap") {
         // SAFETY: libc's mmap, with the caller's arguments.
         Some(f) => unsafe {
@@ -528,6 +549,98 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
         None => {
             set_errno(libc::ENOSYS);
             -1
+        }
+    }
+}
+
+// ---- POSIX shared memory ---------------------------------------------------------------
+
+type ShmOpenFn = unsafe extern "C" fn(*const libc::c_char, c_int, libc::mode_t) -> c_int;
+type ShmUnlinkFn = unsafe extern "C" fn(*const libc::c_char) -> c_int;
+
+/// `shm_open`: libc's; an object that exists only in the cluster (made on
+/// another node) gets its local file here, of its size, so that it can be
+/// opened and mapped (the mapping is then its DSM segment, see `mmap`).
+///
+/// # Safety
+/// As `shm_open(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn shm_open(
+    name: *const libc::c_char,
+    oflag: c_int,
+    mode: libc::mode_t,
+) -> c_int {
+    let real: ShmOpenFn = match native!(c"shm_open", ShmOpenFn) {
+        Ok(f) => f,
+        Err(e) => {
+            set_errno(e);
+            return -1;
+        }
+    };
+    // SAFETY: libc's shm_open with the caller's arguments.
+    let fd = unsafe { real(name, oflag, mode) };
+    // SAFETY: errno of this thread, just set by shm_open.
+    let errno = unsafe { *libc::__errno_location() };
+    if fd >= 0 || errno != libc::ENOENT || oflag & libc::O_CREAT != 0 || name.is_null() {
+        return fd;
+    }
+    // SAFETY: a NUL-terminated name, as shm_open needs.
+    let wanted = unsafe { CStr::from_ptr(name) }.to_bytes().to_vec();
+    let elsewhere =
+        std::panic::catch_unwind(|| daemon(|rt| Ok(crate::runtime::posix_shm_stat(rt, &wanted))));
+    let Ok(Some(Ok(Some((size, perm))))) = elsewhere else {
+        set_errno(libc::ENOENT);
+        return -1;
+    };
+    // SAFETY: libc's shm_open, creating the local file of the object.
+    let fd = unsafe { real(name, oflag | libc::O_CREAT, perm as libc::mode_t) };
+    if fd >= 0 {
+        // SAFETY: sizing the descriptor just opened.
+        if unsafe { libc::ftruncate(fd, size as libc::off_t) } < 0 {
+            // SAFETY: errno of this thread, set by ftruncate.
+            let e = unsafe { *libc::__errno_location() };
+            // SAFETY: closing the descriptor we just opened, not returned.
+            unsafe { libc::close(fd) };
+            set_errno(e);
+            return -1;
+        }
+    }
+    fd
+}
+
+/// `shm_unlink`: libc's, and the object's segment is removed from the
+/// cluster (mappings stay until unmapped).
+///
+/// # Safety
+/// As `shm_unlink(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn shm_unlink(name: *const libc::c_char) -> c_int {
+    let real: ShmUnlinkFn = match native!(c"shm_unlink", ShmUnlinkFn) {
+        Ok(f) => f,
+        Err(e) => {
+            set_errno(e);
+            return -1;
+        }
+    };
+    // SAFETY: libc's shm_unlink with the caller's argument.
+    let r = unsafe { real(name) };
+    // SAFETY: errno of this thread, just set by shm_unlink.
+    let errno = unsafe { *libc::__errno_location() };
+    if name.is_null() || (r < 0 && errno != libc::ENOENT) {
+        return r;
+    }
+    // SAFETY: a NUL-terminated name, as shm_unlink needs.
+    let object = unsafe { CStr::from_ptr(name) }.to_bytes().to_vec();
+    let removed =
+        std::panic::catch_unwind(|| daemon(|rt| crate::runtime::unlink_posix_shm(rt, &object)));
+    match removed {
+        // Made on another node: gone from the cluster all the same.
+        Ok(Some(Ok(true))) => 0,
+        _ => {
+            if r < 0 {
+                set_errno(errno);
+            }
+            r
         }
     }
 }

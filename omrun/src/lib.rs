@@ -1,8 +1,11 @@
 //! `libmigshm_preload.so`: preloaded by `omrun`, it takes over the SysV IPC
 //! calls of an unmodified program (`shmget shmat shmdt shmctl semget semop
 //! semtimedop semctl`) and serves them from the local `dsmd`, so that the
-//! program's segments and semaphore sets are the cluster-wide ones.
-//! Everything else the program does is untouched.
+//! program's segments and semaphore sets are the cluster-wide ones. Shared
+//! mappings that are not SysV become DSM segments too: anonymous ones
+//! (`mmap(MAP_SHARED|MAP_ANONYMOUS)`) and POSIX shared memory (`shm_open`,
+//! `shm_unlink`, and `mmap` of such an object). Everything else the program
+//! does is untouched.
 //!
 //! * Outside `omrun` (no `DSMD_SOCKET`) every call goes to libc unchanged.
 //! * Almost nothing happens at load time (one `dlsym`, for `dlopen`): the
@@ -25,4 +28,6 @@ mod runtime;
 
 #[cfg(target_arch = "x86_64")]
 pub use ffi::dlopen;
-pub use ffi::{semctl, semget, semop, semtimedop, shmat, shmctl, shmdt, shmget};
+pub use ffi::{
+    semctl, semget, semop, semtimedop, shm_open, shm_unlink, shmat, shmctl, shmdt, shmget,
+};

@@ -163,17 +163,18 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Anonymous shared mappings (`mmap(MAP_SHARED|MAP_ANONYMOUS)`) made DSM
-/// segments: keyless, removed at once so that they end with their last
-/// user, inherited across fork as any attachment, and so able to follow a
-/// process that migrates (Apache's scoreboard is one).
+/// Shared mappings made DSM segments, inherited across fork as any
+/// attachment, and so able to follow a process that migrates: anonymous
+/// ones (`mmap(MAP_SHARED|MAP_ANONYMOUS)`, keyless, removed at once so that
+/// they end with their last user; Apache's scoreboard is one) and POSIX
+/// shared memory objects (`shm_open` + `mmap`, keyed by their name).
 static SHARED_ANONYMOUS: Mutex<Vec<Attachment>> = Mutex::new(Vec::new());
 /// Whether `SHARED_ANONYMOUS` may hold anything (checked by every munmap).
 pub static ANY_SHARED_ANONYMOUS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// `MIGSHM_ANON_SHARED=native`: anonymous shared mappings stay plain
-/// memory (they then keep a process from migrating).
+/// `MIGSHM_ANON_SHARED=native`: anonymous shared mappings and POSIX shared
+/// memory stay the kernel's (they then keep a process from migrating).
 pub fn anonymous_shared_as_dsm() -> bool {
     static AS_DSM: OnceLock<bool> = OnceLock::new();
     *AS_DSM.get_or_init(|| std::env::var_os("MIGSHM_ANON_SHARED").is_none_or(|v| v != "native"))
@@ -213,6 +214,97 @@ pub fn map_shared_anonymous(
     lock(&SHARED_ANONYMOUS).push(attachment);
     ANY_SHARED_ANONYMOUS.store(true, std::sync::atomic::Ordering::Release);
     Ok(at)
+}
+
+/// The SysV key a POSIX shared memory object's name stands for in the
+/// cluster (FNV-1a of the name, leading slashes dropped as glibc does; the
+/// key space is shared with SysV keys, a clash is a 1 in 2^32 chance per
+/// pair).
+pub fn posix_shm_key(name: &[u8]) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for &b in b"posix-shm:"
+        .iter()
+        .chain(name.iter().skip_while(|&&c| c == b'/'))
+    {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    match hash as i32 {
+        libc::IPC_PRIVATE => 1,
+        key => key,
+    }
+}
+
+/// The name of the POSIX shared memory object descriptor `fd` is open on
+/// (`shm_open` opens `/dev/shm/NAME`), if it is one.
+pub fn posix_shm_name(fd: i32) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    let name = target.as_os_str().as_bytes().strip_prefix(b"/dev/shm/")?;
+    (!name.is_empty() && !name.ends_with(b" (deleted)") && !name.contains(&b'/'))
+        .then(|| name.to_vec())
+}
+
+/// A DSM segment in place of a shared mapping of the POSIX shared memory
+/// object `name` open on `fd`, of the whole object (`len` covers exactly
+/// its pages): the object's segment, made on first use with the object's
+/// size and mode, and left when the object is (`shm_unlink`).
+pub fn map_posix_shm(
+    rt: &Runtime,
+    fd: i32,
+    name: &[u8],
+    addr: usize,
+    len: usize,
+    writable: bool,
+    fixed: bool,
+) -> Result<usize, i32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(format!("/proc/self/fd/{fd}")).map_err(|_| libc::EBADF)?;
+    let pages = |n: u64| n.div_ceil(4096);
+    if meta.size() == 0 || pages(len as u64) != pages(meta.size()) {
+        return Err(libc::EINVAL);
+    }
+    let id = rt
+        .segments
+        .get_on(
+            posix_shm_key(name),
+            meta.size(),
+            libc::IPC_CREAT | (meta.mode() & 0o777) as i32,
+            rt.home,
+        )
+        .map_err(|e| errno_of(&e))?;
+    let hint = (addr != 0).then_some(addr);
+    let attached = match rt.segments.attach_at(id, !writable, hint) {
+        Err(_) if hint.is_some() && !fixed => rt.segments.attach_at(id, !writable, None),
+        other => other,
+    };
+    let attachment = attached.map_err(|e| errno_of(&e))?;
+    let at = attachment.as_ptr() as usize;
+    lock(&SHARED_ANONYMOUS).push(attachment);
+    ANY_SHARED_ANONYMOUS.store(true, std::sync::atomic::Ordering::Release);
+    Ok(at)
+}
+
+/// The segment of POSIX shared memory object `name`, if the cluster has
+/// one: its size and permission bits.
+pub fn posix_shm_stat(rt: &Runtime, name: &[u8]) -> Option<(u64, u32)> {
+    let id = rt.segments.get(posix_shm_key(name), 0, 0).ok()?;
+    let stat = rt.segments.stat(id).ok()?;
+    Some((stat.size, stat.perm.mode & 0o777))
+}
+
+/// `shm_unlink`: the object's segment goes (mapped memory stays until it
+/// is unmapped, as POSIX says); whether there was one.
+pub fn unlink_posix_shm(rt: &Runtime, name: &[u8]) -> Result<bool, i32> {
+    let id = match rt.segments.get(posix_shm_key(name), 0, 0) {
+        Ok(id) => id,
+        Err(e) if errno_of(&e) == libc::ENOENT => return Ok(false),
+        Err(e) => return Err(errno_of(&e)),
+    };
+    rt.segments
+        .remove(id)
+        .map(|()| true)
+        .map_err(|e| errno_of(&e))
 }
 
 /// `munmap` of a mapping made by `map_shared_anonymous`, if `addr` starts
