@@ -33,6 +33,30 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// `omctl --socket SOCKET ARGS`: (success, stdout, stderr).
+pub fn omctl(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary("omctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run omctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The children of process `pid`.
+pub fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// Path of a workspace binary, building it first if this build lacks it.
 pub fn binary(name: &str) -> PathBuf {
     let path = bin_dir().join(name);

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use migrate::daemon::DaemonConn;
 use migrate::ptrace::{kill, Tracee};
-use migshm::{c_program, eventually, omrun_command, uffd_or_skip, Cluster, Proc};
+use migshm::{
+    c_program, children_of, eventually, omctl, omrun_command, uffd_or_skip, Cluster, Proc,
+};
 
 fn output(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
@@ -364,20 +366,6 @@ fn deputy_and_host_move_a_process_there_and_back() {
 }
 
 /// `omctl PATH args`: (success, stdout, stderr).
-fn omctl(socket: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(migshm::binary("omctl"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run omctl");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// The pid on the node it runs on of the one process `omctl ps` lists.
 fn listed_pid_there(socket: &Path) -> Option<i32> {
     omctl(socket, &["ps"])
@@ -632,14 +620,6 @@ fn pipe_and_socket_work_through_migrations() {
     let all = seen();
     assert!(all.contains("rmid 0") && all.contains("done "), "{all}");
     assert_continuous(&all);
-}
-
-fn children_of(pid: u32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
 }
 
 /// The destination node dies while the process is being rebuilt there:

@@ -5,11 +5,27 @@ use migshm::programs::{
     ab, apache_conf, apache_conf_with, apache_installed, free_port, pg_init, pgbench,
     pgbench_figures, postgres_installed, start_apache, start_postgres, Under, MOD_PHP,
 };
-use migshm::{uffd_or_skip, Cluster};
+use migshm::{children_of, omctl, uffd_or_skip, Cluster};
 use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+
+/// Apache started under omrun on the node of `socket`, answering on
+/// `port`; its error log in the failure message if it does not come up.
+fn apache_under_omrun(
+    socket: &Path,
+    dir: &Path,
+    conf: &Path,
+    port: u16,
+) -> migshm::programs::Group {
+    start_apache(Under::Omrun { socket, home: None }, conf, port).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+        )
+    })
+}
 
 /// Apache 2.4 prefork, two Listen lines, `Mutex sysvsem`, children as
 /// www-data, under omrun: ab gets no failed request, and stopping Apache
@@ -28,20 +44,7 @@ fn apache_prefork_with_a_sysv_accept_mutex_serves_under_omrun() {
     let _ = std::fs::remove_dir_all(&dir);
     let ports = [free_port(), free_port()];
     let conf = apache_conf(&dir, ports);
-    let mut apache = start_apache(
-        Under::Omrun {
-            socket: cluster.socket(1),
-            home: None,
-        },
-        &conf,
-        ports[0],
-    )
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}",
-            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
-        )
-    });
+    let mut apache = apache_under_omrun(cluster.socket(1), &dir, &conf, ports[0]);
     let admin = dsm::client::Client::connect(cluster.socket(2)).unwrap();
     // The port answers as soon as Apache listens, a moment before its
     // parent creates the accept mutex and forks the children.
@@ -168,32 +171,6 @@ fn postgresql_with_sysv_shared_memory_runs_pgbench_under_omrun() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn children_of(pid: u32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
-/// `omctl --socket SOCKET ARGS`: (success, stdout + stderr).
-fn omctl(socket: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(migshm::binary("omctl"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run omctl");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// The scoreboard Apache's status page shows: (slots in use, busy, idle).
 fn scoreboard(port: u16) -> Option<(usize, u32, u32)> {
     let out = Command::new("curl")
@@ -239,20 +216,7 @@ fn apache_children_move_to_other_nodes_and_back_while_ab_runs() {
     // Without PHP: opcache keeps a deleted lock file open, which cannot
     // move (a stay reason).
     let conf = apache_conf_with(&dir, ports, false);
-    let mut apache = start_apache(
-        Under::Omrun {
-            socket: &node1,
-            home: None,
-        },
-        &conf,
-        ports[0],
-    )
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}",
-            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
-        )
-    });
+    let mut apache = apache_under_omrun(&node1, &dir, &conf, ports[0]);
     let parent = apache.0.id();
     const REQUESTS: u32 = 30000;
     let url = format!("http://127.0.0.1:{}/index.html", ports[0]);
@@ -270,7 +234,8 @@ fn apache_children_move_to_other_nodes_and_back_while_ab_runs() {
         let node = if turn.is_multiple_of(2) { "2" } else { "3" };
         turn += 1;
         let started = std::time::Instant::now();
-        let (ok, text) = omctl(&node1, &["migrate", &child, node]);
+        let (ok, out, err) = omctl(&node1, &["migrate", &child, node]);
+        let text = out + &err;
         eprintln!("move {child} to {node}: {ok} in {:?}", started.elapsed());
         if !ok {
             refused.push(text);
@@ -283,7 +248,8 @@ fn apache_children_move_to_other_nodes_and_back_while_ab_runs() {
         let mut home = (false, String::new());
         for _ in 0..20 {
             let started = std::time::Instant::now();
-            home = omctl(&node1, &["migrate", &child, "home"]);
+            let (ok, out, err) = omctl(&node1, &["migrate", &child, "home"]);
+            home = (ok, out + &err);
             eprintln!("home {child}: {home:?} in {:?}", started.elapsed());
             if home.0 || home.1.contains("already runs on its home node") {
                 break;

@@ -804,46 +804,41 @@ pub fn accept_now(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<std::os:
     Ok(Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(conn) }))
 }
 
-/// Whether socket `fd` listens (SO_ACCEPTCONN).
-pub fn is_listening(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+/// Socket option `name` of `level` on `fd`, read into a `T` (plain
+/// integers: all-zero is a valid value).
+fn socket_option<T: Copy>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<T> {
     use std::os::fd::AsRawFd;
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: T is a plain-integer C struct or integer (the callers').
+    let mut value: T = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `value`.
     let r = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut value as *mut libc::c_int).cast(),
+            level,
+            name,
+            (&mut value as *mut T).cast(),
             &mut len,
         )
     };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(value != 0)
+    Ok(value)
+}
+
+/// Whether socket `fd` listens (SO_ACCEPTCONN).
+pub fn is_listening(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(socket_option::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0)
 }
 
 /// How many connections wait in listening TCP socket `fd`'s accept queue.
 pub fn accept_queue_len(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: all-zero is a valid tcp_info.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `info`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let info: libc::tcp_info = socket_option(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     // For a listener, the kernel reports its accept queue as "unacked".
     Ok(info.tcpi_unacked)
 }

@@ -201,14 +201,28 @@ pub fn map_shared_anonymous(
             rt.home,
         )
         .map_err(|e| errno_of(&e))?;
+    let attached = attach_mapping(rt, id, addr, writable, fixed);
+    // Gone with its last user, as anonymous memory is.
+    let _ = rt.segments.remove(id);
+    attached
+}
+
+/// Segment `id` attached as `mmap` would place a mapping (at `addr`
+/// exactly if `fixed`, else there if free), and noted for `munmap`; its
+/// address.
+fn attach_mapping(
+    rt: &Runtime,
+    id: i32,
+    addr: usize,
+    writable: bool,
+    fixed: bool,
+) -> Result<usize, i32> {
     let hint = (addr != 0).then_some(addr);
     let attached = match rt.segments.attach_at(id, !writable, hint) {
         // A hint, unlike MAP_FIXED, may be ignored.
         Err(_) if hint.is_some() && !fixed => rt.segments.attach_at(id, !writable, None),
         other => other,
     };
-    // Gone with its last user, as anonymous memory is.
-    let _ = rt.segments.remove(id);
     let attachment = attached.map_err(|e| errno_of(&e))?;
     let at = attachment.as_ptr() as usize;
     lock(&SHARED_ANONYMOUS).push(attachment);
@@ -273,16 +287,7 @@ pub fn map_posix_shm(
             rt.home,
         )
         .map_err(|e| errno_of(&e))?;
-    let hint = (addr != 0).then_some(addr);
-    let attached = match rt.segments.attach_at(id, !writable, hint) {
-        Err(_) if hint.is_some() && !fixed => rt.segments.attach_at(id, !writable, None),
-        other => other,
-    };
-    let attachment = attached.map_err(|e| errno_of(&e))?;
-    let at = attachment.as_ptr() as usize;
-    lock(&SHARED_ANONYMOUS).push(attachment);
-    ANY_SHARED_ANONYMOUS.store(true, std::sync::atomic::Ordering::Release);
-    Ok(at)
+    attach_mapping(rt, id, addr, writable, fixed)
 }
 
 /// The segment of POSIX shared memory object `name`, if the cluster has

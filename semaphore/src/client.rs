@@ -452,9 +452,12 @@ impl SemSet {
         // The daemon bounds every wait on another node; only the local
         // daemon itself could keep this waiting, and its death ends it.
         let (reply, _) = conn.receive(id, None, true)?;
-        if reply == ClientReply::Withdrawn {
-            // A migrator took the connection over (it may be a stand-in
-            // now): ours to close, the program never saw this number free.
+        let replaced =
+            dsm::fdpass::identity(std::os::fd::AsFd::as_fd(&conn.stream)) != conn.identity;
+        if reply == ClientReply::Withdrawn || replaced {
+            // A migrator took the connection over while we waited (it is a
+            // stand-in holding the answer now): ours to close, the program
+            // never saw this number free.
             drop(conn);
         } else {
             inner.checkin(conn);
