@@ -303,19 +303,24 @@ pub fn run(
         } else {
             libc::POLLIN
         };
-        let mut watched: Vec<(BorrowedFd<'_>, i16)> = vec![
-            (events.as_fd(), libc::POLLIN),
-            (host.as_fd(), host_events),
-            (stdin, if commands_open { libc::POLLIN } else { 0 }),
-        ];
-        let relay_count = relays.list.len();
-        watched.extend(relays.poll_set());
+        let mut watched: Vec<(BorrowedFd<'_>, i16)> =
+            vec![(events.as_fd(), libc::POLLIN), (host.as_fd(), host_events)];
+        // Once closed (the daemon is gone), stdin is not watched: its
+        // POLLHUP would wake every poll.
+        let stdin_at = commands_open.then(|| {
+            watched.push((stdin, libc::POLLIN));
+            watched.len() - 1
+        });
+        let relays_at = watched.len();
+        let relay_set = relays.poll_set();
+        let relay_count = relay_set.len();
+        watched.extend(relay_set);
         watched.extend(listeners.poll_set());
         let ready = ptrace::wait_ready(&watched)?;
         drop(watched);
         let mut out = Vec::new();
-        let relay_events = relays.service(&ready[3..3 + relay_count], &mut out);
-        listeners.service(&ready[3 + relay_count..], &mut relays, &mut out);
+        let relay_events = relays.service(&ready[relays_at..relays_at + relay_count], &mut out);
+        listeners.service(&ready[relays_at + relay_count..], &mut relays, &mut out);
         for msg in &out {
             link::send(&mut host, msg)?;
         }
@@ -404,7 +409,7 @@ pub fn run(
                 }
             }
         }
-        if commands_open && ready[2] != 0 {
+        if stdin_at.is_some_and(|i| ready[i] != 0) {
             let mut cmd = String::new();
             if commands.read_line(&mut cmd)? == 0 {
                 commands_open = false;

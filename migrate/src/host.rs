@@ -114,8 +114,9 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
             (events.as_fd(), libc::POLLIN),
             (deputy.as_fd(), libc::POLLIN),
         ];
-        let relay_count = relays.list.len();
-        watched.extend(relays.poll_set());
+        let relay_set = relays.poll_set();
+        let relay_count = relay_set.len();
+        watched.extend(relay_set);
         if let Some(l) = &lazy {
             watched.extend(l.poll_set());
         }

@@ -44,6 +44,17 @@ impl Relay {
         self.fd < 0
     }
 
+    fn wanted_events(&self) -> i16 {
+        let mut events = 0;
+        if self.reads && !self.read_done {
+            events |= libc::POLLIN;
+        }
+        if !self.pending.is_empty() {
+            events |= libc::POLLOUT;
+        }
+        events
+    }
+
     fn finished(&self) -> bool {
         self.read_done && self.peer_done && self.pending.is_empty()
     }
@@ -81,28 +92,23 @@ impl Relays {
         });
     }
 
-    /// (descriptor, poll events) for every relay that has something to do.
+    /// (descriptor, poll events) for every relay that has something to do
+    /// (one that has not would wake the poll for ever with POLLHUP).
     pub fn poll_set(&self) -> Vec<(BorrowedFd<'_>, i16)> {
         self.list
             .iter()
-            .map(|r| {
-                let mut events = 0;
-                if r.reads && !r.read_done {
-                    events |= libc::POLLIN;
-                }
-                if !r.pending.is_empty() {
-                    events |= libc::POLLOUT;
-                }
-                (r.end.as_fd(), events)
-            })
+            .filter(|r| r.wanted_events() != 0)
+            .map(|r| (r.end.as_fd(), r.wanted_events()))
             .collect()
     }
 
     /// After a poll: read what came in (as messages for the other side) and
-    /// write what can be written. `revents` is in `poll_set` order.
+    /// write what can be written. `revents` is in `poll_set` order (the
+    /// relays are as they were when it was made).
     pub fn service(&mut self, revents: &[i16], out: &mut Vec<AgentMsg>) -> Vec<RelayEvent> {
         let mut events = Vec::new();
-        for (r, &rev) in self.list.iter_mut().zip(revents) {
+        let polled = self.list.iter_mut().filter(|r| r.wanted_events() != 0);
+        for (r, &rev) in polled.zip(revents) {
             if rev == 0 {
                 continue;
             }
