@@ -1149,3 +1149,61 @@ fn every_signal_sent_during_moves_arrives_once() {
     assert_continuous(&text);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One request to the accept_server on `port`: its answer.
+fn ask(port: u16, line: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(line.as_bytes());
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
+
+/// A server blocked in accept() on its listening socket moves to node 2:
+/// connections to its port (which stays at home) are answered by the copy
+/// there, one after another, and by the process at home once it is back.
+#[test]
+fn a_server_blocked_in_accept_serves_its_port_from_another_node() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(2).expect("start 2 daemons");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = tempdir("accept");
+    let out = dir.join("out");
+    let prog = c_program("accept_server").expect("compile accept_server.c");
+    let mut command = omrun_command(&node1, None, &prog);
+    command
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("output"))
+        .stderr(Stdio::null());
+    migshm::only_standard_fds(&mut command);
+    let mut server = Proc::from(command.spawn().expect("start"));
+    let pid = server.child.id() as i32;
+    assert!(eventually(Duration::from_secs(10), || printed_id(
+        &out, "port "
+    )
+    .is_some()));
+    let port = printed_id(&out, "port ").expect("port") as u16;
+    assert_eq!(ask(port, "one"), format!("pid {pid}: one"));
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
+    assert!(ok, "{stdout} {stderr}");
+    let there = listed_pid_there(&node1).expect("pid on node 2");
+    for n in 0..20 {
+        assert_eq!(
+            ask(port, &format!("away {n}")),
+            format!("pid {there}: away {n}")
+        );
+    }
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "home"]);
+    assert!(ok, "{stdout} {stderr}");
+    assert_eq!(ask(port, "back"), format!("pid {pid}: back"));
+    kill(pid, libc::SIGTERM).expect("SIGTERM");
+    let status = wait_status(&mut server.child, Duration::from_secs(10)).expect("it ends");
+    assert_eq!(status.code(), Some(0), "{}", output(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,53 @@
+/* A single-threaded server on a blocking listening socket: accept, read a
+ * line, answer "pid P: LINE", close, again. Prints "port N" first (an
+ * ephemeral port on 127.0.0.1). Exits 0 on SIGTERM (the blocking accept
+ * is interrupted: no SA_RESTART). */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t stop;
+static void on_term(int sig) { (void)sig; stop = 1; }
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_term;
+    sigaction(SIGTERM, &sa, NULL);
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    if (l < 0 || bind(l, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(l, 16) < 0 ||
+        getsockname(l, (struct sockaddr *)&addr, &len) < 0)
+        return 2;
+    printf("port %d\n", ntohs(addr.sin_port));
+    while (!stop) {
+        int c = accept(l, NULL, NULL);
+        if (c < 0) {
+            if (errno == EINTR)
+                continue;
+            return 3;
+        }
+        char line[256];
+        ssize_t n = read(c, line, sizeof line - 1);
+        if (n > 0) {
+            line[n] = 0;
+            char answer[320];
+            int m = snprintf(answer, sizeof answer, "pid %d: %s", (int)getpid(), line);
+            if (write(c, answer, m) != m)
+                return 4;
+        }
+        close(c);
+    }
+    printf("stopped\n");
+    return 0;
+}
