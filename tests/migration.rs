@@ -1207,3 +1207,37 @@ fn a_server_blocked_in_accept_serves_its_port_from_another_node() {
     assert_eq!(status.code(), Some(0), "{}", output(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A process listening on a unix socket is refused with the reason (only
+/// TCP listeners move), and runs on.
+#[test]
+fn a_unix_listener_is_a_stay_reason() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(2).expect("start 2 daemons");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = tempdir("unix-listener");
+    let out = dir.join("out");
+    let prog = c_program("accept_server").expect("compile accept_server.c");
+    let mut command = omrun_command(&node1, None, &prog);
+    command
+        .env("ACCEPT_UNIX", dir.join("sock"))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("output"))
+        .stderr(Stdio::null());
+    migshm::only_standard_fds(&mut command);
+    let mut server = Proc::from(command.spawn().expect("start"));
+    let pid = server.child.id() as i32;
+    assert!(eventually(Duration::from_secs(10), || printed_id(
+        &out, "port "
+    )
+    .is_some()));
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("only TCP listeners move"), "{stderr}");
+    kill(pid, libc::SIGTERM).expect("SIGTERM");
+    let status = wait_status(&mut server.child, Duration::from_secs(10)).expect("it ends");
+    assert_eq!(status.code(), Some(0), "it ran on: {}", output(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -126,12 +126,12 @@ pub fn checkpoint_with(
 ) -> Result<Image, MigrateError> {
     let pid = t.pid;
     let threads = procfs::thread_count(pid)?;
-    let unread = quiesce(t, dsm, daemon)?;
     if threads != 1 {
         return Err(stay(format!(
             "the process has {threads} threads; only single-threaded processes migrate"
         )));
     }
+    let unread = quiesce(t, dsm, daemon)?;
     let maps = procfs::maps(pid)?;
     locate_syscall(t, &maps)?;
     let regs = t.stop_regs();
@@ -454,7 +454,12 @@ fn withdrawn_answers(pid: i32, dsm: &ProcessInfo, count: usize) -> Result<Unread
             }
         }
         if frames >= count {
-            tracing::debug!(pid, count, ?unread, "withdrawn operations answered");
+            tracing::debug!(
+                pid,
+                count,
+                links = unread.len(),
+                "withdrawn operations answered"
+            );
             return Ok(unread);
         }
         if std::time::Instant::now() >= deadline {
@@ -570,14 +575,17 @@ fn private_pages(
 
 fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, MigrateError> {
     let mut out = Vec::new();
-    // A TCP listener (SO_ACCEPTCONN on a duplicate; unix listeners do not
-    // move: relayed, they fail at accept).
-    let is_listener = |fd: i32, target: &str| {
-        target.starts_with("socket:")
-            && crate::ptrace::take_fd(pid, fd as u64).is_ok_and(|dup| {
-                crate::ptrace::is_listening(dup.as_fd()).unwrap_or(false)
-                    && std::net::TcpListener::from(dup).local_addr().is_ok()
-            })
+    // Listening sockets (SO_ACCEPTCONN on a duplicate): Some(true) for a
+    // TCP one, which moves (accept.rs); Some(false) for another kind.
+    let listener_kind = |fd: i32, target: &str| -> Option<bool> {
+        if !target.starts_with("socket:") {
+            return None;
+        }
+        let dup = crate::ptrace::take_fd(pid, fd as u64).ok()?;
+        if !crate::ptrace::is_listening(dup.as_fd()).unwrap_or(false) {
+            return None;
+        }
+        Some(std::net::TcpListener::from(dup).local_addr().is_ok())
     };
     for (fd, target, flags, pos) in procfs::fds(pid)? {
         let cloexec = flags & libc::O_CLOEXEC != 0;
@@ -598,6 +606,7 @@ fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, 
             continue;
         }
         let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"));
+        let listening = listener_kind(fd, &target);
         let kind = match meta {
             Ok(m) if target.starts_with('/') && !target.ends_with(" (deleted)") => {
                 use std::os::unix::fs::FileTypeExt;
@@ -609,7 +618,10 @@ fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, 
                     return Err(stay(format!("fd {fd} ({target}) cannot be reopened")));
                 }
             }
-            _ if is_listener(fd, &target) => FdKind::Listener { what: target },
+            _ if listening == Some(true) => FdKind::Listener { what: target },
+            _ if listening == Some(false) => return Err(stay(format!(
+                "fd {fd} is a listening socket that is not TCP ({target}); only TCP listeners move"
+            ))),
             _ if target == "anon_inode:[eventpoll]" => FdKind::Epoll {
                 targets: procfs::epoll_targets(pid, fd)?,
             },

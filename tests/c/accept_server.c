@@ -1,14 +1,17 @@
 /* A single-threaded server on a blocking listening socket: accept, read a
  * line, answer "pid P: LINE", close, again. Prints "port N" first (an
  * ephemeral port on 127.0.0.1). Exits 0 on SIGTERM (the blocking accept
- * is interrupted: no SA_RESTART). */
+ * is interrupted: no SA_RESTART). With ACCEPT_UNIX=PATH it listens on that
+ * unix socket instead (and prints "port 0"). */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdlib.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 static volatile sig_atomic_t stop;
@@ -20,6 +23,24 @@ int main(void) {
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_term;
     sigaction(SIGTERM, &sa, NULL);
+    const char *unix_path = getenv("ACCEPT_UNIX");
+    if (unix_path) {
+        struct sockaddr_un un;
+        memset(&un, 0, sizeof un);
+        un.sun_family = AF_UNIX;
+        strncpy(un.sun_path, unix_path, sizeof un.sun_path - 1);
+        int u = socket(AF_UNIX, SOCK_STREAM, 0);
+        if (u < 0 || bind(u, (struct sockaddr *)&un, sizeof un) < 0 || listen(u, 16) < 0)
+            return 2;
+        printf("port 0\n");
+        while (!stop) {
+            int c = accept(u, NULL, NULL);
+            if (c >= 0)
+                close(c);
+        }
+        printf("stopped\n");
+        return 0;
+    }
     int l = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in addr;
     memset(&addr, 0, sizeof addr);
