@@ -606,3 +606,82 @@ fn bad_semaphore_requests_change_nothing() {
     );
     still_serves(&cluster, 2);
 }
+
+/// Set in the copy of this test binary that `adopting_what_one_may_not_attach_is_refused`
+/// runs as another user: the daemon's socket and the segment to claim.
+const ADOPT_AS_OTHER_USER: &str = "MIGSHM_TEST_ADOPT_AS_OTHER_USER";
+
+/// A process may adopt (as a forked child does) only what its parent has,
+/// what a migrator granted it, or what it could attach itself: a process
+/// of another user claiming a root-only segment it never had gets EACCES,
+/// and the segment stays unattached.
+#[test]
+fn adopting_what_one_may_not_attach_is_refused() {
+    if std::env::var_os(ADOPT_AS_OTHER_USER).is_some() || !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(1).expect("start");
+    let admin = Client::connect(cluster.socket(1)).expect("connect");
+    let id = admin
+        .get(0, 4096, dsm::client::IPC_CREAT | 0o600)
+        .expect("shmget");
+    let out = {
+        use std::os::unix::process::CommandExt;
+        Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "claim_a_segment_as_another_user", "--nocapture"])
+            .env(
+                ADOPT_AS_OTHER_USER,
+                format!("{} {id}", cluster.socket(1).display()),
+            )
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("run as nobody")
+    };
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains(&format!("adopt answer: Err({})", libc::EACCES)),
+        "{text}"
+    );
+    assert_eq!(admin.stat(id).expect("stat").nattch, 0);
+    admin.remove(id).expect("IPC_RMID");
+    still_serves(&cluster, 1);
+}
+
+/// The other user's side of `adopting_what_one_may_not_attach_is_refused`
+/// (does nothing in a normal run).
+#[test]
+fn claim_a_segment_as_another_user() {
+    let Some(setup) = std::env::var_os(ADOPT_AS_OTHER_USER) else {
+        return;
+    };
+    let setup = setup.to_string_lossy().into_owned();
+    let (socket, id) = setup.split_once(' ').expect("socket and id");
+    let mut stream = UnixStream::connect(socket).expect("connect");
+    let hello = ClientRequest::Hello {
+        version: wire::PROTOCOL_VERSION,
+        link: None,
+    };
+    assert!(matches!(
+        client_call(&mut stream, 1, &hello),
+        ClientReply::Welcome { .. }
+    ));
+    let uffd = dsm::uffd::create_user_only().expect("userfaultfd");
+    let claim = ClientRequest::Adopt {
+        attachments: vec![wire::AttachmentRecord {
+            id: id.parse().expect("id"),
+            addr: 0x7f00_0000_0000,
+            len: 4096,
+            readonly: false,
+        }],
+    };
+    let (reply, _) = dsm::client::exchange(
+        std::os::fd::AsFd::as_fd(&stream),
+        2,
+        &claim,
+        Some(std::os::fd::AsFd::as_fd(&uffd)),
+    )
+    .expect("an answer");
+    println!("adopt answer: {reply:?}");
+}

@@ -650,8 +650,18 @@ pub enum ClientRequest {
         id: i32,
     },
     /// A forked child takes over its inherited attachments, with its own
-    /// new userfaultfd attached.
+    /// new userfaultfd attached. Each must be one its parent has (same
+    /// segment, address and length; read-only stays read-only), one a
+    /// migrator granted it (`GrantAdopt`), or one it could attach itself:
+    /// else EACCES.
     Adopt {
+        attachments: Vec<AttachmentRecord>,
+    },
+    /// For a migrator (root only): local process `pid` may adopt these
+    /// attachments (a process being restored, whose image holds them),
+    /// until this connection ends.
+    GrantAdopt {
+        pid: i32,
         attachments: Vec<AttachmentRecord>,
     },
     Nodes,

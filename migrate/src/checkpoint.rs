@@ -619,9 +619,10 @@ fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, 
                 }
             }
             _ if listening == Some(true) => FdKind::Listener { what: target },
-            _ if listening == Some(false) => return Err(stay(format!(
-                "fd {fd} is a listening socket that is not TCP ({target}); only TCP listeners move"
-            ))),
+            _ if listening == Some(false) => {
+                let why = format!("fd {fd} is a listening socket that is not TCP ({target})");
+                return Err(stay(format!("{why}; only TCP listeners move")));
+            }
             _ if target == "anon_inode:[eventpoll]" => FdKind::Epoll {
                 targets: procfs::epoll_targets(pid, fd)?,
             },

@@ -816,6 +816,15 @@ fn adopt_segments(
         .iter()
         .map(|&(id, readonly)| host.segment_memfd(id, readonly))
         .collect::<Result<Vec<OwnedFd>, _>>()?;
+    // The process adopts them as it had them, whatever its credentials
+    // now (a server attaches as root, then drops privileges).
+    host.call_ok(
+        &dsm::wire::ClientRequest::GrantAdopt {
+            pid: t.pid,
+            attachments: image.attachments.clone(),
+        },
+        None,
+    )?;
     let in_target = give_fds(t, scratch, &memfds)?;
     for r in &image.regions {
         let Backing::Segment { id, offset, .. } = r.backing else {

@@ -485,6 +485,17 @@ impl Session {
                 all.sort_by_key(|e| (e.home, e.home_pid));
                 ClientReply::Migrations(all)
             }
+            ClientRequest::GrantAdopt { pid, attachments } => {
+                if self.uid != 0 {
+                    ClientReply::Err(libc::EPERM)
+                } else {
+                    self.core
+                        .borrow_mut()
+                        .adopt_grants
+                        .insert(pid, (self.session, attachments));
+                    ClientReply::Ok
+                }
+            }
             ClientRequest::WithdrawWaits { pid } => {
                 if self.uid != 0 {
                     ClientReply::Err(libc::EPERM)
@@ -1065,18 +1076,24 @@ impl Session {
             Err(e) => return ClientReply::Err(e),
         };
         let cred = self.cred();
+        let vouched = self.vouched_attachments();
         for a in attachments {
             let id = IpcId(a.id);
             let Ok(home) = self.home_of(id) else {
                 return ClientReply::Err(libc::EINVAL);
             };
+            // What it did not inherit (nor was granted) it must be allowed
+            // to attach, as with shmat.
+            let inherited = vouched.iter().any(|v| {
+                v.id == a.id && v.addr == a.addr && v.len == a.len && (a.readonly || !v.readonly)
+            });
             match self
                 .rpc(
                     home,
                     RpcRequest::SegAttach {
                         id,
                         readonly: a.readonly,
-                        inherited: true,
+                        inherited,
                         cred: cred.clone(),
                     },
                 )
@@ -1101,6 +1118,22 @@ impl Session {
             }
         }
         ClientReply::Ok
+    }
+
+    /// The attachments this process may adopt without a permission check:
+    /// those its parent has (a forked child inherits them) and those a
+    /// migrator granted it (taken: a grant is used once).
+    fn vouched_attachments(&self) -> Vec<AttachmentRecord> {
+        let mut core = self.core.borrow_mut();
+        let mut vouched = core
+            .adopt_grants
+            .remove(&self.pid)
+            .map(|(_, records)| records)
+            .unwrap_or_default();
+        if let Some(parent) = parent_of(self.pid) {
+            vouched.extend(core.process_info(parent).attachments);
+        }
+        vouched
     }
 
     /// The connection ended: the process exited or exec'd (its mappings
@@ -1213,4 +1246,16 @@ async fn serve_faults(core: SharedCore, proc: ProcId, uffd: Arc<Uffd>) {
             }
         }
     }
+}
+
+/// The parent of process `pid` (from /proc), if it is still there.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }

@@ -122,6 +122,9 @@ pub struct Core {
     pub orphans: HashMap<i32, super::clients::Orphan>,
     /// Each session's process and its side of the connection, for migrators.
     pub links: HashMap<u64, (i32, wire::ClientLink)>,
+    /// Attachments a migrator let a process adopt (`GrantAdopt`): per pid,
+    /// the granting session (the grant ends with it) and the records.
+    pub adopt_grants: HashMap<i32, (u64, Vec<wire::AttachmentRecord>)>,
     /// Per connection with a `semop` waiting: its process, and what wakes
     /// the wait to withdraw it for a migration.
     pub sem_waiting: HashMap<u64, (i32, Rc<tokio::sync::Notify>)>,
@@ -195,6 +198,7 @@ impl Core {
             orphans: HashMap::new(),
             links: HashMap::new(),
             sem_waiting: HashMap::new(),
+            adopt_grants: HashMap::new(),
             migrations: super::migration::Migrations::new(config.node, &config.socket),
             self_ref: std::rc::Weak::new(),
             exits: crate::pidfd::ExitSet::new().ok(),
@@ -727,6 +731,8 @@ impl Core {
     /// The connection ended: uncount what it still had attached.
     pub fn session_ended(&mut self, session: u64) {
         self.links.remove(&session);
+        self.adopt_grants
+            .retain(|_, (granter, _)| *granter != session);
         if let Some(entry) = self.attachments.remove(&session) {
             if let (Some(exits), Some(fd)) = (&self.exits, &entry.exited) {
                 exits.remove(fd);
