@@ -390,7 +390,9 @@ fn pid_running(pid: i32) -> bool {
 
 /// `omctl migrate PID NODE|home` and `omctl ps` through the daemons: the
 /// C loop (heap, stack, FP, a segment) goes to node 2 mid-loop and home
-/// again (asked on node 2, by its home pid), then to node 3, where `kill -9` of its home pid ends the copy too;
+/// again (asked on node 2, by its home pid), then to node 3, from there to
+/// node 2 (asked on node 3), where `kill -9` of its home pid ends the copy
+/// too;
 /// every loop reads back what it wrote, and the segment id still works.
 #[test]
 fn omctl_migrates_there_and_home_and_kill_ends_it_everywhere() {
@@ -428,9 +430,9 @@ fn omctl_migrates_there_and_home_and_kill_ends_it_everywhere() {
         "{}",
         output(&out)
     );
-    // Twice to node 2: refused with the reason, nothing changes.
-    let (ok, _, stderr) = omctl(&node1, &["migrate", &pid_arg, "3"]);
-    assert!(!ok && stderr.contains("bring it home first"), "{stderr}");
+    // Again to node 2: refused with the reason, nothing changes.
+    let (ok, _, stderr) = omctl(&node1, &["migrate", &pid_arg, "2"]);
+    assert!(!ok && stderr.contains("already runs on node 2"), "{stderr}");
 
     // Asked on the node it runs on, by its home pid: done by its home.
     let (ok, stdout, stderr) = omctl(cluster.socket(2), &["migrate", &pid_arg, "home"]);
@@ -460,13 +462,34 @@ fn omctl_migrates_there_and_home_and_kill_ends_it_everywhere() {
         "{}",
         output(&out)
     );
+    // From node 3 straight to node 2, asked on node 3 (it goes through
+    // its home).
+    let (ok, stdout, stderr) = omctl(cluster.socket(3), &["migrate", &pid_arg, "2"]);
+    assert!(ok, "migrate from 3 to 2: {stdout} {stderr}");
+    assert_eq!(stdout.trim(), format!("{pid} runs on node 2"));
+    let (_, ps, _) = omctl(&node1, &["ps"]);
+    assert!(
+        ps.lines()
+            .nth(1)
+            .is_some_and(|l| l.split_whitespace().nth(2) == Some("2")),
+        "{ps}"
+    );
+    assert!(!pid_running(pid_there), "the copy on node 3 is gone");
+    let pid_there = listed_pid_there(&node1).expect("pid on node 2");
+    assert!(
+        eventually(Duration::from_secs(10), || loops(&output(&out))
+            .iter()
+            .any(|l| l.pid == pid_there)),
+        "{}",
+        output(&out)
+    );
     kill(pid, libc::SIGKILL).expect("kill -9 the home pid");
     let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGKILL));
     assert!(
         eventually(Duration::from_secs(10), || !pid_running(pid_there)),
-        "the copy on node 3 ended too"
+        "the copy on node 2 ended too"
     );
     assert!(
         eventually(Duration::from_secs(10), || omctl(&node1, &["ps"])

@@ -436,11 +436,6 @@ pub async fn migrate(
             Err(e) => ClientReply::Refused(e),
         };
     };
-    if let Some(at) = migrations.is_migrated(pid) {
-        return ClientReply::Refused(format!(
-            "process {pid} runs on node {at}; bring it home first"
-        ));
-    }
     let address = {
         let c = core.borrow();
         match c.peers.get(&to) {
@@ -449,6 +444,17 @@ pub async fn migrate(
             None => return ClientReply::Refused(format!("node {to} is not in the cluster")),
         }
     };
+    if let Some(at) = migrations.is_migrated(pid) {
+        if at == to {
+            return ClientReply::Refused(format!("process {pid} already runs on node {to}"));
+        }
+        // From one remote node to another: through its home, which holds
+        // everything that stays (its pid, listeners, relayed descriptors).
+        // If the second step fails, the process runs at home.
+        if let Err(e) = migrations.bring_home(pid).await {
+            return ClientReply::Refused(format!("bringing it home from node {at} first: {e}"));
+        }
+    }
     let token = rand::random::<u128>();
     let port = match rpc(
         core,
