@@ -84,6 +84,26 @@ fn start_loop_with(dir: &Path, heap: usize, omrun: Option<&Path>, env: &[(&str, 
         .expect("start migrate_loop")
 }
 
+/// C program `name` (tests/c) under omrun on the node of `socket`, with
+/// `env` added: its standard output in `dir`/out, which it returns.
+fn start_c_under_omrun(
+    socket: &Path,
+    name: &str,
+    dir: &Path,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (Proc, std::path::PathBuf) {
+    let prog = c_program(name).unwrap_or_else(|e| panic!("compile {name}.c: {e}"));
+    let out = dir.join("out");
+    let mut command = omrun_command(socket, None, &prog);
+    command
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("output file"))
+        .stderr(Stdio::null());
+    migshm::only_standard_fds(&mut command);
+    (Proc::from(command.spawn().expect("start")), out)
+}
+
 fn wait_status(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let mut status = None;
     eventually(limit, || {
@@ -933,21 +953,14 @@ fn a_forked_child_sharing_memory_moves_and_stays_coherent() {
     }
     let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
-    let prog = c_program("shared_anon").expect("compile shared_anon.c");
     let posix_name = format!("/migshm-pingpong-{}", std::process::id());
     for posix in [None, Some(posix_name.as_str())] {
         let dir = tempdir(if posix.is_some() { "posix" } else { "anon" });
-        let out = dir.join("out");
-        let mut command = omrun_command(&node1, None, &prog);
-        command
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).expect("output"))
-            .stderr(Stdio::null());
-        if let Some(name) = posix {
-            command.env("SHARED_POSIX", name);
-        }
-        migshm::only_standard_fds(&mut command);
-        let mut parent = Proc::from(command.spawn().expect("start"));
+        let env: Vec<(&str, &std::ffi::OsStr)> = posix
+            .map(|name| ("SHARED_POSIX", std::ffi::OsStr::new(name)))
+            .into_iter()
+            .collect();
+        let (mut parent, out) = start_c_under_omrun(&node1, "shared_anon", &dir, &env);
         let turns = || {
             output(&out)
                 .lines()
@@ -1197,15 +1210,7 @@ fn a_server_blocked_in_accept_serves_its_port_from_another_node() {
     let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
     let dir = tempdir("accept");
-    let out = dir.join("out");
-    let prog = c_program("accept_server").expect("compile accept_server.c");
-    let mut command = omrun_command(&node1, None, &prog);
-    command
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).expect("output"))
-        .stderr(Stdio::null());
-    migshm::only_standard_fds(&mut command);
-    let mut server = Proc::from(command.spawn().expect("start"));
+    let (mut server, out) = start_c_under_omrun(&node1, "accept_server", &dir, &[]);
     let pid = server.child.id() as i32;
     assert!(eventually(Duration::from_secs(10), || printed_id(
         &out, "port "
@@ -1241,16 +1246,13 @@ fn a_unix_listener_is_a_stay_reason() {
     let cluster = Cluster::start(2).expect("start 2 daemons");
     let node1 = cluster.socket(1).to_path_buf();
     let dir = tempdir("unix-listener");
-    let out = dir.join("out");
-    let prog = c_program("accept_server").expect("compile accept_server.c");
-    let mut command = omrun_command(&node1, None, &prog);
-    command
-        .env("ACCEPT_UNIX", dir.join("sock"))
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).expect("output"))
-        .stderr(Stdio::null());
-    migshm::only_standard_fds(&mut command);
-    let mut server = Proc::from(command.spawn().expect("start"));
+    let sock = dir.join("sock");
+    let (mut server, out) = start_c_under_omrun(
+        &node1,
+        "accept_server",
+        &dir,
+        &[("ACCEPT_UNIX", sock.as_os_str())],
+    );
     let pid = server.child.id() as i32;
     assert!(eventually(Duration::from_secs(10), || printed_id(
         &out, "port "
