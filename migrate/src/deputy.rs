@@ -257,6 +257,18 @@ pub fn run(
             return Err(e);
         }
     };
+    // What stays at home and serves the copy, taken while the process can
+    // still go on here if that fails (the host kills a copy never let go).
+    let served = relays_for(d.pid, &image.fds)
+        .and_then(|relays| Ok((relays, HomeListeners::of(d.pid, &image.fds)?)));
+    let (mut relays, mut listeners) = match served {
+        Ok(served) => served,
+        Err(e) => {
+            drop(tracee);
+            line(report, &format!("error {e}"));
+            return Err(e);
+        }
+    };
     // From here the copy runs: the home process must never run on.
     tracee.kill_if_we_die()?;
     if let Err(e) = link::send(&mut host, &AgentMsg::Go) {
@@ -275,8 +287,6 @@ pub fn run(
     // The home process lets go of its segments once the copy has all its
     // memory: serving the copy's first faults comes first.
     let mut released = false;
-    let mut relays = relays_for(d.pid, &image.fds)?;
-    let mut listeners = HomeListeners::of(d.pid, &image.fds)?;
     // A return asked for, waiting for the host's `Quiet`.
     let mut returning = false;
     let mut push = Pusher::new(&image.lazy);
