@@ -1266,3 +1266,51 @@ fn a_unix_listener_is_a_stay_reason() {
     assert_eq!(status.code(), Some(0), "it ran on: {}", output(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The daemon of the node a moved process runs on dies (its DSM service
+/// is gone, as when the node is lost): the process ends everywhere (SIGKILL
+/// at home, as its parent sees), and no agent or copy is left behind.
+#[test]
+fn the_daemon_of_the_node_it_runs_on_dies_and_the_process_ends_everywhere() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = tempdir("daemon-lost");
+    let out = dir.join("out");
+    let mut process = Proc::from(start_loop(&dir, 1 << 20, Some(&node1)));
+    let pid = process.child.id() as i32;
+    assert!(eventually(Duration::from_secs(10), || loops(&output(&out))
+        .len()
+        >= 2));
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
+    assert!(ok, "{stdout} {stderr}");
+    let there = listed_pid_there(&node1).expect("pid on node 2");
+    let host = std::fs::read_to_string(format!("/proc/{there}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse::<i32>()
+                .ok()
+        })
+        .expect("the copy's parent, its host");
+    cluster.kill(2);
+    let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{}", output(&out));
+    assert!(
+        eventually(Duration::from_secs(10), || !pid_running(there)
+            && !pid_running(host)),
+        "the copy or its host was left behind"
+    );
+    let daemon = cluster.node(1).pid().expect("node 1's daemon");
+    assert!(
+        eventually(Duration::from_secs(10), || children_of(daemon).is_empty()),
+        "the deputy was left behind"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -659,6 +659,16 @@ unsafe fn trace_me() -> io::Result<()> {
     .map(|_| ())
 }
 
+/// This process gets SIGKILL when its parent dies; false if that parent,
+/// `parent`, is already gone (the caller should end).
+pub fn die_with(parent: i32) -> bool {
+    // SAFETY: prctl and getppid take and return plain integers.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        libc::getppid() == parent
+    }
+}
+
 /// SIGKILL when the parent dies, in a forked child before exec (after any
 /// change of credentials, which clears it).
 ///

@@ -25,6 +25,10 @@ use tokio::sync::{mpsc, Mutex};
 use crate::ids::NodeId;
 use crate::wire::MigrationEntry;
 
+/// Set for the agents dsmd starts: they end with it (its node's DSM
+/// service is gone, as when the node is lost: the moved process ends).
+pub const AGENT_PARENT_ENV: &str = "MIGSHM_AGENT_PARENT";
+
 /// How long a move or a return may take before it is reported failed.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -208,6 +212,7 @@ impl Migrations {
             .arg("--socket")
             .arg(&self.socket)
             .args(["--listen-fd", "3", "--token", &format!("{token:032x}")])
+            .env(AGENT_PARENT_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -289,6 +294,7 @@ impl Migrations {
             .arg(&self.socket)
             .args(["--host", &host.to_string()])
             .args(["--token", &format!("{token:032x}")])
+            .env(AGENT_PARENT_ENV, std::process::id().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

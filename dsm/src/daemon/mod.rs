@@ -13,6 +13,7 @@ mod sems_sim;
 mod store;
 
 pub use config::{Args, Config};
+pub use migration::AGENT_PARENT_ENV;
 
 use std::cell::RefCell;
 use std::rc::Rc;

@@ -70,6 +70,16 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    // Started by a dsmd: gone with it (the process it moves or hosts then
+    // ends, as when a node is lost), never an orphan holding a process.
+    if let Some(parent) = std::env::var(dsm::daemon::AGENT_PARENT_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    {
+        if !migrate::ptrace::die_with(parent) {
+            std::process::exit(1);
+        }
+    }
     let args = Args::parse();
     let mut out = std::io::stdout().lock();
     let result = match args.role {
