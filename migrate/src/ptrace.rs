@@ -890,9 +890,12 @@ pub fn wait_ready_within(
 fn poll_until(polls: &mut [libc::pollfd], limit: Option<std::time::Duration>) -> io::Result<usize> {
     let deadline = limit.map(|l| std::time::Instant::now() + l);
     loop {
+        // Rounded up: a wait of less than a millisecond must not become a
+        // poll that returns at once (a caller looping on it would spin).
         let timeout = deadline.map_or(-1, |d| {
             d.saturating_duration_since(std::time::Instant::now())
-                .as_millis()
+                .as_micros()
+                .div_ceil(1000)
                 .min(i32::MAX as u128) as i32
         });
         // SAFETY: polls is a live array of its length.
@@ -932,4 +935,27 @@ pub fn poll_child(pid: i32) -> io::Result<Option<Stop>> {
         return Ok(None);
     }
     Ok(Some(stop_of(status)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// A wait shorter than poll's millisecond still waits (rounded up): a
+    /// loop that waits this way (the host's, while a moved process has
+    /// listeners) would otherwise spin a CPU.
+    #[test]
+    fn a_wait_under_a_millisecond_waits() {
+        let (quiet, _other) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let limit = std::time::Duration::from_micros(300);
+        let started = std::time::Instant::now();
+        let ready = wait_ready_within(&[(quiet.as_fd(), libc::POLLIN)], Some(limit)).expect("poll");
+        assert_eq!(ready, [0]);
+        assert!(
+            started.elapsed() >= limit,
+            "returned after {:?}",
+            started.elapsed()
+        );
+    }
 }
