@@ -1287,17 +1287,8 @@ fn the_daemon_of_the_node_it_runs_on_dies_and_the_process_ends_everywhere() {
     let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);
     assert!(ok, "{stdout} {stderr}");
     let there = listed_pid_there(&node1).expect("pid on node 2");
-    let host = std::fs::read_to_string(format!("/proc/{there}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse::<i32>()
-                .ok()
-        })
-        .expect("the copy's parent, its host");
+    // Field 4 of /proc/PID/stat: the copy's parent, its host.
+    let host = migrate::procfs::stat_fields(there).expect("the copy's stat")[4] as i32;
     cluster.kill(2);
     let status = wait_status(&mut process.child, Duration::from_secs(10)).expect("it ends");
     use std::os::unix::process::ExitStatusExt;

@@ -259,12 +259,8 @@ pub fn exchange(
 ) -> Result<(ClientReply, Option<OwnedFd>), Error> {
     let frame = wire::encode_client(id, req);
     let sock = stream.as_raw_fd();
-    let mut sent = 0;
-    let mut fds: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
-    while sent < frame.len() {
-        sent += fdpass::send_with_fds(sock, &frame[sent..], &fds)?;
-        fds.clear();
-    }
+    let fds: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    fdpass::send_all(sock, &frame, &fds)?;
     let mut buf = Vec::new();
     let mut received = Vec::new();
     loop {

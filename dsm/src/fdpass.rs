@@ -53,6 +53,15 @@ pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usiz
     }
 }
 
+/// Send all of `data` on a blocking socket, `fds` with its first bytes.
+pub fn send_all(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let mut sent = send_with_fds(sock, data, fds)?;
+    while sent < data.len() {
+        sent += send_with_fds(sock, &data[sent..], &[])?;
+    }
+    Ok(())
+}
+
 /// Receive into `buf`; descriptors that arrive are appended to `fds`
 /// (close-on-exec). Returns bytes read (0 = end of stream).
 pub fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {

@@ -731,11 +731,7 @@ fn place_fd(t: &mut Tracee, given: u64, entry: &crate::image::FdEntry) -> Result
 /// those that only matter when creating).
 fn reopen(path: &str, flags: i32) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let (reads, writes) = match flags & libc::O_ACCMODE {
-        libc::O_RDONLY => (true, false),
-        libc::O_WRONLY => (false, true),
-        _ => (true, true),
-    };
+    let (reads, writes) = directions(flags);
     std::fs::OpenOptions::new()
         .read(reads)
         .write(writes)

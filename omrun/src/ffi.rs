@@ -459,41 +459,29 @@ pub unsafe extern "C" fn mmap(
     fd: c_int,
     offset: libc::off_t,
 ) -> *mut c_void {
-    let shared_anonymous = flags & libc::MAP_ANONYMOUS != 0
-        && flags & libc::MAP_SHARED != 0
+    // Shared, readable, and a DSM object under omrun: anonymous memory, or
+    // a POSIX shared memory object mapped whole (from offset 0).
+    let anonymous = flags & libc::MAP_ANONYMOUS != 0;
+    let candidate = flags & libc::MAP_SHARED != 0
         && prot & libc::PROT_READ != 0
+        && (anonymous || (fd >= 0 && offset == 0))
         && crate::runtime::anonymous_shared_as_dsm();
-    if shared_anonymous {
+    if candidate {
         let fixed = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0;
         let writable = prot & libc::PROT_WRITE != 0;
+        let at = addr as usize;
         let dsm = std::panic::catch_unwind(|| {
-            daemon(|rt| {
-                crate::runtime::map_shared_anonymous(rt, addr as usize, len, writable, fixed)
-            })
-        });
-        // Not under a daemon, or refused (limits): plain memory below,
-        // which works on this node (and keeps the process from migrating).
-        if let Ok(Some(Ok(at))) = dsm {
-            return at as *mut c_void;
-        }
-    }
-    let shared_file = flags & libc::MAP_SHARED != 0
-        && flags & libc::MAP_ANONYMOUS == 0
-        && fd >= 0
-        && offset == 0
-        && prot & libc::PROT_READ != 0
-        && crate::runtime::anonymous_shared_as_dsm();
-    if shared_file {
-        let fixed = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0;
-        let writable = prot & libc::PROT_WRITE != 0;
-        let dsm = std::panic::catch_unwind(|| {
+            if anonymous {
+                return daemon(|rt| {
+                    crate::runtime::map_shared_anonymous(rt, at, len, writable, fixed)
+                });
+            }
             let name = crate::runtime::posix_shm_name(fd)?;
-            daemon(|rt| {
-                crate::runtime::map_posix_shm(rt, fd, &name, addr as usize, len, writable, fixed)
-            })
+            daemon(|rt| crate::runtime::map_posix_shm(rt, fd, &name, at, len, writable, fixed))
         });
-        // Not a POSIX shared memory object, part of one, or refused: the
-        // kernel's mapping (which keeps the process from migrating).
+        // Not under a daemon, not a POSIX object (or part of one), or
+        // refused (limits): the kernel's mapping below, which works on
+        // this node (and keeps the process from migrating).
         if let Ok(Some(Ok(at))) = dsm {
             return at as *mut c_void;
         }

@@ -84,11 +84,8 @@ impl Conn {
 
     fn send(&mut self, id: u64, req: &ClientRequest) -> Result<(), Error> {
         let frame = wire::encode_client(id, req);
-        let mut sent = 0;
-        while sent < frame.len() {
-            // MSG_NOSIGNAL: a daemon gone is an error, not a SIGPIPE.
-            sent += dsm::fdpass::send_with_fds(self.stream.as_raw_fd(), &frame[sent..], &[])?;
-        }
+        // MSG_NOSIGNAL: a daemon gone is an error, not a SIGPIPE.
+        dsm::fdpass::send_all(self.stream.as_raw_fd(), &frame, &[])?;
         Ok(())
     }
 

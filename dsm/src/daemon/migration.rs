@@ -116,25 +116,15 @@ impl Migrations {
             .map(|g| g.home)
     }
 
-    /// Local process `pid` is process `home_pid` of `home`, moved here
-    /// (told by its host before it runs).
-    pub fn add_guest(&self, pid: i32, home: NodeId, home_pid: i32) {
-        let mut guests = self.guests.borrow_mut();
-        let same = guests
-            .get(&pid)
-            .is_some_and(|g| g.home == home && g.home_pid == home_pid);
-        if !same {
-            guests.insert(pid, Guest::new(home, home_pid));
-        }
-    }
-
-    /// Local process `pid` is the copy the host with `token` made (false:
-    /// no such host).
+    /// Local process `pid` is the copy the host with `token` made, told by
+    /// that host before the copy runs (false: no such host).
     pub fn guest_of_host(&self, pid: i32, token: u128) -> bool {
         let Some((home, home_pid)) = self.hosts.borrow().get(&token).copied() else {
             return false;
         };
-        self.add_guest(pid, home, home_pid);
+        self.guests
+            .borrow_mut()
+            .insert(pid, Guest::new(home, home_pid));
         true
     }
 
@@ -240,19 +230,15 @@ impl Migrations {
         self.hosts.borrow_mut().insert(token, (home, home_pid));
         let me = self.clone();
         tokio::task::spawn_local(async move {
-            // The copies this host made (`guest PID` before it registers
-            // one, `running PID` once it runs).
+            // The copies this host made: it reports `guest PID` before it
+            // registers one (`ClientRequest::Guest`).
             let mut pids = Vec::new();
             while let Some(line) = reports.recv().await {
                 tracing::info!(home = ?home, home_pid, "host: {line}");
-                let pid = line
+                if let Some(pid) = line
                     .strip_prefix("guest ")
-                    .or_else(|| line.strip_prefix("running "))
-                    .and_then(|p| p.parse::<i32>().ok());
-                if let Some(pid) = pid {
-                    if line.starts_with("running ") {
-                        me.add_guest(pid, home, home_pid);
-                    }
+                    .and_then(|p| p.parse::<i32>().ok())
+                {
                     pids.push(pid);
                 }
             }
