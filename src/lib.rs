@@ -57,6 +57,27 @@ pub fn children_of(pid: u32) -> Vec<i32> {
         .collect()
 }
 
+/// The agents a daemon started: its children but its guardian.
+pub fn agents_of(daemon: u32) -> Vec<i32> {
+    children_of(daemon)
+        .into_iter()
+        .filter(|pid| !is_guardian(*pid))
+        .collect()
+}
+
+/// Is `pid` a daemon's guardian (see `dsm::guardian`)?
+pub fn is_guardian(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim_end() == dsm::guardian::GUARDIAN_NAME)
+}
+
+/// The guardian of a daemon, if it has one now.
+pub fn guardian_of(daemon: u32) -> Option<i32> {
+    children_of(daemon)
+        .into_iter()
+        .find(|pid| is_guardian(*pid))
+}
+
 /// Path of a workspace binary, building it first if this build lacks it.
 pub fn binary(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
@@ -89,6 +110,7 @@ impl Node {
 pub struct Cluster {
     pub dir: PathBuf,
     pub nodes: Vec<Node>,
+    opts: ClusterOptions,
 }
 
 /// Options for the daemons a cluster starts.
@@ -124,7 +146,6 @@ impl Cluster {
     }
 
     pub fn start_with(opts: ClusterOptions) -> std::io::Result<Cluster> {
-        let dsmd = binary("dsmd");
         let mut last_err = None;
         for attempt in 0..5 {
             let dir = std::env::temp_dir().join(format!(
@@ -138,10 +159,10 @@ impl Cluster {
             let mut cluster = Cluster {
                 dir: dir.clone(),
                 nodes: Vec::new(),
+                opts: opts.clone(),
             };
-            let secret_file = dir.join("secret");
             if let Some(secret) = &opts.secret {
-                std::fs::write(&secret_file, secret)?;
+                std::fs::write(dir.join("secret"), secret)?;
             }
             for id in 1..=opts.nodes {
                 cluster.nodes.push(Node {
@@ -151,34 +172,8 @@ impl Cluster {
                     child: None,
                 });
             }
-            for i in 0..cluster.nodes.len() {
-                let me = &cluster.nodes[i];
-                let mut cmd = Command::new(&dsmd);
-                cmd.arg("--node").arg(me.id.to_string());
-                cmd.arg("--listen").arg(&me.listen);
-                cmd.arg("--socket").arg(&me.socket);
-                cmd.arg("--peer-timeout-ms")
-                    .arg(opts.peer_timeout_ms.to_string());
-                cmd.arg("--heartbeat-ms").arg(opts.heartbeat_ms.to_string());
-                if opts.secret.is_some() {
-                    cmd.arg("--secret-file").arg(&secret_file);
-                }
-                for other in cluster.nodes.iter().filter(|n| n.id != me.id) {
-                    cmd.arg("--peer")
-                        .arg(format!("{}={}", other.id, other.listen));
-                }
-                let log = std::fs::File::create(dir.join(format!("node{}.log", me.id)))?;
-                cmd.env("DSMD_LOG", &opts.log)
-                    .stdout(Stdio::null())
-                    .stderr(log);
-                // The daemons end when the thread that started them ends (the
-                // test or the program), even if it is killed. Asked of dsmd
-                // rather than done in a pre-exec hook: a hook makes std fork
-                // (running the client library's fork handlers in a child of
-                // a threaded test) where it would otherwise posix_spawn.
-                cmd.env("DSMD_PARENT_PID", std::process::id().to_string());
-                let child = cmd.spawn()?;
-                cluster.nodes[i].child = Some(child);
+            for id in 1..=opts.nodes {
+                cluster.spawn_daemon(id)?;
             }
             match cluster.wait_ready(Duration::from_secs(10)) {
                 Ok(()) => return Ok(cluster),
@@ -186,6 +181,50 @@ impl Cluster {
             }
         }
         Err(last_err.unwrap_or_else(|| std::io::Error::other("cluster did not start")))
+    }
+
+    /// Start node `id`'s daemon (its log is appended to).
+    fn spawn_daemon(&mut self, id: u8) -> std::io::Result<()> {
+        let me = &self.nodes[usize::from(id - 1)];
+        let mut cmd = Command::new(binary("dsmd"));
+        cmd.arg("--node").arg(me.id.to_string());
+        cmd.arg("--listen").arg(&me.listen);
+        cmd.arg("--socket").arg(&me.socket);
+        cmd.arg("--peer-timeout-ms")
+            .arg(self.opts.peer_timeout_ms.to_string());
+        cmd.arg("--heartbeat-ms")
+            .arg(self.opts.heartbeat_ms.to_string());
+        if self.opts.secret.is_some() {
+            cmd.arg("--secret-file").arg(self.dir.join("secret"));
+        }
+        for other in self.nodes.iter().filter(|n| n.id != me.id) {
+            cmd.arg("--peer")
+                .arg(format!("{}={}", other.id, other.listen));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node{}.log", me.id)))?;
+        cmd.env("DSMD_LOG", &self.opts.log)
+            .stdout(Stdio::null())
+            .stderr(log);
+        // The daemons end when the thread that started them ends (the
+        // test or the program), even if it is killed. Asked of dsmd
+        // rather than done in a pre-exec hook: a hook makes std fork
+        // (running the client library's fork handlers in a child of
+        // a threaded test) where it would otherwise posix_spawn.
+        cmd.env("DSMD_PARENT_PID", std::process::id().to_string());
+        let child = cmd.spawn()?;
+        self.nodes[usize::from(id - 1)].child = Some(child);
+        Ok(())
+    }
+
+    /// Start a new life of node `id`'s daemon (after [`Cluster::kill`]) and
+    /// wait until the whole cluster sees it up.
+    pub fn restart(&mut self, id: u8) -> std::io::Result<()> {
+        self.kill(id);
+        self.spawn_daemon(id)?;
+        self.wait_ready(Duration::from_secs(10))
     }
 
     /// Wait until every daemon answers and sees every other one up.

@@ -688,7 +688,7 @@ fn destination_killed_during_a_migration_leaves_the_process_at_home() {
     let killer = std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while std::time::Instant::now() < deadline {
-            for host in children_of(dsmd2) {
+            for host in migshm::agents_of(dsmd2) {
                 if !children_of(host as u32).is_empty() {
                     let _ = kill(host, libc::SIGKILL);
                     let _ = kill(dsmd2 as i32, libc::SIGKILL);
@@ -1300,7 +1300,8 @@ fn the_daemon_of_the_node_it_runs_on_dies_and_the_process_ends_everywhere() {
     );
     let daemon = cluster.node(1).pid().expect("node 1's daemon");
     assert!(
-        eventually(Duration::from_secs(10), || children_of(daemon).is_empty()),
+        eventually(Duration::from_secs(10), || migshm::agents_of(daemon)
+            .is_empty()),
         "the deputy was left behind"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -254,8 +254,10 @@ fn a_thousand_forked_children_leave_nothing_behind() {
     }
 }
 
-/// The node's daemon dies while a program waits in semop: the call fails
-/// (EIDRM), the program goes on to exit; nothing hangs.
+/// The node's daemon dies while programs wait in semop: one that maps
+/// the node's DSM memory is killed (its memory can no longer be served,
+/// see `dsm::guardian`); one that only uses semaphores sees the call fail
+/// (EIDRM) and goes on; nothing hangs.
 #[test]
 fn a_dead_daemon_fails_calls_instead_of_hanging() {
     if !uffd_or_skip() {
@@ -274,12 +276,32 @@ fn a_dead_daemon_fails_calls_instead_of_hanging() {
     assert!(status.success());
     // Nothing will ever be produced: the consumer waits at node 2's set.
     let consumer = spawn_under_omrun(cluster.socket(1), &ring, &["consume", &key, "1"]).unwrap();
+    let (status, out) =
+        migshm::spawn_sem_role(cluster.socket(2), &["probe", "get", "0", "1", "1600"])
+            .unwrap()
+            .output(Duration::from_secs(10))
+            .expect("semget");
+    assert!(status.success(), "{out}");
+    let set = out.trim().to_string();
+    let waiter = migshm::spawn_sem_role(cluster.socket(1), &["p", &set]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     cluster.kill(1);
     let (status, _) = consumer
         .output(Duration::from_secs(10))
         .expect("the program hung after its daemon died");
-    assert_eq!(status.code(), Some(1), "semop should have failed");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "it maps the node's memory"
+    );
+    let (status, out) = waiter
+        .output(Duration::from_secs(10))
+        .expect("the semaphore user hung after its daemon died");
+    assert!(
+        status.success() && out.starts_with("errno "),
+        "semop should have failed: {out}"
+    );
 }
 
 /// A program that closes every descriptor it did not open, then reuses the

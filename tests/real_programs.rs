@@ -325,7 +325,7 @@ fn apache_children_move_to_other_nodes_and_back_while_ab_runs() {
         migshm::eventually(Duration::from_secs(5), || (1..=3).all(|n| cluster
             .node(n)
             .pid()
-            .is_some_and(|pid| children_of(pid).is_empty()))),
+            .is_some_and(|pid| migshm::agents_of(pid).is_empty()))),
         "an agent was left behind"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -7,6 +7,7 @@ pub mod client;
 pub mod coherence;
 pub mod daemon;
 pub mod fdpass;
+pub mod guardian;
 pub mod ids;
 pub mod memfd;
 pub mod pidfd;

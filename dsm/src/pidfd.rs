@@ -1,7 +1,7 @@
 //! Process descriptors: learn that a process exited, however it died, and
 //! never confuse it with a later process that reuses its pid.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 /// A pidfd for `pid` (ESRCH if it is already gone).
 pub fn open(pid: i32) -> std::io::Result<OwnedFd> {
@@ -17,6 +17,12 @@ pub fn open(pid: i32) -> std::io::Result<OwnedFd> {
 
 /// Has the process behind `fd` exited (a pidfd turns readable then)?
 pub fn has_exited(fd: &OwnedFd) -> bool {
+    readable_now(fd.as_fd())
+}
+
+/// Is `fd` readable right now (for a pidfd: its process exited; for a
+/// socket: data or its end)?
+pub fn readable_now(fd: std::os::fd::BorrowedFd<'_>) -> bool {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
@@ -27,8 +33,34 @@ pub fn has_exited(fd: &OwnedFd) -> bool {
     n > 0 && pfd.revents & libc::POLLIN != 0
 }
 
+/// Send `signal` to the process behind `fd` (never to a later process
+/// that reuses its pid).
+pub fn send_signal(fd: &OwnedFd, signal: i32) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal takes a pidfd, a signal number, a null
+    // siginfo and flags; it touches no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Wait until the process behind `fd` exits.
 pub async fn exited(fd: OwnedFd) {
+    readable(fd).await
+}
+
+/// Wait until `fd` turns readable (a pidfd: its process exited; a socket
+/// whose other end never writes: that end is gone).
+pub async fn readable(fd: OwnedFd) {
     // SAFETY: the AsyncFd owns the pidfd, so it stays open and the same for
     // the AsyncFd's whole life.
     let registered = unsafe {
@@ -68,6 +100,11 @@ impl ExitSet {
 
     /// Watch `fd`; `token` is what [`ExitSet::exited`] reports for it.
     pub fn add(&self, fd: &OwnedFd, token: u64) -> std::io::Result<()> {
+        self.add_fd(fd.as_fd(), token)
+    }
+
+    /// Watch any descriptor for readability under `token`.
+    pub fn add_fd(&self, fd: std::os::fd::BorrowedFd<'_>, token: u64) -> std::io::Result<()> {
         let mut event = libc::epoll_event {
             events: libc::EPOLLIN as u32,
             u64: token,
@@ -89,6 +126,11 @@ impl ExitSet {
 
     /// Stop watching `fd` (before closing it).
     pub fn remove(&self, fd: &OwnedFd) {
+        self.remove_fd(fd.as_fd())
+    }
+
+    /// Stop watching a descriptor added with [`ExitSet::add_fd`].
+    pub fn remove_fd(&self, fd: std::os::fd::BorrowedFd<'_>) {
         // SAFETY: a valid epoll fd and fd; the event may be null for DEL.
         unsafe {
             libc::epoll_ctl(
@@ -101,16 +143,22 @@ impl ExitSet {
     }
 
     /// The tokens of the watched processes that exited (each stays
-    /// reported until removed).
+    /// reported until removed), without waiting.
     pub fn exited(&self) -> Vec<u64> {
+        self.wait(0)
+    }
+
+    /// The tokens of the descriptors that are readable, waiting up to
+    /// `timeout_ms` (-1: until one is) for one to be.
+    pub fn wait(&self, timeout_ms: i32) -> Vec<u64> {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
-        // SAFETY: a valid epoll fd and a buffer of 64 events; no waiting.
+        // SAFETY: a valid epoll fd and a buffer of 64 events.
         let n = unsafe {
             libc::epoll_wait(
                 self.epoll.as_raw_fd(),
                 events.as_mut_ptr(),
                 events.len() as i32,
-                0,
+                timeout_ms,
             )
         };
         events[..n.max(0) as usize].iter().map(|e| e.u64).collect()

@@ -75,7 +75,15 @@ fn move_in(
                 pid,
                 token: h.token,
             };
-            match DaemonConn::connect(&h.node_socket)?.call(&guest, None)?.0 {
+            // With the uffd of its lazy memory, which the daemon holds
+            // while the copy lives: if this host dies, the copy's faults
+            // wait (and its PDEATHSIG kills it) instead of the kernel
+            // filling that memory with zeros.
+            let lazy_uffd = restored.lazy_uffd();
+            match DaemonConn::connect(&h.node_socket)?
+                .call(&guest, lazy_uffd)?
+                .0
+            {
                 dsm::wire::ClientReply::Ok => {}
                 other => tracing::warn!(pid, ?other, "the daemon did not take the guest"),
             }

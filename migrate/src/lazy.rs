@@ -86,6 +86,12 @@ impl LazyMemory {
         }
     }
 
+    /// The restored process's own userfaultfd (not its forked children's).
+    pub fn uffd(&self) -> Option<BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.uffds.first().map(|u| u.as_fd())
+    }
+
     pub fn is_done(&self) -> bool {
         self.done
     }

@@ -57,6 +57,12 @@ impl Restored {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
 
+    /// The userfaultfd through which the host serves the process's memory
+    /// that stayed behind, if any did.
+    pub fn lazy_uffd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.lazy.as_ref().and_then(|l| l.uffd())
+    }
+
     /// Let the restored process run.
     pub fn run(mut self) -> Result<Running, MigrateError> {
         if let Some(t) = self.stopped.take() {

@@ -14,6 +14,11 @@
 //!   write-page KEY PAGE VALUE write VALUE to the first word of PAGE
 //!   read-page KEY PAGE        print the first word of PAGE
 //!   read KEY                  print word 0
+//!   fill KEY PAGES BYTE       write BYTE into every byte of PAGES pages
+//!   check-random KEY PAGES BYTE [write]
+//!                             read (and with `write`, rewrite) random words
+//!                             of random pages forever; each must be BYTE
+//!                             repeated, else print `BAD ...` and exit 3
 
 use dsm::client::{Client, IPC_CREAT};
 use std::process::ExitCode;
@@ -75,6 +80,7 @@ fn main() -> ExitCode {
     let key = arg(&args, 1) as i32;
     let size: u64 = match role {
         "scan" | "write-page" | "read-page" => 256 * 4096,
+        "fill" | "check-random" => arg(&args, 2) * 4096,
         _ => 4096,
     };
     let id = match client.get(key, size, IPC_CREAT | 0o666) {
@@ -202,6 +208,42 @@ fn main() -> ExitCode {
             words[page * WORDS_PER_PAGE].store(arg(&args, 3), SeqCst);
         }
         "read" => println!("{}", words[0].load(SeqCst)),
+        "fill" => {
+            let pattern = u64::from_ne_bytes([arg(&args, 3) as u8; 8]);
+            for w in words {
+                w.store(pattern, SeqCst);
+            }
+        }
+        "check-random" => {
+            let pattern = u64::from_ne_bytes([arg(&args, 3) as u8; 8]);
+            let write = args.get(4).is_some_and(|a| a == "write");
+            let mut x = u64::from(std::process::id()) | 1;
+            let mut checked = 0u64;
+            println!("checking");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            loop {
+                // xorshift64: a different walk per process.
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x % words.len() as u64) as usize;
+                let seen = words[i].load(SeqCst);
+                if seen != pattern {
+                    println!(
+                        "BAD page {} word {} value {seen:#x} after {checked} good reads",
+                        i / WORDS_PER_PAGE,
+                        i % WORDS_PER_PAGE
+                    );
+                    let _ = std::io::stdout().flush();
+                    std::process::exit(3);
+                }
+                if write && x & 3 == 0 {
+                    words[i].store(pattern, SeqCst);
+                }
+                checked += 1;
+            }
+        }
         "read-page" => {
             let page = arg(&args, 2) as usize;
             println!("{}", words[page * WORDS_PER_PAGE].load(SeqCst));

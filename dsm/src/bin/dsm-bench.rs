@@ -215,6 +215,10 @@ fn scan_child(args: &[String]) -> ! {
 }
 
 fn main() {
+    // Its daemons' guardians may be this binary started again.
+    if let Some(code) = dsm::guardian::serve_if_asked() {
+        std::process::exit(code);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().is_some_and(|a| a == "--scan-child") {
         scan_child(&args[1..]);

@@ -26,6 +26,10 @@ fn die_with_parent() {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: the guardian is this binary started again.
+    if let Some(code) = dsm::guardian::serve_if_asked() {
+        return ExitCode::from(code as u8);
+    }
     die_with_parent();
     let args = match Args::try_parse() {
         Ok(a) => a,

@@ -44,6 +44,10 @@ pub async fn accept_loop(core: SharedCore, listener: UnixListener) {
                     return;
                 }
             };
+            use std::os::fd::AsFd;
+            let pidfd = fdpass::peer_pidfd(std_stream.as_fd())
+                .or_else(|_| pidfd::open(cred.pid))
+                .ok();
             let Ok(fd) = fdpass::async_stream(std_stream) else {
                 return;
             };
@@ -59,6 +63,7 @@ pub async fn accept_loop(core: SharedCore, listener: UnixListener) {
                 pid: cred.pid,
                 uid: cred.uid,
                 gid: cred.gid,
+                pidfd,
                 proc: None,
                 fault_task: None,
                 session: 0,
@@ -148,6 +153,8 @@ struct Session {
     pid: i32,
     uid: u32,
     gid: u32,
+    /// The process, as the kernel knew it when it connected.
+    pidfd: Option<OwnedFd>,
     proc: Option<ProcId>,
     fault_task: Option<tokio::task::AbortHandle>,
     /// This connection's key in the daemon's table of attachments counted
@@ -508,7 +515,17 @@ impl Session {
                 if self.uid != 0 {
                     ClientReply::Err(libc::EPERM)
                 } else if migrations.guest_of_host(pid, token) {
-                    ClientReply::Ok
+                    // With the userfaultfd through which its host serves
+                    // the memory that stayed at home: held until it exits,
+                    // so that the host's end never lets the kernel fill
+                    // that memory with zeros (the copy dies first).
+                    match fds.pop_front() {
+                        Some(uffd) => match self.core.borrow_mut().hold_for_guest(pid, uffd) {
+                            Ok(()) => ClientReply::Ok,
+                            Err(e) => ClientReply::Err(e),
+                        },
+                        None => ClientReply::Ok,
+                    }
                 } else {
                     ClientReply::Err(libc::ENOENT)
                 }
@@ -947,7 +964,15 @@ impl Session {
             return Err(libc::ENOSYS);
         }
         let uffd = Arc::new(uffd);
-        let proc = self.core.borrow_mut().add_process(self.pid, uffd.clone());
+        let pidfd = self
+            .pidfd
+            .as_ref()
+            .and_then(|fd| fd.try_clone().ok())
+            .ok_or(libc::ESRCH)?;
+        let proc = self
+            .core
+            .borrow_mut()
+            .add_process(self.pid, pidfd, uffd.clone())?;
         self.proc = Some(proc);
         let task = tokio::task::spawn_local(serve_faults(self.core.clone(), proc, uffd));
         self.fault_task = Some(task.abort_handle());
@@ -1197,7 +1222,7 @@ fn detach_process(
     let mut core = core.borrow_mut();
     if let Some(proc) = proc {
         core.forget_mappings(proc, None);
-        core.store.procs.remove(&proc);
+        core.remove_process(proc);
     }
     core.session_ended(session);
 }

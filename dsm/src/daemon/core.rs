@@ -8,6 +8,7 @@
 use super::sems::{SemAction, SemService};
 use super::store::{LocalProcess, LocalSegment, NodeStore, ProcId, Waiter};
 use crate::coherence::{CohMsg, Engine};
+use crate::guardian::{Guarded, Guardian};
 use crate::ids::{
     pages_for, IpcId, IpcKey, NodeId, NodeSet, PageIndex, PageKey, SegmentId, PAGE_SIZE,
 };
@@ -31,6 +32,12 @@ pub type SharedCore = Rc<RefCell<Core>>;
 /// Marks an exit-set token as a semaphore watch (its generation), not a
 /// connection (its session id).
 const SEM_WATCH_TOKEN: u64 = 1 << 63;
+
+/// Guardian tokens: a local process is its `ProcId`; an undo holder and a
+/// fast-path region are marked.
+const GUARD_UNDO: u64 = 1 << 62;
+const GUARD_REGION: u64 = 1 << 61;
+const GUARD_GUEST: u64 = 1 << 60;
 
 /// What one local connection has attached (counted at the homes).
 struct SessionAttachments {
@@ -140,6 +147,14 @@ pub struct Core {
     /// [`Core::with_set`]); `sem_retry` wakes the task that retries them.
     sem_deferred: BTreeMap<IpcId, VecDeque<DeferredSemWork>>,
     pub sem_retry: Rc<tokio::sync::Notify>,
+    /// Holds what must outlive this daemon (see `crate::guardian`): each
+    /// local process's uffd and pidfd, the pidfds of undo holders, the
+    /// fast-path regions. `None` only if no guardian could be started.
+    pub guardian: Option<Guardian>,
+    /// Userfaultfds of the memory moved processes' hosts serve, held for
+    /// as long as each process lives (see `hold_for_guest`), by token.
+    guest_uffds: HashMap<u64, (i32, OwnedFd, OwnedFd)>,
+    next_guest_hold: u64,
     next_watch: u64,
     limits: ShmLimits,
     next_seq: u32,
@@ -203,6 +218,9 @@ impl Core {
             self_ref: std::rc::Weak::new(),
             exits: crate::pidfd::ExitSet::new().ok(),
             sem_retry: Rc::new(tokio::sync::Notify::new()),
+            guardian: None,
+            guest_uffds: HashMap::new(),
+            next_guest_hold: 1,
             next_watch: 1,
             limits: ShmLimits::from_proc(),
             // Start the sequence somewhere new each run so a restarted node
@@ -781,11 +799,163 @@ impl Core {
         }
     }
 
-    pub fn add_process(&mut self, pid: i32, uffd: std::sync::Arc<crate::uffd::Uffd>) -> ProcId {
+    /// Serve a local process's faults from now on. Its uffd and pidfd are
+    /// in the guardian's hands before this returns (so before the process
+    /// is told it may touch the memory), else it is refused (ENOMEM).
+    pub fn add_process(
+        &mut self,
+        pid: i32,
+        pidfd: OwnedFd,
+        uffd: std::sync::Arc<crate::uffd::Uffd>,
+    ) -> Result<ProcId, i32> {
         let id = self.next_proc;
         self.next_proc += 1;
-        self.store.procs.insert(id, LocalProcess { pid, uffd });
-        id
+        self.store
+            .procs
+            .insert(id, LocalProcess { pid, pidfd, uffd });
+        if !self.guard(id) {
+            self.store.procs.remove(&id);
+            return Err(libc::ENOMEM);
+        }
+        Ok(id)
+    }
+
+    /// Stop serving a local process (its mappings are already forgotten).
+    pub fn remove_process(&mut self, proc: ProcId) {
+        if self.store.procs.remove(&proc).is_some() {
+            self.unguard(proc);
+        }
+    }
+
+    /// Hold `uffd` (the one through which a host serves the moved process
+    /// `pid`'s lazy memory) until `pid` exits, and have the guardian hold
+    /// it too: whichever of the host, this daemon or both dies, the process
+    /// is killed before the kernel could resolve a fault with zeros.
+    pub fn hold_for_guest(&mut self, pid: i32, uffd: OwnedFd) -> Result<(), i32> {
+        let pidfd = crate::pidfd::open(pid).map_err(|_| libc::ESRCH)?;
+        let watch = pidfd.try_clone().map_err(|_| libc::ENOMEM)?;
+        let token = GUARD_GUEST | self.next_guest_hold;
+        self.next_guest_hold += 1;
+        self.guest_uffds.insert(token, (pid, pidfd, uffd));
+        if !self.guard(token) {
+            self.guest_uffds.remove(&token);
+            return Err(libc::ENOMEM);
+        }
+        let Some(shared) = self.self_ref.upgrade() else {
+            return Ok(());
+        };
+        tokio::task::spawn_local(async move {
+            crate::pidfd::exited(watch).await;
+            let mut core = shared.borrow_mut();
+            core.guest_uffds.remove(&token);
+            core.unguard(token);
+        });
+        Ok(())
+    }
+
+    /// What the guardian holds under `token`, from the tables.
+    fn guarded(&self, token: u64) -> Option<Guarded<'_>> {
+        use std::os::fd::AsFd;
+        if token & GUARD_GUEST != 0 {
+            let (pid, pidfd, uffd) = self.guest_uffds.get(&token)?;
+            return Some(Guarded::Process {
+                pid: *pid,
+                pidfd: pidfd.as_fd(),
+                uffd: Some(uffd.as_fd()),
+            });
+        }
+        if token & GUARD_REGION != 0 {
+            let id = IpcId((token & !GUARD_REGION) as i32);
+            let (_, memfd) = self.sem_regions.get(&id)?;
+            return Some(Guarded::Region {
+                memfd: memfd.as_fd(),
+            });
+        }
+        if token & GUARD_UNDO != 0 {
+            let generation = token & !GUARD_UNDO;
+            let (pid, (_, fd)) = self
+                .sem_watched
+                .iter()
+                .find(|(_, (g, _))| *g == generation)?;
+            return Some(Guarded::Process {
+                pid: *pid,
+                pidfd: fd.as_fd(),
+                uffd: None,
+            });
+        }
+        let p = self.store.procs.get(&token)?;
+        Some(Guarded::Process {
+            pid: p.pid,
+            pidfd: p.pidfd.as_fd(),
+            uffd: Some(p.uffd.as_fd()),
+        })
+    }
+
+    /// Every token the guardian must hold.
+    fn guarded_tokens(&self) -> Vec<u64> {
+        let mut tokens: Vec<u64> = self.store.procs.keys().copied().collect();
+        tokens.extend(self.guest_uffds.keys().copied());
+        tokens.extend(self.sem_watched.values().map(|(g, _)| GUARD_UNDO | g));
+        tokens.extend(
+            self.sem_regions
+                .keys()
+                .map(|id| GUARD_REGION | u64::from(id.0 as u32)),
+        );
+        tokens
+    }
+
+    /// Hand what `token` names (already in the tables) to the guardian; if
+    /// it cannot take it, start a new guardian with everything. False if
+    /// no guardian holds it.
+    fn guard(&mut self, token: u64) -> bool {
+        let held = match (&self.guardian, self.guarded(token)) {
+            (Some(g), Some(what)) => g.hold(token, what),
+            (None, _) => Err(std::io::Error::other("no guardian")),
+            (_, None) => return false,
+        };
+        match held {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("the guardian did not take a descriptor ({e}); starting a new one");
+                self.restart_guardian()
+            }
+        }
+    }
+
+    fn unguard(&mut self, token: u64) {
+        if let Some(g) = &self.guardian {
+            if let Err(e) = g.forget(token) {
+                tracing::warn!("guardian: {e}");
+            }
+        }
+    }
+
+    /// Start a (new) guardian and hand it everything it must hold. The old
+    /// one, if alive, sees its socket close and, taking the daemon for
+    /// gone, would kill the processes: so it is killed first.
+    pub fn restart_guardian(&mut self) -> bool {
+        if let Some(mut old) = self.guardian.take() {
+            old.kill();
+        }
+        let guardian = match Guardian::start() {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("cannot start a guardian: {e}");
+                return false;
+            }
+        };
+        let mut all = true;
+        for token in self.guarded_tokens() {
+            if let Some(what) = self.guarded(token) {
+                if let Err(e) = guardian.hold(token, what) {
+                    tracing::error!("the new guardian did not take a descriptor: {e}");
+                    all = false;
+                }
+            }
+        }
+        tracing::info!(pid = guardian.pid(), "guardian started");
+        self.guardian = Some(guardian);
+        all
     }
 
     /// Forget a process's mappings (it detached or exited); returns the
@@ -912,6 +1082,7 @@ impl Core {
                     region.release();
                 }
                 self.sem_regions.insert(id, (region, memfd));
+                self.guard(GUARD_REGION | u64::from(id.0 as u32));
             }
             Err(e) => tracing::warn!(?id, "no fast path for the set: {e}"),
         }
@@ -922,6 +1093,7 @@ impl Core {
         self.sems.discard(id);
         if let Some((region, _)) = self.sem_regions.remove(&id) {
             region.retire();
+            self.unguard(GUARD_REGION | u64::from(id.0 as u32));
         }
     }
 
@@ -959,6 +1131,7 @@ impl Core {
             None => {
                 if let Some((region, _)) = self.sem_regions.remove(&id) {
                     region.retire();
+                    self.unguard(GUARD_REGION | u64::from(id.0 as u32));
                 }
             }
         }
@@ -1127,11 +1300,13 @@ impl Core {
         if let Some(exits) = &self.exits {
             let _ = exits.add(&fd, SEM_WATCH_TOKEN | generation);
         }
-        if let Some((_, old)) = self.sem_watched.insert(pid, (generation, fd)) {
+        if let Some((old_generation, old)) = self.sem_watched.insert(pid, (generation, fd)) {
             if let Some(exits) = &self.exits {
                 exits.remove(&old);
             }
+            self.unguard(GUARD_UNDO | old_generation);
         }
+        self.guard(GUARD_UNDO | generation);
         generation
     }
 
@@ -1145,6 +1320,7 @@ impl Core {
             if let Some(exits) = &self.exits {
                 exits.remove(&fd);
             }
+            self.unguard(GUARD_UNDO | generation);
         }
         let now = sysv::now_seconds();
         for id in self.sems.take_undo_sets(pid) {

@@ -28,6 +28,8 @@ pub enum DaemonError {
     Socket(String, std::io::Error),
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot start the guardian (dsmd next to this program)")]
+    Guardian,
 }
 
 /// Run the daemon until SIGTERM/SIGINT.
@@ -69,6 +71,12 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     }
     let core = Rc::new(RefCell::new(core::Core::new(&config)));
     core.borrow_mut().self_ref = Rc::downgrade(&core);
+    // No process is served before something outlives this daemon with
+    // their uffds (see `crate::guardian`).
+    if !core.borrow_mut().restart_guardian() {
+        return Err(DaemonError::Guardian);
+    }
+    tokio::task::spawn_local(watch_guardian(core.clone()));
     let identity = Rc::new(peers::Identity {
         me: config.node,
         incarnation: core.borrow().incarnation,
@@ -121,4 +129,26 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     tracing::info!("dsmd stopping");
     let _ = std::fs::remove_file(&config.socket);
     Ok(())
+}
+
+/// Start a new guardian whenever the current one is gone (it never writes
+/// to its socket: the socket turns readable when it ends).
+async fn watch_guardian(core: Rc<RefCell<core::Core>>) {
+    loop {
+        let watched = core.borrow().guardian.as_ref().and_then(|g| {
+            let fd = g.socket().try_clone_to_owned().ok()?;
+            Some((g.pid(), fd))
+        });
+        let Some((pid, fd)) = watched else {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            core.borrow_mut().restart_guardian();
+            continue;
+        };
+        crate::pidfd::readable(fd).await;
+        let current = core.borrow().guardian.as_ref().map(|g| g.pid());
+        if current == Some(pid) {
+            tracing::error!(pid, "the guardian is gone; starting a new one");
+            core.borrow_mut().restart_guardian();
+        }
+    }
 }

@@ -51,6 +51,8 @@ impl LocalSegment {
 
 pub struct LocalProcess {
     pub pid: i32,
+    /// Names the process for the guardian (no pid reuse race).
+    pub pidfd: std::os::fd::OwnedFd,
     pub uffd: Arc<Uffd>,
 }
 

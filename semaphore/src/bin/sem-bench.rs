@@ -164,6 +164,10 @@ fn row(name: &str, ours: &Stats, kernel: &Stats) {
 }
 
 fn main() {
+    // Its daemons' guardians may be this binary started again.
+    if let Some(code) = dsm::guardian::serve_if_asked() {
+        std::process::exit(code);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some(flag) if flag == dsm::bench::DAEMON_FLAG => dsm::bench::daemon_child(&args[1..]),

@@ -1,0 +1,164 @@
+//! A node's `dsmd` killed under the processes it serves: they must never
+//! read memory the protocol did not give them (the kernel would fill a
+//! hole with zeros once nobody serves the faults) and must end, with
+//! SIGKILL or SIGBUS, within the bound; a new life of the daemon joins and
+//! serves again.
+
+use migshm::{run_role, spawn_role, uffd_or_skip, Cluster};
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+
+const PAGES: u64 = 16384; // 64 MiB
+const WRITE_PAGES: u64 = 2048; // 8 MiB
+const PATTERN: u8 = 0xAB;
+const REPETITIONS: u32 = 50;
+const BOUND: Duration = Duration::from_secs(2);
+
+fn key(i: u32) -> i32 {
+    0x7d00_0000 + (std::process::id() as i32 % 4096) * 0x100 + i as i32
+}
+
+#[test]
+fn readers_and_writers_never_see_a_page_the_protocol_did_not_give_when_their_daemon_dies() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    let mut slowest = Duration::ZERO;
+    for i in 0..REPETITIONS {
+        // A new segment each time, homed on node 1 and filled there: node
+        // 2's pages are all missing when its reader starts.
+        // Readers share one 64 MiB segment (a new life of node 2 has none
+        // of its pages); every other time the process also writes (the
+        // same bytes) into a new 8 MiB segment, so that node 2 holds pages
+        // exclusively when its daemon dies (they are lost with it).
+        let writes = i % 2 == 1;
+        let (k, pages) = if writes {
+            (key(i + 1), WRITE_PAGES)
+        } else {
+            (key(0), PAGES)
+        };
+        let (k, pages) = (k.to_string(), pages.to_string());
+        if writes || i == 0 {
+            let (status, out) = run_role(
+                cluster.socket(1),
+                &["fill", &k, &pages, &PATTERN.to_string()],
+            );
+            assert!(status.success(), "fill: {status:?} {out}");
+        }
+        let pattern = PATTERN.to_string();
+        let mut args = vec!["check-random", &k, &pages, &pattern];
+        if writes {
+            args.push("write");
+        }
+        let mut reader = spawn_role(cluster.socket(2), &args).expect("start the reader");
+        let mut first = [0u8; 9];
+        let stdout = reader.child.stdout.as_mut().expect("piped stdout");
+        stdout.read_exact(&mut first).expect("the reader starts");
+        assert_eq!(&first, b"checking\n");
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(5 + rng % 150));
+        let killed = Instant::now();
+        cluster.kill(2);
+        let status = reader
+            .child_wait_until(BOUND + Duration::from_secs(3))
+            .unwrap_or_else(|| {
+                panic!("repetition {i}: the reader still runs 5 s after its daemon died")
+            });
+        let took = killed.elapsed();
+        let mut rest = String::new();
+        let _ = reader
+            .child
+            .stdout
+            .as_mut()
+            .map(|o| o.read_to_string(&mut rest));
+        assert!(
+            !rest.contains("BAD"),
+            "repetition {i}: a read returned what nobody wrote: {rest}"
+        );
+        assert!(
+            matches!(status.signal(), Some(libc::SIGKILL) | Some(libc::SIGBUS)),
+            "repetition {i}: the reader ended with {status:?}: {rest}"
+        );
+        assert!(
+            took < BOUND,
+            "repetition {i}: the reader ended {took:?} after its daemon"
+        );
+        slowest = slowest.max(took);
+        cluster
+            .restart(2)
+            .expect("a new life of node 2's daemon joins");
+        // The new life serves: a read of the segment from node 2 sees the
+        // home's data (the pages node 2 held exclusively are gone: SIGBUS).
+        let (status, out) = run_role(cluster.socket(2), &["read", &k]);
+        assert!(
+            (status.success() && out.starts_with(&u64::from_ne_bytes([PATTERN; 8]).to_string()))
+                || status.signal() == Some(libc::SIGBUS),
+            "repetition {i}: node 2 does not serve after its restart: {status:?} {out}"
+        );
+        if writes {
+            let home = dsm::client::Client::connect(cluster.socket(1)).expect("node 1");
+            let id = home
+                .get(key(i + 1), 0, 0)
+                .expect("the segment is still there");
+            home.remove(id).expect("IPC_RMID");
+        }
+    }
+    println!("{REPETITIONS} daemon deaths: slowest end of a reader {slowest:?}");
+    for n in 1..=2 {
+        assert!(!cluster.log(n).contains("panicked"), "node {n} panicked");
+    }
+}
+
+#[test]
+fn a_killed_guardian_is_replaced_and_the_new_one_guards_everything() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    let k = key(99).to_string();
+    let pages = WRITE_PAGES.to_string();
+    let pattern = PATTERN.to_string();
+    let (status, out) = run_role(cluster.socket(1), &["fill", &k, &pages, &pattern]);
+    assert!(status.success(), "fill: {status:?} {out}");
+    let mut reader =
+        spawn_role(cluster.socket(2), &["check-random", &k, &pages, &pattern]).expect("reader");
+    let mut first = [0u8; 9];
+    let stdout = reader.child.stdout.as_mut().expect("piped stdout");
+    stdout.read_exact(&mut first).expect("the reader starts");
+    let dsmd2 = cluster.node(2).pid().expect("node 2 runs");
+    let old = migshm::guardian_of(dsmd2).expect("node 2 has a guardian");
+    // SAFETY: signalling a process of our cluster by pid.
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    assert!(
+        migshm::eventually(Duration::from_secs(5), || migshm::guardian_of(dsmd2)
+            .is_some_and(|g| g != old)),
+        "no new guardian"
+    );
+    // The reader was not killed by the old guardian's end.
+    assert!(
+        reader.child.try_wait().expect("try_wait").is_none(),
+        "the reader died with the guardian"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    cluster.kill(2);
+    let status = reader
+        .child_wait_until(BOUND)
+        .expect("the reader ends within the bound");
+    let mut rest = String::new();
+    let _ = reader
+        .child
+        .stdout
+        .as_mut()
+        .map(|o| o.read_to_string(&mut rest));
+    assert!(
+        !rest.contains("BAD"),
+        "a read returned what nobody wrote: {rest}"
+    );
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{rest}");
+    assert!(cluster.log(2).contains("the guardian is gone"));
+}
