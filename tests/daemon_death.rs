@@ -14,6 +14,7 @@ const WRITE_PAGES: u64 = 2048; // 8 MiB
 const PATTERN: u8 = 0xAB;
 const REPETITIONS: u32 = 50;
 const BOUND: Duration = Duration::from_secs(2);
+const MOVED_REPETITIONS: u32 = 50;
 
 fn key(i: u32) -> i32 {
     0x7d00_0000 + (std::process::id() as i32 % 4096) * 0x100 + i as i32
@@ -161,4 +162,111 @@ fn a_killed_guardian_is_replaced_and_the_new_one_guards_everything() {
     );
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{rest}");
     assert!(cluster.log(2).contains("the guardian is gone"));
+}
+
+/// A process moved to node 2 reads random words of a segment homed on
+/// node 1 and of its own heap (which stayed at home and is served lazily
+/// by its host): node 2's daemon (or only its host agent) is killed
+/// under it. It must never read a
+/// word nobody wrote, and it ends (SIGKILL, at home too) within the bound.
+#[test]
+fn a_moved_process_never_sees_a_page_nobody_wrote_when_the_daemon_it_runs_under_dies() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let program = migshm::c_program("random_check").expect("compile random_check.c");
+    let mut cluster = Cluster::start(2).expect("start 2 daemons");
+    let k = key(200).to_string();
+    let (status, out) = run_role(
+        cluster.socket(1),
+        &["fill", &k, &PAGES.to_string(), &PATTERN.to_string()],
+    );
+    assert!(status.success(), "fill: {status:?} {out}");
+    let dir = std::env::temp_dir().join(format!("migshm-moved-death-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut slowest = Duration::ZERO;
+    for i in 0..MOVED_REPETITIONS {
+        let out = dir.join(format!("out{i}"));
+        // As above: writers get a segment of their own each time (the
+        // pages node 2 held exclusively are lost with its daemon).
+        let writes = i % 2 == 1;
+        let (k, pages) = if writes {
+            let k = key(300 + i).to_string();
+            let pages = WRITE_PAGES.to_string();
+            let (status, out) = run_role(
+                cluster.socket(1),
+                &["fill", &k, &pages, &PATTERN.to_string()],
+            );
+            assert!(status.success(), "fill: {status:?} {out}");
+            (k, pages)
+        } else {
+            (k.clone(), PAGES.to_string())
+        };
+        let mut command = migshm::omrun_command(cluster.socket(1), None, &program);
+        command.args([&k, &pages, "128"]);
+        if writes {
+            command.arg("write");
+        }
+        migshm::only_standard_fds(&mut command);
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("output file"))
+            .stderr(std::process::Stdio::null());
+        let mut process = migshm::Proc::from(command.spawn().expect("start random_check"));
+        let read = || std::fs::read_to_string(&out).unwrap_or_default();
+        assert!(
+            migshm::eventually(Duration::from_secs(10), || read().contains("checking")),
+            "repetition {i}: it never started: {}",
+            read()
+        );
+        let pid = process.child.id().to_string();
+        let (ok, stdout, stderr) = migshm::omctl(cluster.socket(1), &["migrate", &pid, "2"]);
+        assert!(ok, "repetition {i}: migrate: {stdout} {stderr}");
+        std::thread::sleep(Duration::from_millis(u64::from(i) * 7 % 40));
+        // Every third time only its host agent dies (its daemon lives on),
+        // while much of the heap still waits at home.
+        let host_only = i % 3 == 2;
+        let killed = Instant::now();
+        if host_only {
+            let dsmd2 = cluster.node(2).pid().expect("node 2 runs");
+            let hosts = migshm::agents_of(dsmd2);
+            assert!(!hosts.is_empty(), "repetition {i}: no host on node 2");
+            for host in hosts {
+                // SAFETY: signalling an agent of our cluster by pid.
+                unsafe { libc::kill(host, libc::SIGKILL) };
+            }
+        } else {
+            cluster.kill(2);
+        }
+        let status = process
+            .child_wait_until(BOUND + Duration::from_secs(3))
+            .unwrap_or_else(|| panic!("repetition {i}: it still runs 5 s after the daemon died"));
+        let took = killed.elapsed();
+        assert!(!read().contains("BAD"), "repetition {i}: {}", read());
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "repetition {i}: {}",
+            read()
+        );
+        assert!(
+            took < BOUND,
+            "repetition {i}: ended {took:?} after the daemon"
+        );
+        slowest = slowest.max(took);
+        if !host_only {
+            cluster
+                .restart(2)
+                .expect("a new life of node 2's daemon joins");
+        }
+        if writes {
+            let home = dsm::client::Client::connect(cluster.socket(1)).expect("node 1");
+            let id = home
+                .get(key(300 + i), 0, 0)
+                .expect("the segment is still there");
+            home.remove(id).expect("IPC_RMID");
+        }
+    }
+    println!("{MOVED_REPETITIONS} deaths under a moved process: slowest end {slowest:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
