@@ -57,6 +57,37 @@ pub fn children_of(pid: u32) -> Vec<i32> {
         .collect()
 }
 
+/// Set (to the test's name) in a test binary started again by
+/// [`run_test_in_child`].
+pub const TEST_CHILD_ENV: &str = "MIGSHM_TEST_CHILD";
+
+/// Is this process the child [`run_test_in_child`] started for `name`?
+pub fn is_test_child(name: &str) -> bool {
+    std::env::var(TEST_CHILD_ENV).is_ok_and(|v| v == name)
+}
+
+/// Run test `name` of this test binary again in a child process (which
+/// sees [`is_test_child`]), with `env`, and return how it ended and what
+/// it printed. For a test whose own process would use a daemon's memory
+/// or semaphore undo: stopping that daemon kills such processes (see
+/// `dsm::guardian`), which must not be the test runner.
+pub fn run_test_in_child(
+    name: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (std::process::ExitStatus, String) {
+    let exe = std::env::current_exe().expect("own path");
+    let mut cmd = Command::new(exe);
+    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(TEST_CHILD_ENV, name)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null());
+    only_standard_fds(&mut cmd);
+    let out = cmd.output().expect("run the test in a child");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status, text)
+}
+
 /// The agents a daemon started: its children but its guardian.
 pub fn agents_of(daemon: u32) -> Vec<i32> {
     children_of(daemon)

@@ -463,10 +463,12 @@ fn a_silent_node_is_declared_lost_within_the_peer_timeout() {
     cluster.signal(1, libc::SIGSTOP);
     let detected = expect_sigbus(scanners) - frozen_at;
     // The bound: the peer timeout (1 s) plus a heartbeat and some slack.
+    // The survivors stop using its pages when their lease on them ends,
+    // three heartbeats before the timeout (0.7 s), not sooner.
     assert!(detected < Duration::from_millis(3000), "took {detected:?}");
     assert!(
-        detected >= Duration::from_millis(900),
-        "declared lost before the timeout: {detected:?}"
+        detected >= Duration::from_millis(650),
+        "fenced before the lease ended: {detected:?}"
     );
     let nodes = Client::connect(cluster.socket(2)).unwrap().nodes().unwrap();
     assert!(nodes.iter().any(|n| n.node.0 == 1 && !n.up));

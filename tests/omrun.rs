@@ -256,8 +256,9 @@ fn a_thousand_forked_children_leave_nothing_behind() {
 
 /// The node's daemon dies while programs wait in semop: one that maps
 /// the node's DSM memory is killed (its memory can no longer be served,
-/// see `dsm::guardian`); one that only uses semaphores sees the call fail
-/// (EIDRM) and goes on; nothing hangs.
+/// see `dsm::guardian`) if its failed call did not end it first; one that
+/// only uses semaphores sees the call fail (EIDRM) and goes on; nothing
+/// hangs.
 #[test]
 fn a_dead_daemon_fails_calls_instead_of_hanging() {
     if !uffd_or_skip() {
@@ -290,10 +291,11 @@ fn a_dead_daemon_fails_calls_instead_of_hanging() {
         .output(Duration::from_secs(10))
         .expect("the program hung after its daemon died");
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "it maps the node's memory"
+    // Killed, since it maps the node's memory, unless the failed semop
+    // (EIDRM: the daemon went) made it exit first.
+    assert!(
+        status.signal() == Some(libc::SIGKILL) || status.code() == Some(1),
+        "{status:?}"
     );
     let (status, out) = waiter
         .output(Duration::from_secs(10))

@@ -327,12 +327,32 @@ fn permission_rules_apply_to_other_users_on_every_node() {
 /// Every result, errno, value and GETPID must match the kernel's.
 #[test]
 fn library_operations_match_the_kernel() {
+    const NAME: &str = "library_operations_match_the_kernel";
+    if migshm::is_test_child(NAME) {
+        let socket = |n| {
+            std::path::PathBuf::from(std::env::var_os(format!("NODE{n}_SOCKET")).expect("socket"))
+        };
+        return compare_library_with_kernel(&socket(1), &socket(2));
+    }
     if !uffd_or_skip() {
         return;
     }
+    // In a child: its SEM_UNDO operations make node 2 hold it, and node 2
+    // kills what it holds when it stops (see `dsm::guardian`).
     let cluster = Cluster::start(2).expect("start cluster");
-    let local = Semaphores::connect(cluster.socket(1)).unwrap();
-    let remote = Semaphores::connect(cluster.socket(2)).unwrap();
+    let (status, out) = migshm::run_test_in_child(
+        NAME,
+        &[
+            ("NODE1_SOCKET", cluster.socket(1).as_os_str()),
+            ("NODE2_SOCKET", cluster.socket(2).as_os_str()),
+        ],
+    );
+    assert!(status.success(), "{out}");
+}
+
+fn compare_library_with_kernel(node1: &std::path::Path, node2: &std::path::Path) {
+    let local = Semaphores::connect(node1).unwrap();
+    let remote = Semaphores::connect(node2).unwrap();
     for (name, ours) in [
         ("homed here", local.get(0, 3, 0o600).unwrap()),
         (

@@ -1,5 +1,5 @@
 //! Many thousands of random schedules of the coherence protocol, with
-//! delays, reordering across links and node crashes. A failure prints
+//! delays, reordering across links, node crashes and partitions. A failure prints
 //! `SEED=<n>`; replay it with `cargo run -p dsm --bin dsm-sim -- --seed <n>`.
 
 use dsm::coherence::sim;
@@ -16,8 +16,8 @@ fn random_schedules_keep_every_invariant() {
     let count = seed_count();
     match sim::run_seeds(0, count) {
         Ok(r) => println!(
-            "{count} seeds: {} steps, {} messages, {} reads, {} writes, {} crashes, {} SIGBUS",
-            r.steps, r.messages, r.reads, r.writes, r.crashes, r.poisoned
+            "{count} seeds: {} steps, {} messages, {} reads, {} writes, {} crashes, {} partitions, {} SIGBUS",
+            r.steps, r.messages, r.reads, r.writes, r.crashes, r.partitions, r.poisoned
         ),
         Err(failure) => panic!("{failure}"),
     }

@@ -395,12 +395,15 @@ impl<W: Clone> Engine<W> {
         }
     }
 
-    /// The cache side of losing a node: segments homed there can no longer
-    /// fetch anything; what this node holds stays usable (nobody else can
-    /// write it, so it stays consistent).
+    /// The cache side of losing touch with a home (see
+    /// [`Engine::fence_home`]): segments homed there can no longer fetch
+    /// anything; copies held Shared are dropped (the home may be alive on
+    /// the other side of a partition and let another node write them), so
+    /// every later access to them is SIGBUS; pages held Exclusive stay
+    /// usable (the home takes them for lost, nobody else can have them).
     pub(super) fn cache_peer_down(&mut self, dead: NodeId, store: &mut impl PageStore) {
         for (seg_id, seg) in self.cache.iter_mut() {
-            if seg.home != dead {
+            if seg.home != dead || seg.home_lost {
                 continue;
             }
             seg.home_lost = true;
@@ -408,6 +411,15 @@ impl<W: Clone> Engine<W> {
             for (page, pending) in std::mem::take(&mut seg.pending) {
                 let key = PageKey { seg: *seg_id, page };
                 fail_pending(seg, key, pending, store, &mut self.resolutions);
+            }
+            for index in 0..seg.states.len() {
+                if seg.states[index] == PageState::Shared {
+                    store.punch_local(PageKey {
+                        seg: *seg_id,
+                        page: PageIndex(index as u32),
+                    });
+                    seg.states[index] = PageState::Lost;
+                }
             }
         }
     }

@@ -209,6 +209,17 @@ impl<W: Clone> Engine<W> {
         self.me
     }
 
+    /// This node lost touch with `home` (its link closed, or it fell
+    /// silent for longer than the lease): stop using what it gave. Faults
+    /// on its segments end in SIGBUS, Shared copies are dropped; pages held
+    /// Exclusive stay. Must happen before `home` may declare this node lost
+    /// (`handle_peer_down` there), which the daemon's timing guarantees.
+    pub fn fence_home(&mut self, home: NodeId, store: &mut impl PageStore) {
+        if home != self.me {
+            self.cache_peer_down(home, store);
+        }
+    }
+
     // ---- segment lifecycle -------------------------------------------------
 
     /// Start serving `seg` as its home. Every page starts as zeros in the

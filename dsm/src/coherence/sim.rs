@@ -116,6 +116,10 @@ struct Process {
 
 enum Envelope {
     Msg(CohMsg),
+    /// The receiver lost touch with this node (a cut): it fences it, then
+    /// tells (through the daemon's timing) that it has, by letting the
+    /// other side declare it lost.
+    Fence(NodeId),
     PeerDown(NodeId),
 }
 
@@ -133,6 +137,7 @@ pub struct Report {
     pub writes: u64,
     pub poisoned: u64,
     pub crashes: u32,
+    pub partitions: u32,
 }
 
 pub struct Sim {
@@ -140,6 +145,8 @@ pub struct Sim {
     seed: u64,
     nodes: BTreeMap<NodeId, SimNode>,
     crashed: HashSet<NodeId>,
+    /// Pairs (a, b) cut apart by a partition: nothing goes from a to b.
+    cut: HashSet<(NodeId, NodeId)>,
     links: BTreeMap<(NodeId, NodeId), VecDeque<Envelope>>,
     segments: Vec<(SegmentId, NodeId, u32)>,
     procs: Vec<Process>,
@@ -149,6 +156,7 @@ pub struct Sim {
     lost_allowed: HashSet<PageKey>,
     next_value: u64,
     crash_budget: u32,
+    partition_budget: u32,
     trace: VecDeque<Event>,
     report: Report,
 }
@@ -198,11 +206,14 @@ impl Sim {
         } else {
             0
         };
+        let partition_budget = u32::from(rng.chance(30));
         Sim {
             rng,
             seed,
             nodes,
             crashed: HashSet::new(),
+            cut: HashSet::new(),
+            partition_budget,
             links: BTreeMap::new(),
             segments,
             procs,
@@ -279,6 +290,10 @@ impl Sim {
             let live: Vec<NodeId> = self.nodes.keys().copied().collect();
             let victim = live[self.rng.below(live.len() as u64) as usize];
             return self.crash(victim);
+        }
+        if self.partition_budget > 0 && self.rng.chance(1) && self.rng.chance(10) {
+            self.partition_budget -= 1;
+            return self.partition();
         }
         let deliver = !busy_links.is_empty() && (runnable.is_empty() || self.rng.chance(55));
         if deliver {
@@ -409,6 +424,16 @@ impl Sim {
                 node.engine.handle_message(from, msg, &mut node.store);
                 self.log(event);
             }
+            Envelope::Fence(peer) => {
+                node.engine.fence_home(peer, &mut node.store);
+                self.log(Event::Fence { node: to, peer });
+                // Only now may the other side declare this node lost (in
+                // the daemon: the lease is shorter than the peer timeout).
+                self.links
+                    .entry((to, from))
+                    .or_default()
+                    .push_back(Envelope::PeerDown(to));
+            }
             Envelope::PeerDown(dead) => {
                 // A home that learns of a loss may have granted the dead node
                 // a page since the crash (it cannot tell): that page is lost.
@@ -440,7 +465,7 @@ impl Sim {
             return Ok(());
         };
         while let Some((to, msg)) = node.engine.poll_transmit() {
-            if !self.crashed.contains(&to) {
+            if !self.crashed.contains(&to) && !self.cut.contains(&(node_id, to)) {
                 self.links
                     .entry((node_id, to))
                     .or_default()
@@ -468,8 +493,9 @@ impl Sim {
                 }
                 Access::Poison => {
                     let home = res.page.seg.home().ok_or("bad segment id")?;
-                    let allowed =
-                        self.lost_allowed.contains(&res.page) || self.crashed.contains(&home);
+                    let allowed = self.lost_allowed.contains(&res.page)
+                        || self.crashed.contains(&home)
+                        || self.cut.contains(&(node_id, home));
                     if !allowed {
                         return Err(format!(
                             "{node_id:?} proc{p} got SIGBUS on {:?} (state {state:?}) though no copy was lost",
@@ -527,6 +553,55 @@ impl Sim {
             };
             q.truncate(keep);
             q.push_back(Envelope::PeerDown(victim));
+        }
+        self.check()
+    }
+
+    /// Cut the live nodes into two sides that can no longer talk: of the
+    /// messages in flight across the cut a random prefix still arrives,
+    /// then each node fences every node across (as its link closes or its
+    /// lease ends), and each learns of the other's loss only after that
+    /// other fenced it (see `Envelope::Fence`). Processes go on on both
+    /// sides; every invariant must still hold.
+    fn partition(&mut self) -> Result<(), String> {
+        let live: Vec<NodeId> = self.nodes.keys().copied().collect();
+        if live.len() < 2 {
+            return Ok(());
+        }
+        let mut side: Vec<NodeId> = live
+            .iter()
+            .copied()
+            .filter(|_| self.rng.chance(50))
+            .collect();
+        if side.is_empty() || side.len() == live.len() {
+            side = vec![live[0]];
+        }
+        self.report.partitions += 1;
+        self.log(Event::Partition(side.clone()));
+        let other: Vec<NodeId> = live.iter().copied().filter(|n| !side.contains(n)).collect();
+        for &a in &side {
+            for &b in &other {
+                for (from, to) in [(a, b), (b, a)] {
+                    self.cut.insert((from, to));
+                    let q = self.links.entry((from, to)).or_default();
+                    // A random prefix of the messages in flight arrives;
+                    // events that are not on the wire (a crash's PeerDown)
+                    // stay where they are.
+                    let msgs = q.iter().filter(|e| matches!(e, Envelope::Msg(_))).count();
+                    let keep = self.rng.below(msgs as u64 + 1) as usize;
+                    let mut seen = 0;
+                    for e in q.drain(..).collect::<Vec<_>>() {
+                        if matches!(e, Envelope::Msg(_)) {
+                            seen += 1;
+                            if seen > keep {
+                                continue;
+                            }
+                        }
+                        q.push_back(e);
+                    }
+                    q.push_back(Envelope::Fence(from));
+                }
+            }
         }
         self.check()
     }
@@ -605,6 +680,11 @@ enum Event {
         dead: NodeId,
     },
     Crash(NodeId),
+    Fence {
+        node: NodeId,
+        peer: NodeId,
+    },
+    Partition(Vec<NodeId>),
 }
 
 impl Event {
@@ -625,6 +705,8 @@ impl Event {
             Event::Msg { from, to, msg } => format!("{from:?}->{to:?} {}", short(msg)),
             Event::Down { node, dead } => format!("{node:?} learns {dead:?} is down"),
             Event::Crash(node) => format!("CRASH {node:?}"),
+            Event::Fence { node, peer } => format!("{node:?} FENCES {peer:?}"),
+            Event::Partition(side) => format!("PARTITION {side:?} | the rest"),
         }
     }
 }
@@ -661,6 +743,7 @@ pub fn run_seeds(first: u64, count: u64) -> Result<Report, String> {
         total.writes += r.writes;
         total.poisoned += r.poisoned;
         total.crashes += r.crashes;
+        total.partitions += r.partitions;
     }
     Ok(total)
 }

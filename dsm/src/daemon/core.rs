@@ -67,6 +67,14 @@ pub enum PeerLink {
         generation: u64,
         last_seen: Instant,
     },
+    /// The link ended, or the peer fell silent for longer than the lease:
+    /// nothing it gave is used here any more (fenced), but it is declared
+    /// lost only once it has been silent for the whole peer timeout, so
+    /// that it has fenced too whatever it saw (see [`Core::heartbeat`]).
+    Closed {
+        incarnation: u64,
+        last_seen: Instant,
+    },
     /// Lost. A new incarnation of it may join again.
     Down { incarnation: Option<u64> },
 }
@@ -105,6 +113,9 @@ pub struct Core {
     pub peers: BTreeMap<NodeId, Peer>,
     pub listen: SocketAddr,
     pub rpc_timeout: Duration,
+    /// Silence after which a peer's pages stop being used here (the
+    /// lease): three heartbeats short of the peer timeout.
+    fence_after: Duration,
     pub engine: Engine<Waiter>,
     pub store: NodeStore,
     pub homes: BTreeMap<SegmentId, HomeSegment>,
@@ -195,6 +206,7 @@ impl Core {
             peers,
             listen: config.listen,
             rpc_timeout: config.peer_timeout * 2,
+            fence_after: config.peer_timeout.saturating_sub(config.heartbeat * 3),
             engine: Engine::new(config.node),
             store: NodeStore::default(),
             homes: BTreeMap::new(),
@@ -288,7 +300,7 @@ impl Core {
                 backlog.push(frame)
             }
             PeerLink::Connecting { .. } => tracing::warn!(?to, "backlog full; frame dropped"),
-            PeerLink::Down { .. } => {}
+            PeerLink::Closed { .. } | PeerLink::Down { .. } => {}
         }
     }
 
@@ -305,7 +317,12 @@ impl Core {
             let _ = tx.send(reply);
             return rx;
         }
-        if !self.peers.contains_key(&to) || matches!(self.peers[&to].link, PeerLink::Down { .. }) {
+        if !self.peers.contains_key(&to)
+            || matches!(
+                self.peers[&to].link,
+                PeerLink::Down { .. } | PeerLink::Closed { .. }
+            )
+        {
             let _ = tx.send(RpcResponse::Err(libc::EHOSTDOWN));
             return rx;
         }
@@ -385,8 +402,13 @@ impl Core {
         let previous = match self.peers.get(&node).map(|p| &p.link) {
             None => return None,
             Some(PeerLink::Up {
+                incarnation: old,
+                generation,
+                ..
+            }) => Some((*old, Some(*generation))),
+            Some(PeerLink::Closed {
                 incarnation: old, ..
-            }) => Some(Some(*old)),
+            }) => Some((*old, None)),
             Some(PeerLink::Down { incarnation: old }) => {
                 if *old == Some(incarnation) {
                     // A lost node cannot come back as the same life: its
@@ -398,18 +420,21 @@ impl Core {
             }
             Some(PeerLink::Connecting { .. }) => None,
         };
-        if let Some(old) = previous {
-            // Reconnected while we still believed it up: a new incarnation
-            // means the old one died; the same one means a dropped link,
-            // after which messages may have been lost, so it is lost too.
-            tracing::warn!(
-                ?node,
-                "peer reconnected; its previous link is declared lost"
-            );
-            self.peer_lost(node);
-            if old == Some(incarnation) {
+        if let Some((old, generation)) = previous {
+            if old == incarnation {
+                // The same life after a dropped link: messages may have been
+                // lost, so it is lost too, but only once it has been silent
+                // for the whole timeout (it fences meanwhile, as we do).
+                tracing::warn!(?node, "peer reconnected after a dropped link: refused");
+                if let Some(g) = generation {
+                    self.link_closed(node, g);
+                }
                 return None;
             }
+            // A new life: the old one is dead (its guardian killed its
+            // processes), so nothing it held is in use any more.
+            tracing::warn!(?node, "peer restarted; its previous life is declared lost");
+            self.peer_lost(node);
         }
         let generation = self.next_generation;
         self.next_generation += 1;
@@ -555,7 +580,9 @@ impl Core {
             return;
         };
         let incarnation = match &peer.link {
-            PeerLink::Up { incarnation, .. } => Some(*incarnation),
+            PeerLink::Up { incarnation, .. } | PeerLink::Closed { incarnation, .. } => {
+                Some(*incarnation)
+            }
             PeerLink::Down { .. } => return,
             PeerLink::Connecting { .. } => None,
         };
@@ -563,17 +590,7 @@ impl Core {
         tracing::warn!(?node, "peer lost");
         self.engine.handle_peer_down(node, &mut self.store);
         self.drain_engine();
-        let failed: Vec<u64> = self
-            .rpcs
-            .iter()
-            .filter(|(_, (to, _))| *to == node)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in failed {
-            if let Some((_, tx)) = self.rpcs.remove(&id) {
-                let _ = tx.send(RpcResponse::Err(libc::EHOSTDOWN));
-            }
-        }
+        self.fail_rpcs_to(node);
         let now = sysv::now_seconds();
         let ids: Vec<IpcId> = self.sem_regions.keys().copied().collect();
         let (taken, held): (Vec<IpcId>, Vec<IpcId>) =
@@ -605,14 +622,85 @@ impl Core {
         }
     }
 
-    /// Heartbeat tick: ping every live peer and declare the silent ones lost.
+    /// The link to `node` (of `generation`) ended, or the peer's lease ran
+    /// out: fence it now, declare it lost at the timeout.
+    pub fn link_closed(&mut self, node: NodeId, generation: u64) {
+        let Some(peer) = self.peers.get_mut(&node) else {
+            return;
+        };
+        let PeerLink::Up {
+            incarnation,
+            generation: g,
+            last_seen,
+            ..
+        } = peer.link
+        else {
+            return;
+        };
+        if g != generation {
+            return;
+        }
+        // Dropping the sender ends the writer, which shuts the socket.
+        peer.link = PeerLink::Closed {
+            incarnation,
+            last_seen,
+        };
+        tracing::warn!(
+            ?node,
+            "lost touch with the peer: nothing it gave is used here any more; lost at the timeout"
+        );
+        self.engine.fence_home(node, &mut self.store);
+        self.drain_engine();
+        self.fail_rpcs_to(node);
+        for id in self.engine.cached_segments_homed_at(node) {
+            if let Some(seg) = self.store.segments.get_mut(&id) {
+                seg.home_lost = true;
+            }
+        }
+    }
+
+    fn fail_rpcs_to(&mut self, node: NodeId) {
+        let failed: Vec<u64> = self
+            .rpcs
+            .iter()
+            .filter(|(_, (to, _))| *to == node)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in failed {
+            if let Some((_, tx)) = self.rpcs.remove(&id) {
+                let _ = tx.send(RpcResponse::Err(libc::EHOSTDOWN));
+            }
+        }
+    }
+
+    /// Heartbeat tick: ping every live peer, fence those silent for longer
+    /// than the lease, declare lost those silent for the whole timeout.
+    ///
+    /// Why two limits: both sides of a cut see the silence start within a
+    /// heartbeat of each other (each pings every heartbeat), and each acts
+    /// only at a tick. A node fences at most `fence_after` plus a tick
+    /// after the last frame it got; the other side declares it lost no
+    /// sooner than `timeout` after the last frame *it* got, which is at
+    /// most a heartbeat (plus transit) later. With `fence_after` three
+    /// heartbeats short of `timeout`, no node ever takes back (and hands
+    /// to a writer) a page that a cut-off node still reads.
     pub fn heartbeat(&mut self, timeout: Duration) {
         let now = Instant::now();
         let mut lost = Vec::new();
+        let mut fenced = Vec::new();
         for (id, peer) in &self.peers {
             match &peer.link {
-                PeerLink::Up { last_seen, .. } if now.duration_since(*last_seen) > timeout => {
+                PeerLink::Up { last_seen, .. } | PeerLink::Closed { last_seen, .. }
+                    if now.duration_since(*last_seen) > timeout =>
+                {
                     lost.push(*id)
+                }
+                PeerLink::Up {
+                    last_seen,
+                    generation,
+                    ..
+                } if now.duration_since(*last_seen) > self.fence_after => {
+                    fenced.push((*id, *generation))
                 }
                 PeerLink::Connecting { since, .. } if now.duration_since(*since) > timeout => {
                     lost.push(*id)
@@ -620,7 +708,14 @@ impl Core {
                 _ => {}
             }
         }
+        for (id, generation) in fenced {
+            self.link_closed(id, generation);
+        }
         for id in lost {
+            if let Some(PeerLink::Up { generation, .. }) = self.peers.get(&id).map(|p| &p.link) {
+                let generation = *generation;
+                self.link_closed(id, generation);
+            }
             self.peer_lost(id);
         }
         let up: Vec<NodeId> = self

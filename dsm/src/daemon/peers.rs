@@ -16,6 +16,9 @@ use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How often a reader with nothing to read checks its link is still wanted.
+const READ_CHECK: Duration = Duration::from_millis(500);
+
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
     #[error("i/o: {0}")]
@@ -137,7 +140,14 @@ async fn run_link(
     let mut stream = Framed::from_parts(read_parts);
     let writer = tokio::task::spawn_local(write_frames(write_half, rx));
     loop {
-        match stream.next().await {
+        // A link fenced for silence (the other side may be unreachable, so
+        // no end of stream may ever come) is left within a beat.
+        let next = match tokio::time::timeout(READ_CHECK, stream.next()).await {
+            Ok(next) => next,
+            Err(_) if core.borrow().is_current(node, generation) => continue,
+            Err(_) => break,
+        };
+        match next {
             Some(Ok(frame)) => {
                 let result = core
                     .borrow_mut()
@@ -158,10 +168,7 @@ async fn run_link(
         }
     }
     writer.abort();
-    let mut core = core.borrow_mut();
-    if core.is_current(node, generation) {
-        core.peer_lost(node);
-    }
+    core.borrow_mut().link_closed(node, generation);
 }
 
 /// Most slices handed to one `writev` (the kernel's IOV_MAX is 1024).
