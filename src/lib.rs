@@ -2,6 +2,8 @@
 //! the integration tests. It starts several `dsmd` on 127.0.0.x, each with
 //! its own socket, and stops every process it started, by pid.
 
+pub mod linlog;
+pub mod netns;
 pub mod programs;
 
 use std::path::{Path, PathBuf};
@@ -142,6 +144,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub nodes: Vec<Node>,
     opts: ClusterOptions,
+    /// The daemons' network namespaces, if they run in their own.
+    pub namespaces: Option<netns::Namespaces>,
 }
 
 /// Options for the daemons a cluster starts.
@@ -154,6 +158,9 @@ pub struct ClusterOptions {
     pub log: String,
     /// Cluster secret written to a file and given with `--secret-file`.
     pub secret: Option<String>,
+    /// Run each daemon in a network namespace of its own, joined by a
+    /// bridge (see [`netns::Namespaces`]): links can then be cut.
+    pub namespaces: bool,
 }
 
 impl Default for ClusterOptions {
@@ -164,6 +171,7 @@ impl Default for ClusterOptions {
             heartbeat_ms: 100,
             log: "info".into(),
             secret: None,
+            namespaces: false,
         }
     }
 }
@@ -187,18 +195,34 @@ impl Cluster {
             std::fs::create_dir_all(&dir)?;
             // A port per run; a clash shows as a daemon that exits at once.
             let port = 20000 + (unique() * 7919 + u64::from(std::process::id())) % 30000;
+            let namespaces = if opts.namespaces {
+                Some(netns::Namespaces::create(opts.nodes)?)
+            } else {
+                None
+            };
             let mut cluster = Cluster {
                 dir: dir.clone(),
                 nodes: Vec::new(),
                 opts: opts.clone(),
+                namespaces,
             };
-            if let Some(secret) = &opts.secret {
+            // Daemons listening beyond loopback must share a secret.
+            let secret = opts
+                .secret
+                .clone()
+                .or_else(|| opts.namespaces.then(|| format!("test-secret-{port}")));
+            cluster.opts.secret = secret.clone();
+            if let Some(secret) = &secret {
                 std::fs::write(dir.join("secret"), secret)?;
             }
             for id in 1..=opts.nodes {
+                let host = match &cluster.namespaces {
+                    Some(_) => netns::Namespaces::address(id),
+                    None => format!("127.0.0.{id}"),
+                };
                 cluster.nodes.push(Node {
                     id,
-                    listen: format!("127.0.0.{id}:{port}"),
+                    listen: format!("{host}:{port}"),
                     socket: dir.join(format!("node{id}.sock")),
                     child: None,
                 });
@@ -217,7 +241,14 @@ impl Cluster {
     /// Start node `id`'s daemon (its log is appended to).
     fn spawn_daemon(&mut self, id: u8) -> std::io::Result<()> {
         let me = &self.nodes[usize::from(id - 1)];
-        let mut cmd = Command::new(binary("dsmd"));
+        let mut cmd = match &self.namespaces {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.name(id)]).arg(binary("dsmd"));
+                c
+            }
+            None => Command::new(binary("dsmd")),
+        };
         cmd.arg("--node").arg(me.id.to_string());
         cmd.arg("--listen").arg(&me.listen);
         cmd.arg("--socket").arg(&me.socket);

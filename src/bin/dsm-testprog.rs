@@ -15,6 +15,13 @@
 //!   read-page KEY PAGE        print the first word of PAGE
 //!   read KEY                  print word 0
 //!   fill KEY PAGES BYTE       write BYTE into every byte of PAGES pages
+//!   lin KEY PAGES WFIRST WLAST RFIRST RLAST MS LOG [PERIOD_US]
+//!                             for MS ms, one operation per PERIOD_US (10):
+//!                             write increasing values into the
+//!                             first word of pages WFIRST..WLAST and read
+//!                             pages RFIRST..RLAST at random, logging each
+//!                             write (value, end time) and read (value,
+//!                             start time) into LOG (see `migshm::linlog`)
 //!   check-random KEY PAGES BYTE [write]
 //!                             read (and with `write`, rewrite) random words
 //!                             of random pages forever; each must be BYTE
@@ -80,7 +87,7 @@ fn main() -> ExitCode {
     let key = arg(&args, 1) as i32;
     let size: u64 = match role {
         "scan" | "write-page" | "read-page" => 256 * 4096,
-        "fill" | "check-random" => arg(&args, 2) * 4096,
+        "fill" | "check-random" | "lin" => arg(&args, 2) * 4096,
         _ => 4096,
     };
     let id = match client.get(key, size, IPC_CREAT | 0o666) {
@@ -212,6 +219,48 @@ fn main() -> ExitCode {
             let pattern = u64::from_ne_bytes([arg(&args, 3) as u8; 8]);
             for w in words {
                 w.store(pattern, SeqCst);
+            }
+        }
+        "lin" => {
+            let range = |a: usize, b: usize| arg(&args, a) as usize..arg(&args, b) as usize;
+            let (writes, reads) = (range(3, 4), range(5, 6));
+            let until = Instant::now() + Duration::from_millis(arg(&args, 7));
+            let path = args.get(8).map(String::as_str).unwrap_or("lin.log");
+            let mut log = match migshm::linlog::Log::create(std::path::Path::new(path)) {
+                Ok(l) => l,
+                Err(e) => return fail(format!("log {path}: {e}")),
+            };
+            let mut next = vec![0u64; writes.end.max(1)];
+            let mut x = u64::from(std::process::id()) | 1;
+            println!("running");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            // About one operation per 10 µs, so the log holds a whole run.
+            let period_ns = args
+                .get(9)
+                .and_then(|p| p.parse::<u64>().ok())
+                .unwrap_or(10)
+                * 1000;
+            let mut next_op = migshm::linlog::now_ns();
+            while Instant::now() < until && !log.is_full() {
+                while migshm::linlog::now_ns() < next_op {
+                    std::hint::spin_loop();
+                }
+                next_op += period_ns;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if !writes.is_empty() && x % 3 == 0 {
+                    let page = writes.start + (x >> 8) as usize % writes.len();
+                    next[page] += 1;
+                    words[page * WORDS_PER_PAGE].store(next[page], SeqCst);
+                    log.wrote(page as u32, next[page]);
+                } else if !reads.is_empty() {
+                    let page = reads.start + (x >> 8) as usize % reads.len();
+                    let started = migshm::linlog::now_ns();
+                    let seen = words[page * WORDS_PER_PAGE].load(SeqCst);
+                    log.read(page as u32, seen, started);
+                }
             }
         }
         "check-random" => {

@@ -1,0 +1,103 @@
+//! Network namespaces for tests that cut links (DESIGN.md §7): one per
+//! node, each with an `eth0` at 10.77.0.N/24, joined by a bridge that
+//! lives in a namespace of its own (nothing is added to the root
+//! namespace). Cutting a node takes its port on the bridge down.
+
+use std::process::Command;
+
+pub struct Namespaces {
+    bridge: String,
+    nodes: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Can this process make namespaces (root, with `ip`)? Prints why not.
+pub fn available() -> bool {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: network namespaces need root");
+        return false;
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        println!("skipped: no `ip` command (iproute2)");
+        return false;
+    }
+    true
+}
+
+impl Namespaces {
+    pub fn create(nodes: u8) -> std::io::Result<Namespaces> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let tag = format!(
+            "{}x{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut ns = Namespaces {
+            bridge: format!("mshm{tag}br"),
+            nodes: Vec::new(),
+        };
+        ip(&["netns", "add", &ns.bridge])?;
+        ip(&["-n", &ns.bridge, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &ns.bridge, "link", "set", "br0", "up"])?;
+        for n in 1..=nodes {
+            let name = format!("mshm{tag}n{n}");
+            ip(&["netns", "add", &name])?;
+            ns.nodes.push(name.clone());
+            ip(&["-n", &name, "link", "set", "lo", "up"])?;
+            let port = format!("v{n}");
+            ip(&[
+                "-n", &ns.bridge, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &name,
+            ])?;
+            ip(&[
+                "-n", &ns.bridge, "link", "set", &port, "master", "br0", "up",
+            ])?;
+            let address = format!("{}/24", Namespaces::address(n));
+            ip(&["-n", &name, "addr", "add", &address, "dev", "eth0"])?;
+            ip(&["-n", &name, "link", "set", "eth0", "up"])?;
+        }
+        Ok(ns)
+    }
+
+    /// Node `n`'s address on the bridge.
+    pub fn address(n: u8) -> String {
+        format!("10.77.0.{n}")
+    }
+
+    /// Node `n`'s namespace.
+    pub fn name(&self, n: u8) -> &str {
+        &self.nodes[usize::from(n - 1)]
+    }
+
+    /// Cut node `n` off from every other (its port on the bridge down).
+    pub fn cut(&self, n: u8) -> std::io::Result<()> {
+        ip(&["-n", &self.bridge, "link", "set", &format!("v{n}"), "down"])
+    }
+
+    /// Join node `n` again.
+    pub fn heal(&self, n: u8) -> std::io::Result<()> {
+        ip(&["-n", &self.bridge, "link", "set", &format!("v{n}"), "up"])
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in self.nodes.iter().chain(std::iter::once(&self.bridge)) {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! A network partition (DESIGN.md §7): three daemons in network
+//! namespaces of their own; node 3 is cut off while processes on both
+//! sides read and write one segment, then the link heals.
+//!
+//! What must hold (docs/architecture.md, "What a partition costs"): every
+//! read, on either side, returns a value no older than the newest write
+//! that completed before it started (the logs of all processes are checked
+//! against one clock); the majority side goes on once the cut-off node is
+//! declared lost; the cut-off side's processes get SIGBUS within the bound;
+//! no write that completed is lost without its page turning SIGBUS; after
+//! the heal the cut-off life stays out until its daemon restarts, and then
+//! the new life joins and serves.
+
+use migshm::linlog;
+use migshm::{eventually, run_role, spawn_role, uffd_or_skip, Cluster, ClusterOptions};
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+
+const PAGES: u32 = 24;
+const RUN_MS: u64 = 5000;
+/// The peer timeout the cluster runs with, and its heartbeat.
+const TIMEOUT: Duration = Duration::from_millis(1000);
+const HEARTBEAT_MS: u64 = 100;
+
+#[test]
+fn a_cut_off_node_never_lets_anyone_read_an_overwritten_value() {
+    if !uffd_or_skip() || !migshm::netns::available() {
+        return;
+    }
+    let mut cluster = Cluster::start_with(ClusterOptions {
+        nodes: 3,
+        peer_timeout_ms: TIMEOUT.as_millis() as u64,
+        heartbeat_ms: HEARTBEAT_MS,
+        namespaces: true,
+        ..Default::default()
+    })
+    .expect("a cluster in network namespaces");
+    let key = (0x7e00_0000 + std::process::id() as i32 % 0x10000).to_string();
+    let dir = std::env::temp_dir().join(format!("migshm-partition-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    // Homed on node 1. Pages 1..8 written on node 1, 8..16 on node 2,
+    // 16..24 on node 3 (the one cut off); everybody reads. Page 0 is
+    // written on node 1 only every 50 ms, so that node 3 most likely holds
+    // it when the cut comes, and is read on node 3 all the time: a node
+    // that kept using such a copy would read overwritten values.
+    let home = dsm::client::Client::connect(cluster.socket(1)).expect("node 1");
+    let id = home
+        .get(
+            key.parse().unwrap(),
+            u64::from(PAGES) * 4096,
+            dsm::client::IPC_CREAT | 0o666,
+        )
+        .expect("shmget");
+    let run_ms = RUN_MS.to_string();
+    let roles: [(u8, &str, (u32, u32), (u32, u32), u32); 6] = [
+        (1, "writer1", (1, 8), (0, 16), 10),
+        (1, "slow-writer1", (0, 1), (0, 0), 50_000),
+        (2, "writer2", (8, 16), (0, 16), 10),
+        (3, "cutoff", (16, 24), (0, 24), 10),
+        (3, "watcher3", (0, 0), (0, 1), 10),
+        (2, "reader-of-3", (0, 0), (16, 24), 10),
+    ];
+    let mut procs = Vec::new();
+    for (node, name, w, r, period) in roles {
+        let log = dir.join(format!("{name}.log"));
+        let args = [
+            "lin".to_string(),
+            key.clone(),
+            PAGES.to_string(),
+            w.0.to_string(),
+            w.1.to_string(),
+            r.0.to_string(),
+            r.1.to_string(),
+            run_ms.clone(),
+            log.display().to_string(),
+            period.to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        procs.push((
+            name,
+            log,
+            spawn_role(cluster.socket(node), &args).expect("start"),
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let namespaces = cluster.namespaces.as_ref().expect("namespaces");
+    let cut_at = Instant::now();
+    namespaces.cut(3).expect("cut node 3 off");
+    // The cut-off process ends with SIGBUS (its lease on node 1's pages
+    // ends) within the bound; node 1 and 2 see node 3 lost after the
+    // timeout and go on.
+    let mut ended = Vec::new();
+    let mut running = procs;
+    let deadline = cut_at + Duration::from_millis(RUN_MS + 5000);
+    while !running.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "a process still runs long after its time"
+        );
+        let mut still = Vec::new();
+        for (name, log, mut p) in running {
+            match p.child.try_wait().expect("try_wait") {
+                Some(status) => ended.push((name, log, status, cut_at.elapsed())),
+                None => still.push((name, log, p)),
+            }
+        }
+        running = still;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    namespaces.heal(3).expect("heal");
+    let mut logs = Vec::new();
+    for (name, log, status, at) in &ended {
+        println!("{name}: {status:?} {at:?} after the cut");
+        match *name {
+            "writer1" | "writer2" | "slow-writer1" => {
+                assert!(status.success(), "{name}: {status:?}")
+            }
+            "cutoff" | "watcher3" => {
+                assert_eq!(status.signal(), Some(libc::SIGBUS), "{name}");
+                assert!(*at < TIMEOUT * 2, "{name} ended {at:?} after the cut");
+            }
+            // It reads pages node 3 wrote: those it held exclusively are
+            // lost with it (SIGBUS), unless the reader only ever met pages
+            // node 3 had given back.
+            _ => assert!(
+                status.success() || status.signal() == Some(libc::SIGBUS),
+                "{name}: {status:?}"
+            ),
+        }
+        logs.push((*name, linlog::load(log).expect("read a log")));
+    }
+    let (names, logs): (Vec<&str>, Vec<Vec<linlog::Record>>) = logs.into_iter().unzip();
+    let checked = linlog::check(&logs).unwrap_or_else(|e| panic!("not linearizable: {e}"));
+    assert!(checked.reads > 1000 && checked.writes > 1000, "{checked:?}");
+    // No completed write lost: the majority's pages hold their writers'
+    // last values.
+    let seg = home.attach(id, true).expect("attach on node 1");
+    let words = seg.atomics_u64();
+    let majority = names
+        .iter()
+        .zip(&logs)
+        .filter(|(name, _)| name.contains("writer"));
+    for (_, log) in majority {
+        let mut last = std::collections::HashMap::new();
+        for r in log.iter().filter(|r| r.write) {
+            last.insert(r.page, r.value);
+        }
+        for (page, value) in last {
+            let seen = words[page as usize * 512].load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(seen, value, "page {page}: a completed write was lost");
+        }
+    }
+    drop(seg);
+    // Healed, node 3's old life stays out: both sides took it for lost.
+    std::thread::sleep(TIMEOUT);
+    let nodes = home.nodes().expect("nodes");
+    assert!(
+        nodes.iter().any(|n| n.node.0 == 3 && !n.up),
+        "the cut-off life was taken back: {nodes:?}"
+    );
+    // A new life of node 3 joins and serves the segment's data.
+    cluster.restart(3).expect("node 3 restarts and joins");
+    let (status, out) = run_role(cluster.socket(3), &["read", &key]);
+    assert!(
+        status.success(),
+        "node 3 after its restart: {status:?} {out}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || home
+            .nodes()
+            .is_ok_and(|n| n.iter().all(|x| x.up))),
+        "not every node is up after the restart"
+    );
+    for n in 1..=3 {
+        assert!(!cluster.log(n).contains("panicked"), "node {n} panicked");
+    }
+    println!(
+        "{} reads and {} writes linearizable across the cut",
+        checked.reads, checked.writes
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
