@@ -40,6 +40,7 @@ pub fn available() -> bool {
 impl Namespaces {
     pub fn create(nodes: u8) -> std::io::Result<Namespaces> {
         use std::sync::atomic::{AtomicU32, Ordering};
+        remove_stale();
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let tag = format!(
             "{}x{}",
@@ -91,6 +92,34 @@ impl Namespaces {
     /// Join node `n` again.
     pub fn heal(&self, n: u8) -> std::io::Result<()> {
         ip(&["-n", &self.bridge, "link", "set", &format!("v{n}"), "up"])
+    }
+}
+
+/// Namespaces left by a test process that died without cleaning up (its
+/// pid is in the name, `mshm{pid}x…`).
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix("mshm")
+            .and_then(|rest| rest.split('x').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Names carry the pid modulo 100000: only remove when no process
+        // with that pid (or those residues in range) is alive.
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || (1..4)
+                .any(|k| std::path::Path::new(&format!("/proc/{}", pid + k * 100_000)).exists());
+        if !alive {
+            let _ = ip(&["netns", "del", name]);
+        }
     }
 }
 

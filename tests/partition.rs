@@ -52,7 +52,9 @@ fn a_cut_off_node_never_lets_anyone_read_an_overwritten_value() {
         )
         .expect("shmget");
     let run_ms = RUN_MS.to_string();
-    let roles: [(u8, &str, (u32, u32), (u32, u32), u32); 6] = [
+    // (node, name, pages written, pages read, µs per operation)
+    type Role<'a> = (u8, &'a str, (u32, u32), (u32, u32), u32);
+    let roles: [Role; 6] = [
         (1, "writer1", (1, 8), (0, 16), 10),
         (1, "slow-writer1", (0, 1), (0, 0), 50_000),
         (2, "writer2", (8, 16), (0, 16), 10),
