@@ -161,6 +161,8 @@ pub struct ClusterOptions {
     /// Run each daemon in a network namespace of its own, joined by a
     /// bridge (see [`netns::Namespaces`]): links can then be cut.
     pub namespaces: bool,
+    /// More environment for the daemons (and so their agents).
+    pub daemon_env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -172,6 +174,7 @@ impl Default for ClusterOptions {
             log: "info".into(),
             secret: None,
             namespaces: false,
+            daemon_env: Vec::new(),
         }
     }
 }
@@ -267,6 +270,7 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(self.dir.join(format!("node{}.log", me.id)))?;
+        cmd.envs(self.opts.daemon_env.iter().map(|(k, v)| (k, v)));
         cmd.env("DSMD_LOG", &self.opts.log)
             .stdout(Stdio::null())
             .stderr(log);

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod client;
 pub mod coherence;
 pub mod daemon;
+pub mod faults;
 pub mod fdpass;
 pub mod guardian;
 pub mod ids;

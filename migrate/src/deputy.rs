@@ -65,12 +65,15 @@ fn move_out(d: &Deputy) -> Result<Moved, MigrateError> {
             shell,
         },
     )?;
+    dsm::faults::point("deputy.connected");
     let frozen = std::time::Instant::now();
     let mut tracee = Tracee::seize(d.pid)?;
+    dsm::faults::point("deputy.seized");
     // Read stopped: the connections it has now.
     let info = daemon.process_info(d.pid)?;
     let image = checkpoint_with(&mut tracee, &info, Transfer::Lazy, Some(&mut daemon))?;
     tracing::debug!(pid = d.pid, elapsed = ?frozen.elapsed(), bytes = image.private_bytes(), lazy = image.lazy_bytes(), "checkpointed");
+    dsm::faults::point("deputy.checkpointed");
     let bytes = image
         .encode()
         .map_err(|e| MigrateError::Link(e.to_string()))?;
@@ -180,6 +183,7 @@ impl Pusher {
         }
         self.left -= n;
         self.cursor = (start + n) % self.pages.len();
+        dsm::faults::point("deputy.streaming");
         let bytes = t.read(self.pages[start], n * PAGE as usize)?;
         link::send(
             host,
@@ -271,6 +275,7 @@ pub fn run(
     };
     // From here the copy runs: the home process must never run on.
     tracee.kill_if_we_die()?;
+    dsm::faults::point("deputy.before_go");
     if let Err(e) = link::send(&mut host, &AgentMsg::Go) {
         // The copy never ran: the process goes on at home.
         tracee.keep_if_we_die()?;
@@ -295,6 +300,7 @@ pub fn run(
         report,
         &format!("running {remote_pid} frozen_us={}", downtime.as_micros()),
     );
+    dsm::faults::point("deputy.after_go");
 
     let mut commands_open = true;
     loop {
@@ -512,6 +518,7 @@ fn come_home(
         }
     };
     host.set_read_timeout(None)?;
+    dsm::faults::point("deputy.returning");
     let signals = t.interrupt()?;
     for event in relays.flush(FLUSH_LIMIT) {
         let RelayEvent::CloseInProcess(fd) = event;
@@ -520,6 +527,7 @@ fn come_home(
     let restored = restore_into(t, &image, Some(home_socket), &Default::default());
     match restored {
         Ok(_lazy_none) => {
+            dsm::faults::point("deputy.restored");
             link::send(host, &AgentMsg::HomeOk)?;
             for sig in signals {
                 let _ = ptrace::kill(t.pid, sig);

@@ -55,6 +55,7 @@ fn move_in(
         }
         other => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
     };
+    dsm::faults::point("host.image");
     let started = std::time::Instant::now();
     let (stand_ins, listener_ends) = StandIns::for_image(&image)?;
     let restored = match shell {
@@ -66,6 +67,7 @@ fn move_in(
     match restored {
         Ok(restored) => {
             let pid = restored.pid();
+            dsm::faults::point("host.restored");
             // Before it runs, the daemon learns whose process it is (its
             // semaphore operations are its home process's).
             // (A host started by hand, not by its daemon, is unknown there:
@@ -90,7 +92,10 @@ fn move_in(
             link::send(&mut stream, &AgentMsg::Running { pid })?;
             // Dropping `restored` on any failure here kills the copy.
             let running = match link::receive(&mut stream)? {
-                AgentMsg::Go => restored.run()?,
+                AgentMsg::Go => {
+                    dsm::faults::point("host.before_run");
+                    restored.run()?
+                }
                 other => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
             };
             // We reap it ourselves (waitpid), never through `Child`.
@@ -137,6 +142,9 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
         // Sockets only on this side: no descriptor to close in the process.
         relays.service(&ready[2..2 + relay_count], &mut out);
         if let Some(l) = &mut lazy {
+            if ready[2 + relay_count..].iter().any(|r| *r != 0) {
+                dsm::faults::point("host.serving");
+            }
             l.service(&ready[2 + relay_count..], &mut out);
         }
         stand_ins.tick(pid, &relays, &mut out);
@@ -320,12 +328,14 @@ fn send_home(
     let bytes = image
         .encode()
         .map_err(|e| MigrateError::Link(e.to_string()))?;
+    dsm::faults::point("host.checkpointed");
     link::send(deputy, &AgentMsg::Image(bytes))?;
     deputy.set_read_timeout(Some(DEPUTY_TIMEOUT))?;
     let answer = link::receive(deputy);
     deputy.set_read_timeout(None)?;
     match answer {
         Ok(AgentMsg::HomeOk) => {
+            dsm::faults::point("host.home_ok");
             tracee.forget();
             let _ = ptrace::kill(pid, libc::SIGKILL);
             Ok(true)

@@ -42,6 +42,8 @@ pub struct Tracee {
     /// was held back): delivered when we let it go, or taken by the caller.
     held_signals: Vec<i32>,
     attached: bool,
+    /// PTRACE_O_EXITKILL is on: the process dies if we do.
+    exitkill: bool,
 }
 
 fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
@@ -127,6 +129,7 @@ impl Tracee {
             stop_regs: unsafe { std::mem::zeroed() },
             held_signals: Vec::new(),
             attached: true,
+            exitkill: false,
         };
         t.stop_regs = t.regs()?;
         Ok(t)
@@ -187,7 +190,9 @@ impl Tracee {
             0,
             (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL) as usize,
         )?;
-        Tracee::new(pid)
+        let mut t = Tracee::new(pid)?;
+        t.exitkill = true;
+        Ok(t)
     }
 
     pub fn regs(&self) -> io::Result<Regs> {
@@ -296,7 +301,25 @@ impl Tracee {
 
     /// Run one system call inside the tracee; its return value (a negative
     /// errno on failure, as the kernel returns it).
+    ///
+    /// A process that would outlive us (no EXITKILL) is never left inside
+    /// an injected call if we die: it dies with us during the call, and
+    /// gets its own registers back after it, so that our death at any
+    /// other moment resumes it exactly where it was.
     pub fn syscall(&mut self, nr: libc::c_long, args: &[u64]) -> io::Result<i64> {
+        if self.exitkill {
+            return self.inject(nr, args);
+        }
+        self.kill_if_we_die()?;
+        let result = self.inject(nr, args);
+        if self.attached {
+            self.set_regs(&self.stop_regs)?;
+            self.keep_if_we_die()?;
+        }
+        result
+    }
+
+    fn inject(&mut self, nr: libc::c_long, args: &[u64]) -> io::Result<i64> {
         let at = self
             .syscall_at
             .ok_or_else(|| io::Error::other("no syscall instruction located in the tracee"))?;
@@ -349,24 +372,26 @@ impl Tracee {
 
     /// Kill the process if we (its tracer) die: once it has moved, it must
     /// never run on at home behind its host's back.
-    pub fn kill_if_we_die(&self) -> io::Result<()> {
+    pub fn kill_if_we_die(&mut self) -> io::Result<()> {
         ptrace(
             libc::PTRACE_SETOPTIONS,
             self.pid,
             0,
             (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL) as usize,
         )?;
+        self.exitkill = true;
         Ok(())
     }
 
     /// Undo `kill_if_we_die`.
-    pub fn keep_if_we_die(&self) -> io::Result<()> {
+    pub fn keep_if_we_die(&mut self) -> io::Result<()> {
         ptrace(
             libc::PTRACE_SETOPTIONS,
             self.pid,
             0,
             libc::PTRACE_O_TRACESYSGOOD as usize,
         )?;
+        self.exitkill = false;
         Ok(())
     }
 

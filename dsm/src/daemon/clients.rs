@@ -1142,6 +1142,7 @@ impl Session {
                 return ClientReply::Err(e);
             }
         }
+        crate::faults::point("dsmd.adopt");
         ClientReply::Ok
     }
 

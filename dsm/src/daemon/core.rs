@@ -376,6 +376,9 @@ impl Core {
             page: PageIndex(((page_addr - m.addr) / PAGE_SIZE as u64) as u32),
         };
         tracing::trace!(proc, ?page, write, "fault");
+        if page.seg.home() != Some(self.me) {
+            crate::faults::point("dsmd.remote_fault");
+        }
         self.engine.handle_fault(
             page,
             write,
@@ -1666,7 +1669,10 @@ impl Core {
                     .migrations
                     .start_host(self.listen.ip(), token, from, home_pid)
                 {
-                    Ok(port) => R::HostPort(port),
+                    Ok(port) => {
+                        crate::faults::point("dsmd.start_host");
+                        R::HostPort(port)
+                    }
                     Err(e) => {
                         tracing::error!(?from, home_pid, "cannot host a migrating process: {e}");
                         R::Err(libc::EIO)
