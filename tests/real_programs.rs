@@ -46,19 +46,22 @@ fn apache_prefork_with_a_sysv_accept_mutex_serves_under_omrun() {
     let conf = apache_conf(&dir, ports);
     let mut apache = apache_under_omrun(cluster.socket(1), &dir, &conf, ports[0]);
     let admin = dsm::client::Client::connect(cluster.socket(2)).unwrap();
-    // The port answers as soon as Apache listens, a moment before its
-    // parent creates the accept mutex and forks the children.
-    migshm::eventually(Duration::from_secs(10), || {
-        admin.sem_ipcs().is_ok_and(|s| !s.is_empty())
-    });
-    let sets = admin.sem_ipcs().unwrap();
-    assert_eq!(sets.len(), 1, "the accept mutex: {sets:?}");
-    assert_eq!(sets[0].home, 1);
     let www_data = std::fs::read_to_string("/etc/passwd")
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("www-data:"))
         .and_then(|l| l.split(':').nth(2)?.parse::<u32>().ok());
+    // The port answers as soon as Apache listens, a moment before its
+    // parent creates the accept mutex, gives it to the children's user
+    // (IPC_SET) and forks them: wait for that state, not for a moment.
+    migshm::eventually(Duration::from_secs(10), || {
+        admin
+            .sem_ipcs()
+            .is_ok_and(|s| s.len() == 1 && Some(s[0].perm.uid) == www_data)
+    });
+    let sets = admin.sem_ipcs().unwrap();
+    assert_eq!(sets.len(), 1, "the accept mutex: {sets:?}");
+    assert_eq!(sets[0].home, 1);
     assert_eq!(
         Some(sets[0].perm.uid),
         www_data,
