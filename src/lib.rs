@@ -146,6 +146,8 @@ pub struct Cluster {
     opts: ClusterOptions,
     /// The daemons' network namespaces, if they run in their own.
     pub namespaces: Option<netns::Namespaces>,
+    /// A process holding the daemons' IPC namespace, if they have one.
+    ipc_holder: Option<Proc>,
 }
 
 /// Options for the daemons a cluster starts.
@@ -163,6 +165,9 @@ pub struct ClusterOptions {
     pub namespaces: bool,
     /// More environment for the daemons (and so their agents).
     pub daemon_env: Vec<(String, String)>,
+    /// Run the daemons in an IPC namespace of their own, whose sysctls
+    /// (`kernel.shmmni`, ...) a test may change (see [`Cluster::command`]).
+    pub ipc_namespace: bool,
 }
 
 impl Default for ClusterOptions {
@@ -175,6 +180,7 @@ impl Default for ClusterOptions {
             secret: None,
             namespaces: false,
             daemon_env: Vec::new(),
+            ipc_namespace: false,
         }
     }
 }
@@ -203,11 +209,28 @@ impl Cluster {
             } else {
                 None
             };
+            let ipc_holder = if opts.ipc_namespace {
+                let child = Command::new("unshare")
+                    .args(["--ipc", "--", "sleep", "1000000"])
+                    .stdin(Stdio::null())
+                    .spawn()?;
+                let holder = Proc { child };
+                // Until it has unshared, its namespace is ours.
+                let ours = std::fs::read_link("/proc/self/ns/ipc")?;
+                let pid = holder.child.id();
+                eventually(Duration::from_secs(5), || {
+                    std::fs::read_link(format!("/proc/{pid}/ns/ipc")).is_ok_and(|ns| ns != ours)
+                });
+                Some(holder)
+            } else {
+                None
+            };
             let mut cluster = Cluster {
                 dir: dir.clone(),
                 nodes: Vec::new(),
                 opts: opts.clone(),
                 namespaces,
+                ipc_holder,
             };
             // Daemons listening beyond loopback must share a secret.
             let secret = opts
@@ -246,11 +269,11 @@ impl Cluster {
         let me = &self.nodes[usize::from(id - 1)];
         let mut cmd = match &self.namespaces {
             Some(ns) => {
-                let mut c = Command::new("ip");
+                let mut c = self.command(Path::new("ip"));
                 c.args(["netns", "exec", ns.name(id)]).arg(binary("dsmd"));
                 c
             }
-            None => Command::new(binary("dsmd")),
+            None => self.command(&binary("dsmd")),
         };
         cmd.arg("--node").arg(me.id.to_string());
         cmd.arg("--listen").arg(&me.listen);
@@ -283,6 +306,21 @@ impl Cluster {
         let child = cmd.spawn()?;
         self.nodes[usize::from(id - 1)].child = Some(child);
         Ok(())
+    }
+
+    /// A command running `program` in the daemons' IPC namespace (as is,
+    /// if they have none), where a test changes the SysV limits they obey.
+    pub fn command(&self, program: &Path) -> Command {
+        match &self.ipc_holder {
+            Some(holder) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--ipc=/proc/{}/ns/ipc", holder.child.id()))
+                    .arg("--")
+                    .arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
     }
 
     /// Start a new life of node `id`'s daemon (after [`Cluster::kill`]) and

@@ -145,6 +145,7 @@ fn fake_clients_get_errors_and_the_daemon_keeps_serving() {
                 size: 1 << 62,
                 flags: 0o1600,
                 home: None,
+                space: dsm::sysv::ShmSpace::SysV,
             },
             // Above SHMMAX: EINVAL; within it (the default) but more than
             // can be backed: ENOMEM, as Linux answers.

@@ -387,11 +387,26 @@ impl Client {
         flags: i32,
         home: Option<NodeId>,
     ) -> Result<i32, Error> {
+        self.get_in(crate::sysv::ShmSpace::SysV, key, size, flags, home)
+    }
+
+    /// `get_on` for a segment standing for something else than a SysV
+    /// segment (an anonymous shared mapping, a POSIX object): it has its
+    /// own keys and is neither enumerated nor counted as a SysV segment.
+    pub fn get_in(
+        &self,
+        space: crate::sysv::ShmSpace,
+        key: i32,
+        size: u64,
+        flags: i32,
+        home: Option<NodeId>,
+    ) -> Result<i32, Error> {
         let req = ClientRequest::ShmGet {
             key,
             size,
             flags,
             home,
+            space,
         };
         match self.call(&req)? {
             ClientReply::ShmId(id) => Ok(id),
@@ -494,6 +509,12 @@ impl Client {
             ClientReply::Err(e) => Err(Error::Errno(e)),
             other => Err(Error::Protocol(format!("{other:?}"))),
         }
+    }
+
+    /// `shmctl(SHM_LOCK)` (`lock`) or `SHM_UNLOCK`: the SHM_LOCKED mode bit
+    /// (the pages of a segment are the cluster's; nothing is pinned).
+    pub fn lock(&self, id: i32, lock: bool) -> Result<(), Error> {
+        expect_ok(self.call(&ClientRequest::ShmLock { id, lock })?)
     }
 
     /// `shmctl(IPC_SET)`: owner, group and the permission bits.

@@ -109,6 +109,9 @@ impl fmt::Debug for IpcId {
 pub enum IpcKind {
     Segment,
     SemSet,
+    /// POSIX shared memory objects (`shm_open`) made cluster segments by
+    /// the interposer: keyed by their name, apart from SysV keys.
+    PosixShm,
 }
 
 /// A SysV key (`key_t`, never `IPC_PRIVATE` here) in its namespace: what

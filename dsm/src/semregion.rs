@@ -559,6 +559,7 @@ mod tests {
             groups: vec![],
             cap_ipc_owner: false,
             cap_sys_admin: false,
+            cap_ipc_lock: false,
         };
         assert_eq!(r.try_semop(&[op(0, -1, 0)], 2, &nobody, 0), Fast::Slow);
         r.acquire();

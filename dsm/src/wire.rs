@@ -69,6 +69,14 @@ pub enum RpcRequest {
         key: IpcKey,
         id: IpcId,
     },
+    /// At a segment's home: `shmctl(SHM_LOCK/SHM_UNLOCK)`, with the
+    /// caller's RLIMIT_MEMLOCK.
+    SegLock {
+        id: SegmentId,
+        lock: bool,
+        cred: Credentials,
+        memlock: u64,
+    },
     /// At a segment's home: `shmget` of an existing key (size and mode checks).
     SegOpen {
         id: SegmentId,
@@ -165,9 +173,11 @@ pub enum RpcResponse {
     Opened {
         size: u64,
     },
-    /// The segment is marked for removal; its key must now be unregistered.
+    /// The object is removed (a segment: marked for removal); its key
+    /// must now be unregistered.
     Removed {
         key: i32,
+        kind: crate::ids::IpcKind,
     },
     Stat(ShmStat),
     Segments(Vec<ShmStat>),
@@ -249,8 +259,10 @@ pub enum Creation {
     Segment {
         key: i32,
         size: u64,
-        mode: u32,
+        /// `shmflg`: permission bits and SHM_HUGETLB/SHM_NORESERVE.
+        flags: i32,
         cred: Credentials,
+        space: crate::sysv::ShmSpace,
     },
     SemSet {
         key: i32,
@@ -293,15 +305,35 @@ pub enum SemResult {
 /// A `semctl` command with its argument.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SemCtl {
-    GetVal { semnum: i32 },
-    SetVal { semnum: i32, value: i32 },
+    GetVal {
+        semnum: i32,
+    },
+    SetVal {
+        semnum: i32,
+        value: i32,
+    },
     GetAll,
-    SetAll { values: Vec<u16> },
-    GetPid { semnum: i32 },
-    GetNcnt { semnum: i32 },
-    GetZcnt { semnum: i32 },
+    SetAll {
+        values: Vec<u16>,
+    },
+    GetPid {
+        semnum: i32,
+    },
+    GetNcnt {
+        semnum: i32,
+    },
+    GetZcnt {
+        semnum: i32,
+    },
     Stat,
-    Set { uid: u32, gid: u32, mode: u32 },
+    /// `IPC_STAT` without the read permission (`SEM_STAT_ANY`, and what
+    /// `SETALL` needs to know of a set it may only write).
+    StatAny,
+    Set {
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    },
     Remove,
 }
 
@@ -617,6 +649,12 @@ pub enum ClientRequest {
         flags: i32,
         /// Where a segment this call creates is homed (`None`: this node).
         home: Option<NodeId>,
+        space: crate::sysv::ShmSpace,
+    },
+    /// `shmctl(SHM_LOCK)` (`lock`) or `SHM_UNLOCK`.
+    ShmLock {
+        id: i32,
+        lock: bool,
     },
     /// Answered with `Attached` and the node's memfd of the segment.
     ShmAttach {

@@ -2,20 +2,12 @@
 //! an errno), converts the C arguments, and never unwinds into C.
 
 use crate::runtime::{errno_of, lock, route, Route, Runtime};
-use libc::{c_int, c_ulong, c_void, key_t, sembuf, semid_ds, shmid_ds, size_t, timespec};
-use semaphore::SemBuf;
+use libc::{c_int, c_ulong, c_void, key_t, sembuf, shmid_ds, size_t, timespec};
 use std::ffi::CStr;
-use std::time::Duration;
 
 const SHM_RDONLY: c_int = 0o10000;
 const SHM_RND: c_int = 0o20000;
-const SHM_INFO: c_int = 14;
 const SHMLBA: usize = 4096;
-/// The flag glibc may add to a command (the 64-bit structures).
-const IPC_64: c_int = 0x100;
-/// Larger arrays are refused before they are copied (the kernel's SEMOPM
-/// is far lower and answers E2BIG anyway).
-const NSOPS_MAX: usize = 1 << 16;
 
 fn set_errno(e: i32) {
     // SAFETY: __errno_location returns the calling thread's errno slot.
@@ -62,16 +54,6 @@ fn daemon<T>(f: impl FnOnce(&'static Runtime) -> Result<T, i32>) -> Option<Resul
         Route::Daemon(rt) => Some(f(rt)),
         Route::Fail(e) => Some(Err(e)),
     }
-}
-
-/// `struct ipc_perm` as IPC_STAT reports it.
-fn fill_perm(out: &mut libc::ipc_perm, perm: &sysv::perm::IpcPerm) {
-    out.__key = perm.key;
-    out.uid = perm.uid;
-    out.gid = perm.gid;
-    out.cuid = perm.cuid;
-    out.cgid = perm.cgid;
-    out.mode = perm.mode as u16;
 }
 
 // ---- shared memory ---------------------------------------------------------------
@@ -162,65 +144,19 @@ pub unsafe extern "C" fn shmdt(shmaddr: *const c_void) -> c_int {
 }
 
 /// # Safety
-/// As `shmctl(2)`: `buf` must be valid for the command.
+/// As `shmctl(2)`: `buf` must be valid for the command (a bad pointer
+/// gives EFAULT, as from the kernel).
 #[no_mangle]
 pub unsafe extern "C" fn shmctl(shmid: c_int, cmd: c_int, buf: *mut shmid_ds) -> c_int {
-    let native = move || -> Result<c_int, i32> {
-        let f = native!(
-            c"shmctl",
-            unsafe extern "C" fn(c_int, c_int, *mut shmid_ds) -> c_int
-        )?;
-        // SAFETY: libc's shmctl with the caller's arguments.
-        Ok(unsafe { f(shmid, cmd, buf) })
-    };
     guarded(-1, || {
-        daemon(|rt| match cmd & !IPC_64 {
-            libc::IPC_STAT => {
-                // As the kernel: the id first, then the buffer.
-                let s = rt.segments.stat(shmid).map_err(|e| errno_of(&e))?;
-                if buf.is_null() {
-                    return Err(libc::EFAULT);
-                }
-                // SAFETY: all-zero is a valid shmid_ds (integers only).
-                let mut ds: shmid_ds = unsafe { std::mem::zeroed() };
-                fill_perm(&mut ds.shm_perm, &s.perm);
-                ds.shm_segsz = s.size as size_t;
-                ds.shm_atime = s.atime;
-                ds.shm_dtime = s.dtime;
-                ds.shm_ctime = s.ctime;
-                ds.shm_cpid = s.cpid;
-                ds.shm_lpid = s.lpid;
-                ds.shm_nattch = s.nattch;
-                // SAFETY: the caller passes a shmid_ds to fill for IPC_STAT.
-                unsafe { buf.write(ds) };
-                Ok(0)
-            }
-            libc::IPC_SET => {
-                if buf.is_null() {
-                    return Err(libc::EFAULT);
-                }
-                // SAFETY: the caller passes a shmid_ds to read for IPC_SET.
-                let ds = unsafe { buf.read() };
-                let p = ds.shm_perm;
-                rt.segments
-                    .set(shmid, p.uid, p.gid, u32::from(p.mode))
-                    .map(|()| 0)
-                    .map_err(|e| errno_of(&e))
-            }
-            libc::IPC_RMID => rt
-                .segments
-                .remove(shmid)
-                .map(|()| 0)
-                .map_err(|e| errno_of(&e)),
-            // Locking in RAM changes nothing here: check the id exists.
-            libc::SHM_LOCK | libc::SHM_UNLOCK => {
-                rt.segments.stat(shmid).map(|_| 0).map_err(|e| errno_of(&e))
-            }
-            // The node's limits are the kernel's.
-            libc::IPC_INFO | SHM_INFO => native(),
-            _ => Err(libc::EINVAL),
+        daemon(|rt| crate::ctl::shmctl(rt, shmid, cmd, buf as usize)).unwrap_or_else(|| {
+            let f = native!(
+                c"shmctl",
+                unsafe extern "C" fn(c_int, c_int, *mut shmid_ds) -> c_int
+            )?;
+            // SAFETY: libc's shmctl with the caller's arguments.
+            Ok(unsafe { f(shmid, cmd, buf) })
         })
-        .unwrap_or_else(native)
     })
 }
 
@@ -248,55 +184,21 @@ pub unsafe extern "C" fn semget(key: key_t, nsems: c_int, semflg: c_int) -> c_in
     })
 }
 
-/// The caller's operation array.
-fn read_sops(sops: *const sembuf, nsops: size_t) -> Result<Vec<SemBuf>, i32> {
-    if nsops == 0 {
-        return Err(libc::EINVAL);
-    }
-    if nsops > NSOPS_MAX {
-        return Err(libc::E2BIG);
-    }
-    if sops.is_null() {
-        return Err(libc::EFAULT);
-    }
-    // SAFETY: the caller passes `nsops` sembufs at `sops`.
-    let raw = unsafe { std::slice::from_raw_parts(sops, nsops) };
-    Ok(raw
-        .iter()
-        .map(|s| SemBuf {
-            num: s.sem_num,
-            op: s.sem_op,
-            flags: s.sem_flg,
-        })
-        .collect())
-}
-
-fn daemon_semop(
-    rt: &Runtime,
-    semid: c_int,
-    ops: &[SemBuf],
-    timeout: Option<Duration>,
-) -> Result<c_int, i32> {
-    rt.sems
-        .open(semid)
-        .timed_op(ops, timeout)
-        .map(|()| 0)
-        .map_err(|e| errno_of(&e))
-}
-
 /// # Safety
 /// As `semop(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn semop(semid: c_int, sops: *mut sembuf, nsops: size_t) -> c_int {
     guarded(-1, || {
-        daemon(|rt| daemon_semop(rt, semid, &read_sops(sops, nsops)?, None)).unwrap_or_else(|| {
-            let f = native!(
-                c"semop",
-                unsafe extern "C" fn(c_int, *mut sembuf, size_t) -> c_int
-            )?;
-            // SAFETY: libc's semop with the caller's arguments.
-            Ok(unsafe { f(semid, sops, nsops) })
-        })
+        daemon(|rt| crate::ctl::semtimedop(rt, semid, sops as usize, nsops, None)).unwrap_or_else(
+            || {
+                let f = native!(
+                    c"semop",
+                    unsafe extern "C" fn(c_int, *mut sembuf, size_t) -> c_int
+                )?;
+                // SAFETY: libc's semop with the caller's arguments.
+                Ok(unsafe { f(semid, sops, nsops) })
+            },
+        )
     })
 }
 
@@ -311,19 +213,8 @@ pub unsafe extern "C" fn semtimedop(
 ) -> c_int {
     guarded(-1, || {
         daemon(|rt| {
-            // As the kernel: the array is checked before the timeout.
-            let ops = read_sops(sops, nsops)?;
-            let limit = if timeout.is_null() {
-                None
-            } else {
-                // SAFETY: a non-null timeout points to a timespec.
-                let t = unsafe { timeout.read() };
-                if t.tv_sec < 0 || !(0..1_000_000_000).contains(&t.tv_nsec) {
-                    return Err(libc::EINVAL);
-                }
-                Some(Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
-            };
-            daemon_semop(rt, semid, &ops, limit)
+            let timeout = (!timeout.is_null()).then_some(timeout as usize);
+            crate::ctl::semtimedop(rt, semid, sops as usize, nsops, timeout)
         })
         .unwrap_or_else(|| {
             let f = native!(
@@ -341,85 +232,19 @@ pub unsafe extern "C" fn semtimedop(
 /// the x86-64 and aarch64 calling conventions pass it (DESIGN.md §5).
 ///
 /// # Safety
-/// As `semctl(2)`: the fourth argument must be what the command expects.
+/// As `semctl(2)`: the fourth argument must be what the command expects
+/// (a bad pointer in it gives EFAULT, as from the kernel).
 #[no_mangle]
 pub unsafe extern "C" fn semctl(semid: c_int, semnum: c_int, cmd: c_int, arg: c_ulong) -> c_int {
-    let native = move || -> Result<c_int, i32> {
-        let f = native!(
-            c"semctl",
-            unsafe extern "C" fn(c_int, c_int, c_int, ...) -> c_int
-        )?;
-        // SAFETY: libc's semctl with the caller's arguments.
-        Ok(unsafe { f(semid, semnum, cmd, arg) })
-    };
     guarded(-1, || {
-        daemon(|rt| {
-            let set = rt.sems.open(semid);
-            let fail = |e: semaphore::Error| errno_of(&e);
-            match cmd & !IPC_64 {
-                libc::GETVAL => set.get_value(semnum).map_err(fail),
-                libc::GETPID => set.get_pid(semnum).map_err(fail),
-                libc::GETNCNT => set.get_ncnt(semnum).map_err(fail),
-                libc::GETZCNT => set.get_zcnt(semnum).map_err(fail),
-                libc::SETVAL => set
-                    .set_value(semnum, arg as c_int)
-                    .map(|()| 0)
-                    .map_err(fail),
-                libc::GETALL => {
-                    let values = set.get_all().map_err(fail)?;
-                    let out = arg as *mut u16;
-                    if out.is_null() {
-                        return Err(libc::EFAULT);
-                    }
-                    // SAFETY: GETALL's argument is an array of nsems u16.
-                    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), out, values.len()) };
-                    Ok(0)
-                }
-                libc::SETALL => {
-                    let nsems = set.stat().map_err(fail)?.nsems as usize;
-                    let input = arg as *const u16;
-                    if input.is_null() {
-                        return Err(libc::EFAULT);
-                    }
-                    // SAFETY: SETALL's argument is an array of nsems u16.
-                    let values = unsafe { std::slice::from_raw_parts(input, nsems) };
-                    set.set_all(values).map(|()| 0).map_err(fail)
-                }
-                libc::IPC_STAT => {
-                    // As the kernel: the id first, then the buffer.
-                    let s = set.stat().map_err(fail)?;
-                    let out = arg as *mut semid_ds;
-                    if out.is_null() {
-                        return Err(libc::EFAULT);
-                    }
-                    // SAFETY: all-zero is a valid semid_ds (integers only).
-                    let mut ds: semid_ds = unsafe { std::mem::zeroed() };
-                    fill_perm(&mut ds.sem_perm, &s.perm);
-                    ds.sem_otime = s.otime;
-                    ds.sem_ctime = s.ctime;
-                    ds.sem_nsems = c_ulong::from(s.nsems);
-                    // SAFETY: IPC_STAT's argument is a semid_ds to fill.
-                    unsafe { out.write(ds) };
-                    Ok(0)
-                }
-                libc::IPC_SET => {
-                    let input = arg as *const semid_ds;
-                    if input.is_null() {
-                        return Err(libc::EFAULT);
-                    }
-                    // SAFETY: IPC_SET's argument is a semid_ds to read.
-                    let p = unsafe { input.read() }.sem_perm;
-                    set.set_perm(p.uid, p.gid, u32::from(p.mode))
-                        .map(|()| 0)
-                        .map_err(fail)
-                }
-                libc::IPC_RMID => set.remove().map(|()| 0).map_err(fail),
-                // The node's limits are the kernel's.
-                libc::IPC_INFO | libc::SEM_INFO => native(),
-                _ => Err(libc::EINVAL),
-            }
+        daemon(|rt| crate::ctl::semctl(rt, semid, semnum, cmd, arg)).unwrap_or_else(|| {
+            let f = native!(
+                c"semctl",
+                unsafe extern "C" fn(c_int, c_int, c_int, ...) -> c_int
+            )?;
+            // SAFETY: libc's semctl with the caller's arguments.
+            Ok(unsafe { f(semid, semnum, cmd, arg) })
         })
-        .unwrap_or_else(native)
     })
 }
 

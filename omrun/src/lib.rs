@@ -23,8 +23,10 @@
 //! `unsafe` lives here: this is the C boundary. Each export checks its
 //! pointers as far as it can and never unwinds into C.
 
+mod ctl;
 mod ffi;
 mod runtime;
+mod user;
 
 #[cfg(target_arch = "x86_64")]
 pub use ffi::dlopen;

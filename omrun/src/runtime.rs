@@ -194,7 +194,8 @@ pub fn map_shared_anonymous(
     }
     let id = rt
         .segments
-        .get_on(
+        .get_in(
+            dsm::sysv::ShmSpace::Anonymous,
             libc::IPC_PRIVATE,
             len as u64,
             libc::IPC_CREAT | 0o600,
@@ -230,10 +231,10 @@ fn attach_mapping(
     Ok(at)
 }
 
-/// The SysV key a POSIX shared memory object's name stands for in the
-/// cluster (FNV-1a of the name, leading slashes dropped as glibc does; the
-/// key space is shared with SysV keys, a clash is a 1 in 2^32 chance per
-/// pair).
+/// The key a POSIX shared memory object's name stands for in the cluster
+/// (FNV-1a of the name, leading slashes dropped as glibc does), in a key
+/// namespace of its own (`IpcKind::PosixShm`): two names clash with a 1 in
+/// 2^32 chance per pair, SysV keys never.
 pub fn posix_shm_key(name: &[u8]) -> i32 {
     let mut hash: u32 = 0x811c_9dc5;
     for &b in b"posix-shm:"
@@ -280,7 +281,8 @@ pub fn map_posix_shm(
     }
     let id = rt
         .segments
-        .get_on(
+        .get_in(
+            dsm::sysv::ShmSpace::Posix,
             posix_shm_key(name),
             meta.size(),
             libc::IPC_CREAT | (meta.mode() & 0o777) as i32,
@@ -290,10 +292,16 @@ pub fn map_posix_shm(
     attach_mapping(rt, id, addr, writable, fixed)
 }
 
+/// The id of the segment of POSIX shared memory object `name`.
+fn posix_segment(rt: &Runtime, name: &[u8]) -> Result<i32, dsm::client::Error> {
+    rt.segments
+        .get_in(dsm::sysv::ShmSpace::Posix, posix_shm_key(name), 0, 0, None)
+}
+
 /// The segment of POSIX shared memory object `name`, if the cluster has
 /// one: its size and permission bits.
 pub fn posix_shm_stat(rt: &Runtime, name: &[u8]) -> Option<(u64, u32)> {
-    let id = rt.segments.get(posix_shm_key(name), 0, 0).ok()?;
+    let id = posix_segment(rt, name).ok()?;
     let stat = rt.segments.stat(id).ok()?;
     Some((stat.size, stat.perm.mode & 0o777))
 }
@@ -301,7 +309,7 @@ pub fn posix_shm_stat(rt: &Runtime, name: &[u8]) -> Option<(u64, u32)> {
 /// `shm_unlink`: the object's segment goes (mapped memory stays until it
 /// is unmapped, as POSIX says); whether there was one.
 pub fn unlink_posix_shm(rt: &Runtime, name: &[u8]) -> Result<bool, i32> {
-    let id = match rt.segments.get(posix_shm_key(name), 0, 0) {
+    let id = match posix_segment(rt, name) {
         Ok(id) => id,
         Err(e) if errno_of(&e) == libc::ENOENT => return Ok(false),
         Err(e) => return Err(errno_of(&e)),

@@ -293,6 +293,7 @@ impl Inner {
             groups: cached.2.clone(),
             cap_ipc_owner: false,
             cap_sys_admin: false,
+            cap_ipc_lock: false,
         }
     }
 }
@@ -524,6 +525,14 @@ impl SemSet {
     /// `IPC_STAT`.
     pub fn stat(&self) -> Result<SemSetStat, Error> {
         match self.ctl(SemCtl::Stat)? {
+            ClientReply::SemStat(s) => Ok(s),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// `IPC_STAT` without the read permission (`SEM_STAT_ANY`).
+    pub fn stat_any(&self) -> Result<SemSetStat, Error> {
+        match self.ctl(SemCtl::StatAny)? {
             ClientReply::SemStat(s) => Ok(s),
             other => Err(Error::Protocol(format!("{other:?}"))),
         }

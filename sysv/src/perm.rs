@@ -13,6 +13,7 @@ const S_IWUGO: u32 = 0o222;
 /// The capability bits that matter here (`linux/capability.h`).
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_IPC_OWNER: u32 = 15;
+const CAP_IPC_LOCK: u32 = 14;
 
 /// Who is asking, as the kernel would see it at the time of the call.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +24,9 @@ pub struct Credentials {
     pub groups: Vec<u32>,
     pub cap_ipc_owner: bool,
     pub cap_sys_admin: bool,
+    /// May lock memory (`SHM_LOCK` without owning the segment, and
+    /// `SHM_HUGETLB`).
+    pub cap_ipc_lock: bool,
 }
 
 impl Credentials {
@@ -39,6 +43,7 @@ impl Credentials {
             groups: vec![],
             cap_ipc_owner: fallback_uid == 0,
             cap_sys_admin: fallback_uid == 0,
+            cap_ipc_lock: fallback_uid == 0,
         })
     }
 
@@ -66,6 +71,7 @@ impl Credentials {
             groups,
             cap_ipc_owner: caps & (1 << CAP_IPC_OWNER) != 0,
             cap_sys_admin: caps & (1 << CAP_SYS_ADMIN) != 0,
+            cap_ipc_lock: caps & (1 << CAP_IPC_LOCK) != 0,
         })
     }
 
@@ -78,7 +84,13 @@ impl Credentials {
             groups: vec![],
             cap_ipc_owner: true,
             cap_sys_admin: true,
+            cap_ipc_lock: true,
         }
+    }
+
+    /// Is `gid` among the process's groups (effective or supplementary)?
+    pub fn has_group(&self, gid: u32) -> bool {
+        self.in_group(gid)
     }
 
     fn in_group(&self, gid: u32) -> bool {
@@ -107,6 +119,19 @@ impl IpcPerm {
             cgid: creator.gid,
             mode: mode & 0o777,
         }
+    }
+
+    /// The kernel's `ipc_update_perm` (IPC_SET): owner, group and the
+    /// permission bits; the other mode bits (SHM_DEST, SHM_LOCKED) stay.
+    /// An id that maps to nobody ((uid_t) -1) is EINVAL.
+    pub fn update(&mut self, uid: u32, gid: u32, mode: u32) -> Result<(), i32> {
+        if uid == u32::MAX || gid == u32::MAX {
+            return Err(libc::EINVAL);
+        }
+        self.uid = uid;
+        self.gid = gid;
+        self.mode = (self.mode & !0o777) | (mode & 0o777);
+        Ok(())
     }
 
     /// The kernel's `ipcperms`: may `cred` access with the rwx bits of `flag`?
@@ -142,6 +167,23 @@ pub fn now_seconds() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// The soft RLIMIT_MEMLOCK of local process `pid`, in bytes (from
+/// `/proc/PID/limits`; `u64::MAX` for unlimited, 0 if unreadable).
+pub fn memlock_limit(pid: i32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max locked memory"))
+        .and_then(|rest| rest.split_whitespace().next().map(str::to_string))
+        .map_or(0, |soft| {
+            if soft == "unlimited" {
+                u64::MAX
+            } else {
+                soft.parse().unwrap_or(0)
+            }
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +196,7 @@ mod tests {
             groups,
             cap_ipc_owner: uid == 0,
             cap_sys_admin: uid == 0,
+            cap_ipc_lock: uid == 0,
         }
     }
 

@@ -533,9 +533,7 @@ impl SemSet {
         if !self.perm.may_control(cred) {
             return Err(libc::EPERM);
         }
-        self.perm.uid = uid;
-        self.perm.gid = gid;
-        self.perm.mode = (self.perm.mode & !0o777) | (mode & 0o777);
+        self.perm.update(uid, gid, mode)?;
         self.ctime = now;
         Ok(())
     }
@@ -734,6 +732,7 @@ mod tests {
             groups: vec![],
             cap_ipc_owner: false,
             cap_sys_admin: false,
+            cap_ipc_lock: false,
         };
         assert_eq!(s.remove(&user), Err(libc::EPERM));
         assert_eq!(s.remove(&root(0).cred), Ok(vec![5]));

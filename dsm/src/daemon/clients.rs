@@ -268,7 +268,8 @@ impl Session {
                 size,
                 flags,
                 home,
-            } => match self.shmget(key, size, flags, home).await {
+                space,
+            } => match self.shmget(key, size, flags, home, space).await {
                 Ok(id) => ClientReply::ShmId(id.0),
                 Err(e) => ClientReply::Err(e),
             },
@@ -307,6 +308,19 @@ impl Session {
                 };
                 match self.ask_home(IpcId(id), req).await {
                     Ok(RpcResponse::Stat(s)) => ClientReply::Stat(s),
+                    Ok(other) => ClientReply::Err(errno_of(other)),
+                    Err(e) => ClientReply::Err(e),
+                }
+            }
+            ClientRequest::ShmLock { id, lock } => {
+                let req = RpcRequest::SegLock {
+                    id: IpcId(id),
+                    lock,
+                    cred: self.cred(),
+                    memlock: sysv::perm::memlock_limit(self.pid),
+                };
+                match self.ask_home(IpcId(id), req).await {
+                    Ok(RpcResponse::Ok) => ClientReply::Ok,
                     Ok(other) => ClientReply::Err(errno_of(other)),
                     Err(e) => ClientReply::Err(e),
                 }
@@ -771,13 +785,15 @@ impl Session {
         size: u64,
         flags: i32,
         home: Option<NodeId>,
+        space: crate::sysv::ShmSpace,
     ) -> Result<SegmentId, i32> {
         let cred = self.cred();
         let creation = Creation::Segment {
             key,
             size,
-            mode: (flags & 0o777) as u32,
+            flags,
             cred: cred.clone(),
+            space,
         };
         let open = move |id| RpcRequest::SegOpen {
             id,
@@ -785,7 +801,7 @@ impl Session {
             flags,
             cred: cred.clone(),
         };
-        self.get_by_key(IpcKind::Segment, key, flags, creation, home, open)
+        self.get_by_key(space.key_kind(), key, flags, creation, home, open)
             .await
     }
 
@@ -1073,10 +1089,10 @@ impl Session {
     async fn remove(&mut self, kind: IpcKind, id: IpcId, req: RpcRequest) -> ClientReply {
         let asked = match kind {
             IpcKind::SemSet => self.ask_sem_home(id, req).await,
-            IpcKind::Segment => self.ask_home(id, req).await,
+            IpcKind::Segment | IpcKind::PosixShm => self.ask_home(id, req).await,
         };
         match asked {
-            Ok(RpcResponse::Removed { key }) => {
+            Ok(RpcResponse::Removed { key, kind }) => {
                 if key != 0 {
                     let key = IpcKey { kind, key };
                     let directory = self.core.borrow().directory_of(key);

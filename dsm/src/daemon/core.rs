@@ -96,6 +96,7 @@ pub struct HomeSegment {
     pub attaches: BTreeMap<NodeId, u64>,
     /// Nodes that opened a copy (to be told when the segment goes).
     pub cached_on: NodeSet,
+    pub space: sysv::ShmSpace,
 }
 
 impl HomeSegment {
@@ -167,7 +168,6 @@ pub struct Core {
     guest_uffds: HashMap<u64, (i32, OwnedFd, OwnedFd)>,
     next_guest_hold: u64,
     next_watch: u64,
-    limits: ShmLimits,
     next_seq: u32,
     next_rpc: u64,
     rpcs: HashMap<u64, (NodeId, oneshot::Sender<RpcResponse>)>,
@@ -214,6 +214,7 @@ impl Core {
             sems: {
                 let mut sems = SemService::new(config.node, ::sysv::sem::SemLimits::from_proc());
                 sems.set_lend_after(config.sem_lend_after);
+                sems.use_live_limits();
                 sems
             },
             sem_waiters: HashMap::new(),
@@ -234,7 +235,6 @@ impl Core {
             guest_uffds: HashMap::new(),
             next_guest_hold: 1,
             next_watch: 1,
-            limits: ShmLimits::from_proc(),
             // Start the sequence somewhere new each run so a restarted node
             // does not hand out the ids of its previous life at once.
             next_seq: (rand::random::<u32>() & SegmentId::SEQ_MASK) | 1,
@@ -1083,28 +1083,42 @@ impl Core {
         &mut self,
         key: i32,
         size: u64,
-        mode: u32,
+        flags: i32,
         cred: &Credentials,
+        space: sysv::ShmSpace,
     ) -> Result<SegmentId, i32> {
-        if size < self.limits.shmmin || size > self.limits.shmmax {
+        // The limits as they are now (they may change at run time), in the
+        // kernel's order (newseg, then ipc_addid). Only SysV segments count.
+        let limits = ShmLimits::from_proc();
+        if size < limits.shmmin || size > limits.shmmax {
             return Err(libc::EINVAL);
+        }
+        let pages = size.div_ceil(PAGE_SIZE as u64);
+        let sysv_homes = || {
+            self.homes
+                .values()
+                .filter(|h| h.space == sysv::ShmSpace::SysV)
+        };
+        if space == sysv::ShmSpace::SysV {
+            let pages_now: u64 = sysv_homes()
+                .map(|h| h.size.div_ceil(PAGE_SIZE as u64))
+                .sum();
+            if pages_now.saturating_add(pages) > limits.shmall {
+                return Err(libc::ENOSPC);
+            }
+        }
+        if flags & sysv::SHM_HUGETLB != 0 {
+            sysv::hugetlb_allowed(cred, size, flags)?;
         }
         // Within the kernel's SHMMAX but more than a segment can be here:
         // what Linux says when it cannot back a segment.
         if size > crate::ids::SEGMENT_BYTES_MAX {
             return Err(libc::ENOMEM);
         }
-        if self.homes.len() as u64 >= self.limits.shmmni {
+        if space == sysv::ShmSpace::SysV && sysv_homes().count() as u64 >= limits.shmmni {
             return Err(libc::ENOSPC);
         }
-        let pages_now: u64 = self
-            .homes
-            .values()
-            .map(|h| u64::from(pages_for(h.size)))
-            .sum();
-        if pages_now + u64::from(pages_for(size)) > self.limits.shmall {
-            return Err(libc::ENOSPC);
-        }
+        let mode = (flags & 0o777) as u32;
         let id = self.allocate_id();
         let len = u64::from(pages_for(size)) * PAGE_SIZE as u64;
         let home_copy =
@@ -1124,6 +1138,7 @@ impl Core {
                 lpid: 0,
                 attaches: BTreeMap::new(),
                 cached_on: NodeSet::EMPTY,
+                space,
             },
         );
         Ok(id)
@@ -1488,6 +1503,7 @@ impl Core {
             lpid: h.lpid,
             nattch: h.nattch(),
             home: self.me.0,
+            space: h.space,
         }
     }
 
@@ -1592,9 +1608,9 @@ impl Core {
                 if !h.perm.may_control(&cred) {
                     return R::Err(libc::EPERM);
                 }
-                h.perm.uid = uid;
-                h.perm.gid = gid;
-                h.perm.mode = (h.perm.mode & !0o777) | (mode & 0o777);
+                if let Err(e) = h.perm.update(uid, gid, mode) {
+                    return R::Err(e);
+                }
                 h.ctime = sysv::now_seconds();
                 R::Ok
             }
@@ -1606,13 +1622,14 @@ impl Core {
                     return R::Err(libc::EPERM);
                 }
                 let key = h.perm.key;
+                let kind = h.space.key_kind();
                 // As on Linux: the key is freed at once, the memory when the
                 // last attachment goes.
                 h.perm.mode |= SHM_DEST;
                 h.perm.key = 0;
                 h.ctime = sysv::now_seconds();
                 self.destroy_if_done(id);
-                R::Removed { key }
+                R::Removed { key, kind }
             }
             RpcRequest::SemOpen {
                 id,
@@ -1635,11 +1652,38 @@ impl Core {
             RpcRequest::Create(Creation::Segment {
                 key,
                 size,
-                mode,
+                flags,
                 cred,
+                space,
             }) => self
-                .create_home_segment(key, size, mode, &cred)
+                .create_home_segment(key, size, flags, &cred, space)
                 .map_or_else(R::Err, R::Created),
+            RpcRequest::SegLock {
+                id,
+                lock,
+                cred,
+                memlock,
+            } => {
+                let Some(h) = self.homes.get_mut(&id) else {
+                    return R::Err(libc::EINVAL);
+                };
+                // As shmctl_do_lock: without CAP_IPC_LOCK only the owner or
+                // creator, and locking needs a memlock limit.
+                if !cred.cap_ipc_lock {
+                    if cred.uid != h.perm.uid && cred.uid != h.perm.cuid {
+                        return R::Err(libc::EPERM);
+                    }
+                    if lock && memlock == 0 {
+                        return R::Err(libc::EPERM);
+                    }
+                }
+                if lock {
+                    h.perm.mode |= sysv::SHM_LOCKED;
+                } else {
+                    h.perm.mode &= !sysv::SHM_LOCKED;
+                }
+                R::Ok
+            }
             RpcRequest::Create(Creation::SemSet {
                 key,
                 nsems,

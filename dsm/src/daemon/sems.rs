@@ -100,6 +100,9 @@ fn result_of(r: Result<(), i32>) -> SemResult {
 pub struct SemService {
     me: NodeId,
     limits: SemLimits,
+    /// Re-read the limits from /proc at each creation (the daemon; the
+    /// simulator keeps its own).
+    live_limits: bool,
     /// The sets arbitrated here: homed here and not lent, or borrowed.
     sets: BTreeMap<SemSetId, SemSet>,
     /// Sets homed here and lent to another node.
@@ -123,10 +126,16 @@ pub struct SemService {
 }
 
 impl SemService {
+    /// Limits read from /proc at each creation from now on.
+    pub fn use_live_limits(&mut self) {
+        self.live_limits = true;
+    }
+
     pub fn new(me: NodeId, limits: SemLimits) -> SemService {
         SemService {
             me,
             limits,
+            live_limits: false,
             sets: BTreeMap::new(),
             lent: BTreeMap::new(),
             streaks: HashMap::new(),
@@ -216,8 +225,13 @@ impl SemService {
         creator: &Credentials,
         now: i64,
     ) -> Result<(), i32> {
-        if self.sets_homed() >= self.limits.semmni {
-            return Err(libc::ENOSPC);
+        // The limits as they are now (they may change at run time), in the
+        // kernel's order: nsems, then SEMMNS (newary), then SEMMNI (addid).
+        if self.live_limits {
+            self.limits = SemLimits::from_proc();
+        }
+        if nsems <= 0 || nsems > self.limits.semmsl {
+            return Err(libc::EINVAL);
         }
         let me = self.me;
         let total: i64 = self
@@ -227,7 +241,10 @@ impl SemService {
             .map(|(_, s)| s.nsems() as i64)
             .chain(self.lent.values().map(|l| l.copy.nsems() as i64))
             .sum();
-        if total + i64::from(nsems.max(0)) > self.limits.semmns {
+        if total + i64::from(nsems) > self.limits.semmns {
+            return Err(libc::ENOSPC);
+        }
+        if self.sets_homed() >= self.limits.semmni {
             return Err(libc::ENOSPC);
         }
         let set = SemSet::create(key, nsems, mode, creator, &self.limits, now)?;
@@ -298,6 +315,7 @@ impl SemService {
                 Ok(_) => R::SemStat(Self::stat_of(self.me, self.me, id, set)),
                 Err(e) => R::Err(e),
             },
+            SemCtl::StatAny => R::SemStat(Self::stat_of(self.me, self.me, id, set)),
             SemCtl::Set { uid, gid, mode } => done(set.set(cred, uid, gid, mode, now)),
             SemCtl::Remove => match set.remove(cred) {
                 Ok(waiters) => {
@@ -307,7 +325,10 @@ impl SemService {
                     for w in waiters {
                         self.answer(w, SemResult::Failed(libc::EIDRM));
                     }
-                    return R::Removed { key };
+                    return R::Removed {
+                        key,
+                        kind: crate::ids::IpcKind::SemSet,
+                    };
                 }
                 Err(e) => R::Err(e),
             },
