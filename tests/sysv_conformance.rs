@@ -107,3 +107,19 @@ fn limits_changed_at_run_time_match_the_kernel() {
         },
     );
 }
+
+#[test]
+fn ipc_rmid_racing_other_calls_matches_the_kernel() {
+    differential("sysv_races", two_nodes());
+}
+
+#[test]
+fn next_id_sysctls_match_the_kernel() {
+    differential(
+        "sysv_next_id",
+        ClusterOptions {
+            ipc_namespace: true,
+            ..two_nodes()
+        },
+    );
+}

@@ -120,6 +120,7 @@ pub enum RpcRequest {
     /// never existed.
     Discard {
         id: IpcId,
+        kind: crate::ids::IpcKind,
     },
     /// At a set's home: `semget` of an existing key (size and mode checks).
     SemOpen {
@@ -263,12 +264,16 @@ pub enum Creation {
         flags: i32,
         cred: Credentials,
         space: crate::sysv::ShmSpace,
+        /// The id asked for (`kernel.shm_next_id`), else the home's next.
+        id: Option<IpcId>,
     },
     SemSet {
         key: i32,
         nsems: i32,
         mode: u32,
         cred: Credentials,
+        /// The id asked for (`kernel.sem_next_id`).
+        id: Option<IpcId>,
     },
 }
 

@@ -794,6 +794,7 @@ impl Session {
             flags,
             cred: cred.clone(),
             space,
+            id: None,
         };
         let open = move |id| RpcRequest::SegOpen {
             id,
@@ -818,6 +819,7 @@ impl Session {
             nsems,
             mode: (flags & 0o777) as u32,
             cred: cred.clone(),
+            id: None,
         };
         let open = move |id| RpcRequest::SemOpen {
             id,
@@ -829,8 +831,44 @@ impl Session {
             .await
     }
 
-    /// Create an object homed at `home` (this node unless asked).
-    async fn create_at(&mut self, home: NodeId, creation: Creation) -> Result<IpcId, i32> {
+    /// Create an object homed at `home` (this node unless asked). As the
+    /// kernel, a SysV creation takes the id `kernel.shm_next_id` or
+    /// `sem_next_id` asks for, once, if it is free (else another id). Here
+    /// the id must name a member as its home (ids encode it), which then
+    /// creates it; an id that names none gets another id. The kernel
+    /// resets the sysctl to -1, which user space cannot write: it is set
+    /// to INT_MAX instead, which stands for "unset" here.
+    async fn create_at(&mut self, mut home: NodeId, mut creation: Creation) -> Result<IpcId, i32> {
+        let sysctl = match &creation {
+            Creation::Segment { space, .. } if *space == crate::sysv::ShmSpace::SysV => {
+                "/proc/sys/kernel/shm_next_id"
+            }
+            Creation::Segment { .. } => "",
+            Creation::SemSet { .. } => "/proc/sys/kernel/sem_next_id",
+        };
+        let asked = std::fs::read_to_string(sysctl)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .filter(|n| (0..i32::MAX).contains(n))
+            .map(IpcId);
+        if let Some(id) = asked {
+            let _ = std::fs::write(sysctl, i32::MAX.to_string());
+            match id.home().filter(|h| self.core.borrow().members.contains(h)) {
+                Some(h) => {
+                    home = h;
+                    match &mut creation {
+                        Creation::Segment { id: want, .. } | Creation::SemSet { id: want, .. } => {
+                            *want = Some(id)
+                        }
+                    }
+                }
+                None => tracing::warn!(?id, "{sysctl} names no node of the cluster: another id"),
+            }
+        }
+        self.create_on(home, creation).await
+    }
+
+    async fn create_on(&mut self, home: NodeId, creation: Creation) -> Result<IpcId, i32> {
         match self.rpc(home, RpcRequest::Create(creation)).await {
             RpcResponse::Created(id) if id.home() == Some(home) => Ok(id),
             RpcResponse::Created(_) => Err(libc::EPROTO),
@@ -891,13 +929,17 @@ impl Session {
                         RpcResponse::Ok => return Ok(id),
                         RpcResponse::KeyExists(_) => {
                             // Another node won the race: ours never existed.
-                            let _ = self.rpc(home, RpcRequest::Discard { id }).await;
+                            let _ = self
+                                .rpc(home, RpcRequest::Discard { id, kind: key.kind })
+                                .await;
                             if flags & IPC_EXCL != 0 {
                                 return Err(libc::EEXIST);
                             }
                         }
                         other => {
-                            let _ = self.rpc(home, RpcRequest::Discard { id }).await;
+                            let _ = self
+                                .rpc(home, RpcRequest::Discard { id, kind: key.kind })
+                                .await;
                             return Err(errno_of(other));
                         }
                     }

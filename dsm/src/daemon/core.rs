@@ -10,7 +10,7 @@ use super::store::{LocalProcess, LocalSegment, NodeStore, ProcId, Waiter};
 use crate::coherence::{CohMsg, Engine};
 use crate::guardian::{Guarded, Guardian};
 use crate::ids::{
-    pages_for, IpcId, IpcKey, NodeId, NodeSet, PageIndex, PageKey, SegmentId, PAGE_SIZE,
+    pages_for, IpcId, IpcKey, IpcKind, NodeId, NodeSet, PageIndex, PageKey, SegmentId, PAGE_SIZE,
 };
 use crate::memfd::Memfd;
 use crate::semregion::{self, Region};
@@ -1086,6 +1086,7 @@ impl Core {
         flags: i32,
         cred: &Credentials,
         space: sysv::ShmSpace,
+        asked: Option<IpcId>,
     ) -> Result<SegmentId, i32> {
         // The limits as they are now (they may change at run time), in the
         // kernel's order (newseg, then ipc_addid). Only SysV segments count.
@@ -1119,7 +1120,7 @@ impl Core {
             return Err(libc::ENOSPC);
         }
         let mode = (flags & 0o777) as u32;
-        let id = self.allocate_id();
+        let id = self.id_for(asked, IpcKind::Segment)?;
         let len = u64::from(pages_for(size)) * PAGE_SIZE as u64;
         let home_copy =
             Memfd::create(&format!("migshm-home-{}", id.0), len).map_err(|_| libc::ENOMEM)?;
@@ -1146,6 +1147,21 @@ impl Core {
 
     /// A fresh id for an object homed here (segments and sets share the
     /// sequence, so an id names one object).
+    /// The id asked for if no object of its kind has it and it is homed
+    /// here, else a fresh one (as the kernel does when `*_next_id` is
+    /// taken). Segments and sets have ids of their own, as on Linux, so an
+    /// asked id may name one of each; fresh ids come from one sequence.
+    fn id_for(&mut self, asked: Option<IpcId>, kind: IpcKind) -> Result<IpcId, i32> {
+        let taken = |core: &Self, id: IpcId| match kind {
+            IpcKind::SemSet => core.sems.is_homed_here(id),
+            _ => core.homes.contains_key(&id),
+        };
+        match asked {
+            Some(id) if id.0 > 0 && id.home() == Some(self.me) && !taken(self, id) => Ok(id),
+            _ => Ok(self.allocate_id()),
+        }
+    }
+
     fn allocate_id(&mut self) -> IpcId {
         loop {
             let candidate = IpcId::new(self.me, self.next_seq);
@@ -1168,8 +1184,9 @@ impl Core {
         nsems: i32,
         mode: u32,
         cred: &Credentials,
+        asked: Option<IpcId>,
     ) -> Result<IpcId, i32> {
-        let id = self.allocate_id();
+        let id = self.id_for(asked, IpcKind::SemSet)?;
         self.sems
             .create(id, key, nsems, mode, cred, sysv::now_seconds())?;
         self.open_region(id);
@@ -1655,8 +1672,9 @@ impl Core {
                 flags,
                 cred,
                 space,
+                id,
             }) => self
-                .create_home_segment(key, size, flags, &cred, space)
+                .create_home_segment(key, size, flags, &cred, space, id)
                 .map_or_else(R::Err, R::Created),
             RpcRequest::SegLock {
                 id,
@@ -1689,15 +1707,19 @@ impl Core {
                 nsems,
                 mode,
                 cred,
+                id,
             }) => self
-                .create_home_set(key, nsems, mode, &cred)
+                .create_home_set(key, nsems, mode, &cred, id)
                 .map_or_else(R::Err, R::Created),
-            RpcRequest::Discard { id } => {
-                if let Some(h) = self.homes.get_mut(&id) {
-                    h.perm.mode |= SHM_DEST;
-                    self.destroy_if_done(id);
-                } else {
-                    self.discard_home_set(id);
+            RpcRequest::Discard { id, kind } => {
+                match kind {
+                    IpcKind::SemSet => self.discard_home_set(id),
+                    IpcKind::Segment | IpcKind::PosixShm => {
+                        if let Some(h) = self.homes.get_mut(&id) {
+                            h.perm.mode |= SHM_DEST;
+                            self.destroy_if_done(id);
+                        }
+                    }
                 }
                 R::Ok
             }
