@@ -119,10 +119,23 @@ fn fake_clients_get_errors_and_the_daemon_keeps_serving() {
         (
             ClientRequest::ShmDetach {
                 id: 0x0100_0001,
-                addr: 4096,
+                handle: 4096,
             },
             libc::EINVAL,
         ),
+        (
+            ClientRequest::ShmViews {
+                id: 0x0100_0001,
+                handle: 1,
+                views: vec![wire::View {
+                    addr: 4096,
+                    len: 4096,
+                    pgoff: 0,
+                }],
+            },
+            libc::EINVAL,
+        ),
+        (ClientRequest::ShmMemfd { id: 0x0100_0001 }, libc::EINVAL),
         (
             ClientRequest::ShmMapped {
                 id: 0x0100_0001,
@@ -130,6 +143,7 @@ fn fake_clients_get_errors_and_the_daemon_keeps_serving() {
                 len: 4096,
                 readonly: false,
                 with_uffd: true,
+                handle: 1,
             },
             libc::EINVAL,
         ),
@@ -675,6 +689,8 @@ fn claim_a_segment_as_another_user() {
             addr: 0x7f00_0000_0000,
             len: 4096,
             readonly: false,
+            pgoff: 0,
+            handle: 1,
         }],
     };
     let (reply, _) = dsm::client::exchange(

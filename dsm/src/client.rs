@@ -452,6 +452,7 @@ impl Client {
                     len: 0,
                     readonly,
                     with_uffd: false,
+                    handle: 0,
                 };
                 let _ = call_on(&mut state, &req, None);
                 return Err(Error::Errno(errno));
@@ -463,43 +464,278 @@ impl Client {
         } else {
             None
         };
+        let handle = NEXT_HANDLE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let req = ClientRequest::ShmMapped {
             id,
             addr: mapping.addr() as u64,
             len: len as u64,
             readonly,
             with_uffd,
+            handle,
         };
         let (reply, _) = call_on(&mut state, &req, uffd.as_ref())?;
         // Our copy of the uffd closes here: only the daemon holds it.
         drop(uffd);
         expect_ok(reply)?;
         state.uffd_sent = true;
+        // From here the pieces are tracked in `attachments` (they may be
+        // unmapped, moved or grown one by one).
+        let (base, len) = mapping.leak();
         state.attachments.push(AttachmentRecord {
             id,
-            addr: mapping.addr() as u64,
+            addr: base as u64,
             len: len as u64,
             readonly,
+            pgoff: 0,
+            handle,
         });
         drop(state);
         Ok(Attachment {
             client: self.clone(),
             id,
             size,
-            mapping: Some(mapping),
+            base,
+            len,
+            handle,
             readonly,
         })
     }
 
-    fn detach(&self, id: i32, mapping: Mapping) -> Result<(), Error> {
-        let addr = mapping.addr() as u64;
+    /// Detach attachment `handle`: every piece of it is unmapped first (the
+    /// range must never be served again), then the daemon uncounts them.
+    /// Nothing to do if no piece is left (the program unmapped them all).
+    fn detach_handle(&self, id: i32, handle: u64) -> Result<(), Error> {
         let mut state = self.0.state.lock();
-        state
+        let pieces: Vec<AttachmentRecord> = state
             .attachments
-            .retain(|a| !(a.id == id && a.addr == addr));
-        // Unmap first: the range must never be served again.
-        drop(mapping);
-        expect_ok(call_on(&mut state, &ClientRequest::ShmDetach { id, addr }, None)?.0)
+            .iter()
+            .filter(|a| a.handle == handle)
+            .copied()
+            .collect();
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        state.attachments.retain(|a| a.handle != handle);
+        for p in &pieces {
+            let _ = crate::memfd::raw::munmap(p.addr as usize, p.len as usize);
+        }
+        expect_ok(call_on(&mut state, &ClientRequest::ShmDetach { id, handle }, None)?.0)
+    }
+
+    /// Does some piece of an attachment overlap `[addr, addr + len)`?
+    pub fn maps_any(&self, addr: usize, len: usize) -> bool {
+        let end = addr.saturating_add(len) as u64;
+        self.0
+            .state
+            .lock()
+            .attachments
+            .iter()
+            .any(|a| a.addr < end && (addr as u64) < a.addr + a.len)
+    }
+
+    /// The pieces overlapping `[addr, addr + len)`.
+    pub fn pieces_in(&self, addr: usize, len: usize) -> Vec<AttachmentRecord> {
+        let end = addr.saturating_add(len) as u64;
+        self.0
+            .state
+            .lock()
+            .attachments
+            .iter()
+            .filter(|a| a.addr < end && (addr as u64) < a.addr + a.len)
+            .copied()
+            .collect()
+    }
+
+    /// The kernel no longer maps `[addr, addr + len)` (the program
+    /// unmapped it, or mapped something else over it): the pieces there
+    /// are trimmed or gone, and the daemon told.
+    pub fn unmapped(&self, addr: usize, len: usize) -> Result<(), Error> {
+        let mut state = self.0.state.lock();
+        // The kernel unmaps whole pages.
+        let len = len.next_multiple_of(PAGE_SIZE);
+        let touched = trim(&mut state.attachments, addr as u64, len as u64);
+        tell_views(&mut state, &touched)
+    }
+
+    /// `shmdt(addr)` as the kernel does it: `addr` must start a piece of an
+    /// attachment; every piece of that attachment that still sits where
+    /// the attachment put it (from `addr` up to the attachment's end) goes.
+    /// EINVAL if no piece starts there.
+    pub fn detach_at(&self, addr: usize) -> Result<(), Error> {
+        let mut state = self.0.state.lock();
+        let addr = addr as u64;
+        let Some(first) = state.attachments.iter().find(|a| a.addr == addr).copied() else {
+            return Err(Error::Errno(libc::EINVAL));
+        };
+        let page = PAGE_SIZE as u64;
+        let base = addr.wrapping_sub(first.pgoff * page);
+        let end = state
+            .attachments
+            .iter()
+            .filter(|a| a.handle == first.handle)
+            .map(|a| a.pgoff * page + a.len)
+            .max()
+            .unwrap_or(0)
+            .saturating_add(base);
+        let gone: Vec<AttachmentRecord> = state
+            .attachments
+            .iter()
+            .filter(|a| {
+                a.handle == first.handle
+                    && a.addr >= addr
+                    && a.addr < end
+                    && a.addr.wrapping_sub(base) == a.pgoff * page
+            })
+            .copied()
+            .collect();
+        for g in &gone {
+            let _ = crate::memfd::raw::munmap(g.addr as usize, g.len as usize);
+        }
+        state.attachments.retain(|a| !gone.contains(a));
+        tell_views(&mut state, &[(first.id, first.handle)])
+    }
+
+    /// `mremap` of (part of) a piece, done by mapping the node's copy again
+    /// where the range goes (no page moves: it is the same memory) and
+    /// registering it before it can be touched, then unmapping the old
+    /// range. Returns the new address, or the errno the kernel gives.
+    pub fn remap(
+        &self,
+        addr: usize,
+        old_len: usize,
+        new_len: usize,
+        flags: i32,
+        new_addr: usize,
+    ) -> Result<usize, i32> {
+        let page = PAGE_SIZE as u64;
+        let (addr, old_len, new_len) = (
+            addr as u64,
+            old_len as u64,
+            new_len.next_multiple_of(PAGE_SIZE) as u64,
+        );
+        let old_len = old_len.next_multiple_of(page);
+        if !addr.is_multiple_of(page) || new_len == 0 || old_len == 0 {
+            return Err(libc::EINVAL);
+        }
+        if flags & !(libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) != 0 {
+            // MREMAP_DONTUNMAP is not offered for DSM mappings.
+            return Err(libc::EINVAL);
+        }
+        let fixed = flags & libc::MREMAP_FIXED != 0;
+        let may_move = flags & libc::MREMAP_MAYMOVE != 0;
+        if fixed && (!may_move || !(new_addr as u64).is_multiple_of(page)) {
+            return Err(libc::EINVAL);
+        }
+        let mut state = self.0.state.lock();
+        let Some(piece) = state
+            .attachments
+            .iter()
+            .find(|a| a.addr <= addr && addr + old_len <= a.addr + a.len)
+            .copied()
+        else {
+            // Across pieces, or not all mapped: what the kernel says.
+            return Err(libc::EFAULT);
+        };
+        let pgoff = piece.pgoff + (addr - piece.addr) / page;
+        let prot = if piece.readonly {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        if !fixed && new_len <= old_len {
+            // Shrinking in place: the tail goes.
+            if new_len < old_len {
+                let _ = crate::memfd::raw::munmap(
+                    (addr + new_len) as usize,
+                    (old_len - new_len) as usize,
+                );
+                let touched = trim(&mut state.attachments, addr + new_len, old_len - new_len);
+                tell_views(&mut state, &touched).map_err(|e| e.errno())?;
+            }
+            return Ok(addr as usize);
+        }
+        let (reply, memfd) = call_on(&mut state, &ClientRequest::ShmMemfd { id: piece.id }, None)
+            .map_err(|e| e.errno())?;
+        expect_ok(reply).map_err(|e| e.errno())?;
+        let memfd = memfd.ok_or(libc::EPROTO)?;
+        let fd = memfd.as_raw_fd();
+        let shared = libc::MAP_SHARED;
+        // Where the range goes, mapped inaccessible until the daemon serves it.
+        let grown_in_place = !fixed && {
+            let ext = crate::memfd::raw::mmap(
+                (addr + old_len) as usize,
+                (new_len - old_len) as usize,
+                libc::PROT_NONE,
+                shared | libc::MAP_FIXED_NOREPLACE,
+                fd,
+                pgoff * page + old_len,
+            );
+            match ext {
+                Ok(at) if at as u64 == addr + old_len => true,
+                Ok(at) => {
+                    let _ = crate::memfd::raw::munmap(at, (new_len - old_len) as usize);
+                    false
+                }
+                Err(_) => false,
+            }
+        };
+        let target = if grown_in_place {
+            addr
+        } else if !may_move {
+            return Err(libc::ENOMEM);
+        } else {
+            let (hint, how) = if fixed {
+                if (new_addr as u64) < addr + old_len && addr < new_addr as u64 + new_len {
+                    return Err(libc::EINVAL);
+                }
+                (new_addr, shared | libc::MAP_FIXED)
+            } else {
+                (0, shared)
+            };
+            let at = crate::memfd::raw::mmap(
+                hint,
+                new_len as usize,
+                libc::PROT_NONE,
+                how,
+                fd,
+                pgoff * page,
+            )
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::ENOMEM))?;
+            // MAP_FIXED replaced whatever was there, DSM pieces included.
+            let mut touched = trim(&mut state.attachments, at as u64, new_len);
+            touched.push((piece.id, piece.handle));
+            // The old range goes when the new one is served (below).
+            touched.extend(trim(&mut state.attachments, addr, old_len));
+            at as u64
+        };
+        drop(memfd);
+        if grown_in_place {
+            state.attachments.push(AttachmentRecord {
+                addr: addr + old_len,
+                len: new_len - old_len,
+                pgoff: pgoff + old_len / page,
+                ..piece
+            });
+        } else {
+            state.attachments.push(AttachmentRecord {
+                addr: target,
+                len: new_len,
+                pgoff,
+                ..piece
+            });
+        }
+        merge(&mut state.attachments, piece.handle);
+        let told = tell_views(&mut state, &[(piece.id, piece.handle)]);
+        if let Err(e) = told {
+            let _ = crate::memfd::raw::munmap(target as usize, new_len as usize);
+            return Err(e.errno());
+        }
+        // Served now: accessible, and the old range goes.
+        let _ = crate::memfd::raw::mprotect(target as usize, new_len as usize, prot);
+        if !grown_in_place {
+            let _ = crate::memfd::raw::munmap(addr as usize, old_len as usize);
+        }
+        Ok(target as usize)
     }
 
     /// `shmctl(IPC_STAT)`.
@@ -589,8 +825,90 @@ pub struct Attachment {
     client: Client,
     id: i32,
     size: u64,
-    mapping: Option<Mapping>,
+    /// Where `shmat` mapped the whole segment (`len` bytes); the pieces
+    /// left of it are in the client's records, under `handle`.
+    base: usize,
+    len: usize,
+    handle: u64,
     readonly: bool,
+}
+
+/// Attachment handles, unique in this process (a forked child inherits
+/// the counter with the attachments, so its new ones stay unique).
+static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
+
+/// Cut `[addr, addr + len)` out of every piece; the attachments touched.
+fn trim(pieces: &mut Vec<AttachmentRecord>, addr: u64, len: u64) -> Vec<(i32, u64)> {
+    let end = addr.saturating_add(len);
+    let page = PAGE_SIZE as u64;
+    let mut touched = Vec::new();
+    let mut kept = Vec::with_capacity(pieces.len());
+    for p in pieces.drain(..) {
+        let p_end = p.addr + p.len;
+        if p_end <= addr || end <= p.addr {
+            kept.push(p);
+            continue;
+        }
+        if !touched.contains(&(p.id, p.handle)) {
+            touched.push((p.id, p.handle));
+        }
+        if p.addr < addr {
+            kept.push(AttachmentRecord {
+                len: addr - p.addr,
+                ..p
+            });
+        }
+        if end < p_end {
+            kept.push(AttachmentRecord {
+                addr: end,
+                len: p_end - end,
+                pgoff: p.pgoff + (end - p.addr) / page,
+                ..p
+            });
+        }
+    }
+    *pieces = kept;
+    touched
+}
+
+/// Join the pieces of attachment `handle` that touch and map on (as the
+/// kernel merges such VMAs).
+fn merge(pieces: &mut Vec<AttachmentRecord>, handle: u64) {
+    let page = PAGE_SIZE as u64;
+    pieces.sort_by_key(|p| (p.handle, p.addr));
+    let mut out: Vec<AttachmentRecord> = Vec::with_capacity(pieces.len());
+    for p in pieces.drain(..) {
+        match out.last_mut() {
+            Some(last)
+                if last.handle == handle
+                    && p.handle == handle
+                    && last.addr + last.len == p.addr
+                    && last.pgoff + last.len / page == p.pgoff =>
+            {
+                last.len += p.len;
+            }
+            _ => out.push(p),
+        }
+    }
+    *pieces = out;
+}
+
+/// Tell the daemon what each touched attachment is now.
+fn tell_views(state: &mut State, touched: &[(i32, u64)]) -> Result<(), Error> {
+    for &(id, handle) in touched {
+        let views: Vec<wire::View> = state
+            .attachments
+            .iter()
+            .filter(|a| a.handle == handle)
+            .map(|a| wire::View {
+                addr: a.addr,
+                len: a.len,
+                pgoff: a.pgoff,
+            })
+            .collect();
+        expect_ok(call_on(state, &ClientRequest::ShmViews { id, handle, views }, None)?.0)?;
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Attachment {
@@ -621,14 +939,30 @@ impl Attachment {
         self.readonly
     }
 
+    /// Where the segment was attached (the program may have reshaped the
+    /// mapping since: see [`Client::unmapped`] and [`Client::remap`]).
     pub fn as_ptr(&self) -> *mut u8 {
-        self.mapping
-            .as_ref()
-            .map_or(std::ptr::null_mut(), |m| m.as_ptr())
+        self.base as *mut u8
     }
 
     fn mapped_len(&self) -> usize {
-        self.mapping.as_ref().map_or(0, |m| m.len())
+        self.len
+    }
+
+    /// Names this attachment among the process's (see `AttachmentRecord`).
+    pub fn handle(&self) -> u64 {
+        self.handle
+    }
+
+    /// Does any piece of this attachment remain mapped?
+    pub fn is_mapped(&self) -> bool {
+        self.client
+            .0
+            .state
+            .lock()
+            .attachments
+            .iter()
+            .any(|a| a.handle == self.handle)
     }
 
     /// The segment as 64-bit atomics (the mapping is page-aligned).
@@ -690,20 +1024,16 @@ impl Attachment {
     }
 
     /// Detach now, reporting errors (drop detaches too, silently).
-    pub fn detach(mut self) -> Result<(), Error> {
-        match self.mapping.take() {
-            Some(m) => self.client.detach(self.id, m),
-            None => Ok(()),
-        }
+    pub fn detach(self) -> Result<(), Error> {
+        // Drop finds nothing left to detach.
+        self.client.detach_handle(self.id, self.handle)
     }
 }
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        if let Some(m) = self.mapping.take() {
-            if let Err(e) = self.client.detach(self.id, m) {
-                tracing::debug!(id = self.id, "detach on drop: {e}");
-            }
+        if let Err(e) = self.client.detach_handle(self.id, self.handle) {
+            tracing::debug!(id = self.id, "detach on drop: {e}");
         }
     }
 }
@@ -747,8 +1077,8 @@ extern "C" fn atfork_child() {
             // Unregistered mappings could show stale or zero pages: take
             // them away, so an access faults (SIGSEGV) instead.
             for a in state.attachments.drain(..) {
-                // SAFETY: unmapping a range this client mapped in the parent.
-                unsafe { libc::munmap(a.addr as *mut libc::c_void, a.len as usize) };
+                // A range this client mapped in the parent.
+                let _ = crate::memfd::raw::munmap(a.addr as usize, a.len as usize);
             }
             state.broken = true;
             tracing::error!("forked child could not re-register its segments: {e}");

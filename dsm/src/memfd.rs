@@ -223,16 +223,12 @@ impl Mapping {
             }
             None => std::ptr::null_mut(),
         };
-        // SAFETY: a new shared mapping of an fd we borrow; with
-        // MAP_FIXED_NOREPLACE nothing already mapped is replaced.
-        let ptr = unsafe { libc::mmap(addr, len, prot, flags, fd.as_raw_fd(), 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let ptr =
+            raw::mmap(addr as usize, len, prot, flags, fd.as_raw_fd(), 0)? as *mut libc::c_void;
         if hint.is_some_and(|a| a != ptr as usize) {
             // Old kernels ignore NOREPLACE and treat it as a hint.
-            // SAFETY: unmapping the mapping we just made.
-            unsafe { libc::munmap(ptr, len) };
+            // Unmapping the mapping we just made.
+            let _ = raw::munmap(ptr as usize, len);
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         Ok(Mapping { addr: ptr, len })
@@ -255,10 +251,57 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// Keep the pages mapped past this value's life (their owner tracks
+    /// them from now on, as pieces that may be reshaped).
+    pub fn leak(self) -> (usize, usize) {
+        let me = std::mem::ManuallyDrop::new(self);
+        (me.addr as usize, me.len)
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the range this value mapped.
-        unsafe { libc::munmap(self.addr, self.len) };
+        // Unmapping exactly the range this value mapped.
+        let _ = raw::munmap(self.addr as usize, self.len);
+    }
+}
+
+/// The mapping system calls themselves, not libc's functions: inside the
+/// preload library those are the interposer's, which tracks DSM mappings
+/// and must not see its own.
+pub mod raw {
+    use std::io;
+
+    fn check(r: libc::c_long) -> io::Result<usize> {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+
+    pub fn mmap(
+        addr: usize,
+        len: usize,
+        prot: i32,
+        flags: i32,
+        fd: i32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        // SAFETY: mmap creates a mapping; callers pass MAP_FIXED only over
+        // ranges they own (a DSM piece they replace).
+        check(unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, offset) })
+    }
+
+    pub fn munmap(addr: usize, len: usize) -> io::Result<()> {
+        // SAFETY: callers unmap only ranges they mapped (DSM pieces).
+        check(unsafe { libc::syscall(libc::SYS_munmap, addr, len) }).map(|_| ())
+    }
+
+    pub fn mprotect(addr: usize, len: usize, prot: i32) -> io::Result<()> {
+        // SAFETY: changes protections of the caller's own range only.
+        check(unsafe { libc::syscall(libc::SYS_mprotect, addr, len, prot) }).map(|_| ())
     }
 }
 

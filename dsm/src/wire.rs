@@ -675,10 +675,28 @@ pub enum ClientRequest {
         len: u64,
         readonly: bool,
         with_uffd: bool,
+        /// Names the attachment in later `ShmViews`/`ShmDetach` (chosen by
+        /// the process, unique among its attachments).
+        handle: u64,
     },
+    /// Attachment `handle` of segment `id` is now these pieces (the
+    /// program unmapped, moved, grew or protected parts of it); none: it is
+    /// detached. The process counts one attachment per piece (`nattch`), as
+    /// Linux counts the VMAs.
+    ShmViews {
+        id: i32,
+        handle: u64,
+        views: Vec<View>,
+    },
+    /// `shmdt`: attachment `handle` goes, all its pieces.
     ShmDetach {
         id: i32,
-        addr: u64,
+        handle: u64,
+    },
+    /// A descriptor of the node's copy of segment `id`, for a process that
+    /// has it attached (to map more of it: mremap).
+    ShmMemfd {
+        id: i32,
     },
     ShmStat {
         id: i32,
@@ -791,12 +809,26 @@ pub enum ClientRequest {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachmentRecord {
     pub id: i32,
     pub addr: u64,
     pub len: u64,
     pub readonly: bool,
+    /// The segment page mapped at `addr` (a piece left by a partial
+    /// munmap, or moved by mremap, maps from further in).
+    pub pgoff: u64,
+    /// Which attachment (`shmat`) of the process the piece belongs to.
+    pub handle: u64,
+}
+
+/// One piece of an attachment: `len` bytes at `addr` mapping the segment
+/// from page `pgoff`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct View {
+    pub addr: u64,
+    pub len: u64,
+    pub pgoff: u64,
 }
 
 /// A process's side of its connection to the daemon: the descriptor number,

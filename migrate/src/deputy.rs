@@ -496,7 +496,7 @@ fn come_home(
 ) -> Result<(), MigrateError> {
     host.set_read_timeout(Some(HOST_TIMEOUT))?;
     link::send(host, &AgentMsg::ComeHome)?;
-    let image = loop {
+    let received = (|| loop {
         let reply = link::receive(host);
         match reply {
             // What the copy wrote before it stopped.
@@ -505,16 +505,29 @@ fn come_home(
                 close_in_process(t, host, relays, events)?;
             }
             Ok(AgentMsg::Image(bytes)) => {
-                break Image::decode(&bytes).map_err(|e| MigrateError::Link(e.to_string()))?
+                break Image::decode(&bytes).map_err(|e| MigrateError::Link(e.to_string()))
             }
             // Sent before the host saw `ComeHome`: nothing is accepted now.
             Ok(AgentMsg::Want { .. }) => {}
+            // A fault of the copy asked before the pages pushed ahead of
+            // `ComeHome` reached the host: every page was in them.
+            Ok(AgentMsg::PageRequest { .. }) => {}
+            // The host could not checkpoint its copy (and resumed it).
             Ok(AgentMsg::Failed(why)) => {
                 host.set_read_timeout(None)?;
                 return Err(MigrateError::Restore(why));
             }
-            Ok(other) => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
-            Err(e) => return Err(e),
+            Ok(other) => break Err(MigrateError::Link(format!("unexpected {other:?}"))),
+            Err(e) => break Err(e),
+        }
+    })();
+    let image = match received {
+        Ok(image) => image,
+        Err(e) => {
+            // The host waits for our word: it resumes its copy.
+            let _ = link::send(host, &AgentMsg::Failed(e.to_string()));
+            host.set_read_timeout(None)?;
+            return Err(e);
         }
     };
     host.set_read_timeout(None)?;

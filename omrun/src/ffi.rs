@@ -106,6 +106,7 @@ pub unsafe extern "C" fn shmat(shmid: c_int, shmaddr: *const c_void, shmflg: c_i
                     })?;
             let ptr = attachment.as_ptr() as *mut c_void;
             lock(&rt.attached).push(attachment);
+            crate::reshape::note_dsm_mapping();
             Ok(ptr)
         })
         .unwrap_or_else(|| {
@@ -125,15 +126,21 @@ pub unsafe extern "C" fn shmat(shmid: c_int, shmaddr: *const c_void, shmflg: c_i
 pub unsafe extern "C" fn shmdt(shmaddr: *const c_void) -> c_int {
     guarded(-1, || {
         daemon(|rt| {
-            let attachment = {
-                let mut attached = lock(&rt.attached);
-                let i = attached
-                    .iter()
-                    .position(|a| std::ptr::eq(a.as_ptr() as *const c_void, shmaddr))
-                    .ok_or(libc::EINVAL)?;
-                attached.swap_remove(i)
-            };
-            attachment.detach().map(|()| 0).map_err(|e| errno_of(&e))
+            // A piece of a SysV attachment must start at the address (an
+            // anonymous or POSIX mapping is not one: EINVAL, as natively).
+            let addr = shmaddr as usize;
+            let sysv: Vec<u64> = lock(&rt.attached).iter().map(|a| a.handle()).collect();
+            let starts = rt
+                .segments
+                .pieces_in(addr, 1)
+                .iter()
+                .any(|p| p.addr == addr as u64 && sysv.contains(&p.handle));
+            if !starts {
+                return Err(libc::EINVAL);
+            }
+            let detached = rt.segments.detach_at(addr).map_err(|e| errno_of(&e));
+            lock(&rt.attached).retain(|a| a.is_mapped());
+            detached.map(|()| 0)
         })
         .unwrap_or_else(|| {
             let f = native!(c"shmdt", unsafe extern "C" fn(*const c_void) -> c_int)?;
@@ -284,17 +291,26 @@ pub unsafe extern "C" fn mmap(
     fd: c_int,
     offset: libc::off_t,
 ) -> *mut c_void {
-    // Shared, readable, and a DSM object under omrun: anonymous memory, or
-    // a POSIX shared memory object mapped whole (from offset 0).
-    let anonymous = flags & libc::MAP_ANONYMOUS != 0;
-    let candidate = flags & libc::MAP_SHARED != 0
+    // Shared, readable, and a DSM object under omrun: anonymous memory
+    // (a shared mapping of /dev/zero is that too), or a POSIX shared
+    // memory object mapped whole (from offset 0).
+    let shared = flags & libc::MAP_SHARED != 0
+        && flags & libc::MAP_SHARED_VALIDATE != libc::MAP_SHARED_VALIDATE;
+    let anonymous = flags & libc::MAP_ANONYMOUS != 0 || (shared && fd >= 0 && is_dev_zero(fd));
+    let candidate = shared
         && prot & libc::PROT_READ != 0
         && (anonymous || (fd >= 0 && offset == 0))
         && crate::runtime::anonymous_shared_as_dsm();
+    let replaces = flags & libc::MAP_FIXED != 0 && flags & libc::MAP_FIXED_NOREPLACE == 0;
     if candidate {
         let fixed = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0;
         let writable = prot & libc::PROT_WRITE != 0;
         let at = addr as usize;
+        if replaces && at.is_multiple_of(4096) && len > 0 {
+            // MAP_FIXED: what was there goes first, DSM pieces included.
+            let _ = dsm::memfd::raw::munmap(at, len);
+            crate::reshape::mapped_over(at, len);
+        }
         let dsm = std::panic::catch_unwind(|| {
             if anonymous {
                 return daemon(|rt| {
@@ -311,7 +327,7 @@ pub unsafe extern "C" fn mmap(
             return at as *mut c_void;
         }
     }
-    match cached(&REAL_MMAP, c"mmap") {
+    let mapped = match cached(&REAL_MMAP, c"mmap") {
         // SAFETY: libc's mmap, with the caller's arguments.
         Some(f) => unsafe {
             std::mem::transmute::<*mut c_void, MmapFn>(f)(addr, len, prot, flags, fd, offset)
@@ -320,7 +336,18 @@ pub unsafe extern "C" fn mmap(
             set_errno(libc::ENOSYS);
             libc::MAP_FAILED
         }
+    };
+    if replaces && mapped != libc::MAP_FAILED {
+        // The kernel's mapping replaced any DSM piece there.
+        let _ = std::panic::catch_unwind(|| crate::reshape::mapped_over(mapped as usize, len));
     }
+    mapped
+}
+
+/// Is `fd` open on /dev/zero?
+fn is_dev_zero(fd: c_int) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .is_ok_and(|p| p == std::path::Path::new("/dev/zero"))
 }
 
 /// # Safety
@@ -338,32 +365,199 @@ pub unsafe extern "C" fn mmap64(
     unsafe { mmap(addr, len, prot, flags, fd, offset) }
 }
 
-/// `munmap`: a DSM segment made by `mmap` is detached.
+/// The errno of a call that failed in the interposer, or its result.
+fn fail_with<T>(e: i32, failed: T) -> T {
+    set_errno(e);
+    failed
+}
+
+/// `munmap`: pieces of DSM mappings in the range are unmapped and the
+/// daemon stops serving them (all of a mapping: it is detached).
 ///
 /// # Safety
 /// As `munmap(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
-    if crate::runtime::ANY_SHARED_ANONYMOUS.load(std::sync::atomic::Ordering::Acquire) {
-        let dsm =
-            std::panic::catch_unwind(|| crate::runtime::unmap_shared_anonymous(addr as usize));
-        match dsm {
-            Ok(Some(Ok(()))) => return 0,
-            Ok(Some(Err(e))) => {
-                set_errno(e);
-                return -1;
-            }
-            Ok(None) | Err(_) => {}
-        }
+    match std::panic::catch_unwind(|| crate::reshape::munmap(addr as usize, len)) {
+        Ok(Some(Ok(()))) => return 0,
+        Ok(Some(Err(e))) => return fail_with(e, -1),
+        Ok(None) => {}
+        Err(_) => return fail_with(libc::EIO, -1),
     }
     match cached(&REAL_MUNMAP, c"munmap") {
         // SAFETY: libc's munmap, with the caller's arguments.
         Some(f) => unsafe { std::mem::transmute::<*mut c_void, MunmapFn>(f)(addr, len) },
-        None => {
-            set_errno(libc::ENOSYS);
-            -1
+        None => fail_with(libc::ENOSYS, -1),
+    }
+}
+
+static REAL_MREMAP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+type MremapFn = unsafe extern "C" fn(*mut c_void, size_t, size_t, c_int, ...) -> *mut c_void;
+
+/// `mremap`: a DSM piece moves, grows or shrinks as the kernel would do
+/// it, the daemon serving the new range before it can be touched. The
+/// fifth argument exists only with MREMAP_FIXED (it is read only then).
+///
+/// # Safety
+/// As `mremap(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: size_t,
+    new_len: size_t,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    let target = if flags & libc::MREMAP_FIXED != 0 {
+        new_addr as usize
+    } else {
+        0
+    };
+    let dsm = std::panic::catch_unwind(|| {
+        crate::reshape::mremap(old as usize, old_len, new_len, flags, target)
+    });
+    match dsm {
+        Ok(Some(Ok(at))) => return at as *mut c_void,
+        Ok(Some(Err(e))) => return fail_with(e, libc::MAP_FAILED),
+        Ok(None) => {}
+        Err(_) => return fail_with(libc::EIO, libc::MAP_FAILED),
+    }
+    match cached(&REAL_MREMAP, c"mremap") {
+        // SAFETY: libc's mremap with the caller's arguments.
+        Some(f) => unsafe {
+            std::mem::transmute::<*mut c_void, MremapFn>(f)(old, old_len, new_len, flags, new_addr)
+        },
+        None => fail_with(libc::ENOSYS, libc::MAP_FAILED),
+    }
+}
+
+static REAL_MPROTECT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+type MprotectFn = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
+
+/// `mprotect`: a DSM piece attached read-only stays so (EACCES).
+///
+/// # Safety
+/// As `mprotect(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: size_t, prot: c_int) -> c_int {
+    match std::panic::catch_unwind(|| crate::reshape::mprotect(addr as usize, len, prot)) {
+        Ok(Some(e)) => return fail_with(e, -1),
+        Ok(None) => {}
+        Err(_) => return fail_with(libc::EIO, -1),
+    }
+    match cached(&REAL_MPROTECT, c"mprotect") {
+        // SAFETY: libc's mprotect with the caller's arguments.
+        Some(f) => unsafe { std::mem::transmute::<*mut c_void, MprotectFn>(f)(addr, len, prot) },
+        None => fail_with(libc::ENOSYS, -1),
+    }
+}
+
+static REAL_MADVISE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+type MadviseFn = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
+
+/// `madvise`: MADV_REMOVE of DSM pieces zeroes them cluster-wide (the
+/// kernel would punch the node's copy behind the protocol's back); every
+/// other advice is the kernel's (MADV_DONTNEED on shared memory only drops
+/// the page tables: the daemon maps the pages again on the next access).
+///
+/// # Safety
+/// As `madvise(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
+    if advice == libc::MADV_REMOVE {
+        match std::panic::catch_unwind(|| crate::reshape::madvise_remove(addr as usize, len)) {
+            Ok(Some(Ok(()))) => return 0,
+            Ok(Some(Err(e))) => return fail_with(e, -1),
+            Ok(None) => {}
+            Err(_) => return fail_with(libc::EIO, -1),
         }
     }
+    match cached(&REAL_MADVISE, c"madvise") {
+        // SAFETY: libc's madvise with the caller's arguments.
+        Some(f) => unsafe { std::mem::transmute::<*mut c_void, MadviseFn>(f)(addr, len, advice) },
+        None => fail_with(libc::ENOSYS, -1),
+    }
+}
+
+static REAL_FALLOCATE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+type FallocateFn = unsafe extern "C" fn(c_int, c_int, libc::off_t, libc::off_t) -> c_int;
+
+/// `fallocate`: the kernel's, on the object's file; then a hole punched
+/// in a POSIX object that is a cluster segment zeroes that range of the
+/// segment everywhere.
+///
+/// # Safety
+/// As `fallocate(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn fallocate(
+    fd: c_int,
+    mode: c_int,
+    offset: libc::off_t,
+    len: libc::off_t,
+) -> c_int {
+    let r = match cached(&REAL_FALLOCATE, c"fallocate") {
+        // SAFETY: libc's fallocate with the caller's arguments.
+        Some(f) => unsafe {
+            std::mem::transmute::<*mut c_void, FallocateFn>(f)(fd, mode, offset, len)
+        },
+        None => return fail_with(libc::ENOSYS, -1),
+    };
+    if r == 0 && mode & libc::FALLOC_FL_PUNCH_HOLE != 0 && offset >= 0 && len > 0 {
+        let dsm = std::panic::catch_unwind(|| {
+            crate::reshape::posix_zero_range(fd, offset as u64, len as u64)
+        });
+        match dsm {
+            Ok(Some(Err(e))) => return fail_with(e, -1),
+            Err(_) => return fail_with(libc::EIO, -1),
+            Ok(_) => {}
+        }
+    }
+    r
+}
+
+static REAL_FTRUNCATE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+type FtruncateFn = unsafe extern "C" fn(c_int, libc::off_t) -> c_int;
+
+/// `ftruncate`: a POSIX object that is a cluster segment keeps its size
+/// (EPERM for another, as for a sealed memfd).
+///
+/// # Safety
+/// As `ftruncate(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn ftruncate(fd: c_int, length: libc::off_t) -> c_int {
+    if length >= 0 {
+        match std::panic::catch_unwind(|| crate::reshape::posix_truncate(fd, length as u64)) {
+            Ok(Some(e)) => return fail_with(e, -1),
+            Err(_) => return fail_with(libc::EIO, -1),
+            Ok(None) => {}
+        }
+    }
+    match cached(&REAL_FTRUNCATE, c"ftruncate") {
+        // SAFETY: libc's ftruncate with the caller's arguments.
+        Some(f) => unsafe { std::mem::transmute::<*mut c_void, FtruncateFn>(f)(fd, length) },
+        None => fail_with(libc::ENOSYS, -1),
+    }
+}
+
+/// # Safety
+/// As `ftruncate64(2)` (the same call on 64-bit Linux).
+#[no_mangle]
+pub unsafe extern "C" fn ftruncate64(fd: c_int, length: libc::off_t) -> c_int {
+    // SAFETY: forwarded as received.
+    unsafe { ftruncate(fd, length) }
+}
+
+/// # Safety
+/// As `fallocate64(2)` (the same call on 64-bit Linux).
+#[no_mangle]
+pub unsafe extern "C" fn fallocate64(
+    fd: c_int,
+    mode: c_int,
+    offset: libc::off_t,
+    len: libc::off_t,
+) -> c_int {
+    // SAFETY: forwarded as received.
+    unsafe { fallocate(fd, mode, offset, len) }
 }
 
 // ---- POSIX shared memory ---------------------------------------------------------------

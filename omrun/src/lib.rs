@@ -25,6 +25,7 @@
 
 mod ctl;
 mod ffi;
+mod reshape;
 mod runtime;
 mod user;
 

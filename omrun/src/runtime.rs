@@ -97,6 +97,14 @@ fn fail_start(why: &str) -> ! {
     unsafe { libc::_exit(127) }
 }
 
+/// The runtime, if a call already made it (never connects).
+pub fn runtime() -> Option<&'static Runtime> {
+    match RUNTIME.get()? {
+        Found::Daemon(rt) => Some(rt),
+        _ => None,
+    }
+}
+
 /// How a call is served.
 pub enum Route {
     Native,
@@ -168,10 +176,7 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// ones (`mmap(MAP_SHARED|MAP_ANONYMOUS)`, keyless, removed at once so that
 /// they end with their last user; Apache's scoreboard is one) and POSIX
 /// shared memory objects (`shm_open` + `mmap`, keyed by their name).
-static SHARED_ANONYMOUS: Mutex<Vec<Attachment>> = Mutex::new(Vec::new());
-/// Whether `SHARED_ANONYMOUS` may hold anything (checked by every munmap).
-pub static ANY_SHARED_ANONYMOUS: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+pub static SHARED_ANONYMOUS: Mutex<Vec<Attachment>> = Mutex::new(Vec::new());
 
 /// `MIGSHM_ANON_SHARED=native`: anonymous shared mappings and POSIX shared
 /// memory stay the kernel's (they then keep a process from migrating).
@@ -227,7 +232,7 @@ fn attach_mapping(
     let attachment = attached.map_err(|e| errno_of(&e))?;
     let at = attachment.as_ptr() as usize;
     lock(&SHARED_ANONYMOUS).push(attachment);
-    ANY_SHARED_ANONYMOUS.store(true, std::sync::atomic::Ordering::Release);
+    crate::reshape::note_dsm_mapping();
     Ok(at)
 }
 
@@ -279,21 +284,64 @@ pub fn map_posix_shm(
     if meta.size() == 0 || pages(len as u64) != pages(meta.size()) {
         return Err(libc::EINVAL);
     }
-    let id = rt
-        .segments
-        .get_in(
+    let get = |flags: i32| {
+        rt.segments.get_in(
             dsm::sysv::ShmSpace::Posix,
             posix_shm_key(name),
             meta.size(),
-            libc::IPC_CREAT | (meta.mode() & 0o777) as i32,
+            flags | (meta.mode() & 0o777) as i32,
             rt.home,
         )
-        .map_err(|e| errno_of(&e))?;
+    };
+    let id = match get(libc::IPC_CREAT | libc::IPC_EXCL) {
+        Ok(id) => {
+            // New in the cluster: it starts with what the object holds
+            // (written with write() before it was first mapped).
+            copy_file_into(rt, fd, id, meta.size())?;
+            id
+        }
+        Err(e) if errno_of(&e) == libc::EEXIST => get(0).map_err(|e| errno_of(&e))?,
+        Err(e) => return Err(errno_of(&e)),
+    };
     attach_mapping(rt, id, addr, writable, fixed)
 }
 
+/// Copy the data of the file `fd` is open on into segment `id` (holes are
+/// zeros there already).
+fn copy_file_into(rt: &Runtime, fd: i32, id: i32, size: u64) -> Result<(), i32> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    // A description of its own: seeking it moves nobody's offset.
+    let file = std::fs::File::open(format!("/proc/self/fd/{fd}")).map_err(|_| libc::EBADF)?;
+    let seg = rt.segments.attach(id, false).map_err(|e| errno_of(&e))?;
+    let mut at: u64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while at < size {
+        // SAFETY: lseek on our own descriptor.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // no data after `at`
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let (start, end) = (data as u64, (hole.max(data) as u64).min(size));
+        let mut pos = start;
+        while pos < end {
+            let n = ((end - pos) as usize).min(buf.len());
+            let got = file.read_at(&mut buf[..n], pos).map_err(|_| libc::EIO)?;
+            if got == 0 {
+                break;
+            }
+            seg.write(pos as usize, &buf[..got]);
+            pos += got as u64;
+        }
+        at = end.max(start + 1);
+    }
+    Ok(())
+}
+
 /// The id of the segment of POSIX shared memory object `name`.
-fn posix_segment(rt: &Runtime, name: &[u8]) -> Result<i32, dsm::client::Error> {
+pub fn posix_segment(rt: &Runtime, name: &[u8]) -> Result<i32, dsm::client::Error> {
     rt.segments
         .get_in(dsm::sysv::ShmSpace::Posix, posix_shm_key(name), 0, 0, None)
 }
@@ -318,15 +366,4 @@ pub fn unlink_posix_shm(rt: &Runtime, name: &[u8]) -> Result<bool, i32> {
         .remove(id)
         .map(|()| true)
         .map_err(|e| errno_of(&e))
-}
-
-/// `munmap` of a mapping made by `map_shared_anonymous`, if `addr` starts
-/// one: detached from its segment.
-pub fn unmap_shared_anonymous(addr: usize) -> Option<Result<(), i32>> {
-    let attachment = {
-        let mut all = lock(&SHARED_ANONYMOUS);
-        let i = all.iter().position(|a| a.as_ptr() as usize == addr)?;
-        all.swap_remove(i)
-    };
-    Some(attachment.detach().map_err(|e| errno_of(&e)))
 }

@@ -288,9 +288,10 @@ impl Session {
                 len,
                 readonly,
                 with_uffd,
+                handle,
             } => {
                 let uffd = if with_uffd { fds.pop_front() } else { None };
-                match self.mapped(IpcId(id), addr, len, readonly, uffd) {
+                match self.mapped(IpcId(id), addr, len, readonly, uffd, handle) {
                     Ok(()) => ClientReply::Ok,
                     Err(e) => {
                         // The process holds no usable mapping: uncount it.
@@ -299,7 +300,28 @@ impl Session {
                     }
                 }
             }
-            ClientRequest::ShmDetach { id, addr } => self.detach(IpcId(id), addr).await,
+            ClientRequest::ShmDetach { id, handle } => self.detach(IpcId(id), handle).await,
+            ClientRequest::ShmViews { id, handle, views } => {
+                self.set_views(IpcId(id), handle, views).await
+            }
+            ClientRequest::ShmMemfd { id } => {
+                let fd = {
+                    let core = self.core.borrow();
+                    let has_it = self.proc.is_some_and(|p| {
+                        core.store
+                            .segments
+                            .get(&IpcId(id))
+                            .is_some_and(|s| s.mappings.iter().any(|m| m.proc == p))
+                    });
+                    has_it
+                        .then(|| core.store.segments.get(&IpcId(id))?.memfd_dup().ok())
+                        .flatten()
+                };
+                return match fd {
+                    Some(fd) => (ClientReply::Ok, Some(fd)),
+                    None => (ClientReply::Err(libc::EINVAL), None),
+                };
+            }
             ClientRequest::ShmStat { id } => {
                 self.core.borrow_mut().flush_exited_processes();
                 let req = RpcRequest::SegStat {
@@ -1044,6 +1066,7 @@ impl Session {
         len: u64,
         readonly: bool,
         uffd_fd: Option<OwnedFd>,
+        handle: u64,
     ) -> Result<(), i32> {
         let Some(i) = self.unmapped.iter().position(|s| *s == id) else {
             return Err(libc::EINVAL);
@@ -1061,17 +1084,28 @@ impl Session {
                 addr,
                 len,
                 readonly,
+                pgoff: 0,
+                handle,
             },
         )
     }
 
+    /// Serve the faults of piece `m` from now on (registered on the
+    /// process's uffd). A piece may reach past the segment's end, as a
+    /// mapping of a file may (the kernel answers SIGBUS there itself).
     fn register(&mut self, proc: ProcId, m: MappingRecord) -> Result<(), i32> {
         let mut core = self.core.borrow_mut();
         let Some(seg) = core.store.segments.get(&m.seg) else {
             return Err(libc::EIDRM);
         };
-        let expected = u64::from(crate::ids::pages_for(seg.size)) * PAGE_SIZE as u64;
-        if m.len != expected {
+        let pages = u64::from(crate::ids::pages_for(seg.size));
+        let page = PAGE_SIZE as u64;
+        if m.len == 0
+            || !m.len.is_multiple_of(page)
+            || !m.addr.is_multiple_of(page)
+            || m.pgoff >= pages
+            || m.addr.checked_add(m.len).is_none()
+        {
             return Err(libc::EINVAL);
         }
         let Some(p) = core.store.procs.get(&proc) else {
@@ -1095,19 +1129,95 @@ impl Session {
         Ok(())
     }
 
-    async fn detach(&mut self, id: SegmentId, addr: u64) -> ClientReply {
+    async fn detach(&mut self, id: SegmentId, handle: u64) -> ClientReply {
         let Some(proc) = self.proc else {
             return ClientReply::Err(libc::EINVAL);
         };
         let gone = self
             .core
             .borrow_mut()
-            .forget_mappings(proc, Some((id, addr)));
+            .forget_mappings(proc, Some((id, handle)));
         if gone.is_empty() {
             return ClientReply::Err(libc::EINVAL);
         }
-        self.undo_attach(id).await;
+        for _ in gone {
+            self.undo_attach(id).await;
+        }
         ClientReply::Ok
+    }
+
+    /// Attachment `handle` of `id` is now `views`: its records are
+    /// replaced (each new piece registered), and as many attachments are
+    /// counted at the home as there are pieces.
+    async fn set_views(
+        &mut self,
+        id: SegmentId,
+        handle: u64,
+        views: Vec<wire::View>,
+    ) -> ClientReply {
+        let Some(proc) = self.proc else {
+            return ClientReply::Err(libc::EINVAL);
+        };
+        if views.len() > 4096 {
+            return ClientReply::Err(libc::ENOMEM);
+        }
+        let readonly = {
+            let core = self.core.borrow();
+            let Some(seg) = core.store.segments.get(&id) else {
+                return ClientReply::Err(libc::EINVAL);
+            };
+            match seg
+                .mappings
+                .iter()
+                .find(|m| m.proc == proc && m.handle == handle)
+            {
+                Some(m) => m.readonly,
+                None => return ClientReply::Err(libc::EINVAL),
+            }
+        };
+        let before = self
+            .core
+            .borrow_mut()
+            .forget_mappings(proc, Some((id, handle)))
+            .len();
+        let mut after = 0;
+        let mut failed = None;
+        for v in &views {
+            let m = MappingRecord {
+                proc,
+                seg: id,
+                addr: v.addr,
+                len: v.len,
+                readonly,
+                pgoff: v.pgoff,
+                handle,
+            };
+            match self.register(proc, m) {
+                Ok(()) => after += 1,
+                Err(e) => failed = Some(e),
+            }
+        }
+        // Count the pieces at the home, as Linux counts VMAs.
+        for _ in before..after {
+            let req = RpcRequest::SegAttach {
+                id,
+                readonly,
+                inherited: true,
+                cred: self.cred(),
+            };
+            if let Ok(RpcResponse::Opened { .. }) = self.ask_home(id, req).await {
+                self.core
+                    .borrow_mut()
+                    .session_attached(self.session, self.pid, id);
+            }
+        }
+        for _ in after..before {
+            self.undo_attach(id).await;
+        }
+        match failed {
+            Some(e) => ClientReply::Err(e),
+            None => ClientReply::Ok,
+        }
     }
 
     /// A `semctl` at the set's home; a lent set is recalled first, which
@@ -1168,7 +1278,11 @@ impl Session {
             // What it did not inherit (nor was granted) it must be allowed
             // to attach, as with shmat.
             let inherited = vouched.iter().any(|v| {
-                v.id == a.id && v.addr == a.addr && v.len == a.len && (a.readonly || !v.readonly)
+                v.id == a.id
+                    && v.addr == a.addr
+                    && v.len == a.len
+                    && v.pgoff == a.pgoff
+                    && (a.readonly || !v.readonly)
             });
             match self
                 .rpc(
@@ -1195,6 +1309,8 @@ impl Session {
                 addr: a.addr,
                 len: a.len,
                 readonly: a.readonly,
+                pgoff: a.pgoff,
+                handle: a.handle,
             };
             if let Err(e) = self.register(proc, m) {
                 return ClientReply::Err(e);

@@ -373,7 +373,7 @@ impl Core {
         };
         let page = PageKey {
             seg: m.seg,
-            page: PageIndex(((page_addr - m.addr) / PAGE_SIZE as u64) as u32),
+            page: PageIndex(m.page_at(page_addr) as u32),
         };
         tracing::trace!(proc, ?page, write, "fault");
         if page.seg.home() != Some(self.me) {
@@ -798,6 +798,8 @@ impl Core {
                 id: m.seg.0,
                 addr: m.addr,
                 len: m.len,
+                pgoff: m.pgoff,
+                handle: m.handle,
                 readonly: m.readonly,
             })
             .collect();
@@ -1056,8 +1058,9 @@ impl Core {
         all
     }
 
-    /// Forget a process's mappings (it detached or exited); returns the
-    /// segments it was attached to, once per attachment.
+    /// Forget a process's mappings (it detached or exited; `only`: the
+    /// pieces of one attachment, by segment and handle); returns the
+    /// segments it was attached to, once per piece.
     pub fn forget_mappings(
         &mut self,
         proc: ProcId,
@@ -1066,7 +1069,7 @@ impl Core {
         let mut gone = Vec::new();
         for (id, seg) in self.store.segments.iter_mut() {
             seg.mappings.retain(|m| {
-                let hit = m.proc == proc && only.is_none_or(|(s, a)| s == *id && a == m.addr);
+                let hit = m.proc == proc && only.is_none_or(|(s, h)| s == *id && h == m.handle);
                 if hit {
                     gone.push(*id);
                 }

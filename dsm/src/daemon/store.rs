@@ -30,6 +30,38 @@ pub struct MappingRecord {
     pub addr: u64,
     pub len: u64,
     pub readonly: bool,
+    /// Segment page mapped at `addr`.
+    pub pgoff: u64,
+    /// The process's attachment this piece belongs to.
+    pub handle: u64,
+}
+
+impl MappingRecord {
+    /// The address of segment page `page` in this piece, if it maps it.
+    pub fn addr_of(&self, page: u64) -> Option<u64> {
+        let pages = self.len / PAGE_SIZE as u64;
+        (page >= self.pgoff && page < self.pgoff + pages)
+            .then(|| self.addr + (page - self.pgoff) * PAGE_SIZE as u64)
+    }
+
+    /// The pages of the run `[first, first + count)` this piece maps, as
+    /// (address, bytes).
+    pub fn run(&self, first: u64, count: u64) -> Option<(u64, u64)> {
+        let pages = self.len / PAGE_SIZE as u64;
+        let start = first.max(self.pgoff);
+        let end = (first + count).min(self.pgoff + pages);
+        (start < end).then(|| {
+            (
+                self.addr + (start - self.pgoff) * PAGE_SIZE as u64,
+                (end - start) * PAGE_SIZE as u64,
+            )
+        })
+    }
+
+    /// The segment page at `addr` (inside this piece).
+    pub fn page_at(&self, addr: u64) -> u64 {
+        self.pgoff + (addr - self.addr) / PAGE_SIZE as u64
+    }
 }
 
 /// A node's copy of a segment.
@@ -121,15 +153,14 @@ impl PageStore for NodeStore {
         let Some(seg) = self.segments.get(&first.seg) else {
             return;
         };
-        let len = u64::from(count) * PAGE_SIZE as u64;
         for m in seg.mappings.iter().filter(|m| !m.readonly) {
             let Some(proc) = self.procs.get(&m.proc) else {
                 continue;
             };
-            if let Err(e) = proc
-                .uffd
-                .write_protect(m.addr + offset(first), len, true, false)
-            {
+            let Some((addr, len)) = m.run(u64::from(first.page.0), u64::from(count)) else {
+                continue;
+            };
+            if let Err(e) = proc.uffd.write_protect(addr, len, true, false) {
                 // A process that already exited has no mapping left to protect.
                 if crate::uffd::process_gone(&e) {
                     tracing::debug!(
@@ -261,12 +292,18 @@ impl NodeStore {
                 }
             }
         }
-        if res.also_mapped > 0 && res.access != Access::Poison {
+        // The neighbours this piece of the mapping has (a piece may end
+        // before the segment does).
+        let room = self
+            .mapping_at(res.waiter.proc, addr)
+            .map_or(0, |m| (m.addr + m.len).saturating_sub(addr + page) / page);
+        let also = u64::from(res.also_mapped).min(room);
+        if also > 0 && res.access != Access::Poison {
             // Read-ahead, or fault-around on pages held Exclusive: map the
             // neighbours into the same process now (read-only, or as the
             // faulting page was), so that it does not fault on each one.
             // EEXIST only means some of them were mapped already.
-            let len = u64::from(res.also_mapped) * page;
+            let len = also * page;
             let wp = protect && res.access == Access::ReadOnly;
             if let Err(e) = proc.uffd.continue_(addr + page, len, wp) {
                 if e.raw_os_error() != Some(libc::EEXIST) && !crate::uffd::process_gone(&e) {
