@@ -463,12 +463,14 @@ fn a_silent_node_is_declared_lost_within_the_peer_timeout() {
     cluster.signal(1, libc::SIGSTOP);
     let detected = expect_sigbus(scanners) - frozen_at;
     // The bound: the peer timeout (1 s) plus a heartbeat and some slack.
-    // The survivors stop using its pages when their lease on them ends,
-    // three heartbeats before the timeout (0.7 s), not sooner.
+    // Not before the leases end: the survivors' on the frozen node's pages
+    // (the timeout less three heartbeats, 0.7 s of silence), or the frozen
+    // daemon's own, after which its guardian kills it (its last tick may
+    // be a heartbeat older than the stop: 0.6 s).
     assert!(detected < Duration::from_millis(3000), "took {detected:?}");
     assert!(
-        detected >= Duration::from_millis(650),
-        "fenced before the lease ended: {detected:?}"
+        detected >= Duration::from_millis(550),
+        "fenced before a lease ended: {detected:?}"
     );
     let nodes = Client::connect(cluster.socket(2)).unwrap().nodes().unwrap();
     assert!(nodes.iter().any(|n| n.node.0 == 1 && !n.up));

@@ -182,3 +182,83 @@ fn a_cut_off_node_never_lets_anyone_read_an_overwritten_value() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A daemon that is stopped (SIGSTOP; a stall longer than its lease is
+/// the same) cannot fence its node: its guardian, which it no longer
+/// ticks, kills the processes it serves (and the daemon) before the other
+/// nodes take its pages back, so none of them reads an overwritten value.
+#[test]
+fn a_stopped_daemon_cannot_let_its_processes_read_overwritten_values() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start_with(ClusterOptions {
+        nodes: 2,
+        peer_timeout_ms: TIMEOUT.as_millis() as u64,
+        heartbeat_ms: HEARTBEAT_MS,
+        ..Default::default()
+    })
+    .expect("a cluster");
+    let key = (0x7e10_0000 + std::process::id() as i32 % 0x10000).to_string();
+    let dir = std::env::temp_dir().join(format!("migshm-stopped-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let home = dsm::client::Client::connect(cluster.socket(1)).expect("node 1");
+    home.get(
+        key.parse().unwrap(),
+        4096 * 4,
+        dsm::client::IPC_CREAT | 0o666,
+    )
+    .expect("shmget");
+    let run_ms = "4000".to_string();
+    let start = |node: u8, name: &str, w: (u32, u32), r: (u32, u32), period: &str| {
+        let log = dir.join(format!("{name}.log"));
+        let args = [
+            "lin".to_string(),
+            key.clone(),
+            "4".into(),
+            w.0.to_string(),
+            w.1.to_string(),
+            r.0.to_string(),
+            r.1.to_string(),
+            run_ms.clone(),
+            log.display().to_string(),
+            period.to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (log, spawn_role(cluster.socket(node), &args).expect("start"))
+    };
+    // Node 1 writes page 0 every 20 ms; node 2 reads it all the time.
+    let (wlog, mut writer) = start(1, "writer", (0, 1), (0, 0), "20000");
+    let (rlog, mut reader) = start(2, "reader", (0, 0), (0, 1), "10");
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped = Instant::now();
+    cluster.signal(2, libc::SIGSTOP);
+    let status = reader
+        .child_wait_until(Duration::from_secs(5))
+        .expect("the reader on the stopped node ends");
+    let ended = stopped.elapsed();
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    assert!(
+        ended < TIMEOUT,
+        "ended {ended:?} after the stop, not before the timeout"
+    );
+    let wstatus = writer
+        .child_wait_until(Duration::from_secs(10))
+        .expect("the writer ends");
+    assert!(wstatus.success(), "writer: {wstatus:?}");
+    let logs = vec![
+        linlog::load(&wlog).expect("writer log"),
+        linlog::load(&rlog).expect("reader log"),
+    ];
+    let checked = linlog::check(&logs).unwrap_or_else(|e| panic!("not linearizable: {e}"));
+    assert!(
+        cluster.log(2).contains("did not tick"),
+        "the guardian did not act"
+    );
+    cluster.signal(2, libc::SIGCONT);
+    println!(
+        "stopped daemon: its reader killed {ended:?} after the stop; {} reads, {} writes linearizable",
+        checked.reads, checked.writes
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

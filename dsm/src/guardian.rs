@@ -51,6 +51,7 @@ const SEND_BOUND: Duration = Duration::from_secs(1);
 const KIND_PROCESS: u8 = 1;
 const KIND_REGION: u8 = 2;
 const KIND_FORGET: u8 = 3;
+const KIND_TICK: u8 = 4;
 const MESSAGE_BYTES: usize = 16;
 
 /// What the guardian holds, named by a token the daemon chooses (unique
@@ -84,11 +85,13 @@ pub struct Guardian {
 impl Guardian {
     /// Start a guardian (the `dsmd` binary next to this program, or this
     /// program itself).
-    pub fn start() -> io::Result<Guardian> {
+    /// `lease`: how long the daemon may go without ticking (see
+    /// [`Guardian::tick`]) before the guardian takes it for dead.
+    pub fn start(lease: Duration) -> io::Result<Guardian> {
         let (ours, theirs) = fdpass::seqpacket_pair()?;
         let program = guardian_program()?;
         let child = Command::new(program)
-            .env(GUARDIAN_ENV, "1")
+            .env(GUARDIAN_ENV, lease.as_millis().max(1).to_string())
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -131,6 +134,14 @@ impl Guardian {
         }
     }
 
+    /// The daemon is alive and acting (sent every heartbeat). A daemon
+    /// that stops ticking for its lease (stopped, or stalled) cannot fence
+    /// its node any more while the other nodes go on: the guardian then
+    /// kills what it holds, and the daemon, as if it had died.
+    pub fn tick(&self) -> io::Result<()> {
+        self.send(&encode(KIND_TICK, 0, 0), &[])
+    }
+
     /// The guardian may let go of what it holds under `token`.
     pub fn forget(&self, token: u64) -> io::Result<()> {
         self.send(&encode(KIND_FORGET, 0, token), &[])
@@ -169,11 +180,12 @@ fn guardian_program() -> io::Result<std::path::PathBuf> {
 /// First thing in `main` of every program that can be a guardian (`dsmd`):
 /// if this process was started as one, serve and return its exit code.
 pub fn serve_if_asked() -> Option<i32> {
-    std::env::var_os(GUARDIAN_ENV)?;
+    let lease = std::env::var(GUARDIAN_ENV).ok()?;
+    let lease = Duration::from_millis(lease.parse().unwrap_or(0));
     // SAFETY: fd 0 is the control socket the daemon gave us as stdin; we
     // take it over for the rest of this process's life.
     let control = unsafe { OwnedFd::from_raw_fd(0) };
-    Some(serve(control))
+    Some(serve(control, lease))
 }
 
 /// One thing held: a process (pidfd, maybe its uffd) or a region.
@@ -187,8 +199,12 @@ struct Held {
 
 const CONTROL_TOKEN: u64 = u64::MAX;
 
-fn serve(control: OwnedFd) -> i32 {
+fn serve(control: OwnedFd, lease: Duration) -> i32 {
     set_name(GUARDIAN_NAME);
+    // Our parent is the daemon (a guardian started again later too).
+    let daemon = std::os::unix::process::parent_id() as i32;
+    // Armed by the first tick: until then the daemon is starting.
+    let mut last_tick: Option<Instant> = None;
     let epoll = match ExitSet::new() {
         Ok(e) => e,
         Err(e) => {
@@ -202,7 +218,27 @@ fn serve(control: OwnedFd) -> i32 {
     }
     let mut held: HashMap<u64, Held> = HashMap::new();
     loop {
-        for token in epoll.wait(-1) {
+        let timeout = match last_tick {
+            Some(t) if !lease.is_zero() => {
+                let left = lease.saturating_sub(t.elapsed());
+                if left.is_zero() {
+                    eprintln!(
+                        "{GUARDIAN_NAME}: dsmd (pid {daemon}) did not tick for {lease:?}: taken for dead"
+                    );
+                    kill_held(&held);
+                    if std::os::unix::process::parent_id() as i32 == daemon {
+                        // SAFETY: kill of our parent (checked just above),
+                        // which our end of the socket then sees go.
+                        unsafe { libc::kill(daemon, libc::SIGKILL) };
+                    }
+                    last_tick = None;
+                    continue;
+                }
+                left.as_millis().clamp(1, i32::MAX as u128) as i32
+            }
+            _ => -1,
+        };
+        for token in epoll.wait(timeout) {
             if token != CONTROL_TOKEN {
                 // A held process exited: nothing of it to guard any more.
                 if let Some(h) = held.remove(&token) {
@@ -245,6 +281,7 @@ fn serve(control: OwnedFd) -> i32 {
                                 },
                             );
                         }
+                        KIND_TICK => last_tick = Some(Instant::now()),
                         KIND_FORGET => {
                             if let Some(h) = held.remove(&token) {
                                 if let Some(fd) = &h.pidfd {
@@ -291,9 +328,8 @@ fn receive(control: &OwnedFd) -> Received {
     }
 }
 
-/// The daemon is gone: kill every process it served, retire the regions,
-/// wait (bounded) for the processes to be gone, then let go of all.
-fn daemon_gone(held: HashMap<u64, Held>) -> i32 {
+/// SIGKILL every process held that is still there; their pids.
+fn kill_held(held: &HashMap<u64, Held>) -> Vec<i32> {
     let mut killed = Vec::new();
     for h in held.values() {
         if let Some(fd) = &h.pidfd {
@@ -306,6 +342,13 @@ fn daemon_gone(held: HashMap<u64, Held>) -> i32 {
             }
         }
     }
+    killed
+}
+
+/// The daemon is gone: kill every process it served, retire the regions,
+/// wait (bounded) for the processes to be gone, then let go of all.
+fn daemon_gone(held: HashMap<u64, Held>) -> i32 {
+    let mut killed = kill_held(&held);
     let mut retired = 0;
     for h in held.values() {
         if let Some(fd) = &h.region {
@@ -318,10 +361,12 @@ fn daemon_gone(held: HashMap<u64, Held>) -> i32 {
         }
     }
     killed.sort_unstable();
-    eprintln!(
-        "{GUARDIAN_NAME}: dsmd is gone: killed {} process(es) it served {killed:?}, retired {retired} semaphore region(s)",
-        killed.len()
-    );
+    if !killed.is_empty() || retired > 0 {
+        eprintln!(
+            "{GUARDIAN_NAME}: dsmd is gone: killed {} process(es) it served {killed:?}, retired {retired} semaphore region(s)",
+            killed.len()
+        );
+    }
     let deadline = Instant::now() + REAP_BOUND;
     for h in held.values() {
         if let Some(fd) = &h.pidfd {

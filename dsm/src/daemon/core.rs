@@ -688,6 +688,12 @@ impl Core {
     /// heartbeats short of `timeout`, no node ever takes back (and hands
     /// to a writer) a page that a cut-off node still reads.
     pub fn heartbeat(&mut self, timeout: Duration) {
+        // The guardian's lease on this daemon (see `Guardian::tick`).
+        if let Some(g) = &self.guardian {
+            if let Err(e) = g.tick() {
+                tracing::warn!("guardian tick: {e}");
+            }
+        }
         let now = Instant::now();
         let mut lost = Vec::new();
         let mut fenced = Vec::new();
@@ -1037,7 +1043,7 @@ impl Core {
         if let Some(mut old) = self.guardian.take() {
             old.kill();
         }
-        let guardian = match Guardian::start() {
+        let guardian = match Guardian::start(self.fence_after) {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!("cannot start a guardian: {e}");
