@@ -659,3 +659,48 @@ pub fn run_role(socket: &Path, args: &[&str]) -> (std::process::ExitStatus, Stri
         .output(Duration::from_secs(60))
         .unwrap_or_else(|| panic!("dsm-testprog {args:?} hung"))
 }
+
+/// Panic, showing the lines that differ, unless `ours` prints what
+/// `native` printed (the kernel is the reference).
+pub fn assert_same_output(what: &str, native: &str, ours: &str) {
+    let diff: Vec<String> = native
+        .lines()
+        .zip(ours.lines())
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| format!("native: {a}\nomrun:  {b}"))
+        .collect();
+    assert!(
+        diff.is_empty() && native.lines().count() == ours.lines().count(),
+        "{what} differs from native:\n{}\n(native {} lines, omrun {})",
+        diff.join("\n"),
+        native.lines().count(),
+        ours.lines().count()
+    );
+}
+
+/// Start `program ARGS` (a checker such as `random_check.c`) under omrun
+/// on `socket`, its output in `out`, and wait until it printed `ready`.
+pub fn start_checker(
+    socket: &Path,
+    program: &Path,
+    args: &[&str],
+    out: &Path,
+    ready: &str,
+) -> Proc {
+    let mut command = omrun_command(socket, None, program);
+    command.args(args);
+    only_standard_fds(&mut command);
+    command
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(out).expect("output file"))
+        .stderr(Stdio::null());
+    let process = Proc::from(command.spawn().expect("start the checker"));
+    let read = || std::fs::read_to_string(out).unwrap_or_default();
+    assert!(
+        eventually(Duration::from_secs(10), || read().contains(ready)),
+        "{} never started: {}",
+        program.display(),
+        read()
+    );
+    process
+}

@@ -16,6 +16,13 @@ const REPETITIONS: u32 = 50;
 const BOUND: Duration = Duration::from_secs(2);
 const MOVED_REPETITIONS: u32 = 50;
 
+/// What a role printed after what was read of it already.
+fn rest_of(p: &mut migshm::Proc) -> String {
+    let mut rest = String::new();
+    let _ = p.child.stdout.as_mut().map(|o| o.read_to_string(&mut rest));
+    rest
+}
+
 fn key(i: u32) -> i32 {
     0x7d00_0000 + (std::process::id() as i32 % 4096) * 0x100 + i as i32
 }
@@ -71,12 +78,7 @@ fn readers_and_writers_never_see_a_page_the_protocol_did_not_give_when_their_dae
                 panic!("repetition {i}: the reader still runs 5 s after its daemon died")
             });
         let took = killed.elapsed();
-        let mut rest = String::new();
-        let _ = reader
-            .child
-            .stdout
-            .as_mut()
-            .map(|o| o.read_to_string(&mut rest));
+        let rest = rest_of(&mut reader);
         assert!(
             !rest.contains("BAD"),
             "repetition {i}: a read returned what nobody wrote: {rest}"
@@ -150,12 +152,7 @@ fn a_killed_guardian_is_replaced_and_the_new_one_guards_everything() {
     let status = reader
         .child_wait_until(BOUND)
         .expect("the reader ends within the bound");
-    let mut rest = String::new();
-    let _ = reader
-        .child
-        .stdout
-        .as_mut()
-        .map(|o| o.read_to_string(&mut rest));
+    let rest = rest_of(&mut reader);
     assert!(
         !rest.contains("BAD"),
         "a read returned what nobody wrote: {rest}"
@@ -202,23 +199,13 @@ fn a_moved_process_never_sees_a_page_nobody_wrote_when_the_daemon_it_runs_under_
         } else {
             (k.clone(), PAGES.to_string())
         };
-        let mut command = migshm::omrun_command(cluster.socket(1), None, &program);
-        command.args([&k, &pages, "128"]);
+        let mut args = vec![k.as_str(), pages.as_str(), "128"];
         if writes {
-            command.arg("write");
+            args.push("write");
         }
-        migshm::only_standard_fds(&mut command);
-        command
-            .stdin(std::process::Stdio::null())
-            .stdout(std::fs::File::create(&out).expect("output file"))
-            .stderr(std::process::Stdio::null());
-        let mut process = migshm::Proc::from(command.spawn().expect("start random_check"));
+        let mut process =
+            migshm::start_checker(cluster.socket(1), &program, &args, &out, "checking");
         let read = || std::fs::read_to_string(&out).unwrap_or_default();
-        assert!(
-            migshm::eventually(Duration::from_secs(10), || read().contains("checking")),
-            "repetition {i}: it never started: {}",
-            read()
-        );
         let pid = process.child.id().to_string();
         let (ok, stdout, stderr) = migshm::omctl(cluster.socket(1), &["migrate", &pid, "2"]);
         assert!(ok, "repetition {i}: migrate: {stdout} {stderr}");

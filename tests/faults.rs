@@ -8,7 +8,7 @@
 //! is left behind: no agent, no copy.
 
 use dsm::faults::{FAULT_ENV, POINTS};
-use migshm::{agents_of, c_program, eventually, omrun_command, run_role, Cluster, ClusterOptions};
+use migshm::{agents_of, c_program, eventually, run_role, Cluster, ClusterOptions};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -104,19 +104,14 @@ fn whatever_dies_at_any_point_no_wrong_read_no_hang_nothing_left() {
         let (status, out) = run_role(cluster.socket(1), &["fill", &key, SEGMENT_PAGES, "171"]);
         assert!(status.success(), "{point}: fill: {out}");
         let out = dir.join(format!("{point}.out"));
-        let mut command = omrun_command(cluster.socket(1), None, &program);
-        command.args([&key, SEGMENT_PAGES, HEAP_MIB, "write"]);
-        migshm::only_standard_fds(&mut command);
-        command
-            .stdin(std::process::Stdio::null())
-            .stdout(std::fs::File::create(&out).expect("output file"))
-            .stderr(std::process::Stdio::null());
-        let mut process = migshm::Proc::from(command.spawn().expect("start random_check"));
-        let read = || std::fs::read_to_string(&out).unwrap_or_default();
-        assert!(
-            eventually(Duration::from_secs(10), || read().contains("checking")),
-            "{point}: it never started"
+        let mut process = migshm::start_checker(
+            cluster.socket(1),
+            &program,
+            &[&key, SEGMENT_PAGES, HEAP_MIB, "write"],
+            &out,
+            "checking",
         );
+        let read = || std::fs::read_to_string(&out).unwrap_or_default();
         let pid = process.child.id().to_string();
         let socket1 = cluster.socket(1).to_path_buf();
         for _ in 0..2 {

@@ -42,17 +42,7 @@ fn sysv_walk_prints_the_same_natively_and_under_omrun() {
         )
         .expect("sysv_walk hung under omrun");
         assert!(status.success(), "under omrun: {status:?}\n{out}");
-        let diff: Vec<String> = expected
-            .lines()
-            .zip(out.lines())
-            .filter(|(a, b)| a != b)
-            .map(|(a, b)| format!("native: {a}\nomrun:  {b}"))
-            .collect();
-        assert!(
-            diff.is_empty() && expected.lines().count() == out.lines().count(),
-            "node {node} differs from native:\n{}",
-            diff.join("\n")
-        );
+        migshm::assert_same_output(&format!("sysv_walk on node {node}"), &expected, &out);
     }
     // The whole walk on node 1 with every object homed on node 2.
     let (status, out) = migshm::run_under_omrun_homed(

@@ -12,22 +12,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn same(what: &str, native: &str, ours: &str) {
-    let diff: Vec<String> = native
-        .lines()
-        .zip(ours.lines())
-        .filter(|(a, b)| a != b)
-        .map(|(a, b)| format!("native: {a}\nomrun:  {b}"))
-        .collect();
-    assert!(
-        diff.is_empty() && native.lines().count() == ours.lines().count(),
-        "{what} differs from native:\n{}\n(native {} lines, omrun {})",
-        diff.join("\n"),
-        native.lines().count(),
-        ours.lines().count()
-    );
-}
-
 /// Run `program pause` from `command`, feeding the line that ends its
 /// pause after `at_pause` ran; returns what it printed.
 fn run_paused(mut command: Command, out: &Path, at_pause: impl FnOnce(u32)) -> String {
@@ -75,7 +59,7 @@ fn reshaped_mappings_keep_the_kernels_meaning_on_every_node_and_across_moves() {
             &dir.join("omrun"),
             |_| {},
         );
-        same(what, &expected, &out);
+        migshm::assert_same_output(what, &expected, &out);
     }
     // Moved between its halves, with every reshaped mapping of the first
     // half still there: to node 2 (where the second half runs), and to
@@ -99,7 +83,7 @@ fn reshaped_mappings_keep_the_kernels_meaning_on_every_node_and_across_moves() {
                 }
             },
         );
-        same(
+        migshm::assert_same_output(
             if back {
                 "moved to node 2 and back"
             } else {

@@ -42,22 +42,6 @@ fn under_omrun(cluster: &Cluster, node: u8, home: Option<u8>, program: &Path) ->
     out
 }
 
-fn same(what: &str, native: &str, ours: &str) {
-    let diff: Vec<String> = native
-        .lines()
-        .zip(ours.lines())
-        .filter(|(a, b)| a != b)
-        .map(|(a, b)| format!("native: {a}\nomrun:  {b}"))
-        .collect();
-    assert!(
-        diff.is_empty() && native.lines().count() == ours.lines().count(),
-        "{what} differs from native:\n{}\n(native {} lines, omrun {})",
-        diff.join("\n"),
-        native.lines().count(),
-        ours.lines().count()
-    );
-}
-
 /// The program natively, then under omrun three ways, each on a cluster
 /// of its own.
 fn differential(name: &str, opts: ClusterOptions) {
@@ -72,7 +56,7 @@ fn differential(name: &str, opts: ClusterOptions) {
         (2, Some(1), "on node 2, homed on node 1"),
     ] {
         let cluster = Cluster::start_with(opts.clone()).expect("start a cluster");
-        same(
+        migshm::assert_same_output(
             &format!("{name} {what}"),
             &expected,
             &under_omrun(&cluster, node, home, &program),

@@ -524,13 +524,7 @@ impl Client {
 
     /// Does some piece of an attachment overlap `[addr, addr + len)`?
     pub fn maps_any(&self, addr: usize, len: usize) -> bool {
-        let end = addr.saturating_add(len) as u64;
-        self.0
-            .state
-            .lock()
-            .attachments
-            .iter()
-            .any(|a| a.addr < end && (addr as u64) < a.addr + a.len)
+        !self.pieces_in(addr, len).is_empty()
     }
 
     /// The pieces overlapping `[addr, addr + len)`.
