@@ -90,6 +90,36 @@ pub fn run_test_in_child(
     (out.status, text)
 }
 
+/// Every thread of process `pid` and of its descendants: state, wait
+/// channel, system call (what a hung test reports).
+pub fn describe_tree(pid: i32) -> String {
+    let mut out = String::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+        out += &format!("process {p} {}\n", comm.trim());
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let t = t.path();
+                let read = |f: &str| std::fs::read_to_string(t.join(f)).unwrap_or_default();
+                let state = read("stat")
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next().map(str::to_string))
+                    .unwrap_or_default();
+                out += &format!(
+                    "  task {} {state} wchan={} syscall={}\n",
+                    t.display(),
+                    read("wchan"),
+                    read("syscall").split_whitespace().next().unwrap_or("")
+                );
+            }
+        }
+        todo.extend(children_of(p as u32));
+    }
+    out
+}
+
 /// The agents a daemon started: its children but its guardian.
 pub fn agents_of(daemon: u32) -> Vec<i32> {
     children_of(daemon)
@@ -453,6 +483,8 @@ impl Proc {
                 return Some(status);
             }
             if Instant::now() > deadline {
+                // What it (and what it started) waits on, for the record.
+                eprintln!("{}", describe_tree(self.child.id() as i32));
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 return None;

@@ -36,6 +36,17 @@ fn wait_for_waiters(set: &SemSet, n: i32) {
     );
 }
 
+/// Wait until a `hold` role says it holds its unit.
+fn held(p: &mut Proc) {
+    use std::io::BufRead;
+    let mut line = String::new();
+    let stdout = p.child.stdout.as_mut().expect("piped stdout");
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("the holder's word");
+    assert_eq!(line.trim(), "held", "the holder failed");
+}
+
 fn errno_of<T: std::fmt::Debug>(r: Result<T, semaphore::Error>) -> i32 {
     r.expect_err("expected an error").errno()
 }
@@ -441,8 +452,10 @@ fn a_set_follows_its_only_user_and_survives_the_borrowers_loss() {
             .map(|s| s.arbiter)
     };
     assert_eq!(arbiter(), Some(1));
-    // 40 P+V pairs from node 2, then it holds one unit.
-    let _holder = spawn_sem_role(cluster.socket(2), &["hold", &id, "40"]).unwrap();
+    // 40 P+V pairs from node 2, then it holds one unit (it says so: the
+    // value is 1 in the middle of its pairs too).
+    let mut _holder = spawn_sem_role(cluster.socket(2), &["hold", &id, "40"]).unwrap();
+    held(&mut _holder);
     assert!(
         eventually(Duration::from_secs(10), || arbiter() == Some(2)),
         "the set was not lent to its only user"
@@ -455,7 +468,8 @@ fn a_set_follows_its_only_user_and_survives_the_borrowers_loss() {
     assert_eq!(arbiter(), Some(1));
     assert!(set.get_pid(0).unwrap() > 0);
     // Lent again, then its borrower dies holding a unit with SEM_UNDO.
-    let _second = spawn_sem_role(cluster.socket(2), &["hold", &id, "40"]).unwrap();
+    let mut _second = spawn_sem_role(cluster.socket(2), &["hold", &id, "40"]).unwrap();
+    held(&mut _second);
     assert!(
         eventually(Duration::from_secs(10), || arbiter() == Some(2)),
         "the set was not lent again"
