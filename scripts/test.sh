@@ -9,15 +9,17 @@ export CARGO_TERM_COLOR=never
 # Simulator schedules checked in CI (each a full random run with crashes).
 export DSM_SIM_SEEDS="${DSM_SIM_SEEDS:-20000}"
 
-echo "== packages the real-program tests run"
+echo "== packages the real-program and partition tests run"
 # Apache (prefork, SysV accept mutex), PHP (opcache in a SysV segment),
-# PostgreSQL 15, ab and curl; installed when missing.
+# PostgreSQL 15, ab and curl; nftables for one-way and partial network
+# cuts; installed when missing.
 need=()
 command -v apache2 >/dev/null || [ -x /usr/sbin/apache2 ] || need+=(apache2)
 command -v ab >/dev/null || need+=(apache2-utils)
 [ -e /usr/lib/apache2/modules/libphp8.2.so ] || need+=(libapache2-mod-php)
 command -v curl >/dev/null || need+=(curl)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null \

@@ -1,7 +1,8 @@
 //! Network namespaces for tests that cut links (DESIGN.md §7): one per
 //! node, each with an `eth0` at 10.77.0.N/24, joined by a bridge that
 //! lives in a namespace of its own (nothing is added to the root
-//! namespace). Cutting a node takes its port on the bridge down.
+//! namespace). Cutting a node takes its port on the bridge down; a one-way
+//! or partial cut is an nftables drop rule in one node's namespace.
 
 use std::process::Command;
 
@@ -92,6 +93,76 @@ impl Namespaces {
     /// Join node `n` again.
     pub fn heal(&self, n: u8) -> std::io::Result<()> {
         ip(&["-n", &self.bridge, "link", "set", &format!("v{n}"), "up"])
+    }
+}
+
+fn nft(namespace: &str, script: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", namespace, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "nft in {namespace}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Can tests drop packets with nftables? Prints why not.
+pub fn nft_available() -> bool {
+    if Command::new("nft").arg("--version").output().is_err() {
+        println!("skipped: no `nft` command (the nftables package)");
+        return false;
+    }
+    true
+}
+
+impl Namespaces {
+    /// Node `at` stops receiving anything from node `from` (an nftables
+    /// drop rule on its input): a one-way cut; called for both nodes of a
+    /// pair it cuts that pair only, the others still reach both.
+    pub fn drop_from(&self, at: u8, from: u8) -> std::io::Result<()> {
+        let table = format!("mshmcut{from}");
+        nft(
+            self.name(at),
+            &format!(
+                "table inet {table} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  ip saddr {} drop\n }}\n}}\n",
+                Namespaces::address(from)
+            ),
+        )
+    }
+
+    /// Node `at` no longer receives the end of any TCP stream from node
+    /// `from` (segments with FIN or RST): a closed connection is not seen
+    /// closed, as behind a middlebox that lost it.
+    pub fn drop_ends_from(&self, at: u8, from: u8) -> std::io::Result<()> {
+        let table = format!("mshmend{from}");
+        nft(
+            self.name(at),
+            &format!(
+                "table inet {table} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  ip saddr {} tcp flags & (fin | rst) != 0 drop\n }}\n}}\n",
+                Namespaces::address(from)
+            ),
+        )
+    }
+
+    /// Node `at` receives from node `from` again.
+    pub fn undrop(&self, at: u8, from: u8) -> std::io::Result<()> {
+        nft(self.name(at), &format!("delete table inet mshmcut{from}\n"))
+    }
+
+    /// Node `at` sees node `from`'s streams end again.
+    pub fn undrop_ends(&self, at: u8, from: u8) -> std::io::Result<()> {
+        nft(self.name(at), &format!("delete table inet mshmend{from}\n"))
     }
 }
 

@@ -342,6 +342,27 @@ fn fake_peers_are_refused_or_answered_and_the_daemon_keeps_serving() {
             (10, RpcResponse::Err(libc::EINVAL))
         ]
     );
+    // A ping is answered at once with its own time; a pong for a ping the
+    // daemon never sent (a time still to come) extends no lease.
+    write_peer_frame(
+        &mut s,
+        &wire::encode_control(&Control::Pong { echo_ns: u64::MAX }),
+    );
+    write_peer_frame(
+        &mut s,
+        &wire::encode_control(&Control::Ping { sent_ns: 4242 }),
+    );
+    loop {
+        match read_peer_frame(&mut s).expect("no pong from the daemon") {
+            PeerFrame::Control(Control::Pong { echo_ns: 4242 }) => break,
+            _ => continue,
+        }
+    }
+    assert!(
+        cluster.log(2).contains("pong for a ping not sent yet"),
+        "{}",
+        cluster.log(2)
+    );
     // A truncated coherence frame: the link is closed.
     write_peer_frame(&mut s, &[2, 40, 0, 1, 2]);
     assert!(closed_by_peer(&mut s));

@@ -1,6 +1,9 @@
-//! A network partition (DESIGN.md §7): three daemons in network
-//! namespaces of their own; node 3 is cut off while processes on both
-//! sides read and write one segment, then the link heals.
+//! Network partitions (DESIGN.md §7): three daemons in network
+//! namespaces of their own; node 3 loses node 1, the segment's home, while
+//! processes on every node read and write it, then the link heals. Node 3
+//! is cut off from everyone (its link down), or by nftables drop rules
+//! from node 1 only: one way (either way) or both, node 2 still reaching
+//! both.
 //!
 //! What must hold (docs/architecture.md, "What a partition costs"): every
 //! read, on either side, returns a value no older than the newest write
@@ -22,9 +25,89 @@ const RUN_MS: u64 = 5000;
 const TIMEOUT: Duration = Duration::from_millis(1000);
 const HEARTBEAT_MS: u64 = 100;
 
+/// How node 3 loses node 1, the segment's home.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cut {
+    /// Node 3's port on the bridge goes down: it reaches nobody.
+    Isolate,
+    /// Node 1 stops hearing node 3; node 3 still hears node 1 (until TCP,
+    /// getting no acknowledgements, stops sending).
+    HomeDeaf,
+    /// The same, and node 3 never sees node 1 close their connection:
+    /// only a lease counted from what node 1 heard fences node 3 in time.
+    HomeDeafNoEnd,
+    /// Node 3 stops hearing node 1; node 1 still hears node 3.
+    NodeDeaf,
+    /// Nodes 1 and 3 lose each other; node 2 still reaches both.
+    Pair,
+}
+
+impl Cut {
+    /// The nftables drop rules, (at, from), of the one-way and partial cuts.
+    fn drops(self) -> &'static [(u8, u8)] {
+        match self {
+            Cut::Isolate => &[],
+            Cut::HomeDeaf | Cut::HomeDeafNoEnd => &[(1, 3)],
+            Cut::NodeDeaf => &[(3, 1)],
+            Cut::Pair => &[(1, 3), (3, 1)],
+        }
+    }
+
+    fn apply(self, namespaces: &migshm::netns::Namespaces) {
+        if self == Cut::Isolate {
+            namespaces.cut(3).expect("cut node 3 off");
+        }
+        if self == Cut::HomeDeafNoEnd {
+            namespaces.drop_ends_from(3, 1).expect("nft drop rule");
+        }
+        for &(at, from) in self.drops() {
+            namespaces.drop_from(at, from).expect("nft drop rule");
+        }
+    }
+
+    fn heal(self, namespaces: &migshm::netns::Namespaces) {
+        if self == Cut::Isolate {
+            namespaces.heal(3).expect("heal");
+        }
+        for &(at, from) in self.drops() {
+            namespaces.undrop(at, from).expect("nft rule removed");
+        }
+        if self == Cut::HomeDeafNoEnd {
+            namespaces.undrop_ends(3, 1).expect("nft rule removed");
+        }
+    }
+}
+
 #[test]
 fn a_cut_off_node_never_lets_anyone_read_an_overwritten_value() {
+    partition(Cut::Isolate);
+}
+
+#[test]
+fn a_home_that_no_longer_hears_a_node_never_lets_it_read_an_overwritten_value() {
+    partition(Cut::HomeDeaf);
+}
+
+#[test]
+fn a_node_that_never_sees_its_deaf_home_hang_up_never_reads_an_overwritten_value() {
+    partition(Cut::HomeDeafNoEnd);
+}
+
+#[test]
+fn a_node_that_no_longer_hears_its_home_never_reads_an_overwritten_value() {
+    partition(Cut::NodeDeaf);
+}
+
+#[test]
+fn a_partial_partition_never_lets_anyone_read_an_overwritten_value() {
+    partition(Cut::Pair);
+}
+
+fn partition(cut: Cut) {
     if !uffd_or_skip() || !migshm::netns::available() {
+        return;
+    }
+    if !cut.drops().is_empty() && !migshm::netns::nft_available() {
         return;
     }
     let mut cluster = Cluster::start_with(ClusterOptions {
@@ -36,7 +119,7 @@ fn a_cut_off_node_never_lets_anyone_read_an_overwritten_value() {
     })
     .expect("a cluster in network namespaces");
     let key = (0x7e00_0000 + std::process::id() as i32 % 0x10000).to_string();
-    let dir = std::env::temp_dir().join(format!("migshm-partition-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("migshm-partition-{}-{cut:?}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     // Homed on node 1. Pages 1..8 written on node 1, 8..16 on node 2,
     // 16..24 on node 3 (the one cut off); everybody reads. Page 0 is
@@ -87,7 +170,7 @@ fn a_cut_off_node_never_lets_anyone_read_an_overwritten_value() {
     std::thread::sleep(Duration::from_millis(800));
     let namespaces = cluster.namespaces.as_ref().expect("namespaces");
     let cut_at = Instant::now();
-    namespaces.cut(3).expect("cut node 3 off");
+    cut.apply(namespaces);
     // The cut-off process ends with SIGBUS (its lease on node 1's pages
     // ends) within the bound; node 1 and 2 see node 3 lost after the
     // timeout and go on.
@@ -109,10 +192,10 @@ fn a_cut_off_node_never_lets_anyone_read_an_overwritten_value() {
         running = still;
         std::thread::sleep(Duration::from_millis(5));
     }
-    namespaces.heal(3).expect("heal");
+    cut.heal(namespaces);
     let mut logs = Vec::new();
     for (name, log, status, at) in &ended {
-        println!("{name}: {status:?} {at:?} after the cut");
+        println!("{cut:?}: {name}: {status:?} {at:?} after the cut");
         match *name {
             "writer1" | "writer2" | "slow-writer1" => {
                 assert!(status.success(), "{name}: {status:?}")
@@ -153,12 +236,39 @@ fn a_cut_off_node_never_lets_anyone_read_an_overwritten_value() {
         }
     }
     drop(seg);
-    // Healed, node 3's old life stays out: both sides took it for lost.
+    // The lease held whichever way the cut went: each of nodes 1 and 3
+    // fenced the other before the other declared it lost (and so could
+    // hand its pages to a writer).
+    for (a, b) in [(1u8, 3u8), (3, 1)] {
+        let fenced = first_event(&cluster.log(a), "lost touch with the peer", b);
+        let declared = first_event(&cluster.log(b), "peer lost", a);
+        println!("{cut:?}: node {a} fenced node {b} at {fenced:?}, node {b} declared {a} lost at {declared:?}");
+        match (fenced, declared) {
+            // (A run across midnight UTC: the later time wrapped.)
+            (Some(f), Some(d)) => assert!(
+                f < d || d + 86_400.0 - f < 43_200.0,
+                "{cut:?}: node {a} fenced node {b} {:.3} s after node {b} declared it lost",
+                f - d
+            ),
+            other => panic!("{cut:?}: node {a} / node {b}: {other:?}"),
+        }
+    }
+    // Healed, node 3's old life stays out of node 1 (each took the other
+    // for lost); node 2 lost it too only if it was cut off from node 2.
     std::thread::sleep(TIMEOUT);
     let nodes = home.nodes().expect("nodes");
     assert!(
         nodes.iter().any(|n| n.node.0 == 3 && !n.up),
         "the cut-off life was taken back: {nodes:?}"
+    );
+    let seen_by_2 = dsm::client::Client::connect(cluster.socket(2))
+        .and_then(|c| c.nodes())
+        .expect("nodes seen by node 2");
+    assert!(
+        seen_by_2
+            .iter()
+            .any(|n| n.node.0 == 3 && n.up == (cut != Cut::Isolate)),
+        "{cut:?}: node 2 sees {seen_by_2:?}"
     );
     // A new life of node 3 joins and serves the segment's data.
     cluster.restart(3).expect("node 3 restarts and joins");
@@ -177,7 +287,7 @@ fn a_cut_off_node_never_lets_anyone_read_an_overwritten_value() {
         assert!(!cluster.log(n).contains("panicked"), "node {n} panicked");
     }
     println!(
-        "{} reads and {} writes linearizable across the cut",
+        "{cut:?}: {} reads and {} writes linearizable across the cut",
         checked.reads, checked.writes
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -261,4 +371,39 @@ fn a_stopped_daemon_cannot_let_its_processes_read_overwritten_values() {
         checked.reads, checked.writes
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// When a daemon first logged `message` about peer `node`, in seconds of
+/// the day (the daemons' logs carry UTC timestamps with microseconds).
+fn first_event(log: &str, message: &str, node: u8) -> Option<f64> {
+    let field = format!("node=n{node}");
+    log.lines()
+        .map(strip_ansi)
+        .filter(|line| line.contains(message) && line.contains(&field))
+        .find_map(|line| {
+            let time = line.split_whitespace().next()?.split('T').nth(1)?;
+            let time = time.trim_end_matches('Z');
+            let mut parts = time.split(':');
+            let h: f64 = parts.next()?.parse().ok()?;
+            let m: f64 = parts.next()?.parse().ok()?;
+            let s: f64 = parts.next()?.parse().ok()?;
+            Some(h * 3600.0 + m * 60.0 + s)
+        })
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use sysv::sem::{SemBuf, SemSet};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const MAGIC: [u8; 4] = *b"MSHM";
 /// Largest peer frame: a read grant with the full read-ahead, plus slack.
 pub const PEER_FRAME_MAX: usize = (crate::coherence::PREFETCH_PAGES_MAX as usize + 2) * PAGE_SIZE;
@@ -363,7 +363,16 @@ pub enum Control {
     Auth {
         mac: Vec<u8>,
     },
-    Ping,
+    /// A heartbeat: `sent_ns` is the sender's clock when it sent it, to be
+    /// echoed back at once in a [`Control::Pong`].
+    Ping {
+        sent_ns: u64,
+    },
+    /// The answer to a ping: proof that the peer heard us after `echo_ns`
+    /// (our clock), which is what a lease may count from.
+    Pong {
+        echo_ns: u64,
+    },
     Request {
         id: u64,
         body: RpcRequest,

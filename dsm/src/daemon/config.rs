@@ -138,10 +138,11 @@ impl Config {
         }
         let peer_timeout_ms = file.peer_timeout_ms.unwrap_or(args.peer_timeout_ms);
         let heartbeat_ms = file.heartbeat_ms.unwrap_or(args.heartbeat_ms);
-        // A node stops using what a silent peer gave it (its lease ends)
-        // three heartbeats before that peer may declare it lost.
-        if heartbeat_ms == 0 || peer_timeout_ms < 4 * heartbeat_ms {
-            return Err("--peer-timeout-ms must be at least 4 times --heartbeat-ms (> 0)".into());
+        // A node stops using what a peer gave it (its lease ends) three
+        // heartbeats before that peer may declare it lost, and a healthy
+        // lease is up to a heartbeat and a round trip old: two of margin.
+        if heartbeat_ms == 0 || peer_timeout_ms < 5 * heartbeat_ms {
+            return Err("--peer-timeout-ms must be at least 5 times --heartbeat-ms (> 0)".into());
         }
         Ok(Config {
             node,

@@ -65,7 +65,13 @@ pub enum PeerLink {
         tx: mpsc::UnboundedSender<Vec<Bytes>>,
         incarnation: u64,
         generation: u64,
+        /// When the peer last sent us anything.
         last_seen: Instant,
+        /// The newest moment of ours that the peer is known to have heard
+        /// us after (the sending time of the newest ping it answered, or
+        /// the start of our handshake): the lease counts from here, so
+        /// that it runs out on a one-way cut too (see [`Core::heartbeat`]).
+        heard_us: Instant,
     },
     /// The link ended, or the peer fell silent for longer than the lease:
     /// nothing it gave is used here any more (fenced), but it is declared
@@ -117,6 +123,8 @@ pub struct Core {
     /// Silence after which a peer's pages stop being used here (the
     /// lease): three heartbeats short of the peer timeout.
     fence_after: Duration,
+    /// Where the clock that pings carry starts.
+    clock_origin: Instant,
     pub engine: Engine<Waiter>,
     pub store: NodeStore,
     pub homes: BTreeMap<SegmentId, HomeSegment>,
@@ -207,6 +215,7 @@ impl Core {
             listen: config.listen,
             rpc_timeout: config.peer_timeout * 2,
             fence_after: config.peer_timeout.saturating_sub(config.heartbeat * 3),
+            clock_origin: Instant::now(),
             engine: Engine::new(config.node),
             store: NodeStore::default(),
             homes: BTreeMap::new(),
@@ -400,6 +409,7 @@ impl Core {
         &mut self,
         node: NodeId,
         incarnation: u64,
+        hello_sent: Instant,
         tx: mpsc::UnboundedSender<Vec<Bytes>>,
     ) -> Option<u64> {
         let previous = match self.peers.get(&node).map(|p| &p.link) {
@@ -448,6 +458,7 @@ impl Core {
                 incarnation,
                 generation,
                 last_seen: Instant::now(),
+                heard_us: hello_sent,
             },
         ) {
             PeerLink::Connecting { backlog, .. } => backlog,
@@ -504,7 +515,10 @@ impl Core {
                 self.engine.handle_message(node, msg, &mut self.store);
                 self.drain_engine();
             }
-            wire::PeerFrame::Control(Control::Ping) => {}
+            wire::PeerFrame::Control(Control::Ping { sent_ns }) => {
+                self.send_control(node, &Control::Pong { echo_ns: sent_ns });
+            }
+            wire::PeerFrame::Control(Control::Pong { echo_ns }) => self.on_pong(node, echo_ns),
             wire::PeerFrame::Control(Control::Request {
                 id,
                 body: RpcRequest::Migrate { uid, pid, to },
@@ -574,6 +588,29 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// Our clock as pings carry it.
+    fn clock_ns(&self, at: Instant) -> u64 {
+        at.duration_since(self.clock_origin).as_nanos() as u64
+    }
+
+    /// The peer answered the ping we sent at `echo_ns`: it heard us then.
+    /// An echo of a moment still to come (a bad frame) extends nothing.
+    fn on_pong(&mut self, node: NodeId, echo_ns: u64) {
+        let now = Instant::now();
+        if echo_ns > self.clock_ns(now) {
+            tracing::warn!(?node, echo_ns, "pong for a ping not sent yet: ignored");
+            return;
+        }
+        let sent = self.clock_origin + Duration::from_nanos(echo_ns);
+        if let Some(Peer {
+            link: PeerLink::Up { heard_us, .. },
+            ..
+        }) = self.peers.get_mut(&node)
+        {
+            *heard_us = (*heard_us).max(sent);
+        }
     }
 
     /// Declare a peer lost: nothing it held can be had any more, and every
@@ -676,17 +713,22 @@ impl Core {
         }
     }
 
-    /// Heartbeat tick: ping every live peer, fence those silent for longer
-    /// than the lease, declare lost those silent for the whole timeout.
+    /// Heartbeat tick: ping every live peer, fence those whose lease ran
+    /// out, declare lost those silent for the whole timeout.
     ///
-    /// Why two limits: both sides of a cut see the silence start within a
-    /// heartbeat of each other (each pings every heartbeat), and each acts
-    /// only at a tick. A node fences at most `fence_after` plus a tick
-    /// after the last frame it got; the other side declares it lost no
-    /// sooner than `timeout` after the last frame *it* got, which is at
-    /// most a heartbeat (plus transit) later. With `fence_after` three
-    /// heartbeats short of `timeout`, no node ever takes back (and hands
-    /// to a writer) a page that a cut-off node still reads.
+    /// The lease on a peer counts from the newest moment it is known to
+    /// have heard us (`heard_us`: the sending time of the newest ping it
+    /// answered), not from when we last heard it: on a one-way cut we may
+    /// go on hearing a peer that no longer hears us, and it will declare
+    /// us lost. A peer declares us lost no sooner than `timeout` after the
+    /// last frame it got from us, which is no earlier than `heard_us`; we
+    /// fence at most `fence_after` plus a tick after `heard_us`. With
+    /// `fence_after` three heartbeats short of `timeout`, no node ever
+    /// takes back (and hands to a writer) a page that a cut-off node still
+    /// reads, whichever way the cut goes. A healthy link renews the lease
+    /// every heartbeat (a ping, its pong at once), so its age at a tick is
+    /// a heartbeat plus a round trip: `dsmd` wants `timeout` to be at
+    /// least five heartbeats, which leaves two of margin.
     pub fn heartbeat(&mut self, timeout: Duration) {
         // The guardian's lease on this daemon (see `Guardian::tick`).
         if let Some(g) = &self.guardian {
@@ -705,10 +747,10 @@ impl Core {
                     lost.push(*id)
                 }
                 PeerLink::Up {
-                    last_seen,
+                    heard_us,
                     generation,
                     ..
-                } if now.duration_since(*last_seen) > self.fence_after => {
+                } if now.duration_since(*heard_us) > self.fence_after => {
                     fenced.push((*id, *generation))
                 }
                 PeerLink::Connecting { since, .. } if now.duration_since(*since) > timeout => {
@@ -733,8 +775,9 @@ impl Core {
             .filter(|(_, p)| matches!(p.link, PeerLink::Up { .. }))
             .map(|(id, _)| *id)
             .collect();
+        let sent_ns = self.clock_ns(Instant::now());
         for id in up {
-            self.send_control(id, &Control::Ping);
+            self.send_control(id, &Control::Ping { sent_ns });
         }
     }
 

@@ -9,7 +9,7 @@ use crate::wire::{self, Control, Hello, PeerFrame, MAGIC, PEER_FRAME_MAX, PROTOC
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
@@ -120,14 +120,19 @@ pub async fn handshake(
 }
 
 /// Run an authenticated link until it ends; then the peer is lost.
+/// `hello_sent`: no later than our Hello left, which the peer heard.
 async fn run_link(
     core: SharedCore,
     framed: Framed<TcpStream, LengthDelimitedCodec>,
     node: NodeId,
     incarnation: u64,
+    hello_sent: Instant,
 ) {
     let (tx, rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
-    let Some(generation) = core.borrow_mut().peer_connected(node, incarnation, tx) else {
+    let Some(generation) = core
+        .borrow_mut()
+        .peer_connected(node, incarnation, hello_sent, tx)
+    else {
         return;
     };
     // Reading keeps the codec (and what it already buffered during the
@@ -229,11 +234,14 @@ pub async fn accept_loop(core: SharedCore, listener: TcpListener, id: std::rc::R
         tokio::task::spawn_local(async move {
             let _ = stream.set_nodelay(true);
             let mut framed = Framed::new(stream, codec());
+            let hello_sent = Instant::now();
             match handshake(&mut framed, &id, None).await {
                 Ok((node, _)) if node > id.me => {
                     tracing::warn!(%addr, ?node, "higher node dialed us; it should wait for our call");
                 }
-                Ok((node, incarnation)) => run_link(core, framed, node, incarnation).await,
+                Ok((node, incarnation)) => {
+                    run_link(core, framed, node, incarnation, hello_sent).await
+                }
                 Err(e) => tracing::warn!(%addr, "peer refused: {e}"),
             }
         });
@@ -253,10 +261,11 @@ pub async fn dial_loop(
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
                 let mut framed = Framed::new(stream, codec());
+                let hello_sent = Instant::now();
                 match handshake(&mut framed, &id, Some(node)).await {
                     Ok((_, incarnation)) => {
                         backoff = Duration::from_millis(20);
-                        run_link(core.clone(), framed, node, incarnation).await;
+                        run_link(core.clone(), framed, node, incarnation, hello_sent).await;
                     }
                     Err(e) => tracing::warn!(?node, "handshake failed: {e}"),
                 }
