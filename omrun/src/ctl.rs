@@ -366,14 +366,7 @@ pub fn semtimedop(
         }
         Some(t) => Some(Duration::new(t.tv_sec as u64, t.tv_nsec as u32)),
     };
-    let ops: Vec<SemBuf> = raw
-        .iter()
-        .map(|s| SemBuf {
-            num: s.sem_num,
-            op: s.sem_op,
-            flags: s.sem_flg,
-        })
-        .collect();
+    let ops: Vec<SemBuf> = raw.iter().map(SemBuf::from).collect();
     rt.sems
         .open(semid)
         .timed_op(&ops, limit)

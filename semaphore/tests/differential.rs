@@ -285,14 +285,7 @@ fn undo_adjustments_at_exit_match_the_kernel() {
             cred: parent.cred.clone(),
         };
         for sops in &plan {
-            let ops: Vec<SemBuf> = sops
-                .iter()
-                .map(|s| SemBuf {
-                    num: s.sem_num,
-                    op: s.sem_op,
-                    flags: s.sem_flg,
-                })
-                .collect();
+            let ops: Vec<SemBuf> = sops.iter().map(SemBuf::from).collect();
             let _ = engine.semop(&ops, &child, &limits, 0);
         }
         assert_eq!(

@@ -61,6 +61,17 @@ impl From<SemBuf> for libc::sembuf {
     }
 }
 
+/// An operation a program passed in its own `struct sembuf`.
+impl From<&libc::sembuf> for SemBuf {
+    fn from(s: &libc::sembuf) -> SemBuf {
+        SemBuf {
+            num: s.sem_num,
+            op: s.sem_op,
+            flags: s.sem_flg,
+        }
+    }
+}
+
 /// Limits from `/proc/sys/kernel/sem`: SEMMSL SEMMNS SEMOPM SEMMNI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SemLimits {
