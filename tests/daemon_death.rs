@@ -257,3 +257,60 @@ fn a_moved_process_never_sees_a_page_nobody_wrote_when_the_daemon_it_runs_under_
     println!("{MOVED_REPETITIONS} deaths under a moved process: slowest end {slowest:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Only a process that maps cluster memory is at risk when its daemon
+/// dies: one that detached everything is let go by the guardian (it lives
+/// on, its next call fails), and is held again by its next attachment.
+#[test]
+fn a_process_that_detached_everything_outlives_its_daemon() {
+    const NAME: &str = "a_process_that_detached_everything_outlives_its_daemon";
+    if migshm::is_test_child(NAME) {
+        return detach_then_kill_the_daemon();
+    }
+    if !uffd_or_skip() {
+        return;
+    }
+    let mut cluster = Cluster::start(1).expect("start a node");
+    for attach_again in ["no", "yes"] {
+        let pid = cluster.node(1).pid().expect("daemon pid").to_string();
+        let (status, out) = migshm::run_test_in_child(
+            NAME,
+            &[
+                ("NODE_SOCKET", cluster.socket(1).as_os_str()),
+                ("NODE_PID", pid.as_ref()),
+                ("ATTACH_AGAIN", attach_again.as_ref()),
+            ],
+        );
+        if attach_again == "no" {
+            assert!(status.success(), "{status:?}: {out}");
+            assert!(out.contains("alive after the daemon died"), "{out}");
+        } else {
+            assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}: {out}");
+        }
+        cluster.restart(1).expect("a new life of the daemon");
+    }
+}
+
+fn detach_then_kill_the_daemon() {
+    let socket = std::env::var_os("NODE_SOCKET").expect("socket");
+    let daemon: i32 = std::env::var("NODE_PID")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .expect("daemon pid");
+    let client = dsm::client::Client::connect(std::path::Path::new(&socket)).expect("connect");
+    let id = client.get(0, 4096 * 4, 0o600).expect("shmget");
+    let seg = client.attach(id, false).expect("shmat");
+    seg.atomics_u64()[0].store(7, std::sync::atomic::Ordering::SeqCst);
+    seg.detach().expect("shmdt");
+    let again = (std::env::var("ATTACH_AGAIN").as_deref() == Ok("yes"))
+        .then(|| client.attach(id, false).expect("shmat again"));
+    // SAFETY: SIGKILL of the daemon the test started for us.
+    unsafe { libc::kill(daemon, libc::SIGKILL) };
+    // The guardian acts within milliseconds of the daemon's end.
+    std::thread::sleep(Duration::from_millis(1000));
+    println!(
+        "alive after the daemon died (attached: {})",
+        again.is_some()
+    );
+    assert!(client.get(0, 4096, 0o600).is_err());
+}

@@ -12,7 +12,9 @@
 //! control socket closes), a fault just waits, since the uffd is still
 //! open, and the guardian kills every process it holds (SIGKILL, by
 //! pidfd) before it lets go of anything: the node's DSM service is lost,
-//! which costs its processes their lives, as a node's loss does. It also
+//! which costs its processes their lives, as a node's loss does (a
+//! process is held only while it maps a segment: the daemon tells the
+//! guardian to forget one that detached everything). It also
 //! retires the semaphore fast-path regions of sets homed on the node, so
 //! that their local users ask the (gone) daemon and get the errno.
 //!

@@ -1032,6 +1032,7 @@ impl Session {
     /// serving its faults.
     fn ensure_process(&mut self, uffd_fd: Option<OwnedFd>) -> Result<ProcId, i32> {
         if let Some(p) = self.proc {
+            self.core.borrow_mut().ensure_guarded(p)?;
             return Ok(p);
         }
         let fd = uffd_fd.ok_or(libc::EINVAL)?;
@@ -1140,6 +1141,11 @@ impl Session {
         if gone.is_empty() {
             return ClientReply::Err(libc::EINVAL);
         }
+        // The client unmapped the pieces before it asked.
+        let kernel_maps_any = still_maps_segments(self.pid);
+        self.core
+            .borrow_mut()
+            .release_if_unmapped(proc, kernel_maps_any);
         for _ in gone {
             self.undo_attach(id).await;
         }

@@ -959,19 +959,63 @@ impl Core {
     ) -> Result<ProcId, i32> {
         let id = self.next_proc;
         self.next_proc += 1;
-        self.store
-            .procs
-            .insert(id, LocalProcess { pid, pidfd, uffd });
-        if !self.guard(id) {
+        self.store.procs.insert(
+            id,
+            LocalProcess {
+                pid,
+                pidfd,
+                uffd,
+                guarded: false,
+            },
+        );
+        if let Err(e) = self.ensure_guarded(id) {
             self.store.procs.remove(&id);
-            return Err(libc::ENOMEM);
+            return Err(e);
         }
         Ok(id)
     }
 
+    /// Have the guardian hold a served process again (before it is told it
+    /// may touch a new mapping). ENOMEM if no guardian takes it.
+    pub fn ensure_guarded(&mut self, proc: ProcId) -> Result<(), i32> {
+        match self.store.procs.get(&proc) {
+            Some(p) if p.guarded => return Ok(()),
+            Some(_) => {}
+            None => return Err(libc::EINVAL),
+        }
+        if !self.guard(proc) {
+            return Err(libc::ENOMEM);
+        }
+        if let Some(p) = self.store.procs.get_mut(&proc) {
+            p.guarded = true;
+        }
+        Ok(())
+    }
+
+    /// A process that maps no segment any more (in our records, and in the
+    /// kernel's: `kernel_maps_any`) cannot read anything a dead daemon
+    /// would fail to give: the guardian lets it go rather than kill it
+    /// with the daemon. Its next attachment hands it over again.
+    pub fn release_if_unmapped(&mut self, proc: ProcId, kernel_maps_any: bool) {
+        let mapped = self
+            .store
+            .segments
+            .values()
+            .any(|seg| seg.mappings.iter().any(|m| m.proc == proc));
+        if mapped || kernel_maps_any {
+            return;
+        }
+        if let Some(p) = self.store.procs.get_mut(&proc) {
+            if p.guarded {
+                p.guarded = false;
+                self.unguard(proc);
+            }
+        }
+    }
+
     /// Stop serving a local process (its mappings are already forgotten).
     pub fn remove_process(&mut self, proc: ProcId) {
-        if self.store.procs.remove(&proc).is_some() {
+        if self.store.procs.remove(&proc).is_some_and(|p| p.guarded) {
             self.unguard(proc);
         }
     }
@@ -1042,7 +1086,13 @@ impl Core {
 
     /// Every token the guardian must hold.
     fn guarded_tokens(&self) -> Vec<u64> {
-        let mut tokens: Vec<u64> = self.store.procs.keys().copied().collect();
+        let mut tokens: Vec<u64> = self
+            .store
+            .procs
+            .iter()
+            .filter(|(_, p)| p.guarded)
+            .map(|(id, _)| *id)
+            .collect();
         tokens.extend(self.guest_uffds.keys().copied());
         tokens.extend(self.sem_watched.values().map(|(g, _)| GUARD_UNDO | g));
         tokens.extend(

@@ -86,6 +86,9 @@ pub struct LocalProcess {
     /// Names the process for the guardian (no pid reuse race).
     pub pidfd: std::os::fd::OwnedFd,
     pub uffd: Arc<Uffd>,
+    /// In the guardian's hands (while it maps a segment; see
+    /// `Core::release_if_unmapped`).
+    pub guarded: bool,
 }
 
 #[derive(Default)]
