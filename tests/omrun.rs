@@ -323,7 +323,14 @@ fn a_segment_stays_coherent_after_the_program_closes_all_descriptors() {
     let program = c_program("closefrom_shm").expect("compile closefrom_shm.c");
     let cluster = Cluster::start(2).expect("start cluster");
     let key = key_base().to_string();
-    let mut reader = spawn_under_omrun(cluster.socket(1), &program, &[&key]).unwrap();
+    let mut reader = migshm::Proc {
+        child: migshm::omrun_command(cluster.socket(1), None, &program)
+            .arg(&key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start closefrom_shm under omrun"),
+    };
     // Let it attach, read page 1 (a copy on node 1) and close everything.
     let mut out = reader.child.stdout.take().unwrap();
     let mut first = [0u8; 9];
@@ -332,6 +339,10 @@ fn a_segment_stays_coherent_after_the_program_closes_all_descriptors() {
     std::thread::sleep(Duration::from_millis(200));
     let (status, _) = migshm::run_role(cluster.socket(2), &["write-page", &key, "1", "777"]);
     assert!(status.success());
+    // The writer detached and exited: the program may count attachments.
+    let mut stdin = reader.child.stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, b"go\n").expect("tell the program");
+    drop(stdin);
     let (status, _) = reader
         .output(Duration::from_secs(20))
         .expect("the program hung");
