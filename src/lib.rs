@@ -444,6 +444,15 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            // The test failed: what the daemons said last, for the record.
+            for n in 1..=self.nodes.len() as u8 {
+                let log = self.log(n);
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(30)..];
+                eprintln!("--- node {n}'s log, last lines:\n{}", tail.join("\n"));
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -16,7 +16,7 @@ fn key() -> i32 {
 
 fn output(p: Proc, limit: Duration, what: &str) -> String {
     let (status, out) = p.output(limit).unwrap_or_else(|| panic!("{what} hung"));
-    assert!(status.success(), "{what} failed: {out}");
+    assert!(status.success(), "{what} failed ({status:?}): {out}");
     out.trim().to_string()
 }
 

@@ -227,7 +227,10 @@ fn serve(control: OwnedFd, lease: Duration) -> i32 {
                     eprintln!(
                         "{GUARDIAN_NAME}: dsmd (pid {daemon}) did not tick for {lease:?}: taken for dead"
                     );
-                    kill_held(&held);
+                    let killed = kill_held(&held);
+                    if !killed.is_empty() {
+                        eprintln!("{GUARDIAN_NAME}: killed the process(es) it held {killed:?}");
+                    }
                     if std::os::unix::process::parent_id() as i32 == daemon {
                         // SAFETY: kill of our parent (checked just above),
                         // which our end of the socket then sees go.
