@@ -614,10 +614,17 @@ fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, 
         let kind = match meta {
             Ok(m) if target.starts_with('/') && !target.ends_with(" (deleted)") => {
                 use std::os::unix::fs::FileTypeExt;
-                if m.file_type().is_file() {
+                if flags & libc::O_PATH != 0 {
+                    FdKind::Path { path: target }
+                } else if m.file_type().is_file() {
                     FdKind::File { path: target, pos }
+                } else if m.file_type().is_dir() {
+                    FdKind::Directory { path: target, pos }
                 } else if m.file_type().is_char_device() {
                     FdKind::Device { path: target }
+                } else if m.file_type().is_fifo() {
+                    // Its home process keeps it open, as for a pipe.
+                    FdKind::Relayed { what: target }
                 } else {
                     return Err(stay(format!("fd {fd} ({target}) cannot be reopened")));
                 }

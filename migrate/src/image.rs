@@ -105,6 +105,11 @@ pub enum FdKind {
     File { path: String, pos: u64 },
     /// A character device (/dev/null, a terminal…), reopened by path.
     Device { path: String },
+    /// A directory, reopened by path at the same `getdents` offset (the
+    /// file system's cookie, which `lseek` takes back on the same tree).
+    Directory { path: String, pos: u64 },
+    /// An `O_PATH` descriptor (of a file of any kind), reopened by path.
+    Path { path: String },
     /// A pipe or a socket: relayed between the node it runs on and the home
     /// process, which keeps the original (`what` is its /proc name).
     Relayed { what: String },

@@ -651,7 +651,10 @@ fn restore_fds(
     }
     for entry in &image.fds {
         let path = match &entry.kind {
-            FdKind::File { path, .. } | FdKind::Device { path } => path,
+            FdKind::File { path, .. }
+            | FdKind::Device { path }
+            | FdKind::Directory { path, .. }
+            | FdKind::Path { path } => path,
             FdKind::DaemonLink { unread } if unread.is_empty() => "/dev/null",
             FdKind::DaemonLink { unread } => {
                 // A socket holding what the process had still to read, then
@@ -701,7 +704,7 @@ fn restore_fds(
         let file = reopen(path, entry.flags).map_err(|e| {
             MigrateError::Restore(format!("reopening fd {} ({path}): {e}", entry.fd))
         })?;
-        if let FdKind::File { pos, .. } = entry.kind {
+        if let FdKind::File { pos, .. } | FdKind::Directory { pos, .. } = entry.kind {
             if entry.flags & libc::O_APPEND == 0 {
                 use std::io::Seek;
                 (&file).seek(std::io::SeekFrom::Start(pos))?;

@@ -1,0 +1,113 @@
+//! Checkpoint/restore programs (tests/c/cr_*.c, see tests/c/cr.h): each
+//! sets up one kind of process state, says "ready", waits for SIGTERM,
+//! then checks the state and prints PASS. Each runs natively, under
+//! `omrun`, and under `omrun` moved to node 2 and home while it waits: all
+//! three must print PASS.
+
+use migshm::{c_program, omctl, omrun_command, uffd_or_skip, Cluster, Proc};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Native,
+    UnderOmrun,
+    Moved,
+}
+
+/// Run `program` in `mode`; what it printed after "ready", or why not.
+fn run(cluster: &Cluster, program: &Path, mode: Mode) -> Result<String, String> {
+    let dir = tempfile_dir(program, mode);
+    let mut command = match mode {
+        Mode::Native => Command::new(program),
+        Mode::UnderOmrun | Mode::Moved => omrun_command(cluster.socket(1), None, program),
+    };
+    command
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    migshm::only_standard_fds(&mut command);
+    let mut process = Proc::from(command.spawn().map_err(|e| format!("start: {e}"))?);
+    let pid = process.child.id() as i32;
+    let mut out = BufReader::new(process.child.stdout.take().ok_or("no stdout")?);
+    let mut line = String::new();
+    if out.read_line(&mut line).map_err(|e| e.to_string())? == 0 || line.trim() != "ready" {
+        return Err(format!("did not say ready: {line:?}"));
+    }
+    if let Mode::Moved = mode {
+        for to in ["2", "home"] {
+            let (ok, stdout, stderr) = omctl(cluster.socket(1), &["migrate", &pid.to_string(), to]);
+            if !ok {
+                // SAFETY: ending the child we started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = process.wait_timeout(WAIT);
+                return Err(format!("migrate {to}: {} {}", stdout.trim(), stderr.trim()));
+            }
+        }
+    }
+    // SAFETY: signalling the child we started (at home, where it is now).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = process
+        .wait_timeout(WAIT)
+        .ok_or("did not end after SIGTERM")?;
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if status.success() && rest.lines().last() == Some("PASS") {
+        Ok(rest)
+    } else {
+        Err(format!("{status:?}:\n{rest}"))
+    }
+}
+
+fn tempfile_dir(program: &Path, mode: Mode) -> std::path::PathBuf {
+    let name = program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = std::env::temp_dir().join(format!("migshm-cr-{name}-{mode:?}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a directory for the program");
+    dir
+}
+
+/// Program `name` natively, under omrun, and moved there and back.
+fn passes_everywhere(name: &str) {
+    if !uffd_or_skip() {
+        return;
+    }
+    let program = c_program(name).unwrap_or_else(|e| panic!("compile {name}.c: {e}"));
+    let cluster = Cluster::start(2).expect("start 2 daemons");
+    let mut failures = Vec::new();
+    for mode in [Mode::Native, Mode::UnderOmrun, Mode::Moved] {
+        if let Err(why) = run(&cluster, &program, mode) {
+            failures.push(format!("{name} {mode:?}: {why}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn directories_move() {
+    passes_everywhere("cr_dir");
+}
+
+#[test]
+fn devices_move() {
+    passes_everywhere("cr_devices");
+}
+
+#[test]
+fn files_move_with_their_offsets_and_flags() {
+    passes_everywhere("cr_files");
+}
+
+#[test]
+fn cwd_umask_limits_and_environment_move() {
+    passes_everywhere("cr_env");
+}
