@@ -886,6 +886,69 @@ fn a_threaded_process_is_refused_with_the_reason() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `omctl migrate --check PID` lists every reason a process stays home,
+/// at once, without moving or stopping it; a process that can move is
+/// said to.
+#[test]
+fn migrate_check_lists_every_reason_at_once() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(2).expect("start 2 daemons");
+    let node1 = cluster.socket(1).to_path_buf();
+    let dir = tempdir("check");
+    let out = dir.join("out");
+    let prog = c_program("cantmove").expect("compile cantmove.c");
+    let mut process = Proc::from(
+        omrun_command(&node1, None, &prog)
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("output"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start"),
+    );
+    assert!(eventually(Duration::from_secs(10), || output(&out).contains("ready")));
+    let pid = process.child.id() as i32;
+    let (ok, stdout, stderr) = omctl(&node1, &["migrate", "--check", &pid.to_string()]);
+    assert!(!ok, "{stdout} {stderr}");
+    assert!(
+        stdout.starts_with(&format!("{pid} cannot move:")),
+        "{stdout}"
+    );
+    for reason in [
+        "2 threads",
+        "anon_inode:[eventfd]",
+        "anon_inode:[timerfd]",
+        "deleted (deleted), which can be neither reopened nor relayed",
+        "(deleted)\", which cannot be reopened",
+    ] {
+        assert!(stdout.contains(reason), "{reason:?} not in:\n{stdout}");
+    }
+    assert!(process.child.try_wait().ok().flatten().is_none());
+    assert_eq!(omctl(&node1, &["ps"]).1.lines().count(), 1, "nothing moved");
+    drop(process);
+
+    let movable = c_program("cr_env").expect("compile cr_env.c");
+    let mut process = Proc::from(
+        omrun_command(&node1, None, &movable)
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("output"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start"),
+    );
+    assert!(eventually(Duration::from_secs(10), || output(&out).contains("ready")));
+    let pid = process.child.id() as i32;
+    let (ok, stdout, _) = omctl(&node1, &["migrate", "--check", &pid.to_string()]);
+    assert!(ok && stdout.trim() == format!("{pid} can move"), "{stdout}");
+    let (ok, _, _) = omctl(&node1, &["migrate", "--check", "999999999"]);
+    assert!(!ok, "a process that does not exist");
+    let _ = process.child.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A host takes nothing from a connection without the token the daemons
 /// agreed on (nor an oversized first message): it reports the refusal,
 /// starts nothing and ends.

@@ -769,6 +769,17 @@ impl Client {
         }
     }
 
+    /// Every reason local process `pid` cannot move (empty if it can),
+    /// found without moving it.
+    pub fn migrate_check(&self, pid: i32) -> Result<Vec<String>, Error> {
+        match self.call(&ClientRequest::MigrateCheck { pid })? {
+            ClientReply::Ok => Ok(Vec::new()),
+            ClientReply::Refused(why) => Ok(why.lines().map(str::to_string).collect()),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+
     /// Processes that run away from their home node, cluster-wide.
     pub fn migrations(&self) -> Result<Vec<wire::MigrationEntry>, Error> {
         match self.call(&ClientRequest::Ps)? {

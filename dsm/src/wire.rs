@@ -752,6 +752,11 @@ pub enum ClientRequest {
         pid: i32,
         to: Option<NodeId>,
     },
+    /// `omctl migrate --check PID`: every reason a local process cannot
+    /// move, without moving it (`Refused`, a reason per line), or `Ok`.
+    MigrateCheck {
+        pid: i32,
+    },
     /// `omctl ps`: migrated processes, cluster-wide.
     Ps,
     /// Attachments and connections of a local process (root only).

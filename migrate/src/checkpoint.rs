@@ -33,6 +33,24 @@ fn stay(reason: impl Into<String>) -> MigrateError {
     MigrateError::CannotMigrate(reason.into())
 }
 
+fn threads_stay(pid: i32) -> Result<Option<String>, MigrateError> {
+    let threads = procfs::thread_count(pid)?;
+    Ok((threads != 1).then(|| {
+        format!("the process has {threads} threads; only single-threaded processes migrate")
+    }))
+}
+
+/// Every reason process `pid` cannot move, found without stopping it (what
+/// `omctl migrate --check` prints): its threads, memory and descriptors.
+/// Empty if it can (a move may still find it inside a call, to retry).
+pub fn stay_reasons(pid: i32, dsm: &ProcessInfo) -> Result<Vec<String>, MigrateError> {
+    let mut stays: Vec<String> = threads_stay(pid)?.into_iter().collect();
+    let maps = procfs::maps(pid)?;
+    stays.extend(regions(&maps, dsm)?.1);
+    stays.extend(fds(pid, dsm, Vec::new())?.1);
+    Ok(stays)
+}
+
 /// Locate a `syscall` instruction in the tracee's vDSO for injected calls.
 pub fn locate_syscall(t: &mut Tracee, maps: &[MapEntry]) -> Result<(), MigrateError> {
     let vdso = maps
@@ -125,11 +143,8 @@ pub fn checkpoint_with(
     daemon: Option<&mut DaemonConn>,
 ) -> Result<Image, MigrateError> {
     let pid = t.pid;
-    let threads = procfs::thread_count(pid)?;
-    if threads != 1 {
-        return Err(stay(format!(
-            "the process has {threads} threads; only single-threaded processes migrate"
-        )));
+    if let Some(why) = threads_stay(pid)? {
+        return Err(stay(why));
     }
     let unread = quiesce(t, dsm, daemon)?;
     let maps = procfs::maps(pid)?;
@@ -141,9 +156,13 @@ pub fn checkpoint_with(
     let robust_list = crate::ptrace::robust_list(pid)?;
 
     let asked = ask_process(t)?;
-    let regions = regions(&maps, dsm)?;
+    let (regions, mut stays) = regions(&maps, dsm)?;
+    let (fds, fd_stays) = fds(pid, dsm, unread)?;
+    stays.extend(fd_stays);
+    if !stays.is_empty() {
+        return Err(stay(stays.join("; ")));
+    }
     let (pages, lazy) = private_pages(t, &regions, transfer, regs.fs_base)?;
-    let fds = fds(pid, dsm, unread)?;
 
     let stat = procfs::stat_fields(pid)?;
     let field = |n: usize| stat.get(n).copied().unwrap_or(0);
@@ -295,8 +314,14 @@ fn ask_process(t: &mut Tracee) -> Result<Asked, MigrateError> {
     asked
 }
 
-fn regions(maps: &[MapEntry], dsm: &ProcessInfo) -> Result<Vec<Region>, MigrateError> {
+/// The process's memory as the image keeps it, and the reasons (one per
+/// mapping) it cannot move, if any.
+fn regions(
+    maps: &[MapEntry],
+    dsm: &ProcessInfo,
+) -> Result<(Vec<Region>, Vec<String>), MigrateError> {
     let mut regions = Vec::new();
+    let mut stays = Vec::new();
     for m in maps {
         let segment = dsm
             .attachments
@@ -313,34 +338,38 @@ fn regions(maps: &[MapEntry], dsm: &ProcessInfo) -> Result<Vec<Region>, MigrateE
         } else if m.shared && m.path.starts_with("/memfd:migshm-sem") {
             Backing::RetiredSemRegion
         } else if m.path.starts_with("/memfd:") {
-            return Err(stay(format!(
+            stays.push(format!(
                 "shared memory at {:#x} ({}) is not a DSM segment (SysV semaphores do not migrate yet)",
                 m.start, m.path
-            )));
+            ));
+            continue;
         } else if SPECIAL_MAPPINGS.contains(&m.path.as_str()) {
             Backing::Special {
                 name: m.path.clone(),
             }
         } else if m.inode == 0 {
             if m.shared {
-                return Err(stay(format!(
+                stays.push(format!(
                     "shared anonymous memory at {:#x} ({})",
                     m.start, m.path
-                )));
+                ));
+                continue;
             }
             Backing::Anonymous {
                 grows_down: m.path == "[stack]",
             }
         } else {
             if m.path.ends_with(" (deleted)") || !m.path.starts_with('/') {
-                return Err(stay(format!(
+                stays.push(format!(
                     "memory at {:#x} maps {:?}, which cannot be reopened",
                     m.start, m.path
-                )));
+                ));
+                continue;
             }
             let file = procfs::file_identity(&m.path, &m.path)?;
             if file.inode != m.inode {
-                return Err(stay(format!("{} was replaced since it was mapped", m.path)));
+                stays.push(format!("{} was replaced since it was mapped", m.path));
+                continue;
             }
             if m.shared {
                 Backing::SharedFile {
@@ -361,7 +390,7 @@ fn regions(maps: &[MapEntry], dsm: &ProcessInfo) -> Result<Vec<Region>, MigrateE
             backing,
         });
     }
-    Ok(regions)
+    Ok((regions, stays))
 }
 
 /// Times a process found inside a semaphore fast-path operation or a call
@@ -577,8 +606,15 @@ fn private_pages(
     Ok((pages, lazy))
 }
 
-fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, MigrateError> {
+/// The process's descriptors as the image keeps them, and the reasons (one
+/// per descriptor) it cannot move, if any.
+fn fds(
+    pid: i32,
+    dsm: &ProcessInfo,
+    mut unread: Unread,
+) -> Result<(Vec<FdEntry>, Vec<String>), MigrateError> {
     let mut out = Vec::new();
+    let mut stays = Vec::new();
     // Listening sockets (SO_ACCEPTCONN on a duplicate): Some(true) for a
     // TCP one, which moves (accept.rs); Some(false) for another kind.
     let listener_kind = |fd: i32, target: &str| -> Option<bool> {
@@ -626,13 +662,15 @@ fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, 
                     // Its home process keeps it open, as for a pipe.
                     FdKind::Relayed { what: target }
                 } else {
-                    return Err(stay(format!("fd {fd} ({target}) cannot be reopened")));
+                    stays.push(format!("fd {fd} ({target}) cannot be reopened"));
+                    continue;
                 }
             }
             _ if listening == Some(true) => FdKind::Listener { what: target },
             _ if listening == Some(false) => {
                 let why = format!("fd {fd} is a listening socket that is not TCP ({target})");
-                return Err(stay(format!("{why}; only TCP listeners move")));
+                stays.push(format!("{why}; only TCP listeners move"));
+                continue;
             }
             _ if target == "anon_inode:[eventpoll]" => FdKind::Epoll {
                 targets: procfs::epoll_targets(pid, fd)?,
@@ -641,9 +679,10 @@ fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, 
                 FdKind::Relayed { what: target }
             }
             _ => {
-                return Err(stay(format!(
+                stays.push(format!(
                     "fd {fd} is {target}, which can be neither reopened nor relayed"
-                )))
+                ));
+                continue;
             }
         };
         out.push(FdEntry {
@@ -653,5 +692,5 @@ fn fds(pid: i32, dsm: &ProcessInfo, mut unread: Unread) -> Result<Vec<FdEntry>, 
             kind,
         });
     }
-    Ok(out)
+    Ok((out, stays))
 }

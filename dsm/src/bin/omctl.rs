@@ -1,4 +1,4 @@
-//! `omctl [--socket PATH] nodes|ipcs|status|ps|migrate PID NODE|home`:
+//! `omctl [--socket PATH] nodes|ipcs|status|ps|migrate PID NODE|home|migrate --check PID`:
 //! cluster administration.
 //! The socket defaults to `$DSMD_SOCKET`.
 
@@ -6,7 +6,8 @@ use dsm::client::{Client, SOCKET_ENV};
 use dsm::sysv::SHM_DEST;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: omctl [--socket PATH] nodes|ipcs|status|ps|migrate PID NODE|home";
+const USAGE: &str =
+    "usage: omctl [--socket PATH] nodes|ipcs|status|ps|migrate PID NODE|home|migrate --check PID";
 
 fn user_name(uid: u32) -> String {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
@@ -65,8 +66,23 @@ fn main() -> ExitCode {
         eprintln!("omctl: unknown command {command:?}\n{USAGE}");
         return ExitCode::from(2);
     }
+    // `migrate --check PID`: why it cannot move, without moving it.
+    let check = if command == "migrate" && operands.first().map(String::as_str) == Some("--check") {
+        match operands
+            .get(1)
+            .and_then(|p| p.parse::<i32>().ok().filter(|p| *p > 0))
+        {
+            Some(pid) => Some(pid),
+            None => {
+                eprintln!("omctl: migrate --check needs a pid\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
     // `migrate PID NODE|home`
-    let migration = if command == "migrate" {
+    let migration = if command == "migrate" && check.is_none() {
         let pid = operands
             .first()
             .and_then(|p| p.parse::<i32>().ok().filter(|p| *p > 0));
@@ -100,6 +116,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(pid) = check {
+        return match client.migrate_check(pid) {
+            Ok(reasons) if reasons.is_empty() => {
+                println!("{pid} can move");
+                ExitCode::SUCCESS
+            }
+            Ok(reasons) => {
+                println!("{pid} cannot move:");
+                for why in reasons {
+                    println!("  {why}");
+                }
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("omctl: cannot check {pid}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match command.as_str() {
         "migrate" => match migration {
             Some((pid, to)) => client.migrate(pid, to).map(|()| match to {

@@ -510,6 +510,9 @@ impl Session {
             ClientRequest::Migrate { pid, to } => {
                 super::migration::migrate(&self.core, self.uid, pid, to).await
             }
+            ClientRequest::MigrateCheck { pid } => {
+                super::migration::check(&self.core, self.uid, pid).await
+            }
             ClientRequest::Ps => {
                 let mut all: Vec<wire::MigrationEntry> = Vec::new();
                 for reply in self.ask_every_live_node(RpcRequest::Migrations).await {

@@ -392,6 +392,55 @@ async fn rpc(
 /// `omctl migrate PID NODE|home` asked of this node by a user with `uid`:
 /// PID is the process's pid on its home node. Done here for a process
 /// homed here; for one that runs here away from home, asked of its home.
+/// `omctl migrate --check PID`: the reasons a local process cannot move,
+/// found by an agent (`migshm-agent check`) without stopping it.
+pub async fn check(core: &super::core::SharedCore, uid: u32, pid: i32) -> crate::wire::ClientReply {
+    use crate::wire::ClientReply;
+    let (migrations, socket) = {
+        let c = core.borrow();
+        (c.migrations.clone(), c.migrations.socket.clone())
+    };
+    if let Some(there) = migrations.runs_or_moves_to(pid) {
+        return ClientReply::Refused(format!("process {pid} runs on node {there}, not here"));
+    }
+    if let Some(home) = migrations.home_of_guest(pid) {
+        return ClientReply::Refused(format!(
+            "process {pid} is a guest from node {home}: it goes home before it moves on"
+        ));
+    }
+    let owner = std::fs::metadata(format!("/proc/{pid}"))
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    match owner {
+        None => return ClientReply::Err(libc::ESRCH),
+        Some(owner) if uid != 0 && owner != uid => return ClientReply::Err(libc::EPERM),
+        Some(_) => {}
+    }
+    let agent = match agent_binary() {
+        Ok(a) => a,
+        Err(e) => return ClientReply::Refused(e),
+    };
+    let run = tokio::process::Command::new(agent)
+        .arg("check")
+        .args(["--pid", &pid.to_string()])
+        .arg("--socket")
+        .arg(&socket)
+        .env(AGENT_PARENT_ENV, std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(AGENT_TIMEOUT, run).await {
+        Ok(Ok(out)) if out.status.success() => ClientReply::Ok,
+        Ok(Ok(out)) if out.status.code() == Some(3) => {
+            ClientReply::Refused(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+        }
+        Ok(Ok(out)) => ClientReply::Refused(format!("the check failed ({})", out.status)),
+        Ok(Err(e)) => ClientReply::Refused(format!("starting the check: {e}")),
+        Err(_) => ClientReply::Refused("the check did not end in time".into()),
+    }
+}
+
 pub async fn migrate(
     core: &super::core::SharedCore,
     uid: u32,

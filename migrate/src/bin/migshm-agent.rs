@@ -7,8 +7,12 @@
 //!   on the destination: listens (prints `listening PORT` after --bind;
 //!   with --listen-fd, dsmd bound the port), then takes the process.
 //!
-//! Both report one line per event on stdout (see `migrate::deputy`,
-//! `migrate::host`).
+//! `migshm-agent check --pid PID --socket NODE_SOCKET`
+//!   prints every reason the process cannot move, one per line, without
+//!   moving it (exit status 3 if there are any).
+//!
+//! Deputy and host report one line per event on stdout (see
+//! `migrate::deputy`, `migrate::host`).
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -37,6 +41,12 @@ enum Role {
         host: SocketAddr,
         #[arg(long, value_parser = parse_token)]
         token: u128,
+    },
+    Check {
+        #[arg(long)]
+        pid: i32,
+        #[arg(long)]
+        socket: PathBuf,
     },
     Host {
         #[arg(long)]
@@ -96,6 +106,22 @@ fn main() {
                 token,
             };
             migrate::deputy::run(&deputy, &mut std::io::stdin().lock(), &mut out)
+        }
+        Role::Check { pid, socket } => {
+            let reasons = migrate::daemon::DaemonConn::connect(&socket)
+                .and_then(|mut d| d.process_info(pid))
+                .and_then(|info| migrate::checkpoint::stay_reasons(pid, &info));
+            match reasons {
+                Ok(reasons) if reasons.is_empty() => Ok(()),
+                Ok(reasons) => {
+                    for why in reasons {
+                        let _ = writeln!(out, "{why}");
+                    }
+                    let _ = out.flush();
+                    std::process::exit(3);
+                }
+                Err(e) => Err(e),
+            }
         }
         Role::Host {
             socket,
