@@ -389,9 +389,6 @@ async fn rpc(
     }
 }
 
-/// `omctl migrate PID NODE|home` asked of this node by a user with `uid`:
-/// PID is the process's pid on its home node. Done here for a process
-/// homed here; for one that runs here away from home, asked of its home.
 /// `omctl migrate --check PID`: the reasons a local process cannot move,
 /// found by an agent (`migshm-agent check`) without stopping it.
 pub async fn check(core: &super::core::SharedCore, uid: u32, pid: i32) -> crate::wire::ClientReply {
@@ -441,6 +438,9 @@ pub async fn check(core: &super::core::SharedCore, uid: u32, pid: i32) -> crate:
     }
 }
 
+/// `omctl migrate PID NODE|home` asked of this node by a user with `uid`:
+/// PID is the process's pid on its home node. Done here for a process
+/// homed here; for one that runs here away from home, asked of its home.
 pub async fn migrate(
     core: &super::core::SharedCore,
     uid: u32,
