@@ -898,17 +898,22 @@ fn migrate_check_lists_every_reason_at_once() {
     let node1 = cluster.socket(1).to_path_buf();
     let dir = tempdir("check");
     let out = dir.join("out");
-    let prog = c_program("cantmove").expect("compile cantmove.c");
-    let mut process = Proc::from(
-        omrun_command(&node1, None, &prog)
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).expect("output"))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start"),
-    );
-    assert!(eventually(Duration::from_secs(10), || output(&out).contains("ready")));
+    // Under omrun on node 1, given `dir`, until it says it is ready.
+    let start_ready = |name: &str| {
+        let prog = c_program(name).unwrap_or_else(|e| panic!("compile {name}.c: {e}"));
+        let process = Proc::from(
+            omrun_command(&node1, None, &prog)
+                .arg(&dir)
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(&out).expect("output"))
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start"),
+        );
+        assert!(eventually(Duration::from_secs(10), || output(&out).contains("ready")));
+        process
+    };
+    let mut process = start_ready("cantmove");
     let pid = process.child.id() as i32;
     let (ok, stdout, stderr) = omctl(&node1, &["migrate", "--check", &pid.to_string()]);
     assert!(!ok, "{stdout} {stderr}");
@@ -929,17 +934,7 @@ fn migrate_check_lists_every_reason_at_once() {
     assert_eq!(omctl(&node1, &["ps"]).1.lines().count(), 1, "nothing moved");
     drop(process);
 
-    let movable = c_program("cr_env").expect("compile cr_env.c");
-    let mut process = Proc::from(
-        omrun_command(&node1, None, &movable)
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).expect("output"))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start"),
-    );
-    assert!(eventually(Duration::from_secs(10), || output(&out).contains("ready")));
+    let mut process = start_ready("cr_env");
     let pid = process.child.id() as i32;
     let (ok, stdout, _) = omctl(&node1, &["migrate", "--check", &pid.to_string()]);
     assert!(ok && stdout.trim() == format!("{pid} can move"), "{stdout}");

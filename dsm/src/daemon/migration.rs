@@ -389,6 +389,18 @@ async fn rpc(
     }
 }
 
+/// May a user with `uid` move (or check) local process `pid`? Root, or
+/// its owner, as for a signal; ESRCH if there is no such process.
+fn may_act_on(uid: u32, pid: i32) -> Result<(), i32> {
+    let owner = std::fs::metadata(format!("/proc/{pid}"))
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .map_err(|_| libc::ESRCH)?;
+    if uid != 0 && owner != uid {
+        return Err(libc::EPERM);
+    }
+    Ok(())
+}
+
 /// `omctl migrate --check PID`: the reasons a local process cannot move,
 /// found by an agent (`migshm-agent check`) without stopping it.
 pub async fn check(core: &super::core::SharedCore, uid: u32, pid: i32) -> crate::wire::ClientReply {
@@ -405,13 +417,8 @@ pub async fn check(core: &super::core::SharedCore, uid: u32, pid: i32) -> crate:
             "process {pid} is a guest from node {home}: it goes home before it moves on"
         ));
     }
-    let owner = std::fs::metadata(format!("/proc/{pid}"))
-        .ok()
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
-    match owner {
-        None => return ClientReply::Err(libc::ESRCH),
-        Some(owner) if uid != 0 && owner != uid => return ClientReply::Err(libc::EPERM),
-        Some(_) => {}
+    if let Err(e) = may_act_on(uid, pid) {
+        return ClientReply::Err(e);
     }
     let agent = match agent_binary() {
         Ok(a) => a,
@@ -460,13 +467,8 @@ pub async fn migrate(
             other => ClientReply::Refused(format!("node {home} answered {other:?}")),
         };
     }
-    let owner = std::fs::metadata(format!("/proc/{pid}"))
-        .ok()
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
-    match owner {
-        None => return ClientReply::Err(libc::ESRCH),
-        Some(owner) if uid != 0 && owner != uid => return ClientReply::Err(libc::EPERM),
-        Some(_) => {}
+    if let Err(e) = may_act_on(uid, pid) {
+        return ClientReply::Err(e);
     }
     let Some(to) = to.filter(|n| *n != me) else {
         if migrations.is_migrated(pid).is_none() {
