@@ -120,3 +120,13 @@ fn cwd_umask_limits_and_environment_move() {
 fn pipes_and_fifos_keep_the_bytes_in_flight() {
     passes_everywhere("cr_pipe");
 }
+
+#[test]
+fn memory_of_every_kind_moves() {
+    passes_everywhere("cr_memory");
+}
+
+#[test]
+fn signal_state_and_pending_signals_move() {
+    passes_everywhere("cr_signals");
+}

@@ -123,12 +123,7 @@ const THREAD_AREA_ABOVE: u64 = 64 << 10;
 /// wherever it is restored (when the tracee itself will not run again).
 pub fn take_pending_signals(t: &mut Tracee) -> Result<Vec<Vec<u8>>, MigrateError> {
     let mut out: Vec<Vec<u8>> = t.pending_signals()?.iter().map(|s| s.to_vec()).collect();
-    for sig in t.take_held_signals() {
-        // si_signo, si_errno, si_code = SI_USER (0), sender pid 0.
-        let mut info = vec![0u8; 128];
-        info[..4].copy_from_slice(&sig.to_le_bytes());
-        out.push(info);
-    }
+    out.extend(t.take_held_signals().iter().map(|info| info.to_vec()));
     Ok(out)
 }
 

@@ -216,8 +216,8 @@ const FLUSH_LIMIT: Duration = Duration::from_secs(5);
 /// Park the home process again, passing on to the copy the signals that
 /// arrived while we held it.
 fn park(t: &mut Tracee, host: &mut TcpStream) -> Result<(), MigrateError> {
-    for sig in t.take_held_signals() {
-        link::send(host, &AgentMsg::Signal(sig))?;
+    for info in t.take_held_signals() {
+        link::send(host, &AgentMsg::SignalInfo(info.to_vec()))?;
     }
     t.park()?;
     Ok(())
@@ -226,8 +226,8 @@ fn park(t: &mut Tracee, host: &mut TcpStream) -> Result<(), MigrateError> {
 /// Stop the parked home process, passing on the signals that arrive on the
 /// way.
 fn hold(t: &mut Tracee, host: &mut TcpStream) -> Result<(), MigrateError> {
-    for sig in t.interrupt()? {
-        link::send(host, &AgentMsg::Signal(sig))?;
+    for info in t.interrupt()? {
+        link::send(host, &AgentMsg::SignalInfo(info.to_vec()))?;
     }
     Ok(())
 }
@@ -346,7 +346,9 @@ pub fn run(
             while let Some(stop) = ptrace::poll_child(d.pid)? {
                 match stop {
                     Stop::Signal(sig) => {
-                        link::send(&mut host, &AgentMsg::Signal(sig))?;
+                        // With its siginfo: a queued value travels.
+                        let info = tracee.signal_info(sig);
+                        link::send(&mut host, &AgentMsg::SignalInfo(info.to_vec()))?;
                         tracee.resume(0)?;
                     }
                     Stop::Exited(_) | Stop::Killed(_) => {
@@ -542,8 +544,8 @@ fn come_home(
         Ok(_lazy_none) => {
             dsm::faults::point("deputy.restored");
             link::send(host, &AgentMsg::HomeOk)?;
-            for sig in signals {
-                let _ = ptrace::kill(t.pid, sig);
+            for info in &signals {
+                ptrace::queue_signal(t.pid, info);
             }
             Ok(())
         }
@@ -551,8 +553,8 @@ fn come_home(
             let _ = link::send(host, &AgentMsg::Failed(e.to_string()));
             // Whatever the restore did to it is rewritten by the next one.
             park(t, host)?;
-            for sig in signals {
-                let _ = ptrace::kill(t.pid, sig);
+            for info in &signals {
+                ptrace::queue_signal(t.pid, info);
             }
             Err(e)
         }

@@ -178,6 +178,7 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
                 Ok(AgentMsg::Signal(sig)) => {
                     let _ = ptrace::kill(pid, sig);
                 }
+                Ok(AgentMsg::SignalInfo(info)) => ptrace::queue_signal(pid, &info),
                 Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
                     relays.on_message(msg);
                 }

@@ -35,6 +35,9 @@ pub enum AgentMsg {
     Failed(String),
     /// Deputy → host: a signal sent to the process's home pid.
     Signal(i32),
+    /// Deputy → host: the same, with the `siginfo_t` it came with (a
+    /// `sigqueue` value, its sender), to be queued as it was.
+    SignalInfo(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Host → deputy: the process ended with this status.
     Exited(i32),
     /// Host → deputy: the process was killed by this signal.

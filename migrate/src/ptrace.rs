@@ -40,7 +40,8 @@ pub struct Tracee {
     /// A signal that arrived while we held the process: delivered at detach.
     /// Signals that arrived while we held the process (each stopped it and
     /// was held back): delivered when we let it go, or taken by the caller.
-    held_signals: Vec<i32>,
+    /// Signals held back, as the `siginfo_t` each came with.
+    held_signals: Vec<SigInfo>,
     attached: bool,
     /// PTRACE_O_EXITKILL is on: the process dies if we do.
     exitkill: bool,
@@ -78,6 +79,34 @@ pub enum Stop {
     Signal(i32),
     Exited(i32),
     Killed(i32),
+}
+
+/// A raw `siginfo_t`.
+pub type SigInfo = [u8; 128];
+
+/// Was it queued by a process (`si_code` < 0: sigqueue, a timer, AIO…), and
+/// not by `tgkill`? Only such a siginfo may be queued again by another
+/// process, as it was.
+fn queued_by_a_process(info: &SigInfo) -> bool {
+    const SI_TKILL: i32 = -6;
+    let code = i32::from_le_bytes([info[8], info[9], info[10], info[11]]);
+    code < 0 && code != SI_TKILL
+}
+
+/// The signal number of a `siginfo_t`.
+pub fn signo_of(info: &SigInfo) -> i32 {
+    i32::from_le_bytes([info[0], info[1], info[2], info[3]])
+}
+
+/// The `siginfo_t` of the signal `pid` is stopped to be given (at a
+/// signal-delivery stop), or one with only its number if it cannot be read.
+fn stopped_signal_info(pid: i32, sig: i32) -> SigInfo {
+    let mut info = [0u8; 128];
+    if ptrace(libc::PTRACE_GETSIGINFO, pid, 0, info.as_mut_ptr() as usize).is_err() {
+        info = [0u8; 128];
+        info[..4].copy_from_slice(&sig.to_le_bytes());
+    }
+    info
 }
 
 pub fn wait_stop(pid: i32) -> io::Result<Stop> {
@@ -167,7 +196,7 @@ impl Tracee {
             let _ = ptrace(libc::PTRACE_DETACH, pid, 0, pending as usize);
         })?;
         if pending != 0 {
-            t.held_signals.push(pending);
+            t.held_signals.push(stopped_signal_info(pid, pending));
         }
         Ok(t)
     }
@@ -342,7 +371,7 @@ impl Tracee {
                 match wait_stop(self.pid)? {
                     Stop::Syscall => break,
                     // Hold a signal that arrives meanwhile for later.
-                    Stop::Signal(sig) => self.held_signals.push(sig),
+                    Stop::Signal(sig) => self.held_signals.push(stopped_signal_info(self.pid, sig)),
                     Stop::Event(_) => {}
                     Stop::Exited(_) | Stop::Killed(_) => {
                         self.attached = false;
@@ -448,6 +477,12 @@ impl Tracee {
         Ok(out)
     }
 
+    /// The `siginfo_t` of the signal the process is stopped to be given (at a
+    /// signal-delivery stop for `sig`).
+    pub fn signal_info(&self, sig: i32) -> SigInfo {
+        stopped_signal_info(self.pid, sig)
+    }
+
     /// Let the stopped process run for `time`, then stop it again (signals
     /// that arrive meanwhile are held).
     pub fn run_briefly(&mut self, time: std::time::Duration) -> io::Result<()> {
@@ -471,20 +506,20 @@ impl Tracee {
 
     /// The signals held back so far (for a caller that passes them on
     /// itself rather than letting the process have them at detach).
-    pub fn take_held_signals(&mut self) -> Vec<i32> {
+    pub fn take_held_signals(&mut self) -> Vec<SigInfo> {
         std::mem::take(&mut self.held_signals)
     }
 
     /// Stop a running (parked) tracee. Signals that stopped it on the way
     /// are discarded and returned, for the caller to pass on.
-    pub fn interrupt(&mut self) -> io::Result<Vec<i32>> {
+    pub fn interrupt(&mut self) -> io::Result<Vec<SigInfo>> {
         ptrace(libc::PTRACE_INTERRUPT, self.pid, 0, 0)?;
         let mut signals = Vec::new();
         loop {
             match wait_stop(self.pid)? {
                 Stop::Event(_) => break,
                 Stop::Signal(sig) => {
-                    signals.push(sig);
+                    signals.push(stopped_signal_info(self.pid, sig));
                     // Discard it; the interrupt stop follows.
                     ptrace(libc::PTRACE_CONT, self.pid, 0, 0)?;
                 }
@@ -545,15 +580,22 @@ impl Tracee {
         }
         self.attached = false;
         self.set_regs(&self.stop_regs)?;
-        let mut held = std::mem::take(&mut self.held_signals).into_iter();
+        // Signals a process queued (sigqueue: a value, a sender) are queued
+        // again as they were; the first of the others is given at detach
+        // (from its own delivery stop it keeps the kernel's siginfo), the
+        // rest are sent by number.
+        let (queued, others): (Vec<SigInfo>, Vec<SigInfo>) = std::mem::take(&mut self.held_signals)
+            .into_iter()
+            .partition(queued_by_a_process);
+        let mut others = others.into_iter();
         ptrace(
             libc::PTRACE_DETACH,
             self.pid,
             0,
-            held.next().unwrap_or(0) as usize,
+            others.next().map_or(0, |info| signo_of(&info)) as usize,
         )?;
-        for sig in held {
-            let _ = kill(self.pid, sig);
+        for info in queued.iter().chain(others.as_slice()) {
+            queue_signal(self.pid, info);
         }
         Ok(())
     }
@@ -631,6 +673,36 @@ pub fn set_rlimit(pid: i32, resource: u32, soft: u64, hard: u64) -> io::Result<(
 pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
     // SAFETY: plain syscall with integer arguments.
     check(unsafe { libc::kill(pid, sig) } as libc::c_long).map(|_| ())
+}
+
+/// Give process `pid` a signal as `info` (a `siginfo_t`, 128 bytes) says it
+/// was sent: queued with its value and sender when the kernel lets one
+/// process queue that kind (`si_code` < 0, not a `tgkill`), else sent by
+/// number (a `kill`'s or the kernel's carries nothing more the handler
+/// could miss but its sender).
+pub fn queue_signal(pid: i32, info: &[u8]) {
+    let mut record = [0u8; 128];
+    let n = info.len().min(128);
+    record[..n].copy_from_slice(&info[..n]);
+    let signo = signo_of(&record);
+    if queued_by_a_process(&record) {
+        // SAFETY: `record` is a live siginfo_t-sized buffer.
+        // The thread's own queue, where a restore queues what a process
+        // had pending: one queue keeps them in order.
+        let queued = unsafe {
+            libc::syscall(
+                libc::SYS_rt_tgsigqueueinfo,
+                pid,
+                pid,
+                signo,
+                record.as_ptr(),
+            )
+        };
+        if queued == 0 {
+            return;
+        }
+    }
+    let _ = kill(pid, signo);
 }
 
 /// Make `command` start its program as a shell to restore into: with these
