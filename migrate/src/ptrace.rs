@@ -678,17 +678,16 @@ pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
 /// Give process `pid` a signal as `info` (a `siginfo_t`, 128 bytes) says it
 /// was sent: queued with its value and sender when the kernel lets one
 /// process queue that kind (`si_code` < 0, not a `tgkill`), else sent by
-/// number (a `kill`'s or the kernel's carries nothing more the handler
-/// could miss but its sender).
+/// number (its sender, or a kernel signal's details, are then lost).
 pub fn queue_signal(pid: i32, info: &[u8]) {
     let mut record = [0u8; 128];
     let n = info.len().min(128);
     record[..n].copy_from_slice(&info[..n]);
     let signo = signo_of(&record);
     if queued_by_a_process(&record) {
-        // SAFETY: `record` is a live siginfo_t-sized buffer.
         // The thread's own queue, where a restore queues what a process
         // had pending: one queue keeps them in order.
+        // SAFETY: `record` is a live siginfo_t-sized buffer.
         let queued = unsafe {
             libc::syscall(
                 libc::SYS_rt_tgsigqueueinfo,
