@@ -1,8 +1,9 @@
 //! Checkpoint/restore programs (tests/c/cr_*.c, see tests/c/cr.h): each
 //! sets up one kind of process state, says "ready", waits for SIGTERM,
 //! then checks the state and prints PASS. Each runs natively, under
-//! `omrun`, and under `omrun` moved to node 2 and home while it waits: all
-//! three must print PASS.
+//! `omrun`, under `omrun` moved to node 2 and home while it waits, and
+//! moved to node 2 to check its state there (through its deputy for what
+//! stays home): all four must print PASS.
 
 use migshm::{c_program, omctl, omrun_command, uffd_or_skip, Cluster, Proc};
 use std::io::{BufRead, BufReader, Read};
@@ -17,6 +18,8 @@ enum Mode {
     Native,
     UnderOmrun,
     Moved,
+    /// Moved to node 2, and checks there.
+    Away,
 }
 
 /// Run `program` in `mode`; what it printed after "ready", or why not.
@@ -24,7 +27,9 @@ fn run(cluster: &Cluster, program: &Path, mode: Mode) -> Result<String, String> 
     let dir = tempfile_dir(program, mode);
     let mut command = match mode {
         Mode::Native => Command::new(program),
-        Mode::UnderOmrun | Mode::Moved => omrun_command(cluster.socket(1), None, program),
+        Mode::UnderOmrun | Mode::Moved | Mode::Away => {
+            omrun_command(cluster.socket(1), None, program)
+        }
     };
     command
         .arg(&dir)
@@ -39,8 +44,13 @@ fn run(cluster: &Cluster, program: &Path, mode: Mode) -> Result<String, String> 
     if out.read_line(&mut line).map_err(|e| e.to_string())? == 0 || line.trim() != "ready" {
         return Err(format!("did not say ready: {line:?}"));
     }
-    if let Mode::Moved = mode {
-        for to in ["2", "home"] {
+    let moves: &[&str] = match mode {
+        Mode::Moved => &["2", "home"],
+        Mode::Away => &["2"],
+        _ => &[],
+    };
+    {
+        for &to in moves {
             let (ok, stdout, stderr) = omctl(cluster.socket(1), &["migrate", &pid.to_string(), to]);
             if !ok {
                 // SAFETY: ending the child we started.
@@ -50,7 +60,7 @@ fn run(cluster: &Cluster, program: &Path, mode: Mode) -> Result<String, String> 
             }
         }
     }
-    // SAFETY: signalling the child we started (at home, where it is now).
+    // SAFETY: signalling the child we started (its home pid).
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let status = process
         .wait_timeout(WAIT)
@@ -84,7 +94,7 @@ fn passes_everywhere(name: &str) {
     let program = c_program(name).unwrap_or_else(|e| panic!("compile {name}.c: {e}"));
     let cluster = Cluster::start(2).expect("start 2 daemons");
     let mut failures = Vec::new();
-    for mode in [Mode::Native, Mode::UnderOmrun, Mode::Moved] {
+    for mode in [Mode::Native, Mode::UnderOmrun, Mode::Moved, Mode::Away] {
         if let Err(why) = run(&cluster, &program, mode) {
             failures.push(format!("{name} {mode:?}: {why}"));
         }
@@ -129,4 +139,29 @@ fn memory_of_every_kind_moves() {
 #[test]
 fn signal_state_and_pending_signals_move() {
     passes_everywhere("cr_signals");
+}
+
+#[test]
+fn eventfds_are_served_at_home() {
+    passes_everywhere("cr_eventfd");
+}
+
+#[test]
+fn timerfds_are_served_at_home() {
+    passes_everywhere("cr_timerfd");
+}
+
+#[test]
+fn deleted_files_are_served_at_home() {
+    passes_everywhere("cr_deleted");
+}
+
+#[test]
+fn inotify_is_served_at_home() {
+    passes_everywhere("cr_inotify");
+}
+
+#[test]
+fn record_and_flock_locks_exclude_the_processes_at_home() {
+    passes_everywhere("cr_locks");
 }

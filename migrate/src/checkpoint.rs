@@ -220,6 +220,12 @@ pub fn checkpoint_with(
             .into_owned(),
         umask,
         rlimits,
+        // Field 19 of stat: the nice value.
+        nice: procfs::stat_fields(pid)
+            .ok()
+            .and_then(|f| f.get(19).copied())
+            .map_or(0, |n| n as i64 as i32),
+        altstack: asked.altstack,
         pending_signals: Vec::new(),
         socket_slot: dsm.links.first().map(|l| l.socket_slot),
         calls_in_flight: calls_in_flight_word(dsm),
@@ -261,6 +267,7 @@ struct Asked {
     actions: Vec<SignalAction>,
     tid_address: u64,
     brk: u64,
+    altstack: Option<(u64, i32, u64)>,
 }
 
 /// What only the process can ask about itself, through a scratch page
@@ -299,10 +306,16 @@ fn ask_process(t: &mut Tracee) -> Result<Asked, MigrateError> {
         t.syscall_ok(libc::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, scratch])?;
         let tid_address = u64::from_le_bytes(t.read(scratch, 8)?.try_into().unwrap_or([0; 8]));
         let brk = t.syscall_ok(libc::SYS_brk, &[0])?;
+        t.syscall_ok(libc::SYS_sigaltstack, &[0, scratch])?;
+        let raw = t.read(scratch, 24)?;
+        let word = |i: usize| u64::from_le_bytes(raw[i..i + 8].try_into().unwrap_or([0; 8]));
+        let flags = word(8) as u32 as i32;
+        let altstack = (flags & libc::SS_DISABLE == 0).then(|| (word(0), flags, word(16)));
         Ok(Asked {
             actions,
             tid_address,
             brk,
+            altstack,
         })
     })();
     t.syscall_ok(libc::SYS_munmap, &[scratch, PAGE_SIZE])?;
@@ -603,6 +616,14 @@ fn private_pages(
 
 /// The process's descriptors as the image keeps them, and the reasons (one
 /// per descriptor) it cannot move, if any.
+/// Descriptors (by /proc name) that can live only at home, served there
+/// for the process wherever it runs.
+const SERVED_AT_HOME: [&str; 3] = [
+    "anon_inode:[eventfd]",
+    "anon_inode:[timerfd]",
+    "anon_inode:inotify",
+];
+
 fn fds(
     pid: i32,
     dsm: &ProcessInfo,
@@ -667,6 +688,12 @@ fn fds(
                 stays.push(format!("{why}; only TCP listeners move"));
                 continue;
             }
+            // Only at home: the process gets a stand-in whose calls the
+            // deputy carries out on the original (forward.rs).
+            Ok(m) if target.ends_with(" (deleted)") && m.is_file() => {
+                FdKind::Forwarded { what: target }
+            }
+            _ if SERVED_AT_HOME.contains(&target.as_str()) => FdKind::Forwarded { what: target },
             _ if target == "anon_inode:[eventpoll]" => FdKind::Epoll {
                 targets: procfs::epoll_targets(pid, fd)?,
             },

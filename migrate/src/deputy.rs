@@ -20,6 +20,7 @@ use std::time::Duration;
 use crate::accept::HomeListeners;
 use crate::checkpoint::{checkpoint_with, Transfer};
 use crate::daemon::DaemonConn;
+use crate::home_calls::{HomeCalls, HomeProcess};
 use crate::image::{FdEntry, FdKind};
 use crate::link::{self, line, AgentMsg};
 use crate::ptrace::{self, Stop, Tracee};
@@ -71,7 +72,14 @@ fn move_out(d: &Deputy) -> Result<Moved, MigrateError> {
     dsm::faults::point("deputy.seized");
     // Read stopped: the connections it has now.
     let info = daemon.process_info(d.pid)?;
-    let image = checkpoint_with(&mut tracee, &info, Transfer::Lazy, Some(&mut daemon))?;
+    let mut image = checkpoint_with(&mut tracee, &info, Transfer::Lazy, Some(&mut daemon))?;
+    // Pending where it stopped: pending in the copy before it runs (taken
+    // from the home process once the copy runs, see `drain_pending`).
+    image.pending_signals = tracee
+        .pending_signals()?
+        .iter()
+        .map(|s| s.to_vec())
+        .collect();
     tracing::debug!(pid = d.pid, elapsed = ?frozen.elapsed(), bytes = image.private_bytes(), lazy = image.lazy_bytes(), "checkpointed");
     dsm::faults::point("deputy.checkpointed");
     let bytes = image
@@ -87,6 +95,46 @@ fn move_out(d: &Deputy) -> Result<Moved, MigrateError> {
         AgentMsg::Failed(why) => Err(MigrateError::Restore(why)),
         other => Err(MigrateError::Link(format!("unexpected {other:?}"))),
     }
+}
+
+/// Take every signal pending in the stopped home process; those not in
+/// `moved` (the ones the copy got with its image), in order.
+fn drain_pending(t: &mut Tracee, moved: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, MigrateError> {
+    let page = t.syscall_ok(
+        libc::SYS_mmap,
+        &[
+            0,
+            PAGE,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    // Every signal (the kernel leaves out SIGKILL and SIGSTOP), no wait.
+    let (set, timeout, info) = (page, page + 8, page + 64);
+    t.write(set, &u64::MAX.to_le_bytes())?;
+    t.write(timeout, &[0u8; 16])?;
+    let mut drained = Vec::new();
+    let taken = (|| -> Result<(), MigrateError> {
+        while t.syscall(libc::SYS_rt_sigtimedwait, &[set, info, timeout, 8])? > 0 {
+            drained.push(t.read(info, 128)?);
+        }
+        Ok(())
+    })();
+    t.syscall_ok(libc::SYS_munmap, &[page, PAGE])?;
+    taken?;
+    let mut left: Vec<&Vec<u8>> = moved.iter().collect();
+    Ok(drained
+        .into_iter()
+        .filter(|d| match left.iter().position(|m| *m == d) {
+            Some(i) => {
+                left.remove(i);
+                false
+            }
+            None => true,
+        })
+        .collect())
 }
 
 /// The home process lets go of what the copy now holds: its segments
@@ -232,6 +280,56 @@ fn hold(t: &mut Tracee, host: &mut TcpStream) -> Result<(), MigrateError> {
     Ok(())
 }
 
+/// The parked home process, held (stopped) from the first call made in
+/// it until `release` parks it again.
+struct Held<'a> {
+    t: &'a mut Tracee,
+    host: &'a mut TcpStream,
+    held: bool,
+}
+
+impl<'a> Held<'a> {
+    fn new(t: &'a mut Tracee, host: &'a mut TcpStream) -> Held<'a> {
+        Held {
+            t,
+            host,
+            held: false,
+        }
+    }
+
+    fn hold(&mut self) -> std::io::Result<()> {
+        if !self.held {
+            hold(self.t, self.host).map_err(std::io::Error::other)?;
+            self.held = true;
+        }
+        Ok(())
+    }
+
+    fn release(self) -> Result<(), MigrateError> {
+        if self.held {
+            park(self.t, self.host)?;
+        }
+        Ok(())
+    }
+}
+
+impl HomeProcess for Held<'_> {
+    fn call(&mut self, nr: libc::c_long, args: &[u64]) -> std::io::Result<i64> {
+        self.hold()?;
+        self.t.syscall(nr, args)
+    }
+
+    fn read(&mut self, addr: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.hold()?;
+        self.t.read(addr, len)
+    }
+
+    fn write(&mut self, addr: u64, data: &[u8]) -> std::io::Result<()> {
+        self.hold()?;
+        self.t.write(addr, data)
+    }
+}
+
 /// Close descriptors in the parked home process (a pipe the copy closed).
 fn close_in_process(
     t: &mut Tracee,
@@ -263,9 +361,14 @@ pub fn run(
     };
     // What stays at home and serves the copy, taken while the process can
     // still go on here if that fails (the host kills a copy never let go).
-    let served = relays_for(d.pid, &image.fds)
-        .and_then(|relays| Ok((relays, HomeListeners::of(d.pid, &image.fds)?)));
-    let (mut relays, mut listeners) = match served {
+    let served = relays_for(d.pid, &image.fds).and_then(|relays| {
+        Ok((
+            relays,
+            HomeListeners::of(d.pid, &image.fds)?,
+            HomeCalls::of(d.pid, &image.fds)?,
+        ))
+    });
+    let (mut relays, mut listeners, mut home_calls) = match served {
         Ok(served) => served,
         Err(e) => {
             drop(tracee);
@@ -285,6 +388,11 @@ pub fn run(
     }
     // Frozen here until the copy was let run.
     let downtime = frozen.elapsed();
+    // What the copy got pending is no longer the home process's; what
+    // came since goes to the copy as any later signal.
+    for info in drain_pending(&mut tracee, &image.pending_signals)? {
+        link::send(&mut host, &AgentMsg::SignalInfo(info))?;
+    }
     // The parked process blocks nothing: every signal sent to it, and any
     // it had blocked and pending, stops it for us and goes to the copy,
     // whose own mask (restored from the image) decides.
@@ -296,6 +404,11 @@ pub fn run(
     let mut returning = false;
     let mut push = Pusher::new(&image.lazy);
     park(&mut tracee, &mut host)?;
+    let mut out = Vec::new();
+    home_calls.first_readiness(&mut out);
+    for msg in &out {
+        link::send(&mut host, msg)?;
+    }
     line(
         report,
         &format!("running {remote_pid} frozen_us={}", downtime.as_micros()),
@@ -331,12 +444,20 @@ pub fn run(
         let relay_set = relays.poll_set();
         let relay_count = relay_set.len();
         watched.extend(relay_set);
+        let listeners_at = relays_at + relay_count;
         watched.extend(listeners.poll_set());
-        let ready = ptrace::wait_ready(&watched)?;
+        let calls_at = watched.len();
+        watched.extend(home_calls.poll_set());
+        let ready = ptrace::wait_ready_within(&watched, home_calls.next_tick())?;
         drop(watched);
         let mut out = Vec::new();
-        let relay_events = relays.service(&ready[relays_at..relays_at + relay_count], &mut out);
-        listeners.service(&ready[relays_at + relay_count..], &mut relays, &mut out);
+        let relay_events = relays.service(&ready[relays_at..listeners_at], &mut out);
+        listeners.service(&ready[listeners_at..calls_at], &mut relays, &mut out);
+        home_calls.service(&ready[calls_at..], &mut out);
+        // (Held only if a lock is tried.)
+        let mut home = Held::new(&mut tracee, &mut host);
+        home_calls.tick(&mut home, &mut out);
+        home.release()?;
         for msg in &out {
             link::send(&mut host, msg)?;
         }
@@ -378,6 +499,22 @@ pub fn run(
                     close_in_process(&mut tracee, &mut host, &mut relays, events)?;
                 }
                 Ok(AgentMsg::Want { fd }) => listeners.want(fd),
+                Ok(AgentMsg::Call {
+                    id,
+                    fd,
+                    by_process,
+                    call,
+                }) => {
+                    let mut out = Vec::new();
+                    let mut home = Held::new(&mut tracee, &mut host);
+                    home_calls.on_call(id, fd, by_process, call, &mut home, &mut out);
+                    home.release()?;
+                    for msg in &out {
+                        link::send(&mut host, msg)?;
+                    }
+                }
+                Ok(AgentMsg::CancelCall { id }) => home_calls.on_cancel(id),
+                Ok(AgentMsg::Unclaimed { fd, bytes }) => home_calls.on_unclaimed(fd, bytes),
                 Ok(AgentMsg::Quiet) if returning => {
                     returning = false;
                     if go_home(
@@ -388,6 +525,7 @@ pub fn run(
                         &mut push,
                         &mut released,
                         &info,
+                        &mut home_calls,
                         report,
                     )? {
                         tracee.detach()?;
@@ -463,6 +601,7 @@ fn go_home(
     push: &mut Pusher,
     released: &mut bool,
     info: &dsm::wire::ProcessInfo,
+    home_calls: &mut HomeCalls,
     report: &mut dyn Write,
 ) -> Result<bool, MigrateError> {
     // Every page first: the host checkpoints only a whole process.
@@ -477,7 +616,7 @@ fn go_home(
         park(tracee, host)?;
         *released = true;
     }
-    match come_home(tracee, host, &d.home_socket, relays) {
+    match come_home(tracee, host, &d.home_socket, relays, home_calls) {
         Ok(()) => Ok(true),
         Err(e) => {
             // The copy runs on; the home process waits (again).
@@ -495,6 +634,7 @@ fn come_home(
     host: &mut TcpStream,
     home_socket: &Path,
     relays: &mut Relays,
+    home_calls: &mut HomeCalls,
 ) -> Result<(), MigrateError> {
     host.set_read_timeout(Some(HOST_TIMEOUT))?;
     link::send(host, &AgentMsg::ComeHome)?;
@@ -511,6 +651,11 @@ fn come_home(
             }
             // Sent before the host saw `ComeHome`: nothing is accepted now.
             Ok(AgentMsg::Want { .. }) => {}
+            // Calls the stop ended: made again at home. A call sent
+            // before is given up by the host too.
+            Ok(AgentMsg::CancelCall { id }) => home_calls.on_cancel(id),
+            Ok(AgentMsg::Unclaimed { fd, bytes }) => home_calls.on_unclaimed(fd, bytes),
+            Ok(AgentMsg::Call { .. }) => {}
             // A fault of the copy asked before the pages pushed ahead of
             // `ComeHome` reached the host: every page was in them.
             Ok(AgentMsg::PageRequest { .. }) => {}
@@ -539,7 +684,7 @@ fn come_home(
         let RelayEvent::CloseInProcess(fd) = event;
         t.syscall_ok(libc::SYS_close, &[fd as u64])?;
     }
-    let restored = restore_into(t, &image, Some(home_socket), &Default::default());
+    let restored = restore_into(t, &image, Some(home_socket), &Default::default(), None);
     match restored {
         Ok(_lazy_none) => {
             dsm::faults::point("deputy.restored");

@@ -16,6 +16,7 @@ use std::time::Duration;
 use crate::accept::StandIns;
 use crate::checkpoint::{checkpoint_with, Transfer};
 use crate::daemon::DaemonConn;
+use crate::host_calls::HostCalls;
 use crate::lazy::LazyMemory;
 use crate::link::{self, line, AgentMsg};
 use crate::ptrace::{self, Stop, Tracee};
@@ -31,7 +32,15 @@ pub struct Host {
     pub token: u128,
 }
 
-type MovedIn = (TcpStream, i32, Image, Relays, Option<LazyMemory>, StandIns);
+type MovedIn = (
+    TcpStream,
+    i32,
+    Image,
+    Relays,
+    Option<LazyMemory>,
+    StandIns,
+    HostCalls,
+);
 
 /// Take the deputy's connection and the image; restore it.
 fn move_in(
@@ -57,11 +66,14 @@ fn move_in(
     };
     dsm::faults::point("host.image");
     let started = std::time::Instant::now();
-    let (stand_ins, listener_ends) = StandIns::for_image(&image)?;
+    let (stand_ins, mut ends) = StandIns::for_image(&image)?;
+    let (mut calls, call_ends, watched) = HostCalls::for_image(&image)?;
+    ends.extend(call_ends);
+    let node = Some(h.node_socket.as_path());
     let restored = match shell {
-        Ok(shell) => shell.restore_with(&image, Some(&h.node_socket), listener_ends),
+        Ok(shell) => shell.restore_with(&image, node, ends, &watched),
         Err(_) => Shell::start(&ShellSpec::of(&image))
-            .and_then(|s| s.restore_with(&image, Some(&h.node_socket), listener_ends)),
+            .and_then(|s| s.restore_with(&image, node, ends, &watched)),
     };
     tracing::debug!(elapsed = ?started.elapsed(), "restored");
     match restored {
@@ -91,17 +103,27 @@ fn move_in(
             }
             link::send(&mut stream, &AgentMsg::Running { pid })?;
             // Dropping `restored` on any failure here kills the copy.
-            let running = match link::receive(&mut stream)? {
+            let mut running = match link::receive(&mut stream)? {
                 AgentMsg::Go => {
                     dsm::faults::point("host.before_run");
                     restored.run()?
                 }
                 other => return Err(MigrateError::Link(format!("unexpected {other:?}"))),
             };
+            // Its calls on stand-ins wait in the listener until we look.
+            calls.start(pid, running.calls.take());
             // We reap it ourselves (waitpid), never through `Child`.
             std::mem::forget(running.child);
             stream.set_read_timeout(None)?;
-            Ok((stream, pid, image, running.relays, running.lazy, stand_ins))
+            Ok((
+                stream,
+                pid,
+                image,
+                running.relays,
+                running.lazy,
+                stand_ins,
+                calls,
+            ))
         }
         Err(e) => {
             let _ = link::send(&mut stream, &AgentMsg::Failed(e.to_string()));
@@ -112,7 +134,7 @@ fn move_in(
 
 pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<(), MigrateError> {
     let events = ptrace::child_events()?;
-    let (mut deputy, pid, first, mut relays, mut lazy, mut stand_ins) =
+    let (mut deputy, pid, first, mut relays, mut lazy, mut stand_ins, mut calls) =
         match move_in(h, &listener, report) {
             Ok(moved) => moved,
             Err(e) => {
@@ -130,22 +152,34 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
         let relay_set = relays.poll_set();
         let relay_count = relay_set.len();
         watched.extend(relay_set);
+        let calls_set = calls.poll_set();
+        let calls_count = calls_set.len();
+        watched.extend(calls_set);
+        let lazy_at = 2 + relay_count + calls_count;
         if let Some(l) = &lazy {
             watched.extend(l.poll_set());
         }
         // A process with listeners is looked at now and then: it may start
         // waiting for a connection at any time.
-        let look_again = stand_ins.needs_ticks().then_some(STAND_IN_TICK);
+        let look_again = [
+            stand_ins.needs_ticks().then_some(STAND_IN_TICK),
+            calls.next_tick(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let ready = ptrace::wait_ready_within(&watched, look_again)?;
         drop(watched);
         let mut out = Vec::new();
         // Sockets only on this side: no descriptor to close in the process.
         relays.service(&ready[2..2 + relay_count], &mut out);
+        calls.service(&ready[2 + relay_count..lazy_at], &mut out);
+        calls.tick(&mut out);
         if let Some(l) = &mut lazy {
-            if ready[2 + relay_count..].iter().any(|r| *r != 0) {
+            if ready[lazy_at..].iter().any(|r| *r != 0) {
                 dsm::faults::point("host.serving");
             }
-            l.service(&ready[2 + relay_count..], &mut out);
+            l.service(&ready[lazy_at..], &mut out);
         }
         stand_ins.tick(pid, &relays, &mut out);
         for msg in &out {
@@ -198,6 +232,8 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
                         link::send(&mut deputy, msg)?;
                     }
                 }
+                Ok(AgentMsg::CallDone { id, result, data }) => calls.on_done(id, result, data),
+                Ok(AgentMsg::Readable { fd, readable }) => calls.on_readable(fd, readable),
                 Ok(AgentMsg::Pages { addr, bytes }) => {
                     if let Some(l) = &mut lazy {
                         l.on_pages(addr, &bytes);
@@ -218,7 +254,7 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
                     stand_ins.resume();
                 }
                 Ok(AgentMsg::ComeHome) => {
-                    if send_home(h, pid, &first, &mut deputy, &mut relays)? {
+                    if send_home(h, pid, &first, &mut deputy, &mut relays, &mut calls)? {
                         reap(pid);
                         line(report, "ended went home");
                         return Ok(());
@@ -256,12 +292,23 @@ fn checkpoint_for_home(
     pid: i32,
     tracee: &mut Tracee,
     relays: &Relays,
+    calls: &HostCalls,
+    first: &Image,
 ) -> Result<Image, MigrateError> {
     let mut tries = 0;
     loop {
         let mut daemon = DaemonConn::connect(&h.node_socket)?;
         let info = daemon.process_info(pid)?;
-        let image = checkpoint_with(tracee, &info, Transfer::Eager, Some(&mut daemon))?;
+        let mut image = checkpoint_with(tracee, &info, Transfer::Eager, Some(&mut daemon))?;
+        // Our stand-ins are the originals at home.
+        for entry in &mut image.fds {
+            if calls.is_stand_in(pid, entry.fd) {
+                if let Some(at_home) = first.fds.iter().find(|f| f.fd == entry.fd) {
+                    entry.kind = at_home.kind.clone();
+                    entry.flags = at_home.flags;
+                }
+            }
+        }
         let foreign = image.fds.iter().find(|f| {
             matches!(f.kind, crate::image::FdKind::Relayed { .. })
                 && !relays.list.iter().any(|r| r.fd == f.fd)
@@ -299,15 +346,18 @@ fn send_home(
     first: &Image,
     deputy: &mut TcpStream,
     relays: &mut Relays,
+    calls: &mut HostCalls,
 ) -> Result<bool, MigrateError> {
     let mut tracee = Tracee::seize(pid)?;
-    // What it wrote before it stopped goes home ahead of it.
+    // What it wrote before it stopped goes home ahead of it; the calls it
+    // waited in (the stop ended them) it makes again there.
     let mut out = Vec::new();
     relays.drain(&mut out);
+    calls.give_up_all(&mut out);
     for msg in &out {
         link::send(deputy, msg)?;
     }
-    let image = match checkpoint_for_home(h, pid, &mut tracee, relays) {
+    let image = match checkpoint_for_home(h, pid, &mut tracee, relays, calls, first) {
         Ok(mut image) => {
             // The library's socket slot does not move; its connections may
             // not have been reopened here yet.

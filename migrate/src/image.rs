@@ -118,6 +118,12 @@ pub enum FdKind {
     /// connections the deputy accepts from it while the process waits for
     /// one (see `accept.rs`).
     Listener { what: String },
+    /// What can live only at home (a deleted file, an eventfd, a timerfd,
+    /// an inotify instance): the home process keeps the original, the
+    /// process gets a stand-in at the same number, and its calls on it are
+    /// carried out at home by the deputy (`forward.rs`). `what` is its
+    /// /proc name.
+    Forwarded { what: String },
     /// An epoll instance and what it watches (descriptor, events, data),
     /// made again with the same targets once the other descriptors are back.
     Epoll { targets: Vec<(i32, u32, u64)> },
@@ -205,6 +211,11 @@ pub struct Image {
     pub umask: u32,
     /// (resource, soft, hard)
     pub rlimits: Vec<(u32, u64, u64)>,
+    /// The nice value.
+    pub nice: i32,
+    /// The alternate signal stack (`stack_t`: ss_sp, ss_flags, ss_size),
+    /// if one is set.
+    pub altstack: Option<(u64, i32, u64)>,
     /// Signals queued and not yet delivered (raw `siginfo_t`), queued again
     /// in the restored process: only in an image whose source process is
     /// killed after it (a return home), never one that stays to pass them on.

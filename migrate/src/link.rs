@@ -86,6 +86,42 @@ pub enum AgentMsg {
         fd: i32,
         conn: i32,
     },
+    /// Host → deputy: the process made call `id` on descriptor `fd` (a
+    /// stand-in, or a reopened file's lock): carry it out at home
+    /// (`forward.rs`). `by_process`: the process itself made it, not a
+    /// child it started where it runs.
+    Call {
+        id: u64,
+        fd: i32,
+        by_process: bool,
+        call: crate::forward::Call,
+    },
+    /// Deputy → host: what call `id` returned (a negative errno on
+    /// failure) and the bytes it filled.
+    CallDone {
+        id: u64,
+        result: i64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Host → deputy: call `id` is no longer waited for (its caller got a
+    /// signal, or the process is going home).
+    CancelCall {
+        id: u64,
+    },
+    /// Deputy → host: the original of stand-in `fd` became readable, or
+    /// stopped being so (the stand-in's `poll` readiness follows).
+    Readable {
+        fd: i32,
+        readable: bool,
+    },
+    /// Host → deputy, before the image when the process goes home: bytes
+    /// a given-up read took from stand-in `fd` and the process never got.
+    Unclaimed {
+        fd: i32,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 pub fn send(stream: &mut TcpStream, msg: &AgentMsg) -> Result<(), MigrateError> {

@@ -3,7 +3,8 @@
 //! `syscall` instruction of its vDSO, between a syscall-entry and a
 //! syscall-exit stop, so no code of ours ever lives in it).
 //!
-//! The only module of the crate with `unsafe`.
+//! With `seccomp.rs` and `home_io.rs`, the only modules of the crate with
+//! `unsafe`.
 
 use std::fs::File;
 use std::io;
@@ -648,6 +649,13 @@ pub fn take_fd(pid: i32, fd: u64) -> io::Result<std::os::fd::OwnedFd> {
     }
 }
 
+/// Set another process's nice value.
+pub fn set_nice(pid: i32, nice: i32) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice) } as libc::c_long)
+        .map(|_| ())
+}
+
 /// A resource limit of another process: (soft, hard).
 pub fn rlimit(pid: i32, resource: u32) -> io::Result<(u64, u64)> {
     let mut old = libc::rlimit64 {
@@ -704,16 +712,15 @@ pub fn queue_signal(pid: i32, info: &[u8]) {
     let _ = kill(pid, signo);
 }
 
-/// Make `command` start its program as a shell to restore into: with these
-/// credentials, killed if we die, and traced, so that its `execve` stops
+/// Make `command` start its program as a shell to restore into: killed if
+/// we die, and traced, so that its `execve` stops
 /// it before the program runs a single instruction.
-pub fn exec_traced_as(command: &mut std::process::Command, uid: u32, gid: u32, groups: Vec<u32>) {
+pub fn exec_traced(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as i32;
     // SAFETY: the hook only makes async-signal-safe system calls.
     unsafe {
         command.pre_exec(move || {
-            become_user(uid, gid, &groups)?;
             // The copy never outlives the agent that answers for it (one
             // that died before we asked leaves us with another parent).
             die_with_parent()?;
@@ -773,20 +780,6 @@ pub fn die_with(parent: i32) -> bool {
 unsafe fn die_with_parent() -> io::Result<()> {
     // SAFETY: async-signal-safe syscall with integer arguments.
     check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } as libc::c_long).map(|_| ())
-}
-
-/// Take on a process's credentials in a forked child before exec.
-///
-/// # Safety
-/// Call only between fork and exec (a `pre_exec` hook).
-unsafe fn become_user(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
-    // SAFETY: the group list is live; the rest take integers.
-    unsafe {
-        check(libc::setgroups(groups.len(), groups.as_ptr()) as libc::c_long)?;
-        check(libc::setresgid(gid, gid, gid) as libc::c_long)?;
-        check(libc::setresuid(uid, uid, uid) as libc::c_long)?;
-    }
-    Ok(())
 }
 
 /// A descriptor that becomes readable when a child of ours changes state

@@ -18,6 +18,7 @@ use crate::daemon::DaemonConn;
 use crate::image::{Backing, FdKind, FileIdentity, Image, Region, SignalAction};
 use crate::procfs::{self, PAGE_SIZE};
 use crate::ptrace::{self, Tracee};
+use crate::seccomp::Watched;
 use crate::MigrateError;
 
 /// Where the kernel's special mappings wait while the rest is rebuilt,
@@ -40,6 +41,8 @@ pub struct Restored {
     /// Our ends of its relayed descriptors.
     relays: crate::relay::Relays,
     lazy: Option<crate::lazy::LazyMemory>,
+    /// The listener of its filter, if calls of its go home.
+    calls: Option<OwnedFd>,
     stopped: Option<Tracee>,
 }
 
@@ -50,6 +53,8 @@ pub struct Running {
     pub relays: crate::relay::Relays,
     /// The server of its pages that stayed behind (lazy transfer).
     pub lazy: Option<crate::lazy::LazyMemory>,
+    /// The listener of its filter (calls on stand-ins, see `forward.rs`).
+    pub calls: Option<OwnedFd>,
 }
 
 impl Restored {
@@ -76,6 +81,7 @@ impl Restored {
             child,
             relays: std::mem::take(&mut self.relays),
             lazy: self.lazy.take(),
+            calls: self.calls.take(),
         })
     }
 }
@@ -146,8 +152,10 @@ impl Drop for Shell {
 }
 
 impl Shell {
+    /// Started as root: the restore installs, with the privilege that
+    /// needs, the filter of calls that go home, then takes on the image's
+    /// credentials.
     pub fn start(spec: &ShellSpec) -> Result<Shell, MigrateError> {
-        let creds = spec.credentials.clone();
         let mut command = std::process::Command::new(&spec.exe);
         command
             .arg0(&spec.comm)
@@ -155,7 +163,7 @@ impl Shell {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
-        ptrace::exec_traced_as(&mut command, creds.uid, creds.gid, creds.groups);
+        ptrace::exec_traced(&mut command);
         let started = std::time::Instant::now();
         let mut child = command.spawn()?;
         match Tracee::adopt_exec_stopped_child(child.id() as i32) {
@@ -178,20 +186,23 @@ impl Shell {
     /// Rebuild `image` in this shell (one started for another executable
     /// or credentials is replaced by a fitting one).
     pub fn restore(self, image: &Image, node: Option<&Path>) -> Result<Restored, MigrateError> {
-        self.restore_with(image, node, HashMap::new())
+        self.restore_with(image, node, HashMap::new(), &Watched::default())
     }
 
-    /// `restore`, with what the image's listeners become (see
-    /// `accept::StandIns`), by descriptor number.
+    /// `restore`, with what the image's listeners and stand-ins become
+    /// (see `accept::StandIns`, `host_calls.rs`), by descriptor number,
+    /// and the descriptors whose calls go home.
     pub fn restore_with(
         mut self,
         image: &Image,
         node: Option<&Path>,
         listeners: HashMap<i32, OwnedFd>,
+        watched: &Watched,
     ) -> Result<Restored, MigrateError> {
         check_identity(&image.exe)?;
         if self.spec != ShellSpec::of(image) {
-            return Shell::start(&ShellSpec::of(image))?.restore_with(image, node, listeners);
+            return Shell::start(&ShellSpec::of(image))?
+                .restore_with(image, node, listeners, watched);
         }
         // A socketpair per relayed descriptor: the process gets one end.
         let mut relays = crate::relay::Relays::default();
@@ -208,11 +219,16 @@ impl Shell {
         let (Some(mut t), Some(mut child)) = (self.tracee.take(), self.child.take()) else {
             return Err(MigrateError::Restore("shell already used".into()));
         };
-        match restore_into(&mut t, image, node, &ends) {
-            Ok(lazy) => Ok(Restored {
+        let finish = Finish {
+            watched: watched.clone(),
+            credentials: image.credentials.clone(),
+        };
+        match restore_into(&mut t, image, node, &ends, Some(&finish)) {
+            Ok(rebuilt) => Ok(Restored {
                 child: Some(child),
                 relays,
-                lazy,
+                lazy: rebuilt.lazy,
+                calls: rebuilt.calls,
                 stopped: Some(t),
             }),
             Err(e) => {
@@ -245,17 +261,33 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1
 }
 
+/// What a restore into a new process (a shell) does last, while it is
+/// still root: the filter that sends the calls on `watched` to the host,
+/// then the image's credentials.
+pub struct Finish {
+    pub watched: Watched,
+    pub credentials: crate::image::Credentials,
+}
+
+/// What serves a rebuilt process.
+pub struct Rebuilt {
+    pub lazy: Option<crate::lazy::LazyMemory>,
+    pub calls: Option<OwnedFd>,
+}
+
 /// Rebuild `image` inside the stopped tracee and set the registers it
 /// resumes with; the caller detaches. `node`: the socket of this node's
 /// daemon, which serves the process's segments from now on. `relay_ends`:
-/// what each relayed descriptor becomes; one not there must be open in the
-/// tracee already (the home process's original) and is kept as it is.
+/// what each relayed descriptor (or stand-in) becomes; one not there must
+/// be open in the tracee already (the home process's original) and is kept
+/// as it is. `finish`: for a new process (see `Finish`).
 pub fn restore_into(
     t: &mut Tracee,
     image: &Image,
     node: Option<&Path>,
     relay_ends: &HashMap<i32, OwnedFd>,
-) -> Result<Option<crate::lazy::LazyMemory>, MigrateError> {
+    finish: Option<&Finish>,
+) -> Result<Rebuilt, MigrateError> {
     let needs_daemon = !image.attachments.is_empty()
         || image
             .fds
@@ -417,6 +449,22 @@ pub fn restore_into(
             tracing::warn!(pid = t.pid, resource, "restoring a resource limit: {e}");
         }
     }
+    if let Err(e) = ptrace::set_nice(t.pid, image.nice) {
+        tracing::warn!(
+            pid = t.pid,
+            nice = image.nice,
+            "restoring the nice value: {e}"
+        );
+    }
+    if let Some((sp, flags, size)) = image.altstack {
+        let mut raw = sp.to_le_bytes().to_vec();
+        // Only SS_AUTODISARM may be set; SS_ONSTACK is where it ran.
+        let settable = flags & !libc::SS_ONSTACK;
+        raw.extend_from_slice(&(settable as u32 as u64).to_le_bytes());
+        raw.extend_from_slice(&size.to_le_bytes());
+        t.write(scratch, &raw)?;
+        t.syscall_ok(libc::SYS_sigaltstack, &[scratch, 0])?;
+    }
     t.syscall_ok(
         libc::SYS_set_robust_list,
         &[image.robust_list.0, image.robust_list.1],
@@ -443,14 +491,76 @@ pub fn restore_into(
             tracing::warn!(pid = t.pid, signo, "queueing a pending signal again: {e}");
         }
     }
+    // After every call of ours on the descriptors it watches.
+    let calls = match finish {
+        Some(f) if !f.watched.is_empty() => Some(install_filter(t, scratch, &f.watched)?),
+        _ => None,
+    };
     // Last of all the writes into its memory (ours and the kernel's, such
     // as rseq's): from here a write into a lazy region waits for its page.
     let lazy = register_lazy(t, image, scratch)?;
+    if let Some(f) = finish {
+        take_on_credentials(t, scratch, &f.credentials)?;
+    }
     t.set_sigmask(image.sigmask)?;
     t.syscall_ok(libc::SYS_munmap, &[scratch, SCRATCH_LEN])?;
     t.set_xstate(&image.xstate)?;
     t.set_resume_regs(image.regs.into());
-    Ok(lazy)
+    Ok(Rebuilt { lazy, calls })
+}
+
+/// Install the filter for `watched` in the tracee (root: no
+/// `no_new_privs` needed); its listener, now ours.
+fn install_filter(
+    t: &mut Tracee,
+    scratch: u64,
+    watched: &Watched,
+) -> Result<OwnedFd, MigrateError> {
+    let prog = crate::seccomp::filter(watched)
+        .map_err(|e| MigrateError::Restore(format!("the filter of calls that go home: {e}")))?;
+    let bytes = crate::seccomp::fprog_bytes(&prog, scratch);
+    if bytes.len() as u64 > SCRATCH_LEN {
+        return Err(MigrateError::Restore("the filter is too large".into()));
+    }
+    t.write(scratch, &bytes)?;
+    let listener = t.syscall_ok(
+        libc::SYS_seccomp,
+        &[
+            u64::from(libc::SECCOMP_SET_MODE_FILTER),
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            scratch,
+        ],
+    )?;
+    let ours = ptrace::take_fd(t.pid, listener)?;
+    t.syscall_ok(libc::SYS_close, &[listener])?;
+    Ok(ours)
+}
+
+/// Take on the image's credentials (the shell started as root), then what
+/// a change of credentials resets: death with the agent that answers for
+/// the process, and being dumpable as a process started as that user is.
+fn take_on_credentials(
+    t: &mut Tracee,
+    scratch: u64,
+    c: &crate::image::Credentials,
+) -> Result<(), MigrateError> {
+    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
+    if groups.len() as u64 > SCRATCH_LEN {
+        return Err(MigrateError::Restore(
+            "too many supplementary groups".into(),
+        ));
+    }
+    t.write(scratch, &groups)?;
+    t.syscall_ok(libc::SYS_setgroups, &[c.groups.len() as u64, scratch])?;
+    let (uid, gid) = (u64::from(c.uid), u64::from(c.gid));
+    t.syscall_ok(libc::SYS_setresgid, &[gid, gid, gid])?;
+    t.syscall_ok(libc::SYS_setresuid, &[uid, uid, uid])?;
+    t.syscall_ok(
+        libc::SYS_prctl,
+        &[libc::PR_SET_PDEATHSIG as u64, libc::SIGKILL as u64],
+    )?;
+    t.syscall_ok(libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, 1])?;
+    Ok(())
 }
 
 fn move_mapping(t: &mut Tracee, from: u64, len: u64, to: u64) -> Result<(), MigrateError> {
@@ -634,13 +744,21 @@ fn restore_fds(
     scratch: u64,
     relay_ends: &HashMap<i32, OwnedFd>,
 ) -> Result<(), MigrateError> {
-    // A relayed descriptor or a listener without an end here is the home
-    // process's original: it stays.
+    // A relayed descriptor, a listener or a stand-in without an end here
+    // is the home process's original: it stays. So does a file the
+    // process reopened where it ran, if the original is still open here:
+    // the locks taken for it at home are on the original.
+    let pid = t.pid;
     let kept = |fd: i32| {
         image.fds.iter().any(|e| {
             e.fd == fd
-                && matches!(e.kind, FdKind::Relayed { .. } | FdKind::Listener { .. })
-                && !relay_ends.contains_key(&fd)
+                && match &e.kind {
+                    FdKind::Relayed { .. } | FdKind::Listener { .. } | FdKind::Forwarded { .. } => {
+                        !relay_ends.contains_key(&fd)
+                    }
+                    FdKind::File { path, .. } => same_file(pid, fd, path),
+                    _ => false,
+                }
         })
     };
     let open_now: Vec<i32> = procfs::fds(t.pid)?.into_iter().map(|f| f.0).collect();
@@ -649,8 +767,29 @@ fn restore_fds(
             t.syscall_ok(libc::SYS_close, &[fd as u64])?;
         }
     }
+    let kept_now: Vec<i32> = open_now.iter().copied().filter(|&fd| kept(fd)).collect();
     for entry in &image.fds {
         let path = match &entry.kind {
+            FdKind::File { pos, .. } if kept_now.contains(&entry.fd) => {
+                // Where the process left it, with its status flags.
+                if entry.flags & libc::O_APPEND == 0 {
+                    t.syscall_ok(
+                        libc::SYS_lseek,
+                        &[entry.fd as u64, *pos, libc::SEEK_SET as u64],
+                    )?;
+                }
+                let status = entry.flags & (libc::O_APPEND | libc::O_NONBLOCK | libc::O_NOATIME);
+                t.syscall_ok(
+                    libc::SYS_fcntl,
+                    &[entry.fd as u64, libc::F_SETFL as u64, status as u64],
+                )?;
+                let flag = if entry.cloexec { libc::FD_CLOEXEC } else { 0 };
+                t.syscall_ok(
+                    libc::SYS_fcntl,
+                    &[entry.fd as u64, libc::F_SETFD as u64, flag as u64],
+                )?;
+                continue;
+            }
             FdKind::File { path, .. }
             | FdKind::Device { path }
             | FdKind::Directory { path, .. }
@@ -671,6 +810,22 @@ fn restore_fds(
             }
             // Made once every descriptor it watches is back.
             FdKind::Epoll { .. } => continue,
+            FdKind::Forwarded { what } => {
+                match relay_ends.get(&entry.fd) {
+                    Some(end) => {
+                        let given = give_fds(t, scratch, &[end.try_clone()?])?[0];
+                        place_fd(t, given, entry)?;
+                    }
+                    None if open_now.contains(&entry.fd) => {}
+                    None => {
+                        return Err(MigrateError::Restore(format!(
+                            "fd {} ({what}) has no stand-in",
+                            entry.fd
+                        )))
+                    }
+                }
+                continue;
+            }
             FdKind::Relayed { what } | FdKind::Listener { what } => {
                 match relay_ends.get(&entry.fd) {
                     Some(end) => {
@@ -719,6 +874,20 @@ fn restore_fds(
         }
     }
     Ok(())
+}
+
+/// Whether descriptor `fd` of process `pid` is the file at `path`.
+fn same_file(pid: i32, fd: i32, path: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        std::fs::metadata(format!("/proc/{pid}/fd/{fd}")),
+        std::fs::metadata(path),
+    ) {
+        (Ok(open), Ok(named)) => {
+            open.is_file() && open.dev() == named.dev() && open.ino() == named.ino()
+        }
+        _ => false,
+    }
 }
 
 /// Put `given`, a descriptor the process just received, at `entry`'s

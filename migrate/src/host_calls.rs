@@ -1,0 +1,459 @@
+//! The host's side of calls carried out at home (`forward.rs`): the
+//! moved process's stand-ins (one end of a socketpair each, whose other
+//! end the host keeps to mirror the original's readiness), the filter's
+//! notifications, and the calls waiting for the deputy's answer.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use crate::forward::{self, Call, CallerMemory, Decision, Reply, Watch};
+use crate::image::{FdKind, Image};
+use crate::link::AgentMsg;
+use crate::seccomp::{self, Listener, Notification, Watched};
+
+/// A call is checked after this long for a caller that gave up on it (a
+/// signal it did not restart after).
+const STILL_WAITING_CHECK: Duration = Duration::from_millis(5);
+
+struct StandIn {
+    /// The stand-in's inode as /proc names it ("socket:[N]"): a number
+    /// that names something else in the caller is not ours.
+    name: String,
+    /// Our end: a byte written makes the stand-in readable.
+    ours: UnixStream,
+    /// The process's end, kept to take that byte back.
+    theirs: UnixStream,
+    marked: bool,
+}
+
+struct Pending {
+    pid: i32,
+    fd: i32,
+    reply: Reply,
+    /// Closes still to be done before the call runs as it is; None: the
+    /// call is answered with the result.
+    closes_left: Option<usize>,
+    is_read: bool,
+    since: Instant,
+}
+
+/// A task's memory, read for the host's decisions.
+struct Task(i32);
+
+impl CallerMemory for Task {
+    fn read(&self, addr: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        seccomp::read_task(self.0, addr, len)
+    }
+
+    fn cwd(&self) -> std::io::Result<String> {
+        Ok(std::fs::read_link(format!("/proc/{}/cwd", self.0))?
+            .to_string_lossy()
+            .into_owned())
+    }
+}
+
+#[derive(Default)]
+pub struct HostCalls {
+    listener: Option<Listener>,
+    /// The moved process (a call from another task is from a child).
+    process: i32,
+    stand_ins: HashMap<i32, StandIn>,
+    /// Reopened files whose locks are taken at home: (device, inode) of
+    /// what we opened for the process.
+    lock_homes: HashMap<i32, (u64, u64)>,
+    numbers: Vec<i32>,
+    pending: HashMap<u64, Pending>,
+    /// The call each task waits in (a task is in one call at a time: a
+    /// new one means the old one was given up).
+    waiting: HashMap<i32, u64>,
+    /// Bytes a given-up read took, for the next read of that stand-in.
+    unclaimed: HashMap<i32, VecDeque<u8>>,
+    /// Reads given up, by id, with their stand-in (their answer may
+    /// still come, with bytes).
+    given_up: HashMap<u64, i32>,
+    /// The extra closes of a call that closes several descriptors: their
+    /// ids, and the call's.
+    close_of: HashMap<u64, u64>,
+}
+
+impl HostCalls {
+    /// The stand-ins an image needs (the ends to give the process, by
+    /// descriptor number) and what the filter watches.
+    pub fn for_image(
+        image: &Image,
+    ) -> std::io::Result<(HostCalls, HashMap<i32, OwnedFd>, Watched)> {
+        let mut calls = HostCalls::default();
+        let mut ends = HashMap::new();
+        let mut watched = Watched::default();
+        for entry in &image.fds {
+            match entry.kind {
+                FdKind::Forwarded { .. } => {
+                    let (ours, theirs) = UnixStream::pair()?;
+                    ours.set_nonblocking(true)?;
+                    theirs.set_nonblocking(true)?;
+                    let name = std::fs::read_link(format!(
+                        "/proc/self/fd/{}",
+                        std::os::fd::AsRawFd::as_raw_fd(&theirs)
+                    ))?
+                    .to_string_lossy()
+                    .into_owned();
+                    ends.insert(entry.fd, OwnedFd::from(theirs.try_clone()?));
+                    calls.stand_ins.insert(
+                        entry.fd,
+                        StandIn {
+                            name,
+                            ours,
+                            theirs,
+                            marked: false,
+                        },
+                    );
+                    watched.stand_ins.push(entry.fd);
+                }
+                FdKind::File { .. } => {
+                    calls.lock_homes.insert(entry.fd, (0, 0));
+                    watched.lock_homes.push(entry.fd);
+                }
+                _ => {}
+            }
+        }
+        calls.numbers = watched
+            .stand_ins
+            .iter()
+            .chain(&watched.lock_homes)
+            .copied()
+            .collect();
+        Ok((calls, ends, watched))
+    }
+
+    /// The restored process `pid` and its filter's listener (None if it
+    /// has nothing to forward).
+    pub fn start(&mut self, pid: i32, listener: Option<OwnedFd>) {
+        self.process = pid;
+        self.listener = listener.map(Listener::new);
+        for (&fd, identity) in &mut self.lock_homes {
+            if let Ok(m) = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")) {
+                use std::os::unix::fs::MetadataExt;
+                *identity = (m.dev(), m.ino());
+            }
+        }
+    }
+
+    /// Whether descriptor `fd` of `task` is a stand-in of `stand_ins` (and
+    /// not something else now at that number).
+    pub fn is_stand_in(&self, task: i32, fd: i32) -> bool {
+        self.stand_ins.get(&fd).is_some_and(|s| {
+            std::fs::read_link(format!("/proc/{task}/fd/{fd}"))
+                .is_ok_and(|p| p.as_os_str() == s.name.as_str())
+        })
+    }
+
+    fn watch(&self, task: i32, fd: i32) -> Option<Watch> {
+        if self.is_stand_in(task, fd) {
+            return Some(Watch::StandIn);
+        }
+        let &(dev, ino) = self.lock_homes.get(&fd)?;
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/{task}/fd/{fd}"))
+            .ok()
+            .filter(|m| m.dev() == dev && m.ino() == ino)
+            .map(|_| Watch::LockHome)
+    }
+
+    pub fn poll_set(&self) -> Vec<(BorrowedFd<'_>, i16)> {
+        self.listener
+            .iter()
+            .map(|l| (l.fd(), libc::POLLIN))
+            .collect()
+    }
+
+    /// How soon `tick` should look at the calls waiting.
+    pub fn next_tick(&self) -> Option<Duration> {
+        (!self.pending.is_empty()).then_some(STILL_WAITING_CHECK)
+    }
+
+    /// After a poll of `poll_set`.
+    pub fn service(&mut self, revents: &[i16], out: &mut Vec<AgentMsg>) {
+        if revents.first().is_none_or(|r| *r == 0) {
+            return;
+        }
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        match listener.receive() {
+            Ok(Some(n)) => self.on_notification(n, out),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!("the calls of the moved process can no longer be received: {e}");
+                self.listener = None;
+            }
+        }
+    }
+
+    fn answer(&self, id: u64, result: i64) {
+        if let Some(l) = &self.listener {
+            if let Err(e) = l.answer(id, result) {
+                tracing::warn!(id, "answering a call: {e}");
+            }
+        }
+    }
+
+    fn run_as_is(&self, id: u64) {
+        if let Some(l) = &self.listener {
+            if let Err(e) = l.run_as_is(id) {
+                tracing::warn!(id, "letting a call run: {e}");
+            }
+        }
+    }
+
+    fn on_notification(&mut self, n: Notification, out: &mut Vec<AgentMsg>) {
+        // A task waits in one call at a time: a call it left for a signal
+        // is over.
+        if let Some(&old) = self.waiting.get(&n.pid) {
+            self.give_up(old, out);
+        }
+        self.waiting.insert(n.pid, n.id);
+        let decision = forward::decide(
+            n.nr,
+            n.args,
+            &self.numbers,
+            &|fd| self.watch(n.pid, fd),
+            &Task(n.pid),
+        );
+        let by_process = n.pid == self.process;
+        match decision {
+            Decision::RunAsIs => {
+                self.waiting.remove(&n.pid);
+                self.run_as_is(n.id);
+            }
+            Decision::Answer(result) => {
+                self.waiting.remove(&n.pid);
+                self.answer(n.id, result);
+            }
+            Decision::Forward { fd, call, reply } => {
+                let is_read = matches!(call, Call::Read { .. });
+                if is_read {
+                    if let Some(bytes) = self.take_unclaimed(fd, &call) {
+                        self.waiting.remove(&n.pid);
+                        self.deliver(n.pid, n.id, &reply, bytes.len() as i64, &bytes);
+                        return;
+                    }
+                }
+                self.pending.insert(
+                    n.id,
+                    Pending {
+                        pid: n.pid,
+                        fd,
+                        reply,
+                        closes_left: None,
+                        is_read,
+                        since: Instant::now(),
+                    },
+                );
+                out.push(AgentMsg::Call {
+                    id: n.id,
+                    fd,
+                    by_process,
+                    call,
+                });
+            }
+            Decision::CloseFirst(fds) => {
+                // One call per descriptor, each with an id of its own: the
+                // notification's, then ids no notification has (the
+                // kernel's are 64-bit counters, never near the top).
+                self.pending.insert(
+                    n.id,
+                    Pending {
+                        pid: n.pid,
+                        fd: fds[0],
+                        reply: Reply::Value,
+                        closes_left: Some(fds.len()),
+                        is_read: false,
+                        since: Instant::now(),
+                    },
+                );
+                for (i, fd) in fds.into_iter().enumerate() {
+                    let id = if i == 0 { n.id } else { close_id(n.id, i) };
+                    if i > 0 {
+                        self.close_of.insert(id, n.id);
+                    }
+                    out.push(AgentMsg::Call {
+                        id,
+                        fd,
+                        by_process,
+                        call: Call::Close,
+                    });
+                }
+            }
+        }
+    }
+
+    fn take_unclaimed(&mut self, fd: i32, call: &Call) -> Option<Vec<u8>> {
+        let Call::Read { len } = call else {
+            return None;
+        };
+        let queue = self.unclaimed.get_mut(&fd).filter(|q| !q.is_empty())?;
+        let n = (*len as usize).min(queue.len());
+        let bytes: Vec<u8> = queue.drain(..n).collect();
+        if queue.is_empty() {
+            self.unclaimed.remove(&fd);
+        }
+        Some(bytes)
+    }
+
+    /// Put `data` where the call's reply goes and answer it with `result`.
+    fn deliver(&self, pid: i32, id: u64, reply: &Reply, result: i64, data: &[u8]) {
+        let written = match reply {
+            Reply::Value => Ok(()),
+            Reply::Into(addr) => seccomp::write_task(pid, *addr, data),
+            Reply::Scatter(bufs) => {
+                let mut rest = data;
+                let mut done = Ok(());
+                for &(addr, len) in bufs {
+                    if rest.is_empty() {
+                        break;
+                    }
+                    let n = (len as usize).min(rest.len());
+                    done = seccomp::write_task(pid, addr, &rest[..n]);
+                    if done.is_err() {
+                        break;
+                    }
+                    rest = &rest[n..];
+                }
+                done
+            }
+        };
+        match written {
+            Ok(()) => self.answer(id, result),
+            Err(_) => self.answer(id, -i64::from(libc::EFAULT)),
+        }
+    }
+
+    /// The deputy's answer to call `id`.
+    pub fn on_done(&mut self, id: u64, result: i64, data: Vec<u8>) {
+        if let Some(base) = self.close_of.remove(&id) {
+            return self.close_done(base);
+        }
+        if let Some(fd) = self.given_up.remove(&id) {
+            // What a read given up took waits for the next read.
+            if result > 0 && !data.is_empty() {
+                self.unclaimed.entry(fd).or_default().extend(&data);
+                self.mark(fd, true);
+            }
+            return;
+        }
+        let Some(p) = self.pending.get(&id) else {
+            return;
+        };
+        if p.closes_left.is_some() {
+            return self.close_done(id);
+        }
+        let Some(p) = self.pending.remove(&id) else {
+            return;
+        };
+        self.waiting.remove(&p.pid);
+        let still = self.listener.as_ref().is_some_and(|l| l.still_waiting(id));
+        if !still && p.is_read && result > 0 {
+            self.unclaimed.entry(p.fd).or_default().extend(&data);
+            self.mark(p.fd, true);
+            return;
+        }
+        self.deliver(p.pid, id, &p.reply, result, &data);
+    }
+
+    fn close_done(&mut self, base: u64) {
+        let Some(p) = self.pending.get_mut(&base) else {
+            return;
+        };
+        let left = p.closes_left.unwrap_or(1).saturating_sub(1);
+        p.closes_left = Some(left);
+        if left == 0 {
+            let pid = p.pid;
+            self.pending.remove(&base);
+            self.waiting.remove(&pid);
+            self.run_as_is(base);
+        }
+    }
+
+    /// Give up on call `id` (its caller left it): the deputy is told, and
+    /// what a read took meanwhile is kept.
+    fn give_up(&mut self, id: u64, out: &mut Vec<AgentMsg>) {
+        let Some(p) = self.pending.remove(&id) else {
+            return;
+        };
+        if self.waiting.get(&p.pid) == Some(&id) {
+            self.waiting.remove(&p.pid);
+        }
+        if p.closes_left.is_none() {
+            if p.is_read {
+                self.given_up.insert(id, p.fd);
+            }
+            out.push(AgentMsg::CancelCall { id });
+        }
+    }
+
+    /// The original's readiness, mirrored on stand-in `fd`.
+    pub fn on_readable(&mut self, fd: i32, readable: bool) {
+        let keep = self.unclaimed.get(&fd).is_some_and(|q| !q.is_empty());
+        self.mark(fd, readable || keep);
+    }
+
+    fn mark(&mut self, fd: i32, readable: bool) {
+        let Some(s) = self.stand_ins.get_mut(&fd) else {
+            return;
+        };
+        if readable && !s.marked {
+            s.marked = (&s.ours).write_all(&[1]).is_ok();
+        } else if !readable && s.marked {
+            let mut byte = [0u8; 1];
+            s.marked = !matches!((&s.theirs).read(&mut byte), Ok(1));
+        }
+    }
+
+    /// Give up on calls whose caller left them (a signal without restart).
+    pub fn tick(&mut self, out: &mut Vec<AgentMsg>) {
+        let Some(l) = &self.listener else {
+            return;
+        };
+        let now = Instant::now();
+        let gone: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(id, p)| now - p.since >= STILL_WAITING_CHECK && !l.still_waiting(**id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.give_up(id, out);
+        }
+    }
+
+    /// The process goes home: every call still waiting is given up (the
+    /// checkpoint stopped its caller, which makes it again at home), and
+    /// what given-up reads took goes to the deputy.
+    pub fn give_up_all(&mut self, out: &mut Vec<AgentMsg>) {
+        let ids: Vec<u64> = self.pending.keys().copied().collect();
+        for id in ids {
+            self.give_up(id, out);
+        }
+        self.waiting.clear();
+        for (fd, bytes) in self.unclaimed.drain() {
+            out.push(AgentMsg::Unclaimed {
+                fd,
+                bytes: bytes.into(),
+            });
+        }
+    }
+
+    /// The process's stand-ins by number, for its checkpoint: a socket at
+    /// one of these numbers that is ours is the stand-in, not a socket.
+    pub fn stand_in_numbers(&self) -> impl Iterator<Item = i32> + '_ {
+        self.stand_ins.keys().copied()
+    }
+}
+
+/// The id of the `i`-th close (from 1) done before call `base` runs.
+fn close_id(base: u64, i: usize) -> u64 {
+    base ^ (u64::MAX - i as u64)
+}
