@@ -575,7 +575,12 @@ mod tests {
             (0x3000, iov),
             (0x4000, vec![0]),
             (0x5000, vec![7; FLOCK_LEN]),
-            (0x6000, b"dir/x\0".to_vec()),
+            (0x6000, {
+                // A path is read to the end of its page.
+                let mut page = b"dir/x\0".to_vec();
+                page.resize(4096, 0);
+                page
+            }),
         ]))
     }
 
