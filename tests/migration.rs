@@ -923,9 +923,8 @@ fn migrate_check_lists_every_reason_at_once() {
     );
     for reason in [
         "2 threads",
-        "anon_inode:[eventfd]",
-        "anon_inode:[timerfd]",
-        "deleted (deleted), which can be neither reopened nor relayed",
+        "anon_inode:[signalfd], which can be neither reopened, relayed nor served at home",
+        "a listening socket that is not TCP",
         "(deleted)\", which cannot be reopened",
     ] {
         assert!(stdout.contains(reason), "{reason:?} not in:\n{stdout}");

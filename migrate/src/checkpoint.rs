@@ -702,7 +702,7 @@ fn fds(
             }
             _ => {
                 stays.push(format!(
-                    "fd {fd} is {target}, which can be neither reopened nor relayed"
+                    "fd {fd} is {target}, which can be neither reopened, relayed nor served at home"
                 ));
                 continue;
             }

@@ -1,5 +1,6 @@
 /* A process with several reasons to stay home at once: a second thread,
- * an eventfd, a timerfd, a deleted file open, and a deleted file mapped.
+ * a signalfd, a listening unix socket, and a deleted file mapped (the
+ * deleted file open is no reason: it is served at home).
  * Prints "ready", then waits to be killed.
  *
  *   cantmove DIR */
@@ -7,9 +8,11 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
-#include <sys/eventfd.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/mman.h>
-#include <sys/timerfd.h>
 #include <unistd.h>
 
 static void *idle(void *arg)
@@ -33,7 +36,16 @@ int main(int argc, char **argv)
 	if (mapped == MAP_FAILED)
 		return 2;
 	unlink(path);
-	if (eventfd(0, 0) < 0 || timerfd_create(CLOCK_MONOTONIC, 0) < 0)
+	sigset_t set;
+	sigemptyset(&set);
+	sigaddset(&set, SIGUSR2);
+	if (signalfd(-1, &set, 0) < 0)
+		return 2;
+	int listener = socket(AF_UNIX, SOCK_STREAM, 0);
+	struct sockaddr_un addr = {.sun_family = AF_UNIX};
+	snprintf(addr.sun_path, sizeof addr.sun_path, "%s/sock", argv[1]);
+	if (listener < 0 || bind(listener, (struct sockaddr *)&addr, sizeof addr) != 0 ||
+	    listen(listener, 1) != 0)
 		return 2;
 	pthread_t thread;
 	if (pthread_create(&thread, NULL, idle, NULL) != 0)
