@@ -192,6 +192,11 @@ impl Pusher {
         !self.finished
     }
 
+    /// The host is gone: nothing more to stream.
+    fn stop(&mut self) {
+        self.finished = true;
+    }
+
     /// The host asked for these pages (and gets them at once).
     fn requested(&mut self, addr: u64, len: u64) {
         let first = self.pages.partition_point(|&p| p < addr);
@@ -265,7 +270,7 @@ const FLUSH_LIMIT: Duration = Duration::from_secs(5);
 /// arrived while we held it.
 fn park(t: &mut Tracee, host: &mut TcpStream) -> Result<(), MigrateError> {
     for info in t.take_held_signals() {
-        link::send(host, &AgentMsg::SignalInfo(info.to_vec()))?;
+        tell(host, &AgentMsg::SignalInfo(info.to_vec()));
     }
     t.park()?;
     Ok(())
@@ -275,9 +280,18 @@ fn park(t: &mut Tracee, host: &mut TcpStream) -> Result<(), MigrateError> {
 /// way.
 fn hold(t: &mut Tracee, host: &mut TcpStream) -> Result<(), MigrateError> {
     for info in t.interrupt()? {
-        link::send(host, &AgentMsg::SignalInfo(info.to_vec()))?;
+        tell(host, &AgentMsg::SignalInfo(info.to_vec()));
     }
     Ok(())
+}
+
+/// Send to the host while the copy runs. A host that went away may have
+/// left its last word (the copy's exit) unread in our socket: the failure
+/// is only logged, and reading decides (that word, or the host lost).
+fn tell(host: &mut TcpStream, msg: &AgentMsg) {
+    if let Err(e) = link::send(host, msg) {
+        tracing::debug!("the host does not take messages (any more): {e}");
+    }
 }
 
 /// The parked home process, held (stopped) from the first call made in
@@ -459,7 +473,7 @@ pub fn run(
         home_calls.tick(&mut home, &mut out);
         home.release()?;
         for msg in &out {
-            link::send(&mut host, msg)?;
+            tell(&mut host, msg);
         }
         close_in_process(&mut tracee, &mut host, &mut relays, relay_events)?;
         if ready[0] != 0 {
@@ -469,7 +483,7 @@ pub fn run(
                     Stop::Signal(sig) => {
                         // With its siginfo: a queued value travels.
                         let info = tracee.signal_info(sig);
-                        link::send(&mut host, &AgentMsg::SignalInfo(info.to_vec()))?;
+                        tell(&mut host, &AgentMsg::SignalInfo(info.to_vec()));
                         tracee.resume(0)?;
                     }
                     Stop::Exited(_) | Stop::Killed(_) => {
@@ -485,7 +499,11 @@ pub fn run(
             }
         }
         if ready[1] & libc::POLLOUT != 0 {
-            push.send_next(&tracee, &mut host)?;
+            if let Err(e) = push.send_next(&tracee, &mut host) {
+                // As for `tell`: reading decides.
+                tracing::debug!(pid = d.pid, "streaming memory to the host: {e}");
+                push.stop();
+            }
         }
         if ready[1] & !libc::POLLOUT != 0 {
             match link::receive(&mut host) {
@@ -510,7 +528,7 @@ pub fn run(
                     home_calls.on_call(id, fd, by_process, call, &mut home, &mut out);
                     home.release()?;
                     for msg in &out {
-                        link::send(&mut host, msg)?;
+                        tell(&mut host, msg);
                     }
                 }
                 Ok(AgentMsg::CancelCall { id }) => home_calls.on_cancel(id),

@@ -190,12 +190,14 @@ impl HomeCalls {
                     continue;
                 };
                 let fd = worker.fd;
+                // Readiness first: the process may poll as soon as it has
+                // its answer.
+                self.tell_readiness(fd, false, out);
                 if worker.cancelled.load(Ordering::Acquire) {
                     self.cancelled_outcome(id, fd, outcome, out);
                 } else {
                     out.push(done_msg(id, outcome));
                 }
-                self.tell_readiness(fd, false, out);
             }
         }
     }
@@ -278,8 +280,10 @@ impl HomeCalls {
             != 0;
         if !call.may_wait(regular, nonblocking) {
             let outcome = home_io::run_on(dup.as_fd(), &call);
-            out.push(done_msg(id, outcome));
+            // Readiness first: the process may poll as soon as it has its
+            // answer.
             self.tell_readiness(fd, false, out);
+            out.push(done_msg(id, outcome));
             return;
         }
         self.start_worker(id, fd, dup, call);

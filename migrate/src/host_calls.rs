@@ -445,12 +445,6 @@ impl HostCalls {
             });
         }
     }
-
-    /// The process's stand-ins by number, for its checkpoint: a socket at
-    /// one of these numbers that is ours is the stand-in, not a socket.
-    pub fn stand_in_numbers(&self) -> impl Iterator<Item = i32> + '_ {
-        self.stand_ins.keys().copied()
-    }
 }
 
 /// The id of the `i`-th close (from 1) done before call `base` runs.
