@@ -204,6 +204,76 @@ fn scoreboard(port: u16) -> Option<(usize, u32, u32)> {
 /// cleanly with nothing left behind (no process, agent, set or segment).
 #[test]
 fn apache_children_move_to_other_nodes_and_back_while_ab_runs() {
+    children_move_while_ab_runs(false);
+}
+
+/// Issue 12's: the same with PHP and opcache (SysV model) serving a page
+/// that also compiles new scripts now and then (opcache's write lock).
+/// Opcache's lock file is deleted: a moved child's locks on it are taken
+/// at home by its home pid, so they exclude the children at home. Checked
+/// from /proc/locks meanwhile: never two writers, and a moved child seen
+/// holding the lock from home.
+#[test]
+fn apache_php_children_move_while_ab_runs_and_opcache_locks_exclude() {
+    if !Path::new(MOD_PHP).exists() {
+        eprintln!("SKIP: libapache2-mod-php not installed (scripts/test.sh installs it)");
+        return;
+    }
+    children_move_while_ab_runs(true);
+}
+
+/// Locks on inode `inode` in /proc/locks: (pid, writes, start, end); None
+/// if the list did not come in one read (the kernel lists them in one
+/// pass only within a page, so a longer one may mix two moments).
+fn locks_on(inode: u64) -> Option<Vec<(i32, bool, u64, u64)>> {
+    use std::io::Read;
+    let mut buf = vec![0u8; 64 << 10];
+    let n = std::fs::File::open("/proc/locks")
+        .ok()?
+        .read(&mut buf)
+        .ok()?;
+    if n >= 4096 - 128 {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let locks = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // "1: POSIX  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+            let ino: u64 = f.get(5)?.rsplit(':').next()?.parse().ok()?;
+            if ino != inode || *f.get(1)? != "POSIX" {
+                return None;
+            }
+            let end = match *f.get(7)? {
+                "EOF" => u64::MAX,
+                e => e.parse().ok()?,
+            };
+            Some((
+                f.get(4)?.parse().ok()?,
+                *f.get(3)? == "WRITE",
+                f.get(6)?.parse().ok()?,
+                end,
+            ))
+        })
+        .collect();
+    Some(locks)
+}
+
+/// Opcache's lock file, by inode, as Apache's parent holds it (deleted).
+fn opcache_lock_inode(parent: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(format!("/proc/{parent}/fd"))
+        .ok()?
+        .flatten()
+        .find(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().contains("ZendSem"))
+        })
+        .and_then(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| m.ino())
+}
+
+fn children_move_while_ab_runs(php: bool) {
     if !uffd_or_skip() {
         return;
     }
@@ -213,17 +283,73 @@ fn apache_children_move_to_other_nodes_and_back_while_ab_runs() {
     }
     let cluster = Cluster::start(3).expect("start cluster");
     let node1 = cluster.socket(1).to_path_buf();
-    let dir = std::env::temp_dir().join(format!("migshm-apache-move-{}", std::process::id()));
+    let name = if php { "php-move" } else { "move" };
+    let dir = std::env::temp_dir().join(format!("migshm-apache-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let ports = [free_port(), free_port()];
-    // Without PHP: opcache keeps a deleted lock file open, which cannot
-    // move (a stay reason).
-    let conf = apache_conf_with(&dir, ports, false);
+    let conf = apache_conf_with(&dir, ports, php);
+    if php {
+        // A page that now and then includes a script never compiled yet:
+        // opcache takes its write lock to store it.
+        std::fs::write(
+            dir.join("htdocs/gen.php"),
+            "<?php $f = sys_get_temp_dir() . '/migshm-gen-' . getmypid() . '-' . mt_rand(0, 40) . '.php';\n\
+             if (!file_exists($f)) { file_put_contents($f, '<?php return 1;'); }\n\
+             echo 'gen:', include $f, \"\\n\";\n",
+        )
+        .expect("gen.php");
+    }
     let mut apache = apache_under_omrun(&node1, &dir, &conf, ports[0]);
     let parent = apache.0.id();
     const REQUESTS: u32 = 30000;
-    let url = format!("http://127.0.0.1:{}/index.html", ports[0]);
+    let page = if php { "info.php" } else { "index.html" };
+    let url = format!("http://127.0.0.1:{}/{page}", ports[0]);
     let load = std::thread::spawn(move || ab(&url, REQUESTS, 4));
+    // With PHP: a second load on the compiling page, and a watch on the
+    // lock while children move (the one away, if any, in `away`).
+    let away = std::sync::Arc::new(std::sync::Mutex::new(None::<i32>));
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(php));
+    let watch = {
+        let (away, watching) = (away.clone(), watching.clone());
+        let inode = if php {
+            migshm::eventually(Duration::from_secs(10), || {
+                opcache_lock_inode(parent).is_some()
+            });
+            opcache_lock_inode(parent)
+        } else {
+            None
+        };
+        assert!(!php || inode.is_some(), "opcache's lock file not found");
+        std::thread::spawn(move || {
+            let (mut two_writers, mut held_from_away, mut samples) = (Vec::new(), 0u32, 0u32);
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let Some(inode) = inode else { break };
+                let Some(locks) = locks_on(inode) else {
+                    std::thread::sleep(Duration::from_micros(500));
+                    continue;
+                };
+                samples += 1;
+                let moved = *away.lock().unwrap();
+                if moved.is_some_and(|p| locks.iter().any(|l| l.0 == p)) {
+                    held_from_away += 1;
+                }
+                for (i, a) in locks.iter().enumerate() {
+                    for b in &locks[i + 1..] {
+                        let overlap = a.2 <= b.3 && b.2 <= a.3;
+                        if a.0 != b.0 && (a.1 || b.1) && overlap {
+                            two_writers.push(format!("{a:?} and {b:?}"));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            (two_writers, held_from_away, samples)
+        })
+    };
+    let compile_load = php.then(|| {
+        let url = format!("http://127.0.0.1:{}/gen.php", ports[1]);
+        std::thread::spawn(move || ab(&url, 3000, 2))
+    });
     let mut round_trips = 0;
     let mut refused = Vec::new();
     let mut turn = 0usize;
@@ -245,6 +371,7 @@ fn apache_children_move_to_other_nodes_and_back_while_ab_runs() {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
+        *away.lock().unwrap() = child.parse().ok();
         std::thread::sleep(Duration::from_millis(300));
         // A return waits until the child is done with its connections:
         // it may have to be asked again.
@@ -259,10 +386,43 @@ fn apache_children_move_to_other_nodes_and_back_while_ab_runs() {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        *away.lock().unwrap() = None;
         assert!(home.0, "child {child} did not come home: {}", home.1);
         round_trips += 1;
     }
     let (complete, failed, rate) = load.join().expect("ab");
+    if let Some(compiling) = compile_load {
+        let (complete, failed, _) = compiling.join().expect("ab gen.php");
+        eprintln!("compiling page: {complete} requests, {failed} failed");
+        assert_eq!((complete, failed), (3000, 0), "the compiling page");
+    }
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (two_writers, held_from_away, samples) = watch.join().expect("the lock watch");
+    if php {
+        eprintln!("opcache's lock: {samples} samples, held from away in {held_from_away}");
+        assert!(
+            two_writers.is_empty(),
+            "two holders at once: {two_writers:?}"
+        );
+        assert!(
+            held_from_away > 0,
+            "no moved child seen holding opcache's lock"
+        );
+        let page = Command::new("curl")
+            .args([
+                "-s",
+                "-m",
+                "10",
+                &format!("http://127.0.0.1:{}/info.php", ports[0]),
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        assert!(
+            page.contains("opcache:on") && page.contains("sum:500500"),
+            "{page}"
+        );
+    }
     eprintln!(
         "apache with moving children: {complete} requests, {failed} failed, {rate:.0}/s, \
          {round_trips} round trips, {} refusals: {refused:?}",
@@ -331,5 +491,11 @@ fn apache_children_move_to_other_nodes_and_back_while_ab_runs() {
             .is_some_and(|pid| migshm::agents_of(pid).is_empty()))),
         "an agent was left behind"
     );
+    // The scripts gen.php wrote.
+    for e in std::fs::read_dir("/tmp").into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("migshm-gen-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -165,3 +165,18 @@ fn inotify_is_served_at_home() {
 fn record_and_flock_locks_exclude_the_processes_at_home() {
     passes_everywhere("cr_locks");
 }
+
+#[test]
+fn interval_timers_move_with_their_time_left() {
+    passes_everywhere("cr_itimer");
+}
+
+#[test]
+fn posix_timers_move_with_their_ids_and_time_left() {
+    passes_everywhere("cr_posix_timer");
+}
+
+#[test]
+fn sleeps_go_on_for_the_time_left() {
+    passes_everywhere("cr_sleep");
+}

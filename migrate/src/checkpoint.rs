@@ -7,8 +7,8 @@
 
 use crate::daemon::DaemonConn;
 use crate::image::{
-    Backing, Credentials, FdEntry, FdKind, Image, MmFields, PageRun, Region, Registers, Rseq,
-    SignalAction,
+    Backing, Credentials, FdEntry, FdKind, Image, MmFields, PageRun, PosixTimer, Region, Registers,
+    Rseq, SignalAction,
 };
 use crate::procfs::{self, MapEntry, PAGE_SIZE};
 use crate::ptrace::Tracee;
@@ -69,8 +69,11 @@ pub fn locate_syscall(t: &mut Tracee, maps: &[MapEntry]) -> Result<(), MigrateEr
 /// Registers to resume with in another process. A process stopped inside a
 /// system call has the kernel's restart codes in rax: turn them into what
 /// the kernel would have done (re-issue the call), except for calls whose
-/// restart state stays in the old kernel task (nanosleep…): those return
-/// EINTR, as for a signal handler without SA_RESTART. `poll` is re-issued
+/// restart state stays in the old kernel task: those return EINTR, as for
+/// a signal handler without SA_RESTART. A `nanosleep` or relative
+/// `clock_nanosleep` given a `rem` is made again for the time left (which
+/// the kernel wrote there), an absolute one as it was; only one without
+/// `rem` (nothing says how long is left) returns EINTR. `poll` is re-issued
 /// as it was (its arguments are all in registers; a timeout starts again):
 /// libraries wait for their daemon's answer in it and must not see EINTR
 /// that no signal caused.
@@ -83,6 +86,24 @@ pub fn portable_registers(regs: libc::user_regs_struct) -> Registers {
                 r.rip -= 2;
             }
             ERESTART_RESTARTBLOCK if r.orig_rax as i64 == libc::SYS_poll => {
+                r.rax = r.orig_rax;
+                r.rip -= 2;
+            }
+            // A sleep goes on for what was left of it: the kernel wrote
+            // that to the caller's `rem` when it stopped (or the end is
+            // absolute); the call is made again for that time.
+            ERESTART_RESTARTBLOCK if r.orig_rax as i64 == libc::SYS_nanosleep && r.rsi != 0 => {
+                r.rdi = r.rsi;
+                r.rax = r.orig_rax;
+                r.rip -= 2;
+            }
+            ERESTART_RESTARTBLOCK
+                if r.orig_rax as i64 == libc::SYS_clock_nanosleep
+                    && (r.rsi as i32 & libc::TIMER_ABSTIME != 0 || r.r10 != 0) =>
+            {
+                if r.rsi as i32 & libc::TIMER_ABSTIME == 0 {
+                    r.rdx = r.r10;
+                }
                 r.rax = r.orig_rax;
                 r.rip -= 2;
             }
@@ -226,6 +247,8 @@ pub fn checkpoint_with(
             .and_then(|f| f.get(19).copied())
             .map_or(0, |n| n as i64 as i32),
         altstack: asked.altstack,
+        itimers: asked.itimers,
+        posix_timers: asked.posix_timers,
         pending_signals: Vec::new(),
         socket_slot: dsm.links.first().map(|l| l.socket_slot),
         calls_in_flight: calls_in_flight_word(dsm),
@@ -263,11 +286,16 @@ pub fn shell_spec_of(pid: i32) -> Result<crate::restore::ShellSpec, MigrateError
     })
 }
 
+/// `struct itimerval` and `struct itimerspec`: two 16-byte times.
+pub const ITIMERVAL_LEN: usize = 32;
+
 struct Asked {
     actions: Vec<SignalAction>,
     tid_address: u64,
     brk: u64,
     altstack: Option<(u64, i32, u64)>,
+    itimers: Vec<(i32, Vec<u8>)>,
+    posix_timers: Vec<PosixTimer>,
 }
 
 /// What only the process can ask about itself, through a scratch page
@@ -311,11 +339,26 @@ fn ask_process(t: &mut Tracee) -> Result<Asked, MigrateError> {
         let word = |i: usize| u64::from_le_bytes(raw[i..i + 8].try_into().unwrap_or([0; 8]));
         let flags = word(8) as u32 as i32;
         let altstack = (flags & libc::SS_DISABLE == 0).then(|| (word(0), flags, word(16)));
+        let mut itimers = Vec::new();
+        for which in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF] {
+            t.syscall_ok(libc::SYS_getitimer, &[which as u64, scratch])?;
+            let value = t.read(scratch, ITIMERVAL_LEN)?;
+            if value.iter().any(|b| *b != 0) {
+                itimers.push((which, value));
+            }
+        }
+        let mut posix_timers = procfs::posix_timers(t.pid)?;
+        for timer in &mut posix_timers {
+            t.syscall_ok(libc::SYS_timer_gettime, &[timer.id as u64, scratch])?;
+            timer.setting = t.read(scratch, ITIMERVAL_LEN)?;
+        }
         Ok(Asked {
             actions,
             tid_address,
             brk,
             altstack,
+            itimers,
+            posix_timers,
         })
     })();
     t.syscall_ok(libc::SYS_munmap, &[scratch, PAGE_SIZE])?;

@@ -97,6 +97,37 @@ fn move_out(d: &Deputy) -> Result<Moved, MigrateError> {
     }
 }
 
+/// Stop the stopped home process's interval and POSIX timers (a return
+/// sets them again from the copy's image).
+fn disarm_timers(t: &mut Tracee, image: &Image) -> Result<(), MigrateError> {
+    if image.itimers.is_empty() && image.posix_timers.is_empty() {
+        return Ok(());
+    }
+    let page = t.syscall_ok(
+        libc::SYS_mmap,
+        &[
+            0,
+            PAGE,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    // The fresh page is zero: a disarming setting.
+    let done = (|| -> Result<(), MigrateError> {
+        for (which, _) in &image.itimers {
+            t.syscall_ok(libc::SYS_setitimer, &[*which as u64, page, 0])?;
+        }
+        for timer in &image.posix_timers {
+            t.syscall_ok(libc::SYS_timer_settime, &[timer.id as u64, 0, page, 0])?;
+        }
+        Ok(())
+    })();
+    t.syscall_ok(libc::SYS_munmap, &[page, PAGE])?;
+    done
+}
+
 /// Take every signal pending in the stopped home process; those not in
 /// `moved` (the ones the copy got with its image), in order.
 fn drain_pending(t: &mut Tracee, moved: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, MigrateError> {
@@ -406,6 +437,10 @@ pub fn run(
     // came since goes to the copy as any later signal.
     for info in drain_pending(&mut tracee, &image.pending_signals)? {
         link::send(&mut host, &AgentMsg::SignalInfo(info))?;
+    }
+    // Its timers run in the copy now: here they would fire twice.
+    if let Err(e) = disarm_timers(&mut tracee, &image) {
+        tracing::warn!(pid = d.pid, "stopping the home process's timers: {e}");
     }
     // The parked process blocks nothing: every signal sent to it, and any
     // it had blocked and pending, stops it for us and goes to the copy,

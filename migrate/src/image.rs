@@ -138,6 +138,21 @@ pub enum FdKind {
     },
 }
 
+/// A POSIX timer (`timer_create`), made again with the same id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    /// SIGEV_SIGNAL, SIGEV_NONE or SIGEV_THREAD_ID (to the process's own
+    /// thread, wherever it runs).
+    pub notify: i32,
+    pub signo: i32,
+    /// `sigev_value`.
+    pub value: u64,
+    /// `struct itimerspec` from `timer_gettime`: interval, time left.
+    pub setting: Vec<u8>,
+}
+
 /// `struct kernel_sigaction` for one signal.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignalAction {
@@ -216,6 +231,10 @@ pub struct Image {
     /// The alternate signal stack (`stack_t`: ss_sp, ss_flags, ss_size),
     /// if one is set.
     pub altstack: Option<(u64, i32, u64)>,
+    /// Interval timers (ITIMER_REAL, _VIRTUAL, _PROF) that are set: which,
+    /// and `struct itimerval` (interval, then time left).
+    pub itimers: Vec<(i32, Vec<u8>)>,
+    pub posix_timers: Vec<PosixTimer>,
     /// Signals queued and not yet delivered (raw `siginfo_t`), queued again
     /// in the restored process: only in an image whose source process is
     /// killed after it (a return home), never one that stays to pass them on.

@@ -264,6 +264,52 @@ pub fn blocked_syscall(pid: i32) -> Option<(i64, [u64; 6])> {
     Some((nr, args))
 }
 
+/// The POSIX timers of process `pid` (/proc/PID/timers), their settings
+/// not read (empty).
+pub fn posix_timers(pid: i32) -> io::Result<Vec<crate::image::PosixTimer>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/timers"))?;
+    parse_posix_timers(&text)
+}
+
+pub fn parse_posix_timers(text: &str) -> io::Result<Vec<crate::image::PosixTimer>> {
+    let mut timers = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let Some(id) = line.strip_prefix("ID: ") else {
+            continue;
+        };
+        let mut field = |key: &str| -> io::Result<String> {
+            let l = lines.next().unwrap_or_default();
+            l.strip_prefix(key)
+                .map(str::to_string)
+                .ok_or_else(|| bad("timers", l))
+        };
+        // "signal: 35/000000000000002a", "notify: signal/pid.9002",
+        // "ClockID: 1".
+        let signal = field("signal: ")?;
+        let notify = field("notify: ")?;
+        let clock = field("ClockID: ")?;
+        let (signo, value) = signal
+            .split_once('/')
+            .ok_or_else(|| bad("timers", &signal))?;
+        let notify = match notify.split('/').next() {
+            Some("signal") => libc::SIGEV_SIGNAL,
+            Some("thread") => libc::SIGEV_THREAD_ID,
+            Some("none") => libc::SIGEV_NONE,
+            _ => return Err(bad("timers", &notify)),
+        };
+        timers.push(crate::image::PosixTimer {
+            id: id.trim().parse().map_err(|_| bad("timers", line))?,
+            clock: clock.trim().parse().map_err(|_| bad("timers", &clock))?,
+            notify,
+            signo: signo.trim().parse().map_err(|_| bad("timers", &signal))?,
+            value: u64::from_str_radix(value.trim(), 16).map_err(|_| bad("timers", &signal))?,
+            setting: Vec::new(),
+        });
+    }
+    Ok(timers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,5 +354,17 @@ mod tests {
         assert!(runs.iter().any(|(a, l)| *a <= page && page < a + l));
         assert!(stat_fields(me).unwrap()[28] > 0);
         assert!(status_field(me, "Umask").is_ok());
+    }
+
+    #[test]
+    fn posix_timers_parse() {
+        let text = "ID: 2\nsignal: 12/0000000000000000\nnotify: signal/pid.9002\nClockID: 7\n\
+                    ID: 0\nsignal: 35/000000000000002a\nnotify: thread/tid.9002\nClockID: 1\n";
+        let timers = parse_posix_timers(text).unwrap();
+        assert_eq!(timers.len(), 2);
+        assert_eq!((timers[0].id, timers[0].signo, timers[0].clock), (2, 12, 7));
+        assert_eq!(timers[1].notify, libc::SIGEV_THREAD_ID);
+        assert_eq!(timers[1].value, 42);
+        assert!(parse_posix_timers("ID: 1\nsignal: x\n").is_err());
     }
 }

@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
-use crate::checkpoint::{locate_syscall, SPECIAL_MAPPINGS};
+use crate::checkpoint::{locate_syscall, ITIMERVAL_LEN, SPECIAL_MAPPINGS};
 use crate::daemon::DaemonConn;
 use crate::image::{Backing, FdKind, FileIdentity, Image, Region, SignalAction};
 use crate::procfs::{self, PAGE_SIZE};
@@ -449,6 +449,7 @@ pub fn restore_into(
             tracing::warn!(pid = t.pid, resource, "restoring a resource limit: {e}");
         }
     }
+    restore_timers(t, image, scratch)?;
     if let Err(e) = ptrace::set_nice(t.pid, image.nice) {
         tracing::warn!(
             pid = t.pid,
@@ -507,6 +508,69 @@ pub fn restore_into(
     t.set_xstate(&image.xstate)?;
     t.set_resume_regs(image.regs.into());
     Ok(Rebuilt { lazy, calls })
+}
+
+/// The image's interval and POSIX timers, with their time left: those the
+/// tracee has (the home process's own, on a return) are set, the others
+/// made with the same id (PR_TIMER_CREATE_RESTORE_IDS), and any timer of
+/// the tracee the image does not have is deleted.
+fn restore_timers(t: &mut Tracee, image: &Image, scratch: u64) -> Result<(), MigrateError> {
+    const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+    for which in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF] {
+        let value = image
+            .itimers
+            .iter()
+            .find(|(w, _)| *w == which)
+            .map_or(vec![0; ITIMERVAL_LEN], |(_, v)| v.clone());
+        t.write(scratch, &value)?;
+        t.syscall_ok(libc::SYS_setitimer, &[which as u64, scratch, 0])?;
+    }
+    let existing = procfs::posix_timers(t.pid)?;
+    for old in existing
+        .iter()
+        .filter(|e| !image.posix_timers.iter().any(|p| p.id == e.id))
+    {
+        t.syscall_ok(libc::SYS_timer_delete, &[old.id as u64])?;
+    }
+    let mut restoring_ids = false;
+    for timer in &image.posix_timers {
+        if !existing.iter().any(|e| e.id == timer.id) {
+            if !restoring_ids {
+                t.syscall_ok(libc::SYS_prctl, &[PR_TIMER_CREATE_RESTORE_IDS, 1])
+                    .map_err(|e| {
+                        MigrateError::Restore(format!(
+                            "POSIX timers cannot be made with their ids here: {e}"
+                        ))
+                    })?;
+                restoring_ids = true;
+            }
+            // struct sigevent (64 bytes), then the id asked for.
+            let mut event = vec![0u8; 64];
+            event[0..8].copy_from_slice(&timer.value.to_le_bytes());
+            event[8..12].copy_from_slice(&timer.signo.to_le_bytes());
+            event[12..16].copy_from_slice(&timer.notify.to_le_bytes());
+            event[16..20].copy_from_slice(&t.pid.to_le_bytes());
+            event.extend_from_slice(&timer.id.to_le_bytes());
+            t.write(scratch, &event)?;
+            t.syscall_ok(
+                libc::SYS_timer_create,
+                &[timer.clock as u64, scratch, scratch + 64],
+            )?;
+            let got = i32::from_le_bytes(t.read(scratch + 64, 4)?.try_into().unwrap_or_default());
+            if got != timer.id {
+                return Err(MigrateError::Restore(format!(
+                    "POSIX timer {} was made as {got}",
+                    timer.id
+                )));
+            }
+        }
+        t.write(scratch, &timer.setting)?;
+        t.syscall_ok(libc::SYS_timer_settime, &[timer.id as u64, 0, scratch, 0])?;
+    }
+    if restoring_ids {
+        t.syscall_ok(libc::SYS_prctl, &[PR_TIMER_CREATE_RESTORE_IDS, 0])?;
+    }
+    Ok(())
 }
 
 /// Install the filter for `watched` in the tracee (root: no

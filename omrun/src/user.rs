@@ -12,23 +12,33 @@ fn transfer(local: libc::iovec, remote: libc::iovec, write: bool) -> Result<(), 
     if want == 0 {
         return Ok(());
     }
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() };
-    // SAFETY: `local` describes a live buffer of ours of `iov_len` bytes;
-    // the kernel checks `remote` (the program's address) and fails with
-    // EFAULT rather than touching an unmapped or forbidden range.
-    let n = unsafe {
-        if write {
-            libc::process_vm_writev(me, &local, 1, &remote, 1, 0)
-        } else {
-            libc::process_vm_readv(me, &local, 1, &remote, 1, 0)
+    // The process may move between any two instructions, and its pid with
+    // it: the copy is done again if the pid changed meanwhile (it may have
+    // gone to the process as it was before the move, which no longer
+    // runs; doing it again is harmless either way).
+    loop {
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
+        // SAFETY: `local` describes a live buffer of ours of `iov_len`
+        // bytes; the kernel checks `remote` (the program's address) and
+        // fails with EFAULT rather than touching an unmapped or forbidden
+        // range.
+        let n = unsafe {
+            if write {
+                libc::process_vm_writev(me, &local, 1, &remote, 1, 0)
+            } else {
+                libc::process_vm_readv(me, &local, 1, &remote, 1, 0)
+            }
+        };
+        // SAFETY: as above.
+        if unsafe { libc::getpid() } != me {
+            continue;
         }
-    };
-    if n == want as isize {
-        Ok(())
-    } else {
+        if n == want as isize {
+            return Ok(());
+        }
         // A partial copy means the range crossed into a bad page.
-        Err(libc::EFAULT)
+        return Err(libc::EFAULT);
     }
 }
 
