@@ -691,6 +691,7 @@ fn come_home(
 ) -> Result<(), MigrateError> {
     host.set_read_timeout(Some(HOST_TIMEOUT))?;
     link::send(host, &AgentMsg::ComeHome)?;
+    let mut unread: Vec<(i32, Vec<u8>)> = Vec::new();
     let received = (|| loop {
         let reply = link::receive(host);
         match reply {
@@ -709,6 +710,7 @@ fn come_home(
             Ok(AgentMsg::CancelCall { id }) => home_calls.on_cancel(id),
             Ok(AgentMsg::Unclaimed { fd, bytes }) => home_calls.on_unclaimed(fd, bytes),
             Ok(AgentMsg::Call { .. }) => {}
+            Ok(AgentMsg::Unread { fd, bytes }) => unread.push((fd, bytes)),
             // A fault of the copy asked before the pages pushed ahead of
             // `ComeHome` reached the host: every page was in them.
             Ok(AgentMsg::PageRequest { .. }) => {}
@@ -741,6 +743,12 @@ fn come_home(
     match restored {
         Ok(_lazy_none) => {
             dsm::faults::point("deputy.restored");
+            for (fd, bytes) in &unread {
+                let lost = relays.give_back(*fd, bytes);
+                if lost > 0 {
+                    tracing::warn!(fd, lost, "bytes the process had not read could not go back");
+                }
+            }
             link::send(host, &AgentMsg::HomeOk)?;
             for info in &signals {
                 ptrace::queue_signal(t.pid, info);

@@ -380,10 +380,27 @@ fn send_home(
         .encode()
         .map_err(|e| MigrateError::Link(e.to_string()))?;
     dsm::faults::point("host.checkpointed");
+    // What was relayed to it and it has not read goes home too.
+    let unread = relays.take_unread(pid);
+    for (fd, bytes) in &unread {
+        link::send(
+            deputy,
+            &AgentMsg::Unread {
+                fd: *fd,
+                bytes: bytes.clone(),
+            },
+        )?;
+    }
     link::send(deputy, &AgentMsg::Image(bytes))?;
     deputy.set_read_timeout(Some(DEPUTY_TIMEOUT))?;
     let answer = link::receive(deputy);
     deputy.set_read_timeout(None)?;
+    if !matches!(answer, Ok(AgentMsg::HomeOk) | Err(_)) {
+        // It stays here: it reads them here.
+        for (fd, bytes) in unread {
+            relays.put_back(fd, bytes);
+        }
+    }
     match answer {
         Ok(AgentMsg::HomeOk) => {
             dsm::faults::point("host.home_ok");

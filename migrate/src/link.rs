@@ -116,6 +116,14 @@ pub enum AgentMsg {
         readable: bool,
     },
     /// Host → deputy, before the image when the process goes home: bytes
+    /// relayed toward relayed descriptor `fd` that the process has not
+    /// read; they go back in front of what its pipe holds at home.
+    Unread {
+        fd: i32,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// Host → deputy, before the image when the process goes home: bytes
     /// a given-up read took from stand-in `fd` and the process never got.
     Unclaimed {
         fd: i32,

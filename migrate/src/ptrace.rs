@@ -872,6 +872,44 @@ pub fn peek(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Vec<u8>> 
     Ok(buf)
 }
 
+/// Take (not peek) what socket `fd` holds for its reader, up to `max`
+/// bytes, without waiting.
+pub fn take_queued(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; max];
+    // SAFETY: recv writes at most buf.len() bytes into buf.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Ok(Vec::new());
+        }
+        return Err(e);
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// Make pipe `fd` hold at least `bytes` (F_SETPIPE_SZ); its size.
+pub fn grow_pipe(fd: std::os::fd::BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl with integer arguments.
+    let now = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) } as libc::c_long)?;
+    if now as usize >= bytes {
+        return Ok(now as usize);
+    }
+    // SAFETY: as above.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, bytes as libc::c_int) };
+    Ok(check(r as libc::c_long)? as usize)
+}
+
 /// Accept a connection from listener `fd` if one is queued (`None` if not,
 /// or if someone else took it first). Our descriptor shares the file with
 /// the process that owns the listener: its O_NONBLOCK is theirs, so a

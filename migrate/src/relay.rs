@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use crate::link::AgentMsg;
 
@@ -160,6 +161,80 @@ impl Relays {
     /// Stop relaying `fd` (its descriptor was closed in the process).
     pub fn remove(&mut self, fd: i32) {
         self.list.retain(|r| r.fd != fd);
+    }
+
+    /// Host, the process stopped to go home: the bytes it has not read
+    /// yet, per relayed descriptor it reads (those in its end, `pid`'s
+    /// descriptor, then those still to be written there), taken out.
+    pub fn take_unread(&mut self, pid: i32) -> Vec<(i32, Vec<u8>)> {
+        let mut unread = Vec::new();
+        for r in self
+            .list
+            .iter_mut()
+            .filter(|r| r.writes && !r.is_connection())
+        {
+            let mut bytes = Vec::new();
+            if let Ok(theirs) = crate::ptrace::take_fd(pid, r.fd as u64) {
+                while let Ok(chunk) = crate::ptrace::take_queued(theirs.as_fd(), CHUNK) {
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    bytes.extend(chunk);
+                }
+            }
+            bytes.extend(r.pending.drain(..));
+            if !bytes.is_empty() {
+                unread.push((r.fd, bytes));
+            }
+        }
+        unread
+    }
+
+    /// Host, the return failed: the process reads `bytes` first again.
+    pub fn put_back(&mut self, fd: i32, bytes: Vec<u8>) {
+        if let Some(r) = self.list.iter_mut().find(|r| r.fd == fd && r.writes) {
+            let later: Vec<u8> = r.pending.drain(..).collect();
+            r.pending.extend(bytes);
+            r.pending.extend(later);
+        }
+    }
+
+    /// Deputy, the process back home: `bytes` it had not read go back in
+    /// front of what its pipe holds now (read out and written again after
+    /// them, through a write end opened on the pipe). A socket cannot take
+    /// bytes back: how many were lost is returned.
+    pub fn give_back(&mut self, fd: i32, bytes: &[u8]) -> usize {
+        let Some(r) = self.list.iter_mut().find(|r| r.fd == fd && r.reads) else {
+            return bytes.len();
+        };
+        if r.is_socket {
+            return bytes.len();
+        }
+        let mut all = bytes.to_vec();
+        while readable_now(r.end.as_fd()) {
+            let mut buf = vec![0u8; CHUNK];
+            match (&r.end).read(&mut buf) {
+                Ok(n) if n > 0 => all.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/self/fd/{}", r.end.as_raw_fd()));
+        let Ok(mut writer) = writer else {
+            return bytes.len();
+        };
+        if let Err(e) = crate::ptrace::grow_pipe(writer.as_fd(), all.len()) {
+            tracing::warn!(fd, "making room in a pipe: {e}");
+        }
+        match writer.write_all(&all) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::warn!(fd, "giving a pipe its bytes back: {e}");
+                bytes.len()
+            }
+        }
     }
 
     /// Everything readable right now, without waiting (before a move).
