@@ -923,7 +923,7 @@ fn migrate_check_lists_every_reason_at_once() {
     );
     for reason in [
         "2 threads",
-        "anon_inode:[signalfd], which can be neither reopened, relayed nor served at home",
+        "anon_inode:[userfaultfd], which can be neither reopened, relayed nor served at home",
         "a listening socket that is not TCP",
         "(deleted)\", which cannot be reopened",
     ] {

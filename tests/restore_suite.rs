@@ -178,3 +178,8 @@ fn posix_timers_move_with_their_ids_and_time_left() {
 fn sleeps_go_on_for_the_time_left() {
     passes_everywhere("cr_sleep");
 }
+
+#[test]
+fn signalfds_are_made_again_with_their_mask() {
+    passes_everywhere("cr_signalfd");
+}

@@ -737,6 +737,9 @@ fn fds(
                 FdKind::Forwarded { what: target }
             }
             _ if SERVED_AT_HOME.contains(&target.as_str()) => FdKind::Forwarded { what: target },
+            _ if target == "anon_inode:[signalfd]" => FdKind::SignalFd {
+                mask: procfs::signalfd_mask(pid, fd)?,
+            },
             _ if target == "anon_inode:[eventpoll]" => FdKind::Epoll {
                 targets: procfs::epoll_targets(pid, fd)?,
             },

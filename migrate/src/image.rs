@@ -124,6 +124,9 @@ pub enum FdKind {
     /// carried out at home by the deputy (`forward.rs`). `what` is its
     /// /proc name.
     Forwarded { what: String },
+    /// A signalfd, made again with its mask (it reads the signals of the
+    /// process that reads it: the process's own, wherever it runs).
+    SignalFd { mask: u64 },
     /// An epoll instance and what it watches (descriptor, events, data),
     /// made again with the same targets once the other descriptors are back.
     Epoll { targets: Vec<(i32, u32, u64)> },

@@ -264,6 +264,15 @@ pub fn blocked_syscall(pid: i32) -> Option<(i64, [u64; 6])> {
     Some((nr, args))
 }
 
+/// The mask of signalfd `fd` of process `pid` (its fdinfo's "sigmask").
+pub fn signalfd_mask(pid: i32, fd: i32) -> io::Result<u64> {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("sigmask:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .ok_or_else(|| bad("fdinfo", &info))
+}
+
 /// The POSIX timers of process `pid` (/proc/PID/timers), their settings
 /// not read (empty).
 pub fn posix_timers(pid: i32) -> io::Result<Vec<crate::image::PosixTimer>> {

@@ -874,6 +874,15 @@ fn restore_fds(
             }
             // Made once every descriptor it watches is back.
             FdKind::Epoll { .. } => continue,
+            FdKind::SignalFd { mask } => {
+                t.write(scratch, &mask.to_le_bytes())?;
+                let made = t.syscall_ok(
+                    libc::SYS_signalfd4,
+                    &[u64::MAX, scratch, 8, (entry.flags & libc::O_NONBLOCK) as u64],
+                )?;
+                place_fd(t, made, entry)?;
+                continue;
+            }
             FdKind::Forwarded { what } => {
                 match relay_ends.get(&entry.fd) {
                     Some(end) => {

@@ -1,5 +1,5 @@
 /* A process with several reasons to stay home at once: a second thread,
- * a signalfd, a listening unix socket, and a deleted file mapped (the
+ * a userfaultfd, a listening unix socket, and a deleted file mapped (the
  * deleted file open is no reason: it is served at home).
  * Prints "ready", then waits to be killed.
  *
@@ -9,7 +9,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <signal.h>
-#include <sys/signalfd.h>
+#include <sys/syscall.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/mman.h>
@@ -36,10 +36,7 @@ int main(int argc, char **argv)
 	if (mapped == MAP_FAILED)
 		return 2;
 	unlink(path);
-	sigset_t set;
-	sigemptyset(&set);
-	sigaddset(&set, SIGUSR2);
-	if (signalfd(-1, &set, 0) < 0)
+	if (syscall(SYS_userfaultfd, O_CLOEXEC) < 0)
 		return 2;
 	int listener = socket(AF_UNIX, SOCK_STREAM, 0);
 	struct sockaddr_un addr = {.sun_family = AF_UNIX};
