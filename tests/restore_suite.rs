@@ -183,3 +183,13 @@ fn sleeps_go_on_for_the_time_left() {
 fn signalfds_are_made_again_with_their_mask() {
     passes_everywhere("cr_signalfd");
 }
+
+#[test]
+fn socketpairs_keep_queued_bytes_and_shutdowns() {
+    passes_everywhere("cr_socketpair");
+}
+
+#[test]
+fn tcp_connections_and_listeners_move() {
+    passes_everywhere("cr_tcp");
+}

@@ -28,6 +28,10 @@ use crate::relay::{RelayEvent, Relays};
 use crate::restore::directions;
 use crate::{restore_into, Image, MigrateError};
 
+/// How often peeked sockets are looked at for new bytes while the host
+/// has not yet said the process read the earlier ones.
+const RELAY_TICK: Duration = Duration::from_millis(2);
+
 /// Bound on each wait for the host during a move or a return.
 const HOST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -283,11 +287,14 @@ impl Pusher {
 fn relays_for(pid: i32, fds: &[FdEntry]) -> Result<Relays, MigrateError> {
     let mut relays = Relays::default();
     for entry in fds {
-        if let FdKind::Relayed { .. } = entry.kind {
+        if let FdKind::Relayed { what } = &entry.kind {
             let original = ptrace::take_fd(pid, entry.fd as u64)?;
             let (process_reads, process_writes) = directions(entry.flags);
             // We read what the process would read, and write what it writes.
             relays.add(entry.fd, original, process_reads, process_writes);
+            if what.starts_with("socket:") {
+                relays.peek_socket(entry.fd);
+            }
         }
     }
     Ok(relays)
@@ -497,12 +504,20 @@ pub fn run(
         watched.extend(listeners.poll_set());
         let calls_at = watched.len();
         watched.extend(home_calls.poll_set());
-        let ready = ptrace::wait_ready_within(&watched, home_calls.next_tick())?;
+        let tick = [
+            home_calls.next_tick(),
+            relays.needs_ticks().then_some(RELAY_TICK),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let ready = ptrace::wait_ready_within(&watched, tick)?;
         drop(watched);
         let mut out = Vec::new();
         let relay_events = relays.service(&ready[relays_at..listeners_at], &mut out);
         listeners.service(&ready[listeners_at..calls_at], &mut relays, &mut out);
         home_calls.service(&ready[calls_at..], &mut out);
+        relays.tick(&mut out);
         // (Held only if a lock is tried.)
         let mut home = Held::new(&mut tracee, &mut host);
         home_calls.tick(&mut home, &mut out);
@@ -568,6 +583,7 @@ pub fn run(
                 }
                 Ok(AgentMsg::CancelCall { id }) => home_calls.on_cancel(id),
                 Ok(AgentMsg::Unclaimed { fd, bytes }) => home_calls.on_unclaimed(fd, bytes),
+                Ok(AgentMsg::Consumed { fd, total }) => relays.on_consumed(fd, total),
                 Ok(AgentMsg::Quiet) if returning => {
                     returning = false;
                     if go_home(
@@ -711,6 +727,7 @@ fn come_home(
             Ok(AgentMsg::Unclaimed { fd, bytes }) => home_calls.on_unclaimed(fd, bytes),
             Ok(AgentMsg::Call { .. }) => {}
             Ok(AgentMsg::Unread { fd, bytes }) => unread.push((fd, bytes)),
+            Ok(AgentMsg::Consumed { fd, total }) => relays.on_consumed(fd, total),
             // A fault of the copy asked before the pages pushed ahead of
             // `ComeHome` reached the host: every page was in them.
             Ok(AgentMsg::PageRequest { .. }) => {}
@@ -743,6 +760,8 @@ fn come_home(
     match restored {
         Ok(_lazy_none) => {
             dsm::faults::point("deputy.restored");
+            // What it had not read of its sockets is still in them.
+            relays.stop_peeking();
             for (fd, bytes) in &unread {
                 let lost = relays.give_back(*fd, bytes);
                 if lost > 0 {

@@ -164,6 +164,7 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
         let look_again = [
             stand_ins.needs_ticks().then_some(STAND_IN_TICK),
             calls.next_tick(),
+            relays.needs_ticks().then_some(READS_REPORT_TICK),
         ]
         .into_iter()
         .flatten()
@@ -175,6 +176,7 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
         relays.service(&ready[2..2 + relay_count], &mut out);
         calls.service(&ready[2 + relay_count..lazy_at], &mut out);
         calls.tick(&mut out);
+        relays.tick(&mut out);
         if let Some(l) = &mut lazy {
             if ready[lazy_at..].iter().any(|r| *r != 0) {
                 dsm::faults::point("host.serving");
@@ -277,6 +279,10 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
 /// How often a process with listeners is looked at (is it waiting for a
 /// connection?).
 const STAND_IN_TICK: Duration = Duration::from_millis(1);
+
+/// How often the deputy is told how much of a socket relayed to the
+/// process it has read (while it has not read all).
+const READS_REPORT_TICK: Duration = Duration::from_millis(5);
 
 /// Times a process caught opening a connection here is let run on before
 /// a return is refused.

@@ -115,6 +115,13 @@ pub enum AgentMsg {
         fd: i32,
         readable: bool,
     },
+    /// Host → deputy: the process has read `total` bytes relayed to it on
+    /// descriptor `fd` (a socket at home, whose bytes the deputy only
+    /// peeks until then).
+    Consumed {
+        fd: i32,
+        total: u64,
+    },
     /// Host → deputy, before the image when the process goes home: bytes
     /// relayed toward relayed descriptor `fd` that the process has not
     /// read; they go back in front of what its pipe holds at home.

@@ -897,6 +897,56 @@ pub fn take_queued(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Ve
     Ok(buf)
 }
 
+/// The next bytes of socket `fd` after its peek offset (SO_PEEK_OFF), left
+/// in it: None if none came yet, empty at end of file.
+pub fn peek_next(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Option<Vec<u8>>> {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; max];
+    // SAFETY: recv writes at most buf.len() bytes into buf.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+            _ => Err(e),
+        };
+    }
+    buf.truncate(n as usize);
+    Ok(Some(buf))
+}
+
+/// Set socket `fd`'s peek offset (-1: peeking from the front again).
+pub fn set_peek_offset(fd: std::os::fd::BorrowedFd<'_>, offset: i32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the option value is a live int of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEEK_OFF,
+            (&offset as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    check(r as libc::c_long).map(|_| ())
+}
+
+/// Bytes queued in socket `fd` for its reader (FIONREAD).
+pub fn unread_bytes(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } as libc::c_long)?;
+    Ok(n.max(0) as usize)
+}
+
 /// Make pipe `fd` hold at least `bytes` (F_SETPIPE_SZ); its size.
 pub fn grow_pipe(fd: std::os::fd::BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
     use std::os::fd::AsRawFd;

@@ -36,6 +36,20 @@ pub struct Relay {
     /// The other side's source ended and all of it was written.
     peer_done: bool,
     is_socket: bool,
+    /// Deputy, a socket of the process: its bytes are peeked (SO_PEEK_OFF)
+    /// and taken only once the host says the process read them, so that
+    /// those it has not read when it comes home are still in the socket.
+    peeking: bool,
+    /// Bytes peeked and sent, and of those, taken.
+    peeked: u64,
+    taken: u64,
+    /// Host: the process's end (its unread bytes: how far it has read),
+    /// for a relay whose home side is a socket the deputy peeks.
+    theirs: Option<OwnedFd>,
+    /// Host: bytes written to the process's end, and how many of them it
+    /// was last said to have read.
+    written: u64,
+    reported: u64,
 }
 
 impl Relay {
@@ -45,9 +59,15 @@ impl Relay {
         self.fd < 0
     }
 
+    /// Peeked and not yet taken: what is still in the socket is not all
+    /// new, so it is looked at on ticks instead of polled.
+    fn outstanding(&self) -> bool {
+        self.peeking && self.peeked > self.taken
+    }
+
     fn wanted_events(&self) -> i16 {
         let mut events = 0;
-        if self.reads && !self.read_done {
+        if self.reads && !self.read_done && !self.outstanding() {
             events |= libc::POLLIN;
         }
         if !self.pending.is_empty() {
@@ -90,7 +110,87 @@ impl Relays {
             read_done: false,
             peer_done: false,
             is_socket,
+            peeking: false,
+            peeked: 0,
+            taken: 0,
+            theirs: None,
+            written: 0,
+            reported: 0,
         });
+    }
+
+    /// Deputy: peek socket `fd`'s bytes instead of taking them (see
+    /// `Relay::peeking`); stays as it is where the socket cannot.
+    pub fn peek_socket(&mut self, fd: i32) {
+        if let Some(r) = self
+            .list
+            .iter_mut()
+            .find(|r| r.fd == fd && r.reads && r.is_socket)
+        {
+            r.peeking = crate::ptrace::set_peek_offset(r.end.as_fd(), 0).is_ok();
+        }
+    }
+
+    /// Host: tell the deputy how much of what is written to `fd` the
+    /// process reads (`theirs`: its end).
+    pub fn report_reads(&mut self, fd: i32, theirs: OwnedFd) {
+        if let Some(r) = self.list.iter_mut().find(|r| r.fd == fd && r.writes) {
+            r.theirs = Some(theirs);
+        }
+    }
+
+    /// Whether `tick` has something to look at.
+    pub fn needs_ticks(&self) -> bool {
+        self.list.iter().any(|r| {
+            (r.outstanding() && !r.read_done) || (r.theirs.is_some() && r.written > r.reported)
+        })
+    }
+
+    /// Deputy: new bytes behind those peeked (not polled, see
+    /// `outstanding`). Host: how much the process has read, told.
+    pub fn tick(&mut self, out: &mut Vec<AgentMsg>) {
+        for r in &mut self.list {
+            if r.outstanding() && !r.read_done {
+                read_some(r, out);
+            }
+            if let Some(theirs) = &r.theirs {
+                let unread = crate::ptrace::unread_bytes(theirs.as_fd()).unwrap_or(0) as u64;
+                let read = r.written.saturating_sub(unread);
+                if read > r.reported {
+                    r.reported = read;
+                    out.push(AgentMsg::Consumed {
+                        fd: r.fd,
+                        total: read,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Deputy: the process has read `total` bytes of `fd`: take them.
+    pub fn on_consumed(&mut self, fd: i32, total: u64) {
+        let Some(r) = self.list.iter_mut().find(|r| r.fd == fd && r.peeking) else {
+            return;
+        };
+        let total = total.min(r.peeked);
+        while r.taken < total {
+            let want = (total - r.taken).min(CHUNK as u64) as usize;
+            match crate::ptrace::take_queued(r.end.as_fd(), want) {
+                Ok(got) if !got.is_empty() => r.taken += got.len() as u64,
+                _ => {
+                    tracing::warn!(fd, "bytes the process read are no longer in its socket");
+                    r.taken = total;
+                }
+            }
+        }
+    }
+
+    /// Deputy, the process back home: its sockets are its own again.
+    pub fn stop_peeking(&mut self) {
+        for r in self.list.iter_mut().filter(|r| r.peeking) {
+            let _ = crate::ptrace::set_peek_offset(r.end.as_fd(), -1);
+            r.peeking = false;
+        }
     }
 
     /// (descriptor, poll events) for every relay that has something to do
@@ -274,6 +374,21 @@ fn readable_now(fd: BorrowedFd<'_>) -> bool {
 
 /// One read; false when nothing more will come from it.
 fn read_some(r: &mut Relay, out: &mut Vec<AgentMsg>) -> bool {
+    if r.peeking {
+        return match crate::ptrace::peek_next(r.end.as_fd(), CHUNK) {
+            Ok(None) => true,
+            Ok(Some(bytes)) if !bytes.is_empty() => {
+                r.peeked += bytes.len() as u64;
+                out.push(AgentMsg::Data { fd: r.fd, bytes });
+                true
+            }
+            Ok(Some(_)) | Err(_) => {
+                r.read_done = true;
+                out.push(AgentMsg::Shut { fd: r.fd });
+                false
+            }
+        };
+    }
     let mut buf = vec![0u8; CHUNK];
     match (&r.end).read(&mut buf) {
         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
@@ -298,6 +413,7 @@ fn write_some(r: &mut Relay) {
     match (&r.end).write(&step) {
         Ok(n) => {
             r.pending.drain(..n);
+            r.written += n as u64;
         }
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
         Err(e) => {

@@ -208,11 +208,15 @@ impl Shell {
         let mut relays = crate::relay::Relays::default();
         let mut ends = listeners;
         for entry in &image.fds {
-            if let FdKind::Relayed { .. } = entry.kind {
+            if let FdKind::Relayed { what } = &entry.kind {
                 let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
                 let (process_reads, process_writes) = directions(entry.flags);
                 // We write what the process reads, and read what it writes.
                 relays.add(entry.fd, OwnedFd::from(ours), process_writes, process_reads);
+                if what.starts_with("socket:") && process_reads {
+                    // The deputy peeks its bytes: it is told what was read.
+                    relays.report_reads(entry.fd, OwnedFd::from(theirs.try_clone()?));
+                }
                 ends.insert(entry.fd, OwnedFd::from(theirs));
             }
         }
@@ -878,7 +882,12 @@ fn restore_fds(
                 t.write(scratch, &mask.to_le_bytes())?;
                 let made = t.syscall_ok(
                     libc::SYS_signalfd4,
-                    &[u64::MAX, scratch, 8, (entry.flags & libc::O_NONBLOCK) as u64],
+                    &[
+                        u64::MAX,
+                        scratch,
+                        8,
+                        (entry.flags & libc::O_NONBLOCK) as u64,
+                    ],
                 )?;
                 place_fd(t, made, entry)?;
                 continue;
