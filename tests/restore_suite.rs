@@ -193,3 +193,28 @@ fn socketpairs_keep_queued_bytes_and_shutdowns() {
 fn tcp_connections_and_listeners_move() {
     passes_everywhere("cr_tcp");
 }
+
+#[test]
+fn duplicated_descriptors_still_share_their_open_file() {
+    passes_everywhere("cr_dup");
+}
+
+#[test]
+fn epoll_over_pipes_sockets_and_eventfds_moves() {
+    passes_everywhere("cr_epoll");
+}
+
+#[test]
+fn an_alarm_keeps_its_time_left() {
+    passes_everywhere("cr_alarm");
+}
+
+#[test]
+fn stdio_buffers_move_with_the_memory() {
+    passes_everywhere("cr_stdio");
+}
+
+#[test]
+fn a_large_heap_and_a_deep_stack_move() {
+    passes_everywhere("cr_bigheap");
+}

@@ -753,6 +753,18 @@ fn fds(
                 continue;
             }
         };
+        // A second number for an open file already in the image is made
+        // again as such (reopened, it would have an offset of its own).
+        let reopened = matches!(
+            kind,
+            FdKind::File { .. } | FdKind::Directory { .. } | FdKind::Device { .. } | FdKind::Path { .. }
+        );
+        let kind = match out.iter().find(|e: &&FdEntry| {
+            reopened && e.kind == kind && crate::ptrace::same_open_file(pid, e.fd, fd)
+        }) {
+            Some(first) => FdKind::Duplicate { of: first.fd },
+            None => kind,
+        };
         out.push(FdEntry {
             fd,
             flags,

@@ -103,7 +103,7 @@ impl HomeCalls {
                         readable: false,
                     }
                 }
-                FdKind::File { .. } => Original {
+                FdKind::File { .. } | FdKind::Duplicate { .. } => Original {
                     stand_in: false,
                     dup: None,
                     regular: true,

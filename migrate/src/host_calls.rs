@@ -116,6 +116,16 @@ impl HostCalls {
                     calls.lock_homes.insert(entry.fd, (0, 0));
                     watched.lock_homes.push(entry.fd);
                 }
+                // Another number for a reopened file: its locks too.
+                FdKind::Duplicate { of }
+                    if image
+                        .fds
+                        .iter()
+                        .any(|f| f.fd == of && matches!(f.kind, FdKind::File { .. })) =>
+                {
+                    calls.lock_homes.insert(entry.fd, (0, 0));
+                    watched.lock_homes.push(entry.fd);
+                }
                 _ => {}
             }
         }

@@ -124,6 +124,10 @@ pub enum FdKind {
     /// carried out at home by the deputy (`forward.rs`). `what` is its
     /// /proc name.
     Forwarded { what: String },
+    /// Another number for the open file of descriptor `of` (dup, dup2, a
+    /// shell's 2>&1): made with dup3, so that the two share offset and
+    /// status flags again.
+    Duplicate { of: i32 },
     /// A signalfd, made again with its mask (it reads the signals of the
     /// process that reads it: the process's own, wherever it runs).
     SignalFd { mask: u64 },

@@ -656,6 +656,14 @@ pub fn set_nice(pid: i32, nice: i32) -> io::Result<()> {
         .map(|_| ())
 }
 
+/// Whether descriptors `a` and `b` of process `pid` are one open file
+/// (kcmp KCMP_FILE).
+pub fn same_open_file(pid: i32, a: i32, b: i32) -> bool {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: integer arguments only.
+    unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) == 0 }
+}
+
 /// A resource limit of another process: (soft, hard).
 pub fn rlimit(pid: i32, resource: u32) -> io::Result<(u64, u64)> {
     let mut old = libc::rlimit64 {

@@ -825,6 +825,9 @@ fn restore_fds(
                         !relay_ends.contains_key(&fd)
                     }
                     FdKind::File { path, .. } => same_file(pid, fd, path),
+                    // Still the same open file as the one it names (a
+                    // close would drop the locks taken on it at home).
+                    FdKind::Duplicate { of } => ptrace::same_open_file(pid, fd, *of),
                     _ => false,
                 }
         })
@@ -878,6 +881,8 @@ fn restore_fds(
             }
             // Made once every descriptor it watches is back.
             FdKind::Epoll { .. } => continue,
+            // Made once the one it names is back.
+            FdKind::Duplicate { .. } => continue,
             FdKind::SignalFd { mask } => {
                 t.write(scratch, &mask.to_le_bytes())?;
                 let made = t.syscall_ok(
@@ -949,6 +954,20 @@ fn restore_fds(
         }
         let given = give_fds(t, scratch, &[OwnedFd::from(file)])?[0];
         place_fd(t, given, entry)?;
+    }
+    for entry in &image.fds {
+        if let FdKind::Duplicate { of } = entry.kind {
+            if kept_now.contains(&entry.fd) {
+                let flag = if entry.cloexec { libc::FD_CLOEXEC } else { 0 };
+                t.syscall_ok(
+                    libc::SYS_fcntl,
+                    &[entry.fd as u64, libc::F_SETFD as u64, flag as u64],
+                )?;
+                continue;
+            }
+            let cloexec = if entry.cloexec { libc::O_CLOEXEC } else { 0 };
+            t.syscall_ok(libc::SYS_dup3, &[of as u64, entry.fd as u64, cloexec as u64])?;
+        }
     }
     for entry in &image.fds {
         if let FdKind::Epoll { targets } = &entry.kind {
