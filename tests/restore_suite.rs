@@ -218,3 +218,33 @@ fn stdio_buffers_move_with_the_memory() {
 fn a_large_heap_and_a_deep_stack_move() {
     passes_everywhere("cr_bigheap");
 }
+
+#[test]
+fn a_pipe_from_a_child_at_home_keeps_every_line() {
+    passes_everywhere("cr_pipe_child");
+}
+
+#[test]
+fn an_eventfd_shared_with_a_child_at_home_is_one() {
+    passes_everywhere("cr_eventfd_child");
+}
+
+#[test]
+fn open_file_description_locks_exclude_the_processes_at_home() {
+    passes_everywhere("cr_ofd_locks");
+}
+
+#[test]
+fn command_line_environment_and_name_move() {
+    passes_everywhere("cr_cmdline");
+}
+
+#[test]
+fn the_program_break_moves() {
+    passes_everywhere("cr_brk");
+}
+
+#[test]
+fn thread_local_storage_moves() {
+    passes_everywhere("cr_tls");
+}

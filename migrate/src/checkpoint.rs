@@ -757,7 +757,10 @@ fn fds(
         // again as such (reopened, it would have an offset of its own).
         let reopened = matches!(
             kind,
-            FdKind::File { .. } | FdKind::Directory { .. } | FdKind::Device { .. } | FdKind::Path { .. }
+            FdKind::File { .. }
+                | FdKind::Directory { .. }
+                | FdKind::Device { .. }
+                | FdKind::Path { .. }
         );
         let kind = match out.iter().find(|e: &&FdEntry| {
             reopened && e.kind == kind && crate::ptrace::same_open_file(pid, e.fd, fd)

@@ -776,7 +776,9 @@ fn come_home(
         }
         Err(e) => {
             let _ = link::send(host, &AgentMsg::Failed(e.to_string()));
-            // Whatever the restore did to it is rewritten by the next one.
+            // Whatever the restore did to it is rewritten by the next one;
+            // parked, it blocks nothing again (its signals go to the copy).
+            t.set_sigmask(0)?;
             park(t, host)?;
             for info in &signals {
                 ptrace::queue_signal(t.pid, info);

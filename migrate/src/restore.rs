@@ -307,6 +307,10 @@ pub fn restore_into(
             check_identity(file)?;
         }
     }
+    // Nothing is delivered while it is rebuilt (a parked home process
+    // blocks nothing): a signal queued below, or pending, would otherwise
+    // stop an injected call and be held, and come after those queued.
+    t.set_sigmask(u64::MAX)?;
     let maps = procfs::maps(t.pid)?;
     locate_syscall(t, &maps)?;
     let rseq = t.rseq()?;
@@ -966,7 +970,10 @@ fn restore_fds(
                 continue;
             }
             let cloexec = if entry.cloexec { libc::O_CLOEXEC } else { 0 };
-            t.syscall_ok(libc::SYS_dup3, &[of as u64, entry.fd as u64, cloexec as u64])?;
+            t.syscall_ok(
+                libc::SYS_dup3,
+                &[of as u64, entry.fd as u64, cloexec as u64],
+            )?;
         }
     }
     for entry in &image.fds {
