@@ -248,3 +248,58 @@ fn the_program_break_moves() {
 fn thread_local_storage_moves() {
     passes_everywhere("cr_tls");
 }
+
+#[test]
+fn descriptors_at_high_numbers_keep_their_numbers_and_holes() {
+    passes_everywhere("cr_fd_holes");
+}
+
+#[test]
+fn a_child_started_after_the_move_shares_memory_and_files() {
+    passes_everywhere("cr_fork_after");
+}
+
+#[test]
+fn a_full_pipe_keeps_every_byte() {
+    passes_everywhere("cr_pipe_full");
+}
+
+#[test]
+fn a_megabyte_from_a_child_at_home_arrives_whole() {
+    passes_everywhere("cr_socket_big");
+}
+
+#[test]
+fn a_large_deleted_file_is_read_and_written_whole() {
+    passes_everywhere("cr_deleted_big");
+}
+
+#[test]
+fn a_non_blocking_socket_stays_non_blocking() {
+    passes_everywhere("cr_nonblock_socket");
+}
+
+#[test]
+fn an_absolute_timerfd_expires_at_its_time() {
+    passes_everywhere("cr_timerfd_abs");
+}
+
+#[test]
+fn protections_of_mappings_move() {
+    passes_everywhere("cr_mprotect");
+}
+
+#[test]
+fn memfds_and_nameless_files_are_served_at_home() {
+    passes_everywhere("cr_memfd");
+}
+
+#[test]
+fn a_session_leader_stays_one() {
+    passes_everywhere("cr_session");
+}
+
+#[test]
+fn a_process_group_leader_stays_one() {
+    passes_everywhere("cr_pgrp");
+}

@@ -721,7 +721,7 @@ pub fn queue_signal(pid: i32, info: &[u8]) {
 }
 
 /// Make `command` start its program as a shell to restore into: killed if
-/// we die, and traced, so that its `execve` stops
+/// we die, in a session of its own, and traced, so that its `execve` stops
 /// it before the program runs a single instruction.
 pub fn exec_traced(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
@@ -735,6 +735,10 @@ pub fn exec_traced(command: &mut std::process::Command) {
             if libc::getppid() != parent {
                 libc::_exit(1);
             }
+            // A session and process group of its own: what the process
+            // signals as its group (kill(0, …)) is never the agent's, and
+            // a leader at home is one here.
+            check(libc::setsid() as libc::c_long)?;
             trace_me()
         });
     }
