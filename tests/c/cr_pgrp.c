@@ -26,12 +26,16 @@ int main(void)
 		sigemptyset(&usr1);
 		sigaddset(&usr1, SIGUSR1);
 		sigprocmask(SIG_BLOCK, &usr1, NULL);
+		if (write(p[1], "r", 1) != 1)
+			_exit(4);
 		int sig;
 		sigwait(&usr1, &sig);
 		_exit(write(p[1], "k", 1) == 1 ? 0 : 3);
 	}
 	close(p[1]);
-	CHECK(getpgid(pid) == getpid() || getpgid(pid) < 0, "the child's group");
+	char ready = 0;
+	CHECK(read(p[0], &ready, 1) == 1 && ready == 'r', "the child did not start");
+	CHECK(getpgid(pid) == getpid(), "the child's group");
 
 	cr_ready_and_wait();
 
