@@ -77,16 +77,7 @@ fn apache_prefork_with_a_sysv_accept_mutex_serves_under_omrun() {
     if Path::new(MOD_PHP).exists() {
         // opcache's 32 MiB segment is the cluster's: removed at once by the
         // parent, attached by it and every child.
-        let page = Command::new("curl")
-            .args([
-                "-s",
-                "-m",
-                "10",
-                &format!("http://127.0.0.1:{}/info.php", ports[0]),
-            ])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
+        let page = php_page(ports[0]);
         assert!(
             page.contains("opcache:on") && page.contains("sum:500500"),
             "{page}"
@@ -220,6 +211,20 @@ fn apache_php_children_move_while_ab_runs_and_opcache_locks_exclude() {
         return;
     }
     children_move_while_ab_runs(true);
+}
+
+/// The test PHP page as served on `port`.
+fn php_page(port: u16) -> String {
+    Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "10",
+            &format!("http://127.0.0.1:{port}/info.php"),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// Locks on inode `inode` in /proc/locks: (pid, writes, start, end); None
@@ -408,16 +413,7 @@ fn children_move_while_ab_runs(php: bool) {
             held_from_away > 0,
             "no moved child seen holding opcache's lock"
         );
-        let page = Command::new("curl")
-            .args([
-                "-s",
-                "-m",
-                "10",
-                &format!("http://127.0.0.1:{}/info.php", ports[0]),
-            ])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
+        let page = php_page(ports[0]);
         assert!(
             page.contains("opcache:on") && page.contains("sum:500500"),
             "{page}"

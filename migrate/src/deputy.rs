@@ -107,19 +107,8 @@ fn disarm_timers(t: &mut Tracee, image: &Image) -> Result<(), MigrateError> {
     if image.itimers.is_empty() && image.posix_timers.is_empty() {
         return Ok(());
     }
-    let page = t.syscall_ok(
-        libc::SYS_mmap,
-        &[
-            0,
-            PAGE,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-            u64::MAX,
-            0,
-        ],
-    )?;
-    // The fresh page is zero: a disarming setting.
-    let done = (|| -> Result<(), MigrateError> {
+    with_page(t, |t, page| {
+        // A fresh page is zero: a disarming setting.
         for (which, _) in &image.itimers {
             t.syscall_ok(libc::SYS_setitimer, &[*which as u64, page, 0])?;
         }
@@ -127,14 +116,15 @@ fn disarm_timers(t: &mut Tracee, image: &Image) -> Result<(), MigrateError> {
             t.syscall_ok(libc::SYS_timer_settime, &[timer.id as u64, 0, page, 0])?;
         }
         Ok(())
-    })();
-    t.syscall_ok(libc::SYS_munmap, &[page, PAGE])?;
-    done
+    })
 }
 
-/// Take every signal pending in the stopped home process; those not in
-/// `moved` (the ones the copy got with its image), in order.
-fn drain_pending(t: &mut Tracee, moved: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, MigrateError> {
+/// Run `f` with a fresh page mapped in the stopped home process (its
+/// address), unmapped after.
+fn with_page<R>(
+    t: &mut Tracee,
+    f: impl FnOnce(&mut Tracee, u64) -> Result<R, MigrateError>,
+) -> Result<R, MigrateError> {
     let page = t.syscall_ok(
         libc::SYS_mmap,
         &[
@@ -146,19 +136,25 @@ fn drain_pending(t: &mut Tracee, moved: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, Migr
             0,
         ],
     )?;
-    // Every signal (the kernel leaves out SIGKILL and SIGSTOP), no wait.
-    let (set, timeout, info) = (page, page + 8, page + 64);
-    t.write(set, &u64::MAX.to_le_bytes())?;
-    t.write(timeout, &[0u8; 16])?;
-    let mut drained = Vec::new();
-    let taken = (|| -> Result<(), MigrateError> {
+    let done = f(t, page);
+    t.syscall_ok(libc::SYS_munmap, &[page, PAGE])?;
+    done
+}
+
+/// Take every signal pending in the stopped home process; those not in
+/// `moved` (the ones the copy got with its image), in order.
+fn drain_pending(t: &mut Tracee, moved: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, MigrateError> {
+    let drained = with_page(t, |t, page| {
+        // Every signal (the kernel leaves out SIGKILL and SIGSTOP), no wait.
+        let (set, timeout, info) = (page, page + 8, page + 64);
+        t.write(set, &u64::MAX.to_le_bytes())?;
+        t.write(timeout, &[0u8; 16])?;
+        let mut drained = Vec::new();
         while t.syscall(libc::SYS_rt_sigtimedwait, &[set, info, timeout, 8])? > 0 {
             drained.push(t.read(info, 128)?);
         }
-        Ok(())
-    })();
-    t.syscall_ok(libc::SYS_munmap, &[page, PAGE])?;
-    taken?;
+        Ok(drained)
+    })?;
     let mut left: Vec<&Vec<u8>> = moved.iter().collect();
     Ok(drained
         .into_iter()

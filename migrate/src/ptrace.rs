@@ -862,31 +862,16 @@ pub fn limit_send_buffer(fd: std::os::fd::BorrowedFd<'_>, bytes: usize) -> io::R
 /// What is waiting to be read on socket `fd`, without taking it (up to
 /// `max` bytes; nothing if nothing is there).
 pub fn peek(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Vec<u8>> {
-    use std::os::fd::AsRawFd;
-    let mut buf = vec![0u8; max];
-    // SAFETY: recv writes at most buf.len() bytes into buf.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            return Ok(Vec::new());
-        }
-        return Err(e);
-    }
-    buf.truncate(n as usize);
-    Ok(buf)
+    Ok(recv_now(fd, max, libc::MSG_PEEK)?.unwrap_or_default())
 }
 
-/// Take (not peek) what socket `fd` holds for its reader, up to `max`
-/// bytes, without waiting.
-pub fn take_queued(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Vec<u8>> {
+/// One `recv` with `flags` that does not wait: None if nothing came yet,
+/// empty at end of file.
+fn recv_now(
+    fd: std::os::fd::BorrowedFd<'_>,
+    max: usize,
+    flags: libc::c_int,
+) -> io::Result<Option<Vec<u8>>> {
     use std::os::fd::AsRawFd;
     let mut buf = vec![0u8; max];
     // SAFETY: recv writes at most buf.len() bytes into buf.
@@ -895,32 +880,7 @@ pub fn take_queued(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Ve
             fd.as_raw_fd(),
             buf.as_mut_ptr().cast(),
             buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            return Ok(Vec::new());
-        }
-        return Err(e);
-    }
-    buf.truncate(n as usize);
-    Ok(buf)
-}
-
-/// The next bytes of socket `fd` after its peek offset (SO_PEEK_OFF), left
-/// in it: None if none came yet, empty at end of file.
-pub fn peek_next(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Option<Vec<u8>>> {
-    use std::os::fd::AsRawFd;
-    let mut buf = vec![0u8; max];
-    // SAFETY: recv writes at most buf.len() bytes into buf.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            flags | libc::MSG_DONTWAIT,
         )
     };
     if n < 0 {
@@ -932,6 +892,18 @@ pub fn peek_next(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Opti
     }
     buf.truncate(n as usize);
     Ok(Some(buf))
+}
+
+/// Take (not peek) what socket `fd` holds for its reader, up to `max`
+/// bytes, without waiting.
+pub fn take_queued(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Vec<u8>> {
+    Ok(recv_now(fd, max, 0)?.unwrap_or_default())
+}
+
+/// The next bytes of socket `fd` after its peek offset (SO_PEEK_OFF), left
+/// in it: None if none came yet, empty at end of file.
+pub fn peek_next(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Option<Vec<u8>>> {
+    recv_now(fd, max, libc::MSG_PEEK)
 }
 
 /// Set socket `fd`'s peek offset (-1: peeking from the front again).

@@ -901,24 +901,13 @@ fn restore_fds(
                 place_fd(t, made, entry)?;
                 continue;
             }
-            FdKind::Forwarded { what } => {
+            FdKind::Relayed { what } | FdKind::Listener { what } | FdKind::Forwarded { what } => {
                 match relay_ends.get(&entry.fd) {
-                    Some(end) => {
+                    // A stand-in's flags are the original's, at home.
+                    Some(end) if matches!(entry.kind, FdKind::Forwarded { .. }) => {
                         let given = give_fds(t, scratch, &[end.try_clone()?])?[0];
                         place_fd(t, given, entry)?;
                     }
-                    None if open_now.contains(&entry.fd) => {}
-                    None => {
-                        return Err(MigrateError::Restore(format!(
-                            "fd {} ({what}) has no stand-in",
-                            entry.fd
-                        )))
-                    }
-                }
-                continue;
-            }
-            FdKind::Relayed { what } | FdKind::Listener { what } => {
-                match relay_ends.get(&entry.fd) {
                     Some(end) => {
                         let dup = end.try_clone()?;
                         let given = give_fds(t, scratch, &[dup])?[0];
@@ -936,7 +925,7 @@ fn restore_fds(
                     None if open_now.contains(&entry.fd) => {}
                     None => {
                         return Err(MigrateError::Restore(format!(
-                            "fd {} ({what}) has no relay",
+                            "fd {} ({what}) has no relay or stand-in",
                             entry.fd
                         )))
                     }

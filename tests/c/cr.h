@@ -52,6 +52,19 @@ static __attribute__((unused)) void cr_ready_and_wait(void)
 	sigprocmask(SIG_SETMASK, &old, NULL);
 }
 
+/* Read exactly `len` bytes (0), or fail (-1) at end of file or error. */
+static __attribute__((unused)) int cr_read_all(int fd, char *buf, size_t len)
+{
+	size_t have = 0;
+	while (have < len) {
+		ssize_t n = read(fd, buf + have, len - have);
+		if (n <= 0)
+			return -1;
+		have += (size_t)n;
+	}
+	return 0;
+}
+
 static int cr_report(void)
 {
 	if (cr_failures == 0)

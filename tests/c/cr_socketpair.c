@@ -7,18 +7,6 @@
 #include "cr.h"
 #include <sys/socket.h>
 
-static int read_all(int fd, char *buf, size_t len)
-{
-	size_t have = 0;
-	while (have < len) {
-		ssize_t n = read(fd, buf + have, len - have);
-		if (n <= 0)
-			return -1;
-		have += (size_t)n;
-	}
-	return 0;
-}
-
 int main(void)
 {
 	int sv[2];
@@ -27,11 +15,11 @@ int main(void)
 	if (pid == 0) {
 		close(sv[0]);
 		char buf[6];
-		if (write(sv[1], "queued", 6) != 6 || read_all(sv[1], buf, 6) != 0 ||
+		if (write(sv[1], "queued", 6) != 6 || cr_read_all(sv[1], buf, 6) != 0 ||
 		    memcmp(buf, "to kid", 6) != 0)
 			_exit(3);
 		/* Echo one more message, then no more. */
-		if (read_all(sv[1], buf, 4) != 0 || write(sv[1], buf, 4) != 4)
+		if (cr_read_all(sv[1], buf, 4) != 0 || write(sv[1], buf, 4) != 4)
 			_exit(4);
 		shutdown(sv[1], SHUT_WR);
 		_exit(read(sv[1], buf, 1) == 0 ? 0 : 5);
@@ -44,10 +32,10 @@ int main(void)
 	cr_ready_and_wait();
 
 	char buf[8] = {0};
-	CHECK(read_all(sv[0], buf, 6) == 0 && memcmp(buf, "queued", 6) == 0, "queued: %s", buf);
+	CHECK(cr_read_all(sv[0], buf, 6) == 0 && memcmp(buf, "queued", 6) == 0, "queued: %s", buf);
 	CHECK(write(sv[0], "echo", 4) == 4, "write after");
 	memset(buf, 0, sizeof buf);
-	CHECK(read_all(sv[0], buf, 4) == 0 && memcmp(buf, "echo", 4) == 0, "echo: %s", buf);
+	CHECK(cr_read_all(sv[0], buf, 4) == 0 && memcmp(buf, "echo", 4) == 0, "echo: %s", buf);
 	CHECK(read(sv[0], buf, 1) == 0, "end of file after the child's shutdown");
 	shutdown(sv[0], SHUT_WR);
 	return cr_report();

@@ -8,18 +8,6 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
-static int read_all(int fd, char *buf, size_t len)
-{
-	size_t have = 0;
-	while (have < len) {
-		ssize_t n = read(fd, buf + have, len - have);
-		if (n <= 0)
-			return -1;
-		have += (size_t)n;
-	}
-	return 0;
-}
-
 static int connect_to(struct sockaddr_in *addr)
 {
 	int c = socket(AF_INET, SOCK_STREAM, 0);
@@ -44,17 +32,17 @@ int main(void)
 	cr_ready_and_wait();
 
 	char buf[16] = {0};
-	CHECK(read_all(s, buf, 8) == 0 && memcmp(buf, "client->", 8) == 0, "server got %s", buf);
-	CHECK(read_all(c, buf, 8) == 0 && memcmp(buf, "server->", 8) == 0, "client got %s", buf);
-	CHECK(write(c, "more", 4) == 4 && read_all(s, buf, 4) == 0 && memcmp(buf, "more", 4) == 0,
+	CHECK(cr_read_all(s, buf, 8) == 0 && memcmp(buf, "client->", 8) == 0, "server got %s", buf);
+	CHECK(cr_read_all(c, buf, 8) == 0 && memcmp(buf, "server->", 8) == 0, "client got %s", buf);
+	CHECK(write(c, "more", 4) == 4 && cr_read_all(s, buf, 4) == 0 && memcmp(buf, "more", 4) == 0,
 	      "more");
 	CHECK(shutdown(c, SHUT_WR) == 0 && read(s, buf, 1) == 0, "half-close client->server");
-	CHECK(write(s, "late", 4) == 4 && read_all(c, buf, 4) == 0 && memcmp(buf, "late", 4) == 0,
+	CHECK(write(s, "late", 4) == 4 && cr_read_all(c, buf, 4) == 0 && memcmp(buf, "late", 4) == 0,
 	      "the other way still open");
 	CHECK(shutdown(s, SHUT_WR) == 0 && read(c, buf, 1) == 0, "half-close server->client");
 	int c2 = connect_to(&addr);
 	int s2 = c2 >= 0 ? accept(l, NULL, NULL) : -1;
-	CHECK(c2 >= 0 && s2 >= 0 && write(c2, "new", 3) == 3 && read_all(s2, buf, 3) == 0,
+	CHECK(c2 >= 0 && s2 >= 0 && write(c2, "new", 3) == 3 && cr_read_all(s2, buf, 3) == 0,
 	      "a new connection");
 	return cr_report();
 }
