@@ -719,7 +719,10 @@ fn fds(
                     FdKind::Device { path: target }
                 } else if m.file_type().is_fifo() {
                     // Its home process keeps it open, as for a pipe.
-                    FdKind::Relayed { what: target }
+                    FdKind::Relayed {
+                        what: target,
+                        shut_write: false,
+                    }
                 } else {
                     stays.push(format!("fd {fd} ({target}) cannot be reopened"));
                     continue;
@@ -743,9 +746,15 @@ fn fds(
             _ if target == "anon_inode:[eventpoll]" => FdKind::Epoll {
                 targets: procfs::epoll_targets(pid, fd)?,
             },
-            _ if target.starts_with("pipe:") || target.starts_with("socket:") => {
-                FdKind::Relayed { what: target }
-            }
+            _ if target.starts_with("pipe:") => FdKind::Relayed {
+                what: target,
+                shut_write: false,
+            },
+            _ if target.starts_with("socket:") => FdKind::Relayed {
+                shut_write: crate::ptrace::take_fd(pid, fd as u64)
+                    .is_ok_and(|dup| crate::ptrace::stream_write_shut(dup.as_fd())),
+                what: target,
+            },
             _ => {
                 stays.push(format!(
                     "fd {fd} is {target}, which can be neither reopened, relayed nor served at home"

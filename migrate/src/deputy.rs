@@ -283,7 +283,7 @@ impl Pusher {
 fn relays_for(pid: i32, fds: &[FdEntry]) -> Result<Relays, MigrateError> {
     let mut relays = Relays::default();
     for entry in fds {
-        if let FdKind::Relayed { what } = &entry.kind {
+        if let FdKind::Relayed { what, .. } = &entry.kind {
             let original = ptrace::take_fd(pid, entry.fd as u64)?;
             let (process_reads, process_writes) = directions(entry.flags);
             // We read what the process would read, and write what it writes.

@@ -112,7 +112,13 @@ pub enum FdKind {
     Path { path: String },
     /// A pipe or a socket: relayed between the node it runs on and the home
     /// process, which keeps the original (`what` is its /proc name).
-    Relayed { what: String },
+    /// `shut_write`: a stream socket whose write side was shut (by
+    /// `shutdown` or by its peer's going): the process's end is shut too.
+    Relayed {
+        what: String,
+        #[serde(default)]
+        shut_write: bool,
+    },
     /// A listening TCP socket: the home process keeps it, and a stand-in
     /// listener on the node the process runs on gets, one at a time, the
     /// connections the deputy accepts from it while the process waits for

@@ -1014,6 +1014,28 @@ pub fn accept_queue_len(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
     Ok(info.tcpi_unacked)
 }
 
+/// Whether `fd` is a stream socket whose writes fail with EPIPE (its write
+/// side shut, or its peer gone): a zero-length send tells without sending
+/// anything (it would send an empty datagram on another kind, so only
+/// stream sockets are asked).
+pub fn stream_write_shut(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    if socket_option::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_TYPE).ok()
+        != Some(libc::SOCK_STREAM)
+    {
+        return false;
+    }
+    // SAFETY: a zero-length send from no buffer.
+    let sent = unsafe {
+        libc::send(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            std::ptr::null(),
+            0,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    sent < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EPIPE)
+}
+
 pub fn shutdown_write(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: shutdown of a live descriptor.
     check(

@@ -208,8 +208,13 @@ impl Shell {
         let mut relays = crate::relay::Relays::default();
         let mut ends = listeners;
         for entry in &image.fds {
-            if let FdKind::Relayed { what } = &entry.kind {
+            if let FdKind::Relayed { what, shut_write } = &entry.kind {
                 let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+                if *shut_write {
+                    // Its writes fail as before the move; the relay passes
+                    // on the end of its stream (harmless on the original).
+                    theirs.shutdown(std::net::Shutdown::Write)?;
+                }
                 let (process_reads, process_writes) = directions(entry.flags);
                 // We write what the process reads, and read what it writes.
                 relays.add(entry.fd, OwnedFd::from(ours), process_writes, process_reads);
@@ -901,7 +906,7 @@ fn restore_fds(
                 place_fd(t, made, entry)?;
                 continue;
             }
-            FdKind::Relayed { what } | FdKind::Listener { what } | FdKind::Forwarded { what } => {
+            FdKind::Relayed { what, .. } | FdKind::Listener { what } | FdKind::Forwarded { what } => {
                 match relay_ends.get(&entry.fd) {
                     // A stand-in's flags are the original's, at home.
                     Some(end) if matches!(entry.kind, FdKind::Forwarded { .. }) => {
