@@ -303,3 +303,13 @@ fn a_session_leader_stays_one() {
 fn a_process_group_leader_stays_one() {
     passes_everywhere("cr_pgrp");
 }
+
+#[test]
+fn unix_listeners_accept_connections_queued_before_and_made_after() {
+    passes_everywhere("cr_unix_listen");
+}
+
+#[test]
+fn sockets_shut_down_before_the_move_stay_shut() {
+    passes_everywhere("cr_half_closed");
+}

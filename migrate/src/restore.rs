@@ -906,7 +906,9 @@ fn restore_fds(
                 place_fd(t, made, entry)?;
                 continue;
             }
-            FdKind::Relayed { what, .. } | FdKind::Listener { what } | FdKind::Forwarded { what } => {
+            FdKind::Relayed { what, .. }
+            | FdKind::Listener { what }
+            | FdKind::Forwarded { what } => {
                 match relay_ends.get(&entry.fd) {
                     // A stand-in's flags are the original's, at home.
                     Some(end) if matches!(entry.kind, FdKind::Forwarded { .. }) => {
