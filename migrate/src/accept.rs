@@ -1,6 +1,9 @@
-//! Listening sockets of a moved process. A listener cannot move: the home
-//! process keeps it, and the process gets a stand-in listener on loopback
-//! on the node it runs on. While the process waits for a connection on the
+//! Listening sockets of a moved process (TCP, and unix stream ones bound
+//! to a path or an abstract name). A listener cannot move: the home
+//! process keeps it, and the process gets a stand-in listener of the same
+//! family on the node it runs on (TCP on loopback; unix under an abstract
+//! name of its own, so that nobody on that node reaches it by the
+//! original's name, which belongs to the home node). While the process waits for a connection on the
 //! stand-in (seen from the system call it is blocked in), the host asks the
 //! deputy for one (`Want`); the deputy accepts one from the original
 //! listener, in turn with the processes at home that accept from it, and
@@ -13,6 +16,8 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
 
 use crate::image::{FdEntry, FdKind};
 use crate::link::AgentMsg;
@@ -35,7 +40,7 @@ pub struct HomeListeners {
 
 struct HomeListener {
     fd: i32,
-    listener: TcpListener,
+    listener: OwnedFd,
     wanted: bool,
 }
 
@@ -46,7 +51,7 @@ impl HomeListeners {
         let mut list = Vec::new();
         for entry in fds {
             if let FdKind::Listener { .. } = entry.kind {
-                let listener = TcpListener::from(crate::ptrace::take_fd(pid, entry.fd as u64)?);
+                let listener = crate::ptrace::take_fd(pid, entry.fd as u64)?;
                 // Our duplicate shares the file: O_NONBLOCK would change the
                 // process's too. Readiness comes from poll instead, and an
                 // accept only follows POLLIN (see `accept_one`).
@@ -147,17 +152,53 @@ pub struct StandIns {
 
 struct StandIn {
     fd: i32,
-    listener: TcpListener,
-    addr: SocketAddr,
+    listener: OwnedFd,
+    addr: StandInAddr,
     /// A `Want` is out and no connection came for it yet.
     want_sent: bool,
     /// A connection was put in its queue and the process has not taken it.
     queued: bool,
 }
 
+/// Where a stand-in listens.
+enum StandInAddr {
+    Tcp(SocketAddr),
+    Unix(std::os::unix::net::SocketAddr),
+}
+
+impl StandInAddr {
+    fn connect(&self) -> std::io::Result<OwnedFd> {
+        match self {
+            StandInAddr::Tcp(addr) => {
+                let stream = TcpStream::connect(addr)?;
+                let _ = stream.set_nodelay(true);
+                Ok(OwnedFd::from(stream))
+            }
+            StandInAddr::Unix(addr) => Ok(OwnedFd::from(UnixStream::connect_addr(addr)?)),
+        }
+    }
+}
+
+/// A stand-in listener like the original of `entry` (a `Listener`).
+fn stand_in_for(entry: &FdEntry) -> Result<(OwnedFd, StandInAddr), MigrateError> {
+    use std::os::linux::net::SocketAddrExt;
+    if let FdKind::Listener { unix: true, .. } = entry.kind {
+        // Unique in the network namespace the nodes of one machine share.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("migshm-listener-{}-{}-{n}", std::process::id(), entry.fd);
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        let listener = UnixListener::bind_addr(&addr)?;
+        return Ok((OwnedFd::from(listener), StandInAddr::Unix(addr)));
+    }
+    let listener = TcpListener::bind(("127.0.0.1", 0))?;
+    let addr = listener.local_addr()?;
+    Ok((OwnedFd::from(listener), StandInAddr::Tcp(addr)))
+}
+
 /// How long a return waits for the process to be done with the
 /// connections it was given.
-const QUIESCE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+const QUIESCE_LIMIT: Duration = Duration::from_secs(5);
 
 /// System calls on x86-64 a process waits for connections in.
 const SYS_ACCEPT: i64 = 43;
@@ -178,9 +219,8 @@ impl StandIns {
         let mut ends = std::collections::HashMap::new();
         for entry in &image.fds {
             if let FdKind::Listener { .. } = entry.kind {
-                let listener = TcpListener::bind(("127.0.0.1", 0))?;
-                let addr = listener.local_addr()?;
-                ends.insert(entry.fd, OwnedFd::from(listener.try_clone()?));
+                let (listener, addr) = stand_in_for(entry)?;
+                ends.insert(entry.fd, listener.try_clone()?);
                 list.push(StandIn {
                     fd: entry.fd,
                     listener,
@@ -211,7 +251,11 @@ impl StandIns {
     /// a pending `Quiesce` once settled (true: answered `Quiet`).
     pub fn tick(&mut self, pid: i32, relays: &Relays, out: &mut Vec<AgentMsg>) -> bool {
         for s in &mut self.list {
-            if s.queued && crate::ptrace::accept_queue_len(s.listener.as_fd()).unwrap_or(0) == 0 {
+            // Readable while a connection waits in its queue.
+            if s.queued
+                && !crate::ptrace::readable_within(s.listener.as_fd(), Duration::ZERO)
+                    .unwrap_or(true)
+            {
                 s.queued = false;
             }
         }
@@ -262,11 +306,10 @@ impl StandIns {
         let connected = match self.list.iter_mut().find(|s| s.fd == fd) {
             Some(s) => {
                 s.want_sent = false;
-                match TcpStream::connect(s.addr) {
+                match s.addr.connect() {
                     Ok(stream) => {
-                        let _ = stream.set_nodelay(true);
                         s.queued = true;
-                        relays.add(conn, OwnedFd::from(stream), true, true);
+                        relays.add(conn, stream, true, true);
                         true
                     }
                     Err(e) => {

@@ -674,9 +674,9 @@ fn fds(
 ) -> Result<(Vec<FdEntry>, Vec<String>), MigrateError> {
     let mut out = Vec::new();
     let mut stays = Vec::new();
-    // Listening sockets (SO_ACCEPTCONN on a duplicate): Some(true) for a
-    // TCP one, which moves (accept.rs); Some(false) for another kind.
-    let listener_kind = |fd: i32, target: &str| -> Option<bool> {
+    // Listening sockets (SO_ACCEPTCONN on a duplicate): Ok(unix) for a TCP
+    // or unix stream one, which moves (accept.rs); Err(what) for another.
+    let listener_kind = |fd: i32, target: &str| -> Option<Result<bool, String>> {
         if !target.starts_with("socket:") {
             return None;
         }
@@ -684,7 +684,13 @@ fn fds(
         if !crate::ptrace::is_listening(dup.as_fd()).unwrap_or(false) {
             return None;
         }
-        Some(std::net::TcpListener::from(dup).local_addr().is_ok())
+        let (domain, kind) = crate::ptrace::socket_domain_and_type(dup.as_fd()).ok()?;
+        Some(match (domain, kind) {
+            (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM) => Ok(false),
+            (libc::AF_UNIX, libc::SOCK_STREAM) => Ok(true),
+            (libc::AF_UNIX, libc::SOCK_SEQPACKET) => Err("a unix seqpacket".to_string()),
+            _ => Err(format!("of family {domain}, type {kind},")),
+        })
     };
     for (fd, target, flags, pos) in procfs::fds(pid)? {
         let cloexec = flags & libc::O_CLOEXEC != 0;
@@ -728,10 +734,15 @@ fn fds(
                     continue;
                 }
             }
-            _ if listening == Some(true) => FdKind::Listener { what: target },
-            _ if listening == Some(false) => {
-                let why = format!("fd {fd} is a listening socket that is not TCP ({target})");
-                stays.push(format!("{why}; only TCP listeners move"));
+            _ if matches!(listening, Some(Ok(_))) => FdKind::Listener {
+                what: target,
+                unix: listening == Some(Ok(true)),
+            },
+            _ if matches!(listening, Some(Err(_))) => {
+                let what = listening.and_then(Result::err).unwrap_or_default();
+                stays.push(format!(
+                    "fd {fd} is {what} listening socket ({target}); only TCP and unix stream listeners move"
+                ));
                 continue;
             }
             // Only at home: the process gets a stand-in whose calls the

@@ -119,11 +119,15 @@ pub enum FdKind {
         #[serde(default)]
         shut_write: bool,
     },
-    /// A listening TCP socket: the home process keeps it, and a stand-in
-    /// listener on the node the process runs on gets, one at a time, the
-    /// connections the deputy accepts from it while the process waits for
-    /// one (see `accept.rs`).
-    Listener { what: String },
+    /// A listening TCP or (`unix`) unix stream socket: the home process
+    /// keeps it, and a stand-in listener on the node the process runs on
+    /// gets, one at a time, the connections the deputy accepts from it
+    /// while the process waits for one (see `accept.rs`).
+    Listener {
+        what: String,
+        #[serde(default)]
+        unix: bool,
+    },
     /// What can live only at home (a deleted file, an eventfd, a timerfd,
     /// an inotify instance): the home process keeps the original, the
     /// process gets a stand-in at the same number, and its calls on it are

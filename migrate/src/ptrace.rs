@@ -1007,11 +1007,12 @@ pub fn is_listening(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
     Ok(socket_option::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0)
 }
 
-/// How many connections wait in listening TCP socket `fd`'s accept queue.
-pub fn accept_queue_len(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
-    let info: libc::tcp_info = socket_option(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
-    // For a listener, the kernel reports its accept queue as "unacked".
-    Ok(info.tcpi_unacked)
+/// Socket `fd`'s family (SO_DOMAIN) and type (SO_TYPE).
+pub fn socket_domain_and_type(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<(i32, i32)> {
+    Ok((
+        socket_option(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?,
+        socket_option(fd, libc::SOL_SOCKET, libc::SO_TYPE)?,
+    ))
 }
 
 /// Whether `fd` is a stream socket whose writes fail with EPIPE (its write
@@ -1019,9 +1020,7 @@ pub fn accept_queue_len(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
 /// anything (it would send an empty datagram on another kind, so only
 /// stream sockets are asked).
 pub fn stream_write_shut(fd: std::os::fd::BorrowedFd<'_>) -> bool {
-    if socket_option::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_TYPE).ok()
-        != Some(libc::SOCK_STREAM)
-    {
+    if !matches!(socket_domain_and_type(fd), Ok((_, libc::SOCK_STREAM))) {
         return false;
     }
     // SAFETY: a zero-length send from no buffer.

@@ -907,7 +907,7 @@ fn restore_fds(
                 continue;
             }
             FdKind::Relayed { what, .. }
-            | FdKind::Listener { what }
+            | FdKind::Listener { what, .. }
             | FdKind::Forwarded { what } => {
                 match relay_ends.get(&entry.fd) {
                     // A stand-in's flags are the original's, at home.

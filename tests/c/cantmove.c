@@ -1,5 +1,5 @@
 /* A process with several reasons to stay home at once: a second thread,
- * a userfaultfd, a listening unix socket, and a deleted file mapped (the
+ * a userfaultfd, a listening unix seqpacket socket, and a deleted file mapped (the
  * deleted file open is no reason: it is served at home).
  * Prints "ready", then waits to be killed.
  *
@@ -38,7 +38,7 @@ int main(int argc, char **argv)
 	unlink(path);
 	if (syscall(SYS_userfaultfd, O_CLOEXEC) < 0)
 		return 2;
-	int listener = socket(AF_UNIX, SOCK_STREAM, 0);
+	int listener = socket(AF_UNIX, SOCK_SEQPACKET, 0);
 	struct sockaddr_un addr = {.sun_family = AF_UNIX};
 	snprintf(addr.sun_path, sizeof addr.sun_path, "%s/sock", argv[1]);
 	if (listener < 0 || bind(listener, (struct sockaddr *)&addr, sizeof addr) != 0 ||
