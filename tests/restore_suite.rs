@@ -313,3 +313,10 @@ fn unix_listeners_accept_connections_queued_before_and_made_after() {
 fn sockets_shut_down_before_the_move_stay_shut() {
     passes_everywhere("cr_half_closed");
 }
+
+/// Children left at home are reaped through the deputy, those started away
+/// where they run, "any child" on both sides.
+#[test]
+fn children_started_before_the_move_are_reaped_after_it() {
+    passes_everywhere("cr_children");
+}

@@ -253,6 +253,7 @@ pub fn checkpoint_with(
         socket_slot: dsm.links.first().map(|l| l.socket_slot),
         calls_in_flight: calls_in_flight_word(dsm),
         attachments: dsm.attachments.clone(),
+        has_children: !procfs::children(pid).is_empty(),
     })
 }
 

@@ -105,6 +105,14 @@ pub enum Call {
     },
     /// The process closed its descriptor (its record locks on the file go).
     Close,
+    /// `waitid` in the home process, for its children there (`waits.rs`):
+    /// `siginfo_t` then `struct rusage` come back. Without WNOHANG in
+    /// `options`, the deputy tries again until a child has something.
+    Wait {
+        idtype: i32,
+        id: u64,
+        options: i32,
+    },
 }
 
 impl Call {

@@ -22,9 +22,10 @@ use crate::link::AgentMsg;
 
 /// First and longest pause between two tries of a record lock the home
 /// process waits for (`F_SETLKW`, tried as `F_SETLK` so that the deputy
-/// never sleeps inside the home process).
-const LOCK_RETRY_FIRST: Duration = Duration::from_micros(200);
-const LOCK_RETRY_MOST: Duration = Duration::from_millis(10);
+/// never sleeps inside the home process), or of a wait for its children
+/// (`waitid` tried with WNOHANG, for the same reason).
+const RETRY_FIRST: Duration = Duration::from_micros(200);
+const RETRY_MOST: Duration = Duration::from_millis(10);
 /// How often a cancelled call still running is interrupted again (the
 /// first interruption may come before it started to wait).
 const CANCEL_AGAIN: Duration = Duration::from_millis(10);
@@ -58,10 +59,12 @@ struct Worker {
     last_interrupt: Option<Instant>,
 }
 
-struct LockWait {
+/// A call in the home process tried again until it is done: a record
+/// lock held by another, a wait for children that have nothing yet.
+struct Retry {
     id: u64,
     fd: i32,
-    flock: Vec<u8>,
+    call: Call,
     next_try: Instant,
     pause: Duration,
 }
@@ -75,9 +78,9 @@ pub struct HomeCalls {
     finished: Finished,
     /// Written by a worker when it finishes; read by the deputy's loop.
     wake: (UnixStream, UnixStream),
-    lock_waits: Vec<LockWait>,
-    /// A page of the home process's for the `struct flock` of injected
-    /// calls (mapped when first needed).
+    retries: Vec<Retry>,
+    /// A page of the home process's for what injected calls read and
+    /// write (`struct flock`, `siginfo_t`…), mapped when first needed.
     scratch: Option<u64>,
 }
 
@@ -125,7 +128,7 @@ impl HomeCalls {
             workers: HashMap::new(),
             finished: Arc::default(),
             wake,
-            lock_waits: Vec::new(),
+            retries: Vec::new(),
             scratch: None,
         })
     }
@@ -240,6 +243,17 @@ impl HomeCalls {
         home: &mut dyn HomeProcess,
         out: &mut Vec<AgentMsg>,
     ) {
+        if let Call::Wait { .. } = call {
+            // Only the process's own: a child it started there waits for
+            // its own children there.
+            let outcome = if by_process {
+                self.in_home_process(id, fd, &call, home)
+            } else {
+                Some(failed(libc::ECHILD))
+            };
+            out.extend(outcome.map(|o| done_msg(id, o)));
+            return;
+        }
         let Some(original) = self.originals.get(&fd) else {
             out.push(done_msg(id, failed(libc::EBADF)));
             return;
@@ -330,8 +344,9 @@ impl HomeCalls {
         }
     }
 
-    /// Record locks and closing, by injected calls in the home process;
-    /// None while a lock it waits for is still held by another.
+    /// Record locks, waits for children and closing, by injected calls in
+    /// the home process; None while it must try again (a lock still held
+    /// by another, children with nothing yet).
     fn in_home_process(
         &mut self,
         id: u64,
@@ -340,41 +355,81 @@ impl HomeCalls {
         home: &mut dyn HomeProcess,
     ) -> Option<Outcome> {
         let result = match call {
-            Call::Close => home.call(libc::SYS_close, &[fd as u64]).map(|r| Outcome {
-                result: r,
-                data: Vec::new(),
+            Call::Close => home.call(libc::SYS_close, &[fd as u64]).map(|r| {
+                Some(Outcome {
+                    result: r,
+                    data: Vec::new(),
+                })
             }),
-            Call::Lock { cmd, flock } if *cmd == libc::F_SETLKW => {
-                match self.try_lock(fd, flock, home) {
-                    Ok(outcome) if is_held_elsewhere(outcome.result) => {
-                        self.lock_waits.push(LockWait {
-                            id,
-                            fd,
-                            flock: flock.clone(),
-                            next_try: Instant::now() + LOCK_RETRY_FIRST,
-                            pause: LOCK_RETRY_FIRST,
-                        });
-                        return None;
-                    }
-                    other => other,
-                }
-            }
-            Call::Lock { cmd, flock } => self.lock_call(fd, *cmd, flock, home),
-            _ => Ok(failed(libc::EINVAL)),
+            _ => self.attempt(fd, call, home),
         };
-        Some(result.unwrap_or_else(|e| {
-            tracing::warn!(fd, "a call in the home process: {e}");
-            failed(e.raw_os_error().unwrap_or(libc::EIO))
-        }))
+        match result {
+            Ok(Some(outcome)) => Some(outcome),
+            Ok(None) => {
+                self.retries.push(Retry {
+                    id,
+                    fd,
+                    call: call.clone(),
+                    next_try: Instant::now() + RETRY_FIRST,
+                    pause: RETRY_FIRST,
+                });
+                None
+            }
+            Err(e) => {
+                tracing::warn!(fd, "a call in the home process: {e}");
+                Some(failed(e.raw_os_error().unwrap_or(libc::EIO)))
+            }
+        }
     }
 
-    fn try_lock(
+    /// One try of a lock or a wait; None: not yet, try again.
+    fn attempt(
         &mut self,
         fd: i32,
-        flock: &[u8],
+        call: &Call,
         home: &mut dyn HomeProcess,
-    ) -> std::io::Result<Outcome> {
-        self.lock_call(fd, libc::F_SETLK, flock, home)
+    ) -> std::io::Result<Option<Outcome>> {
+        match call {
+            Call::Lock { cmd, flock } if *cmd == libc::F_SETLKW => {
+                let outcome = self.lock_call(fd, libc::F_SETLK, flock, home)?;
+                Ok((!is_held_elsewhere(outcome.result)).then_some(outcome))
+            }
+            Call::Lock { cmd, flock } => self.lock_call(fd, *cmd, flock, home).map(Some),
+            Call::Wait {
+                idtype,
+                id,
+                options,
+            } => {
+                let outcome = self.wait_call(*idtype, *id, *options, home)?;
+                let nothing_yet = outcome.result == 0
+                    && crate::waits::child_of(&outcome.data) == Some(0)
+                    && options & libc::WNOHANG == 0;
+                Ok((!nothing_yet).then_some(outcome))
+            }
+            _ => Ok(Some(failed(libc::EINVAL))),
+        }
+    }
+
+    fn scratch(&mut self, home: &mut dyn HomeProcess) -> std::io::Result<u64> {
+        if let Some(at) = self.scratch {
+            return Ok(at);
+        }
+        let at = home.call(
+            libc::SYS_mmap,
+            &[
+                0,
+                crate::procfs::PAGE_SIZE,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )?;
+        if (-4095..0).contains(&at) {
+            return Err(std::io::Error::from_raw_os_error(-at as i32));
+        }
+        self.scratch = Some(at as u64);
+        Ok(at as u64)
     }
 
     fn lock_call(
@@ -384,27 +439,7 @@ impl HomeCalls {
         flock: &[u8],
         home: &mut dyn HomeProcess,
     ) -> std::io::Result<Outcome> {
-        let at = match self.scratch {
-            Some(at) => at,
-            None => {
-                let at = home.call(
-                    libc::SYS_mmap,
-                    &[
-                        0,
-                        crate::procfs::PAGE_SIZE,
-                        (libc::PROT_READ | libc::PROT_WRITE) as u64,
-                        (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-                        u64::MAX,
-                        0,
-                    ],
-                )?;
-                if (-4095..0).contains(&at) {
-                    return Err(std::io::Error::from_raw_os_error(-at as i32));
-                }
-                self.scratch = Some(at as u64);
-                at as u64
-            }
-        };
+        let at = self.scratch(home)?;
         let mut bytes = flock.to_vec();
         bytes.resize(FLOCK_LEN, 0);
         home.write(at, &bytes)?;
@@ -417,10 +452,38 @@ impl HomeCalls {
         Ok(Outcome { result, data })
     }
 
+    /// `waitid` in the home process, never waiting there: its result, and
+    /// the `siginfo_t` and `struct rusage` it wrote.
+    fn wait_call(
+        &mut self,
+        idtype: i32,
+        id: u64,
+        options: i32,
+        home: &mut dyn HomeProcess,
+    ) -> std::io::Result<Outcome> {
+        use crate::waits::{RUSAGE_LEN, SIGINFO_LEN};
+        let at = self.scratch(home)?;
+        home.write(at, &[0; SIGINFO_LEN + RUSAGE_LEN])?;
+        let info = at;
+        let usage = at + SIGINFO_LEN as u64;
+        let result = home.call(
+            libc::SYS_waitid,
+            &[
+                idtype as u64,
+                id,
+                info,
+                (options | libc::WNOHANG) as u64,
+                usage,
+            ],
+        )?;
+        let data = home.read(at, SIGINFO_LEN + RUSAGE_LEN)?;
+        Ok(Outcome { result, data })
+    }
+
     /// The host gave up on call `id` (its caller got a signal, or the
     /// process is going home).
     pub fn on_cancel(&mut self, id: u64) {
-        self.lock_waits.retain(|w| w.id != id);
+        self.retries.retain(|w| w.id != id);
         if let Some(w) = self.workers.get_mut(&id) {
             w.cancelled.store(true, Ordering::Release);
             home_io::interrupt_thread(w.thread);
@@ -431,7 +494,7 @@ impl HomeCalls {
     /// How long the deputy may wait before `tick` has work.
     pub fn next_tick(&self) -> Option<Duration> {
         let now = Instant::now();
-        let locks = self.lock_waits.iter().map(|w| w.next_try);
+        let locks = self.retries.iter().map(|w| w.next_try);
         let cancels = self
             .workers
             .values()
@@ -442,7 +505,7 @@ impl HomeCalls {
             .map(|at| at.saturating_duration_since(now))
     }
 
-    /// Try again the locks that are due; interrupt again the cancelled
+    /// Try again the locks and waits that are due; interrupt again the cancelled
     /// calls still running.
     pub fn tick(&mut self, home: &mut dyn HomeProcess, out: &mut Vec<AgentMsg>) {
         let now = Instant::now();
@@ -452,21 +515,21 @@ impl HomeCalls {
                 w.last_interrupt = Some(now);
             }
         }
-        let due: Vec<LockWait> = {
-            let (due, later) = std::mem::take(&mut self.lock_waits)
+        let due: Vec<Retry> = {
+            let (due, later) = std::mem::take(&mut self.retries)
                 .into_iter()
                 .partition(|w| w.next_try <= now);
-            self.lock_waits = later;
+            self.retries = later;
             due
         };
         for mut w in due {
-            match self.try_lock(w.fd, &w.flock, home) {
-                Ok(outcome) if is_held_elsewhere(outcome.result) => {
-                    w.pause = (w.pause * 2).min(LOCK_RETRY_MOST);
+            match self.attempt(w.fd, &w.call, home) {
+                Ok(None) => {
+                    w.pause = (w.pause * 2).min(RETRY_MOST);
                     w.next_try = Instant::now() + w.pause;
-                    self.lock_waits.push(w);
+                    self.retries.push(w);
                 }
-                Ok(outcome) => out.push(done_msg(w.id, outcome)),
+                Ok(Some(outcome)) => out.push(done_msg(w.id, outcome)),
                 Err(e) => out.push(done_msg(
                     w.id,
                     failed(e.raw_os_error().unwrap_or(libc::EIO)),

@@ -13,10 +13,15 @@ use crate::forward::{self, Call, CallerMemory, Decision, Reply, Watch};
 use crate::image::{FdKind, Image};
 use crate::link::AgentMsg;
 use crate::seccomp::{self, Listener, Notification, Watched};
+use crate::waits::{self, Target, WaitRequest};
 
 /// A call is checked after this long for a caller that gave up on it (a
 /// signal it did not restart after).
 const STILL_WAITING_CHECK: Duration = Duration::from_millis(5);
+/// First and longest pause between two looks at home for a wait that may
+/// also end here (the process has children on both sides).
+const BOTH_SIDES_FIRST: Duration = Duration::from_millis(5);
+const BOTH_SIDES_MOST: Duration = Duration::from_millis(40);
 
 struct StandIn {
     /// The stand-in's inode as /proc names it ("socket:[N]"): a number
@@ -38,6 +43,19 @@ struct Pending {
     closes_left: Option<usize>,
     is_read: bool,
     since: Instant,
+    wait: Option<PendingWait>,
+}
+
+/// A wait for children carried out at home (`waits.rs`).
+#[derive(Debug, Clone)]
+struct PendingWait {
+    req: WaitRequest,
+    /// The process has children here too: home is asked without waiting,
+    /// again after `pause` while neither side has anything.
+    both_sides: bool,
+    /// When to ask home again (None: a call is out).
+    again_at: Option<Instant>,
+    pause: Duration,
 }
 
 /// A task's memory, read for the host's decisions.
@@ -77,6 +95,13 @@ pub struct HostCalls {
     /// The extra closes of a call that closes several descriptors: their
     /// ids, and the call's.
     close_of: HashMap<u64, u64>,
+    /// The process may have children at home (its waits go there).
+    children_at_home: bool,
+    /// Waits given up while a call was out at home: a child it reaped
+    /// meanwhile is kept for the next wait.
+    given_up_waits: std::collections::HashSet<u64>,
+    /// What those reaped (`siginfo_t` and `struct rusage`).
+    unclaimed_waits: Vec<Vec<u8>>,
 }
 
 impl HostCalls {
@@ -129,6 +154,8 @@ impl HostCalls {
                 _ => {}
             }
         }
+        calls.children_at_home = image.has_children;
+        watched.waits = image.has_children;
         calls.numbers = watched
             .stand_ins
             .iter()
@@ -225,6 +252,9 @@ impl HostCalls {
             self.give_up(old, out);
         }
         self.waiting.insert(n.pid, n.id);
+        if n.nr == libc::SYS_wait4 || n.nr == libc::SYS_waitid {
+            return self.on_wait(n, out);
+        }
         let decision = forward::decide(
             n.nr,
             n.args,
@@ -260,6 +290,7 @@ impl HostCalls {
                         closes_left: None,
                         is_read,
                         since: Instant::now(),
+                        wait: None,
                     },
                 );
                 out.push(AgentMsg::Call {
@@ -282,6 +313,7 @@ impl HostCalls {
                         closes_left: Some(fds.len()),
                         is_read: false,
                         since: Instant::now(),
+                        wait: None,
                     },
                 );
                 for (i, fd) in fds.into_iter().enumerate() {
@@ -297,6 +329,155 @@ impl HostCalls {
                     });
                 }
             }
+        }
+    }
+
+    /// A `wait4` or `waitid`: run here if only children here can answer
+    /// it, carried out at home if only children there can, and asked on
+    /// both sides in turn if either can.
+    fn on_wait(&mut self, n: Notification, out: &mut Vec<AgentMsg>) {
+        let req = match waits::wait_request(n.nr, n.args) {
+            Some(req) if n.pid == self.process && self.children_at_home => req,
+            // A child started here waits for its own, here.
+            _ => return self.run_here(n),
+        };
+        if let Some(data) = self.take_kept(&req) {
+            self.waiting.remove(&n.pid);
+            return self.deliver_wait(n.pid, n.id, &req, 0, &data);
+        }
+        let here = crate::procfs::children(self.process);
+        let both_sides = match req.target() {
+            Target::Child(pid) if here.contains(&pid) => return self.run_here(n),
+            Target::Child(_) => false,
+            Target::Any => !here.is_empty(),
+        };
+        if both_sides && ready_here(&here, &req) {
+            return self.run_here(n);
+        }
+        self.pending.insert(
+            n.id,
+            Pending {
+                pid: n.pid,
+                fd: -1,
+                reply: Reply::Value,
+                closes_left: None,
+                is_read: false,
+                since: Instant::now(),
+                wait: Some(PendingWait {
+                    req,
+                    both_sides,
+                    again_at: None,
+                    pause: BOTH_SIDES_FIRST,
+                }),
+            },
+        );
+        out.push(AgentMsg::Call {
+            id: n.id,
+            fd: -1,
+            by_process: true,
+            call: req.call(both_sides),
+        });
+    }
+
+    /// A child reaped at home for a wait given up, that `req` is for.
+    fn take_kept(&mut self, req: &WaitRequest) -> Option<Vec<u8>> {
+        let i = self
+            .unclaimed_waits
+            .iter()
+            .position(|d| match req.target() {
+                Target::Any => true,
+                Target::Child(pid) => waits::child_of(d) == Some(pid),
+            })?;
+        Some(self.unclaimed_waits.remove(i))
+    }
+
+    fn run_here(&mut self, n: Notification) {
+        self.waiting.remove(&n.pid);
+        self.run_as_is(n.id);
+    }
+
+    /// Home's answer to wait `id`.
+    fn wait_done(&mut self, id: u64, p: Pending, mut w: PendingWait, result: i64, data: &[u8]) {
+        let reaped = result >= 0 && waits::child_of(data).is_some_and(|c| c != 0);
+        if !self.listener.as_ref().is_some_and(|l| l.still_waiting(id)) {
+            if reaped {
+                self.unclaimed_waits.push(data.to_vec());
+            }
+            return;
+        }
+        if !reaped {
+            // Reaped meanwhile for the wait this one replaces (a signal
+            // restarted it): that child is this wait's answer.
+            if let Some(kept) = self.take_kept(&w.req) {
+                return self.deliver_wait(p.pid, id, &w.req, 0, &kept);
+            }
+        }
+        if result == -i64::from(libc::ECHILD) {
+            if w.req.target() == Target::Any && w.req.idtype == 0 {
+                // None left at home: every wait is the kernel's here now.
+                self.children_at_home = false;
+            }
+            return self.run_as_is(id);
+        }
+        if result < 0 || reaped || !w.both_sides {
+            return self.deliver_wait(p.pid, id, &w.req, result, data);
+        }
+        if !w.req.waits() {
+            // WNOHANG and nothing at home: what the kernel says here.
+            return self.run_as_is(id);
+        }
+        w.again_at = Some(Instant::now() + w.pause);
+        w.pause = (w.pause * 2).min(BOTH_SIDES_MOST);
+        self.waiting.insert(p.pid, id);
+        self.pending.insert(id, Pending { wait: Some(w), ..p });
+    }
+
+    fn deliver_wait(&self, pid: i32, id: u64, req: &WaitRequest, result: i64, data: &[u8]) {
+        let (value, writes) = req.answer(result, data);
+        for (addr, bytes) in writes {
+            if seccomp::write_task(pid, addr, &bytes).is_err() {
+                return self.answer(id, -i64::from(libc::EFAULT));
+            }
+        }
+        self.answer(id, value);
+    }
+
+    /// Waits on both sides due for another look: run here if a child here
+    /// has something, else ask home again.
+    fn look_again(&mut self, out: &mut Vec<AgentMsg>) {
+        let now = Instant::now();
+        let due: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                p.wait
+                    .as_ref()
+                    .is_some_and(|w| w.again_at.is_some_and(|at| at <= now))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let here = crate::procfs::children(self.process);
+        for id in due {
+            let Some(p) = self.pending.get_mut(&id) else {
+                continue;
+            };
+            let Some(w) = p.wait.as_mut() else {
+                continue;
+            };
+            if ready_here(&here, &w.req) {
+                let pid = p.pid;
+                self.pending.remove(&id);
+                self.waiting.remove(&pid);
+                self.run_as_is(id);
+                continue;
+            }
+            w.again_at = None;
+            out.push(AgentMsg::Call {
+                id,
+                fd: -1,
+                by_process: true,
+                call: w.req.call(true),
+            });
         }
     }
 
@@ -346,6 +527,12 @@ impl HostCalls {
         if let Some(base) = self.close_of.remove(&id) {
             return self.close_done(base);
         }
+        if self.given_up_waits.remove(&id) {
+            if result >= 0 && waits::child_of(&data).is_some_and(|c| c != 0) {
+                self.unclaimed_waits.push(data);
+            }
+            return;
+        }
         if let Some(fd) = self.given_up.remove(&id) {
             // What a read given up took waits for the next read.
             if result > 0 && !data.is_empty() {
@@ -364,6 +551,9 @@ impl HostCalls {
             return;
         };
         self.waiting.remove(&p.pid);
+        if let Some(w) = p.wait.clone() {
+            return self.wait_done(id, p, w, result, &data);
+        }
         let still = self.listener.as_ref().is_some_and(|l| l.still_waiting(id));
         if !still && p.is_read && result > 0 {
             self.unclaimed.entry(p.fd).or_default().extend(&data);
@@ -396,7 +586,13 @@ impl HostCalls {
         if self.waiting.get(&p.pid) == Some(&id) {
             self.waiting.remove(&p.pid);
         }
-        if p.closes_left.is_none() {
+        if let Some(w) = &p.wait {
+            // Between two looks, nothing is out at home.
+            if w.again_at.is_none() {
+                self.given_up_waits.insert(id);
+                out.push(AgentMsg::CancelCall { id });
+            }
+        } else if p.closes_left.is_none() {
             if p.is_read {
                 self.given_up.insert(id, p.fd);
             }
@@ -437,6 +633,7 @@ impl HostCalls {
         for id in gone {
             self.give_up(id, out);
         }
+        self.look_again(out);
     }
 
     /// The process goes home: every call still waiting is given up (the
@@ -448,6 +645,12 @@ impl HostCalls {
             self.give_up(id, out);
         }
         self.waiting.clear();
+        if !self.unclaimed_waits.is_empty() {
+            tracing::warn!(
+                children = self.unclaimed_waits.len(),
+                "children reaped at home for waits given up: their status is lost"
+            );
+        }
         for (fd, bytes) in self.unclaimed.drain() {
             out.push(AgentMsg::Unclaimed {
                 fd,
@@ -455,6 +658,12 @@ impl HostCalls {
             });
         }
     }
+}
+
+/// Whether one of the children `here` has something for `req` now.
+fn ready_here(here: &[i32], req: &WaitRequest) -> bool {
+    here.iter()
+        .any(|&c| crate::procfs::state(c).is_some_and(|s| req.ready_in(s)))
 }
 
 /// The id of the `i`-th close (from 1) done before call `base` runs.

@@ -266,6 +266,11 @@ pub struct Image {
     pub calls_in_flight: Option<u64>,
     /// The process's DSM attachments, as its node's daemon registered them.
     pub attachments: Vec<dsm::wire::AttachmentRecord>,
+    /// It had children where it was checkpointed: they stay there with
+    /// the parked home process, which waits for them for it (`wait4` and
+    /// `waitid` go home, `forward.rs`).
+    #[serde(default)]
+    pub has_children: bool,
 }
 
 impl Image {

@@ -22,6 +22,7 @@ pub mod ptrace;
 pub mod relay;
 pub mod restore;
 pub mod seccomp;
+pub mod waits;
 
 pub use checkpoint::checkpoint;
 pub use dsm::ids::NodeId;

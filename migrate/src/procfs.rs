@@ -167,6 +167,24 @@ pub fn stat_fields(pid: i32) -> io::Result<Vec<u64>> {
     Ok(fields)
 }
 
+/// The children of single-threaded process `pid` (zombies included: a
+/// child leaves the list when it is reaped).
+pub fn children(pid: i32) -> Vec<i32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|t| {
+            t.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Process `pid`'s state letter (R, S, Z, T…), if it exists.
+pub fn state(pid: i32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
 /// One line of /proc/PID/status, by its key ("Uid", "Umask", …).
 pub fn status_field(pid: i32, key: &str) -> io::Result<String> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -33,11 +33,13 @@ pub struct Watched {
     /// Files reopened here whose locks are taken at home: only `fcntl`,
     /// `flock`, and what closes them.
     pub lock_homes: Vec<i32>,
+    /// `wait4` and `waitid`: the process has children at home.
+    pub waits: bool,
 }
 
 impl Watched {
     pub fn is_empty(&self) -> bool {
-        self.stand_ins.is_empty() && self.lock_homes.is_empty()
+        self.stand_ins.is_empty() && self.lock_homes.is_empty() && !self.waits
     }
 
     fn all(&self) -> Vec<i32> {
@@ -191,7 +193,12 @@ pub fn filter(watched: &Watched) -> io::Result<Vec<libc::sock_filter>> {
     routes.push((libc::SYS_dup3, 2));
     routes.push((libc::SYS_mmap, 3));
     routes.push((libc::SYS_close_range, 4));
-    let blocks = [stand_ins, everything, dup_target, mapped, ranges];
+    if watched.waits {
+        routes.push((libc::SYS_wait4, 5));
+        routes.push((libc::SYS_waitid, 5));
+    }
+    let waits = vec![ret(libc::SECCOMP_RET_USER_NOTIF)];
+    let blocks = [stand_ins, everything, dup_target, mapped, ranges, waits];
 
     let mut prog = vec![
         load(DATA_ARCH),
@@ -457,7 +464,30 @@ mod tests {
         Watched {
             stand_ins: vec![3, 7],
             lock_homes: vec![5],
+            waits: false,
         }
+    }
+
+    #[test]
+    fn waits_are_sent_only_with_children_at_home() {
+        let prog = filter(&watched()).unwrap();
+        assert_eq!(
+            run(&prog, libc::SYS_wait4, [u64::MAX, 0, 0, 0, 0, 0]),
+            ALLOW
+        );
+        let prog = filter(&Watched {
+            waits: true,
+            ..watched()
+        })
+        .unwrap();
+        assert_eq!(
+            run(&prog, libc::SYS_wait4, [u64::MAX, 0, 0, 0, 0, 0]),
+            NOTIFY
+        );
+        assert_eq!(run(&prog, libc::SYS_waitid, [0, 0, 0, 4, 0, 0]), NOTIFY);
+        assert_eq!(run(&prog, libc::SYS_read, [3, 0, 0, 0, 0, 0]), NOTIFY);
+        assert_eq!(run(&prog, libc::SYS_read, [4, 0, 0, 0, 0, 0]), ALLOW);
+        assert_eq!(run(&prog, libc::SYS_getppid, [0; 6]), ALLOW);
     }
 
     #[test]
@@ -501,6 +531,7 @@ mod tests {
         let watched = Watched {
             stand_ins: (10..40).collect(),
             lock_homes: (100..120).collect(),
+            waits: true,
         };
         let prog = filter(&watched).unwrap();
         for fd in 0..130u64 {
