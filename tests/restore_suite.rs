@@ -320,3 +320,10 @@ fn sockets_shut_down_before_the_move_stay_shut() {
 fn children_started_before_the_move_are_reaped_after_it() {
     passes_everywhere("cr_children");
 }
+
+/// The controlling terminal stays at home: its calls are carried out
+/// there (settings, window size, session), its lines relayed.
+#[test]
+fn a_process_with_a_controlling_terminal_moves() {
+    passes_everywhere("cr_tty");
+}

@@ -658,8 +658,6 @@ fn private_pages(
     Ok((pages, lazy))
 }
 
-/// The process's descriptors as the image keeps them, and the reasons (one
-/// per descriptor) it cannot move, if any.
 /// Descriptors (by /proc name) that can live only at home, served there
 /// for the process wherever it runs.
 const SERVED_AT_HOME: [&str; 3] = [
@@ -668,6 +666,18 @@ const SERVED_AT_HOME: [&str; 3] = [
     "anon_inode:inotify",
 ];
 
+/// Whether a character device is a terminal (a virtual console or serial
+/// line, a pseudo-terminal's either side, /dev/tty, /dev/console): it
+/// belongs to the node it is attached to.
+fn is_terminal(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (major, minor) = (libc::major(m.rdev()), libc::minor(m.rdev()));
+    // 4: tty and ttyS; 5: tty, console, ptmx; 136-143: pts (devices.txt).
+    major == 4 || (major == 5 && minor <= 2) || (136..=143).contains(&major)
+}
+
+/// The process's descriptors as the image keeps them, and the reasons (one
+/// per descriptor) it cannot move, if any.
 fn fds(
     pid: i32,
     dsm: &ProcessInfo,
@@ -722,6 +732,9 @@ fn fds(
                     FdKind::File { path: target, pos }
                 } else if m.file_type().is_dir() {
                     FdKind::Directory { path: target, pos }
+                } else if m.file_type().is_char_device() && is_terminal(&m) {
+                    // The terminal is the home node's: served from there.
+                    FdKind::Forwarded { what: target }
                 } else if m.file_type().is_char_device() {
                     FdKind::Device { path: target }
                 } else if m.file_type().is_fifo() {

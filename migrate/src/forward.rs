@@ -16,11 +16,13 @@ use serde::{Deserialize, Serialize};
 /// what the call returns, as the kernel may).
 pub const MOST_BYTES: u64 = 4 << 20;
 
-/// Size of `struct flock` and `struct itimerspec`, and of what TCGETS
-/// fills.
+/// Size of `struct flock` and `struct itimerspec`, and of the kernel's
+/// `struct termios` and `struct termios2` (what TCGETS and TCGETS2 fill:
+/// not glibc's larger `struct termios`).
 pub const FLOCK_LEN: usize = 32;
 pub const ITIMERSPEC_LEN: usize = 32;
-const TERMIOS_LEN: usize = 60;
+const TERMIOS_LEN: usize = 36;
+const TERMIOS2_LEN: usize = 44;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Call {
@@ -86,6 +88,11 @@ pub enum Call {
         #[serde(with = "serde_bytes")]
         arg: Vec<u8>,
     },
+    /// `ioctl` whose argument is a plain value (TCFLSH, TCSBRK…).
+    IoctlValue {
+        request: u64,
+        arg: u64,
+    },
     /// `timerfd_gettime`, and `timerfd_settime` with the new setting
     /// (`struct itimerspec`, 32 bytes): the old one comes back.
     TimerGet,
@@ -121,6 +128,24 @@ impl Call {
     pub fn is_record_lock(&self) -> bool {
         matches!(self, Call::Lock { cmd, .. }
             if matches!(*cmd, libc::F_GETLK | libc::F_SETLK | libc::F_SETLKW))
+    }
+
+    /// A request about the terminal as the caller's controlling terminal
+    /// (its foreground group, its session): only the home process, whose
+    /// terminal it is, can make it.
+    pub fn is_controlling_terminal(&self) -> bool {
+        let request = match self {
+            Call::Ioctl { request, .. } | Call::IoctlValue { request, .. } => *request,
+            _ => return false,
+        };
+        [
+            libc::TIOCGPGRP,
+            libc::TIOCSPGRP,
+            libc::TIOCGSID,
+            libc::TIOCSCTTY,
+            libc::TIOCNOTTY,
+        ]
+        .contains(&request)
     }
 
     /// Whether the call may wait (for data, room or a lock) on a
@@ -441,27 +466,44 @@ fn decide_or_errno(
             match request {
                 // Close-on-exec, again the process's own.
                 r if r == libc::FIOCLEX || r == libc::FIONCLEX => Ok(Decision::RunAsIs),
-                r if r == libc::FIONREAD => forward(
-                    Call::Ioctl {
-                        request,
-                        arg: vec![0; 4],
-                    },
-                    Reply::Into(args[2]),
-                ),
-                r if r == libc::FIONBIO => {
-                    let arg = mem.read(args[2], 4).map_err(|_| libc::EFAULT)?;
-                    forward(Call::Ioctl { request, arg }, Reply::Value)
-                }
-                r if r == libc::TCGETS => forward(
-                    Call::Ioctl {
-                        request,
-                        arg: vec![0; TERMIOS_LEN],
-                    },
-                    Reply::Into(args[2]),
-                ),
-                // What none of these descriptors (files, eventfd, timerfd,
-                // inotify) answers but with this.
-                _ => Err(libc::ENOTTY),
+                _ => match ioctl_arg(request) {
+                    Some(IoctlArg::Nothing) => forward(
+                        Call::Ioctl {
+                            request,
+                            arg: Vec::new(),
+                        },
+                        Reply::Value,
+                    ),
+                    Some(IoctlArg::Value) => forward(
+                        Call::IoctlValue {
+                            request,
+                            arg: args[2],
+                        },
+                        Reply::Value,
+                    ),
+                    Some(IoctlArg::In(len)) => {
+                        let arg = mem.read(args[2], len).map_err(|_| libc::EFAULT)?;
+                        forward(Call::Ioctl { request, arg }, Reply::Value)
+                    }
+                    Some(IoctlArg::Out(len)) => forward(
+                        Call::Ioctl {
+                            request,
+                            arg: vec![0; len],
+                        },
+                        Reply::Into(args[2]),
+                    ),
+                    Some(IoctlArg::InOut(len)) => {
+                        let arg = mem.read(args[2], len).map_err(|_| libc::EFAULT)?;
+                        forward(Call::Ioctl { request, arg }, Reply::Into(args[2]))
+                    }
+                    // A request whose argument we cannot size: none of the
+                    // descriptors served at home (files, eventfd, timerfd,
+                    // inotify, terminals) answers one but with this.
+                    None => {
+                        tracing::debug!(request, "an ioctl on a stand-in refused (ENOTTY)");
+                        Err(libc::ENOTTY)
+                    }
+                },
             }
         }
         libc::SYS_dup => Ok(cannot_duplicate()),
@@ -501,6 +543,62 @@ fn decide_or_errno(
             forward(Call::WatchRemove { wd: args[1] as i32 }, Reply::Value)
         }
         _ => Ok(Decision::RunAsIs),
+    }
+}
+
+/// How an `ioctl`'s argument travels (sizes in bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IoctlArg {
+    Nothing,
+    Value,
+    In(usize),
+    Out(usize),
+    InOut(usize),
+}
+
+/// The argument of `ioctl` request `request`: the terminal and file
+/// requests by name (their numbers predate the size encoding), others
+/// from the direction and size their number encodes (`_IOC`).
+fn ioctl_arg(request: u64) -> Option<IoctlArg> {
+    use IoctlArg::*;
+    let named: [(u64, IoctlArg); 26] = [
+        (libc::FIONREAD, Out(4)),
+        (libc::FIONBIO, In(4)),
+        (libc::TCGETS, Out(TERMIOS_LEN)),
+        (libc::TCSETS, In(TERMIOS_LEN)),
+        (libc::TCSETSW, In(TERMIOS_LEN)),
+        (libc::TCSETSF, In(TERMIOS_LEN)),
+        (libc::TCGETS2, Out(TERMIOS2_LEN)),
+        (libc::TCSETS2, In(TERMIOS2_LEN)),
+        (libc::TCSETSW2, In(TERMIOS2_LEN)),
+        (libc::TCSETSF2, In(TERMIOS2_LEN)),
+        (libc::TIOCGWINSZ, Out(8)),
+        (libc::TIOCSWINSZ, In(8)),
+        (libc::TIOCGPGRP, Out(4)),
+        (libc::TIOCSPGRP, In(4)),
+        (libc::TIOCGSID, Out(4)),
+        (libc::TIOCOUTQ, Out(4)),
+        (libc::TIOCGPTN, Out(4)),
+        (libc::TIOCSPTLCK, In(4)),
+        (libc::TCFLSH, Value),
+        (libc::TCXONC, Value),
+        (libc::TCSBRK, Value),
+        (libc::TCSBRKP, Value),
+        (libc::TIOCSCTTY, Value),
+        (libc::TIOCNOTTY, Nothing),
+        (libc::TIOCEXCL, Nothing),
+        (libc::TIOCNXCL, Nothing),
+    ];
+    if let Some(&(_, arg)) = named.iter().find(|(r, _)| *r == request) {
+        return Some(arg);
+    }
+    // _IOC: direction in bits 30-31 (1 write, 2 read), size in 16-29.
+    let size = ((request >> 16) & 0x3fff) as usize;
+    match (request >> 30) & 3 {
+        1 => Some(In(size)),
+        2 => Some(Out(size)),
+        3 => Some(InOut(size)),
+        _ => None,
     }
 }
 
@@ -594,6 +692,52 @@ mod tests {
 
     fn decide_on(nr: i64, args: [u64; 6]) -> Decision {
         decide(nr, args, &[5, 3, 9], &watch, &memory())
+    }
+
+    #[test]
+    fn terminal_requests_carry_the_kernels_sizes() {
+        let ioctl = |request: u64, arg: u64| decide_on(libc::SYS_ioctl, [3, request, arg, 0, 0, 0]);
+        // The kernel's struct termios: 36 bytes, not glibc's 60.
+        assert_eq!(
+            ioctl(libc::TCGETS, 0x9000),
+            Decision::Forward {
+                fd: 3,
+                call: Call::Ioctl {
+                    request: libc::TCGETS,
+                    arg: vec![0; 36]
+                },
+                reply: Reply::Into(0x9000)
+            }
+        );
+        assert_eq!(
+            ioctl(libc::TCFLSH, 2),
+            Decision::Forward {
+                fd: 3,
+                call: Call::IoctlValue {
+                    request: libc::TCFLSH,
+                    arg: 2
+                },
+                reply: Reply::Value
+            }
+        );
+        // A size-encoded request: its size from its number (TCGETS2).
+        assert_eq!(ioctl_arg(libc::TCGETS2), Some(IoctlArg::Out(44)));
+        assert_eq!(ioctl_arg(0xc008_5401), Some(IoctlArg::InOut(8)));
+        assert_eq!(ioctl_arg(0x5499), None);
+        assert_eq!(
+            ioctl(0x5499, 0x9000),
+            Decision::Answer(-i64::from(libc::ENOTTY))
+        );
+        let sid = Call::Ioctl {
+            request: libc::TIOCGSID,
+            arg: vec![0; 4],
+        };
+        assert!(sid.is_controlling_terminal());
+        assert!(!Call::Ioctl {
+            request: libc::TCGETS,
+            arg: vec![0; 36]
+        }
+        .is_controlling_terminal());
     }
 
     #[test]

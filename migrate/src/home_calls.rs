@@ -259,9 +259,12 @@ impl HomeCalls {
             return;
         };
         let regular = original.regular;
-        if by_process && (call.is_record_lock() || call == Call::Close) {
-            // The home process's own: its record locks, and what releases
-            // them.
+        if by_process
+            && (call.is_record_lock() || call == Call::Close || call.is_controlling_terminal())
+        {
+            // The home process's own: its record locks, what releases
+            // them, and its controlling terminal's foreground group and
+            // session.
             if let Some(outcome) = self.in_home_process(id, fd, &call, home) {
                 out.push(done_msg(id, outcome));
             }
@@ -405,6 +408,21 @@ impl HomeCalls {
                     && crate::waits::child_of(&outcome.data) == Some(0)
                     && options & libc::WNOHANG == 0;
                 Ok((!nothing_yet).then_some(outcome))
+            }
+            Call::Ioctl { request, arg } => {
+                let at = self.scratch(home)?;
+                let len = arg.len().min(crate::procfs::PAGE_SIZE as usize);
+                home.write(at, &arg[..len])?;
+                let result = home.call(libc::SYS_ioctl, &[fd as u64, *request, at])?;
+                let data = home.read(at, len)?;
+                Ok(Some(Outcome { result, data }))
+            }
+            Call::IoctlValue { request, arg } => {
+                let result = home.call(libc::SYS_ioctl, &[fd as u64, *request, *arg])?;
+                Ok(Some(Outcome {
+                    result,
+                    data: Vec::new(),
+                }))
             }
             _ => Ok(Some(failed(libc::EINVAL))),
         }

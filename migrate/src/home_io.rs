@@ -142,6 +142,10 @@ pub fn run_on(fd: BorrowedFd<'_>, call: &Call) -> Outcome {
             );
             Outcome { result, data: buf }
         }
+        Call::IoctlValue { request, arg } => value(raw(
+            libc::SYS_ioctl,
+            &[fd, *request as usize, *arg as usize],
+        )),
         Call::TimerGet => filling(ITIMERSPEC_LEN, &|buf| {
             (libc::SYS_timerfd_gettime, vec![fd, buf])
         }),

@@ -497,6 +497,8 @@ impl HostCalls {
     /// Put `data` where the call's reply goes and answer it with `result`.
     fn deliver(&self, pid: i32, id: u64, reply: &Reply, result: i64, data: &[u8]) {
         let written = match reply {
+            // A call that failed wrote nothing.
+            _ if result < 0 => Ok(()),
             Reply::Value => Ok(()),
             Reply::Into(addr) => seccomp::write_task(pid, *addr, data),
             Reply::Scatter(bufs) => {
