@@ -327,3 +327,10 @@ fn children_started_before_the_move_are_reaped_after_it() {
 fn a_process_with_a_controlling_terminal_moves() {
     passes_everywhere("cr_tty");
 }
+
+/// Pids the process knew before the move are its home's: signals to them
+/// (and group lookups) are made there, by the home process.
+#[test]
+fn signals_to_pids_known_before_the_move_reach_them_from_home() {
+    passes_everywhere("cr_kill");
+}

@@ -112,6 +112,15 @@ pub enum Call {
     },
     /// The process closed its descriptor (its record locks on the file go).
     Close,
+    /// A call naming another process by pid, made by the home process
+    /// (`home_pids.rs`): its number, arguments, and the `siginfo_t` a
+    /// queueing call points to.
+    ByPid {
+        nr: i64,
+        args: [u64; 4],
+        #[serde(with = "serde_bytes")]
+        info: Vec<u8>,
+    },
     /// `waitid` in the home process, for its children there (`waits.rs`):
     /// `siginfo_t` then `struct rusage` come back. Without WNOHANG in
     /// `options`, the deputy tries again until a child has something.

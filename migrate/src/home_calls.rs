@@ -243,6 +243,15 @@ impl HomeCalls {
         home: &mut dyn HomeProcess,
         out: &mut Vec<AgentMsg>,
     ) {
+        if let Call::ByPid { .. } = call {
+            // Made by the home process, for the process or a child it
+            // started where it runs alike: their world is the home's.
+            out.extend(
+                self.in_home_process(id, fd, &call, home)
+                    .map(|o| done_msg(id, o)),
+            );
+            return;
+        }
         if let Call::Wait { .. } = call {
             // Only the process's own: a child it started there waits for
             // its own children there.
@@ -416,6 +425,30 @@ impl HomeCalls {
                 let result = home.call(libc::SYS_ioctl, &[fd as u64, *request, at])?;
                 let data = home.read(at, len)?;
                 Ok(Some(Outcome { result, data }))
+            }
+            Call::ByPid { nr, args, info } => {
+                let Some(info_at) = crate::home_pids::info_argument(*nr) else {
+                    return Ok(Some(failed(libc::ENOSYS)));
+                };
+                let mut args = *args;
+                if let Some(i) = info_at {
+                    let at = self.scratch(home)?;
+                    let len = info.len().min(crate::procfs::PAGE_SIZE as usize);
+                    home.write(at, &info[..len])?;
+                    args[i] = at;
+                }
+                let result = home.call(*nr, &args)?;
+                if result == 0 && crate::home_pids::sends_signal(*nr) {
+                    // A signal it sent itself is delivered before the call
+                    // returns: one more call takes the home process back
+                    // through the kernel's exit, where it stops for it (held,
+                    // and passed on before the answer).
+                    home.call(libc::SYS_getpid, &[])?;
+                }
+                Ok(Some(Outcome {
+                    result,
+                    data: Vec::new(),
+                }))
             }
             Call::IoctlValue { request, arg } => {
                 let result = home.call(libc::SYS_ioctl, &[fd as u64, *request, *arg])?;

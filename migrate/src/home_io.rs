@@ -169,7 +169,7 @@ pub fn run_on(fd: BorrowedFd<'_>, call: &Call) -> Outcome {
         Call::WatchRemove { wd } => value(raw(libc::SYS_inotify_rm_watch, &[fd, *wd as usize])),
         Call::Close => value(0),
         // Made in the home process (`home_calls.rs`), never on a descriptor.
-        Call::Wait { .. } => value(-i64::from(libc::EINVAL)),
+        Call::Wait { .. } | Call::ByPid { .. } => value(-i64::from(libc::EINVAL)),
     }
 }
 

@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use crate::forward::{self, Call, CallerMemory, Decision, Reply, Watch};
+use crate::home_pids::{self, LocalPids, PidDecision};
 use crate::image::{FdKind, Image};
 use crate::link::AgentMsg;
 use crate::seccomp::{self, Listener, Notification, Watched};
@@ -44,7 +45,30 @@ struct Pending {
     is_read: bool,
     since: Instant,
     wait: Option<PendingWait>,
+    /// A call made by pid (`home_pids.rs`): its number and arguments.
+    by_pid: Option<(i64, [u64; 6])>,
 }
+
+/// A call by pid given up by its caller after it was sent home, where it
+/// is carried out all the same (the deputy makes it at once): a signal
+/// interrupted the wait for its answer, often the very signal it sent,
+/// and the caller makes it again. That again is answered with this one's
+/// result, and not made twice.
+struct Carried {
+    id: u64,
+    nr: i64,
+    args: [u64; 6],
+    result: Option<i64>,
+    /// The call made again, waiting for the result.
+    answer_to: Option<u64>,
+    /// When it was given up: a restart follows at once, and an equal call
+    /// much later is a new one.
+    at: Instant,
+}
+
+/// How soon after a call by pid was given up the same call is taken for
+/// its restart.
+const RESTART_WITHIN: Duration = Duration::from_millis(500);
 
 /// A wait for children carried out at home (`waits.rs`).
 #[derive(Debug, Clone)]
@@ -78,6 +102,8 @@ pub struct HostCalls {
     listener: Option<Listener>,
     /// The moved process (a call from another task is from a child).
     process: i32,
+    /// Its pid at home.
+    home_pid: i32,
     stand_ins: HashMap<i32, StandIn>,
     /// Reopened files whose locks are taken at home: (device, inode) of
     /// what we opened for the process.
@@ -102,6 +128,9 @@ pub struct HostCalls {
     given_up_waits: std::collections::HashSet<u64>,
     /// What those reaped (`siginfo_t` and `struct rusage`).
     unclaimed_waits: Vec<Vec<u8>>,
+    /// Calls by pid carried out at home that their caller gave up, by
+    /// task.
+    carried: HashMap<i32, Carried>,
 }
 
 impl HostCalls {
@@ -155,7 +184,9 @@ impl HostCalls {
             }
         }
         calls.children_at_home = image.has_children;
+        calls.home_pid = image.pid;
         watched.waits = image.has_children;
+        watched.pids = true;
         calls.numbers = watched
             .stand_ins
             .iter()
@@ -237,6 +268,13 @@ impl HostCalls {
         }
     }
 
+    /// Answer call `id`; false if its caller had left it.
+    fn reaches(&self, id: u64, result: i64) -> bool {
+        self.listener
+            .as_ref()
+            .is_some_and(|l| l.answer_reached(id, result).unwrap_or(true))
+    }
+
     fn run_as_is(&self, id: u64) {
         if let Some(l) = &self.listener {
             if let Err(e) = l.run_as_is(id) {
@@ -255,6 +293,11 @@ impl HostCalls {
         if n.nr == libc::SYS_wait4 || n.nr == libc::SYS_waitid {
             return self.on_wait(n, out);
         }
+        if home_pids::CALLS.contains(&n.nr) {
+            return self.on_pid_call(n, out);
+        }
+        // The task went on to something else: what it gave up is over.
+        self.carried.remove(&n.pid);
         let decision = forward::decide(
             n.nr,
             n.args,
@@ -291,6 +334,7 @@ impl HostCalls {
                         is_read,
                         since: Instant::now(),
                         wait: None,
+                        by_pid: None,
                     },
                 );
                 out.push(AgentMsg::Call {
@@ -314,6 +358,7 @@ impl HostCalls {
                         is_read: false,
                         since: Instant::now(),
                         wait: None,
+                        by_pid: None,
                     },
                 );
                 for (i, fd) in fds.into_iter().enumerate() {
@@ -363,6 +408,7 @@ impl HostCalls {
                 closes_left: None,
                 is_read: false,
                 since: Instant::now(),
+                by_pid: None,
                 wait: Some(PendingWait {
                     req,
                     both_sides,
@@ -376,6 +422,85 @@ impl HostCalls {
             fd: -1,
             by_process: true,
             call: req.call(both_sides),
+        });
+    }
+
+    /// A call naming a process by pid: run here for this node's, made by
+    /// the home process for the others.
+    fn on_pid_call(&mut self, n: Notification, out: &mut Vec<AgentMsg>) {
+        if let Some(c) = self.carried.remove(&n.pid) {
+            if (c.nr, c.args) == (n.nr, n.args) && c.at.elapsed() < RESTART_WITHIN {
+                // Made again after a signal: it was made once at home.
+                match c.result {
+                    Some(result) => {
+                        self.waiting.remove(&n.pid);
+                        if !self.reaches(n.id, result) {
+                            // Left again: for the next try.
+                            self.carried.insert(n.pid, c);
+                        }
+                    }
+                    None => {
+                        self.carried.insert(
+                            n.pid,
+                            Carried {
+                                answer_to: Some(n.id),
+                                ..c
+                            },
+                        );
+                    }
+                }
+                return;
+            }
+        }
+        let local = Here {
+            process: self.process,
+            caller: n.pid,
+        };
+        let mut call = match home_pids::decide(n.nr, n.args, &local, &Task(n.pid)) {
+            PidDecision::RunHere => return self.run_here(n),
+            PidDecision::Answer(result) => {
+                self.waiting.remove(&n.pid);
+                return self.answer(n.id, result);
+            }
+            PidDecision::AtHome(call) => call,
+            PidDecision::AtHomeAndGroupHere { call, signal } => {
+                // The process itself gets it from home, through the deputy.
+                let group = local.own_group();
+                for member in descendants(self.process) {
+                    if crate::procfs::stat_fields(member)
+                        .ok()
+                        .and_then(|f| f.get(5).copied())
+                        == Some(group as u64)
+                    {
+                        // Gone meanwhile: nothing to signal.
+                        let _ = crate::ptrace::kill(member, signal);
+                    }
+                }
+                call
+            }
+        };
+        if let Call::ByPid { info, .. } = &mut call {
+            // The sender glibc wrote (its pid here) is, at home, the home pid.
+            home_pids::sender_seen_at_home(info, self.process, self.home_pid);
+        }
+        self.pending.insert(
+            n.id,
+            Pending {
+                pid: n.pid,
+                fd: -1,
+                reply: Reply::Value,
+                closes_left: None,
+                is_read: false,
+                since: Instant::now(),
+                wait: None,
+                by_pid: Some((n.nr, n.args)),
+            },
+        );
+        out.push(AgentMsg::Call {
+            id: n.id,
+            fd: -1,
+            by_process: n.pid == self.process,
+            call,
         });
     }
 
@@ -529,6 +654,22 @@ impl HostCalls {
         if let Some(base) = self.close_of.remove(&id) {
             return self.close_done(base);
         }
+        if let Some((&task, _)) = self.carried.iter().find(|(_, c)| c.id == id) {
+            if let Some(c) = self.carried.get_mut(&task) {
+                match c.answer_to {
+                    Some(again) => {
+                        c.result = Some(result);
+                        c.answer_to = None;
+                        self.waiting.remove(&task);
+                        if self.reaches(again, result) {
+                            self.carried.remove(&task);
+                        }
+                    }
+                    None => c.result = Some(result),
+                }
+            }
+            return;
+        }
         if self.given_up_waits.remove(&id) {
             if result >= 0 && waits::child_of(&data).is_some_and(|c| c != 0) {
                 self.unclaimed_waits.push(data);
@@ -555,6 +696,25 @@ impl HostCalls {
         self.waiting.remove(&p.pid);
         if let Some(w) = p.wait.clone() {
             return self.wait_done(id, p, w, result, &data);
+        }
+        if let Some((nr, args)) = p.by_pid {
+            if self.reaches(id, result) {
+                return;
+            }
+            // Its caller left it for a signal (often the one it sent) and
+            // is about to make it again: it gets this result then.
+            self.carried.insert(
+                p.pid,
+                Carried {
+                    id,
+                    nr,
+                    args,
+                    result: Some(result),
+                    answer_to: None,
+                    at: Instant::now(),
+                },
+            );
+            return;
         }
         let still = self.listener.as_ref().is_some_and(|l| l.still_waiting(id));
         if !still && p.is_read && result > 0 {
@@ -588,7 +748,20 @@ impl HostCalls {
         if self.waiting.get(&p.pid) == Some(&id) {
             self.waiting.remove(&p.pid);
         }
-        if let Some(w) = &p.wait {
+        if let Some((nr, args)) = p.by_pid {
+            // Made at home all the same: kept for the caller's next try.
+            self.carried.insert(
+                p.pid,
+                Carried {
+                    id,
+                    nr,
+                    args,
+                    result: None,
+                    answer_to: None,
+                    at: Instant::now(),
+                },
+            );
+        } else if let Some(w) = &p.wait {
             // Between two looks, nothing is out at home.
             if w.again_at.is_none() {
                 self.given_up_waits.insert(id);
@@ -660,6 +833,64 @@ impl HostCalls {
             });
         }
     }
+}
+
+/// Pids where the process runs, from /proc.
+struct Here {
+    process: i32,
+    caller: i32,
+}
+
+/// The parent of `pid` (field 4 of its stat).
+fn parent_of(pid: i32) -> Option<i32> {
+    crate::procfs::stat_fields(pid)
+        .ok()
+        .and_then(|f| f.get(4).copied())
+        .map(|p| p as i32)
+}
+
+impl LocalPids for Here {
+    fn is_local(&self, pid: i32) -> bool {
+        // The process, or one of its descendants here (a chain of parents
+        // up to it; a bound, for a chain changing meanwhile).
+        let mut at = pid;
+        for _ in 0..64 {
+            if at == self.process {
+                return true;
+            }
+            match parent_of(at) {
+                Some(parent) if parent > 1 => at = parent,
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    fn caller_is_the_process(&self) -> bool {
+        self.caller == self.process
+    }
+
+    fn own_group(&self) -> i32 {
+        crate::procfs::stat_fields(self.caller)
+            .ok()
+            .and_then(|f| f.get(5).copied())
+            .map_or(0, |g| g as i32)
+    }
+}
+
+/// The processes `pid` started here, and theirs (not `pid`).
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    let mut next = vec![pid];
+    while let Some(p) = next.pop() {
+        for child in crate::procfs::children(p) {
+            if found.len() < 4096 && !found.contains(&child) {
+                found.push(child);
+                next.push(child);
+            }
+        }
+    }
+    found
 }
 
 /// Whether one of the children `here` has something for `req` now.

@@ -12,6 +12,7 @@ pub mod deputy;
 pub mod forward;
 pub mod home_calls;
 pub mod home_io;
+pub mod home_pids;
 pub mod host;
 pub mod host_calls;
 pub mod image;

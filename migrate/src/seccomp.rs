@@ -35,11 +35,14 @@ pub struct Watched {
     pub lock_homes: Vec<i32>,
     /// `wait4` and `waitid`: the process has children at home.
     pub waits: bool,
+    /// The calls that name a process by pid (`home_pids.rs`): a moved
+    /// process's.
+    pub pids: bool,
 }
 
 impl Watched {
     pub fn is_empty(&self) -> bool {
-        self.stand_ins.is_empty() && self.lock_homes.is_empty() && !self.waits
+        self.stand_ins.is_empty() && self.lock_homes.is_empty() && !self.waits && !self.pids
     }
 
     fn all(&self) -> Vec<i32> {
@@ -197,8 +200,13 @@ pub fn filter(watched: &Watched) -> io::Result<Vec<libc::sock_filter>> {
         routes.push((libc::SYS_wait4, 5));
         routes.push((libc::SYS_waitid, 5));
     }
-    let waits = vec![ret(libc::SECCOMP_RET_USER_NOTIF)];
-    let blocks = [stand_ins, everything, dup_target, mapped, ranges, waits];
+    if watched.pids {
+        for nr in crate::home_pids::CALLS {
+            routes.push((nr, 5));
+        }
+    }
+    let always = vec![ret(libc::SECCOMP_RET_USER_NOTIF)];
+    let blocks = [stand_ins, everything, dup_target, mapped, ranges, always];
 
     let mut prog = vec![
         load(DATA_ARCH),
@@ -313,6 +321,11 @@ impl Listener {
     }
 
     fn send(&self, resp: &libc::seccomp_notif_resp) -> io::Result<()> {
+        self.send_reached(resp).map(|_| ())
+    }
+
+    /// Send an answer; false if its caller had already left the call.
+    fn send_reached(&self, resp: &libc::seccomp_notif_resp) -> io::Result<bool> {
         // SAFETY: resp is a live seccomp_notif_resp the ioctl reads.
         let r = unsafe {
             libc::ioctl(
@@ -322,9 +335,9 @@ impl Listener {
             )
         };
         match check(r as libc::c_long) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(true),
             // The caller went away (signal, death): nobody to answer.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -342,12 +355,18 @@ impl Listener {
     /// Answer the call: `result` is what it returns (a negative errno on
     /// failure, as the kernel returns it).
     pub fn answer(&self, id: u64, result: i64) -> io::Result<()> {
+        self.answer_reached(id, result).map(|_| ())
+    }
+
+    /// `answer`, telling whether the caller still waited for it (false:
+    /// it had left the call, for a signal).
+    pub fn answer_reached(&self, id: u64, result: i64) -> io::Result<bool> {
         let (val, error) = if (-4095..0).contains(&result) {
             (0, result as i32)
         } else {
             (result, 0)
         };
-        self.send(&libc::seccomp_notif_resp {
+        self.send_reached(&libc::seccomp_notif_resp {
             id,
             val,
             error,
@@ -465,11 +484,12 @@ mod tests {
             stand_ins: vec![3, 7],
             lock_homes: vec![5],
             waits: false,
+            pids: false,
         }
     }
 
     #[test]
-    fn waits_are_sent_only_with_children_at_home() {
+    fn waits_and_pid_calls_are_sent_only_when_asked_for() {
         let prog = filter(&watched()).unwrap();
         assert_eq!(
             run(&prog, libc::SYS_wait4, [u64::MAX, 0, 0, 0, 0, 0]),
@@ -488,6 +508,15 @@ mod tests {
         assert_eq!(run(&prog, libc::SYS_read, [3, 0, 0, 0, 0, 0]), NOTIFY);
         assert_eq!(run(&prog, libc::SYS_read, [4, 0, 0, 0, 0, 0]), ALLOW);
         assert_eq!(run(&prog, libc::SYS_getppid, [0; 6]), ALLOW);
+        assert_eq!(run(&prog, libc::SYS_kill, [9, 9, 0, 0, 0, 0]), ALLOW);
+        let prog = filter(&Watched {
+            pids: true,
+            ..watched()
+        })
+        .unwrap();
+        assert_eq!(run(&prog, libc::SYS_kill, [9, 9, 0, 0, 0, 0]), NOTIFY);
+        assert_eq!(run(&prog, libc::SYS_getsid, [0; 6]), NOTIFY);
+        assert_eq!(run(&prog, libc::SYS_wait4, [0; 6]), ALLOW);
     }
 
     #[test]
@@ -532,6 +561,7 @@ mod tests {
             stand_ins: (10..40).collect(),
             lock_homes: (100..120).collect(),
             waits: true,
+            pids: true,
         };
         let prog = filter(&watched).unwrap();
         for fd in 0..130u64 {
