@@ -557,14 +557,20 @@ impl HostCalls {
         self.pending.insert(id, Pending { wait: Some(w), ..p });
     }
 
-    fn deliver_wait(&self, pid: i32, id: u64, req: &WaitRequest, result: i64, data: &[u8]) {
+    /// Answer wait `id` with `data` from home. A child reaped there whose
+    /// answer does not reach the caller (it left the call for a signal,
+    /// after the last look) is kept for its next wait.
+    fn deliver_wait(&mut self, pid: i32, id: u64, req: &WaitRequest, result: i64, data: &[u8]) {
         let (value, writes) = req.answer(result, data);
         for (addr, bytes) in writes {
             if seccomp::write_task(pid, addr, &bytes).is_err() {
                 return self.answer(id, -i64::from(libc::EFAULT));
             }
         }
-        self.answer(id, value);
+        let reaped = result >= 0 && waits::child_of(data).is_some_and(|c| c != 0);
+        if !self.reaches(id, value) && reaped {
+            self.unclaimed_waits.push(data.to_vec());
+        }
     }
 
     /// Waits on both sides due for another look: run here if a child here
