@@ -334,3 +334,9 @@ fn a_process_with_a_controlling_terminal_moves() {
 fn signals_to_pids_known_before_the_move_reach_them_from_home() {
     passes_everywhere("cr_kill");
 }
+
+/// Datagram and seqpacket sockets keep their type and message boundaries.
+#[test]
+fn datagram_and_seqpacket_sockets_keep_their_messages() {
+    passes_everywhere("cr_dgram");
+}

@@ -742,6 +742,7 @@ fn fds(
                     FdKind::Relayed {
                         what: target,
                         shut_write: false,
+                        messages: None,
                     }
                 } else {
                     stays.push(format!("fd {fd} ({target}) cannot be reopened"));
@@ -774,12 +775,20 @@ fn fds(
             _ if target.starts_with("pipe:") => FdKind::Relayed {
                 what: target,
                 shut_write: false,
+                messages: None,
             },
-            _ if target.starts_with("socket:") => FdKind::Relayed {
-                shut_write: crate::ptrace::take_fd(pid, fd as u64)
-                    .is_ok_and(|dup| crate::ptrace::stream_write_shut(dup.as_fd())),
-                what: target,
-            },
+            _ if target.starts_with("socket:") => {
+                let dup = crate::ptrace::take_fd(pid, fd as u64).ok();
+                let kind = dup
+                    .as_ref()
+                    .and_then(|d| crate::ptrace::socket_domain_and_type(d.as_fd()).ok())
+                    .map(|(_, kind)| kind);
+                FdKind::Relayed {
+                    shut_write: dup.is_some_and(|d| crate::ptrace::stream_write_shut(d.as_fd())),
+                    messages: kind.filter(|&k| k == libc::SOCK_DGRAM || k == libc::SOCK_SEQPACKET),
+                    what: target,
+                }
+            }
             _ => {
                 stays.push(format!(
                     "fd {fd} is {target}, which can be neither reopened, relayed nor served at home"

@@ -386,6 +386,15 @@ fn send_home(
         .encode()
         .map_err(|e| MigrateError::Link(e.to_string()))?;
     dsm::faults::point("host.checkpointed");
+    // How much it read, as it stopped: taken at home before the return.
+    let mut read = Vec::new();
+    relays.tick(&mut read);
+    for msg in read
+        .iter()
+        .filter(|m| matches!(m, AgentMsg::Consumed { .. }))
+    {
+        link::send(deputy, msg)?;
+    }
     // What was relayed to it and it has not read goes home too.
     let unread = relays.take_unread(pid);
     for (fd, bytes) in &unread {

@@ -114,10 +114,15 @@ pub enum FdKind {
     /// process, which keeps the original (`what` is its /proc name).
     /// `shut_write`: a stream socket whose write side was shut (by
     /// `shutdown` or by its peer's going): the process's end is shut too.
+    /// `messages`: a datagram or seqpacket socket (its type): the
+    /// process's end is of the same type, and each message is relayed as
+    /// one, with its boundaries.
     Relayed {
         what: String,
         #[serde(default)]
         shut_write: bool,
+        #[serde(default)]
+        messages: Option<i32>,
     },
     /// A listening TCP or (`unix`) unix stream socket: the home process
     /// keeps it, and a stand-in listener on the node the process runs on

@@ -900,6 +900,28 @@ pub fn take_queued(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Ve
     Ok(recv_now(fd, max, 0)?.unwrap_or_default())
 }
 
+/// The next message of datagram or seqpacket socket `fd` (at most `max`
+/// bytes of it), without waiting: None if none is queued.
+pub fn take_message(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Option<Vec<u8>>> {
+    recv_now(fd, max, 0)
+}
+
+/// Send `message` on socket `fd` as one, without waiting (WouldBlock if
+/// there is no room) and without SIGPIPE.
+pub fn send_message(fd: std::os::fd::BorrowedFd<'_>, message: &[u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: send reads message.len() bytes from a live slice.
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            message.as_ptr().cast(),
+            message.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    check(n as libc::c_long).map(|n| n as usize)
+}
+
 /// The next bytes of socket `fd` after its peek offset (SO_PEEK_OFF), left
 /// in it: None if none came yet, empty at end of file.
 pub fn peek_next(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Option<Vec<u8>>> {
@@ -1013,6 +1035,30 @@ pub fn socket_domain_and_type(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<(i3
         socket_option(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?,
         socket_option(fd, libc::SOL_SOCKET, libc::SO_TYPE)?,
     ))
+}
+
+/// A connected pair of unix sockets of type `kind` (SOCK_STREAM,
+/// SOCK_DGRAM, SOCK_SEQPACKET), close-on-exec.
+pub fn socket_pair(kind: libc::c_int) -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: socketpair writes two descriptors into `fds`.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            kind | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    check(r as libc::c_long)?;
+    // SAFETY: fresh descriptors from socketpair, owned once each.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
 }
 
 /// Whether `fd` is a stream socket whose writes fail with EPIPE (its write

@@ -4,7 +4,9 @@
 //! pumps them to and from the home process's original descriptor. Each side
 //! sends `Data` as bytes come and `Shut` when its source reaches end of
 //! file; bytes are written on only when the descriptor can take them, so
-//! neither agent ever blocks on a slow reader.
+//! neither agent ever blocks on a slow reader. A datagram or seqpacket
+//! socket is relayed a message at a time (`Relay::messages`): each `Data`
+//! is one message, written as one.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -19,6 +21,9 @@ const CHUNK: usize = 64 << 10;
 /// Bytes written per turn: a pipe that reports POLLOUT takes a page
 /// without blocking.
 const WRITE_STEP: usize = 4096;
+/// Longest message read from a datagram or seqpacket socket (a unix
+/// socket's default send buffer, 208 KiB, bounds what a peer sends).
+const MOST_MESSAGE: usize = 256 << 10;
 
 pub struct Relay {
     /// The descriptor's number in the process.
@@ -29,6 +34,11 @@ pub struct Relay {
     /// Bytes from the other side are written to `end`.
     writes: bool,
     pending: VecDeque<u8>,
+    /// A datagram (SOCK_DGRAM, or SOCK_SEQPACKET: `datagram` false) socket
+    /// on both sides: messages, each kept whole.
+    messages: bool,
+    datagram: bool,
+    pending_messages: VecDeque<Vec<u8>>,
     /// The other side's source ended: shut `end` once `pending` is written.
     shut_after_pending: bool,
     /// `end` reached end of file (or failed).
@@ -39,15 +49,18 @@ pub struct Relay {
     /// Deputy, a socket of the process: its bytes are peeked (SO_PEEK_OFF)
     /// and taken only once the host says the process read them, so that
     /// those it has not read when it comes home are still in the socket.
+    /// Messages are peeked one at a time: the host can tell that one was
+    /// read (its end is no longer readable), not how many of several
+    /// (SIOCINQ gives a datagram socket's first message only).
     peeking: bool,
-    /// Bytes peeked and sent, and of those, taken.
+    /// Bytes (messages) peeked and sent, and of those, taken.
     peeked: u64,
     taken: u64,
     /// Host: the process's end (its unread bytes: how far it has read),
     /// for a relay whose home side is a socket the deputy peeks.
     theirs: Option<OwnedFd>,
-    /// Host: bytes written to the process's end, and how many of them it
-    /// was last said to have read.
+    /// Host: bytes (messages) written to the process's end, and how many
+    /// of them it was last said to have read.
     written: u64,
     reported: u64,
 }
@@ -70,14 +83,19 @@ impl Relay {
         if self.reads && !self.read_done && !self.outstanding() {
             events |= libc::POLLIN;
         }
-        if !self.pending.is_empty() {
+        if self.has_pending() {
             events |= libc::POLLOUT;
         }
         events
     }
 
+    /// Something from the other side is still to be written.
+    fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || !self.pending_messages.is_empty()
+    }
+
     fn finished(&self) -> bool {
-        self.read_done && self.peer_done && self.pending.is_empty()
+        self.read_done && self.peer_done && !self.has_pending()
     }
 }
 
@@ -100,12 +118,20 @@ impl Relays {
     pub fn add(&mut self, fd: i32, end: OwnedFd, reads: bool, writes: bool) {
         let is_socket = std::fs::read_link(format!("/proc/self/fd/{}", end.as_raw_fd()))
             .is_ok_and(|p| p.to_string_lossy().starts_with("socket:"));
+        let kind = if is_socket {
+            crate::ptrace::socket_domain_and_type(end.as_fd()).map_or(libc::SOCK_STREAM, |d| d.1)
+        } else {
+            libc::SOCK_STREAM
+        };
         self.list.push(Relay {
             fd,
             end: File::from(end),
             reads,
             writes,
             pending: VecDeque::new(),
+            messages: kind == libc::SOCK_DGRAM || kind == libc::SOCK_SEQPACKET,
+            datagram: kind == libc::SOCK_DGRAM,
+            pending_messages: VecDeque::new(),
             shut_after_pending: false,
             read_done: false,
             peer_done: false,
@@ -142,7 +168,8 @@ impl Relays {
     /// Whether `tick` has something to look at.
     pub fn needs_ticks(&self) -> bool {
         self.list.iter().any(|r| {
-            (r.outstanding() && !r.read_done) || (r.theirs.is_some() && r.written > r.reported)
+            (r.outstanding() && !r.read_done && !r.messages)
+                || (r.theirs.is_some() && r.written > r.reported)
         })
     }
 
@@ -150,11 +177,16 @@ impl Relays {
     /// `outstanding`). Host: how much the process has read, told.
     pub fn tick(&mut self, out: &mut Vec<AgentMsg>) {
         for r in &mut self.list {
-            if r.outstanding() && !r.read_done {
+            if r.outstanding() && !r.read_done && !r.messages {
                 read_some(r, out);
             }
             if let Some(theirs) = &r.theirs {
-                let unread = crate::ptrace::unread_bytes(theirs.as_fd()).unwrap_or(0) as u64;
+                let unread = if r.messages {
+                    // One message at a time: read once no longer readable.
+                    u64::from(readable_now(theirs.as_fd()))
+                } else {
+                    crate::ptrace::unread_bytes(theirs.as_fd()).unwrap_or(0) as u64
+                };
                 let read = r.written.saturating_sub(unread);
                 if read > r.reported {
                     r.reported = read;
@@ -173,6 +205,15 @@ impl Relays {
             return;
         };
         let total = total.min(r.peeked);
+        while r.messages && r.taken < total {
+            match crate::ptrace::take_message(r.end.as_fd(), MOST_MESSAGE) {
+                Ok(Some(_)) => r.taken += 1,
+                _ => {
+                    tracing::warn!(fd, "a message the process read is no longer in its socket");
+                    r.taken = total;
+                }
+            }
+        }
         while r.taken < total {
             let want = (total - r.taken).min(CHUNK as u64) as usize;
             match crate::ptrace::take_queued(r.end.as_fd(), want) {
@@ -217,10 +258,10 @@ impl Relays {
             {
                 read_some(r, out);
             }
-            if !r.pending.is_empty() && rev & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0 {
+            if r.has_pending() && rev & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0 {
                 write_some(r);
             }
-            if r.pending.is_empty() && r.shut_after_pending {
+            if !r.has_pending() && r.shut_after_pending {
                 r.shut_after_pending = false;
                 events.extend(shut(r));
             }
@@ -247,11 +288,18 @@ impl Relays {
             tracing::warn!(fd, "relay data for a descriptor that takes none");
             return Vec::new();
         };
-        r.pending.extend(data);
+        if r.messages {
+            if !is_shut {
+                // An empty datagram is a message too.
+                r.pending_messages.push_back(data);
+            }
+        } else {
+            r.pending.extend(data);
+        }
         if is_shut {
             r.shut_after_pending = true;
         }
-        if r.pending.is_empty() && r.shut_after_pending {
+        if !r.has_pending() && r.shut_after_pending {
             r.shut_after_pending = false;
             return shut(r);
         }
@@ -273,6 +321,11 @@ impl Relays {
             .iter_mut()
             .filter(|r| r.writes && !r.is_connection())
         {
+            if r.messages {
+                // Those it has not read are still in the socket at home
+                // (peeked), and a return that fails finds them here.
+                continue;
+            }
             let mut bytes = Vec::new();
             if let Ok(theirs) = crate::ptrace::take_fd(pid, r.fd as u64) {
                 while let Ok(chunk) = crate::ptrace::take_queued(theirs.as_fd(), CHUNK) {
@@ -353,13 +406,13 @@ impl Relays {
         let deadline = std::time::Instant::now() + limit;
         let mut events = Vec::new();
         for r in &mut self.list {
-            while !r.pending.is_empty() && std::time::Instant::now() < deadline {
+            while r.has_pending() && std::time::Instant::now() < deadline {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 if crate::ptrace::writable_within(r.end.as_fd(), left).unwrap_or(false) {
                     write_some(r);
                 }
             }
-            if r.pending.is_empty() && r.shut_after_pending {
+            if !r.has_pending() && r.shut_after_pending {
                 r.shut_after_pending = false;
                 events.extend(shut(r));
             }
@@ -368,12 +421,24 @@ impl Relays {
     }
 }
 
+/// Whether socket `fd`'s peer shut its side or went (POLLRDHUP).
+fn peer_shut(fd: BorrowedFd<'_>) -> bool {
+    crate::ptrace::wait_ready_within(&[(fd, libc::POLLRDHUP)], Some(std::time::Duration::ZERO))
+        .is_ok_and(|r| {
+            r.first()
+                .is_some_and(|e| e & (libc::POLLRDHUP | libc::POLLHUP) != 0)
+        })
+}
+
 fn readable_now(fd: BorrowedFd<'_>) -> bool {
     crate::ptrace::readable_within(fd, std::time::Duration::ZERO).unwrap_or(false)
 }
 
 /// One read; false when nothing more will come from it.
 fn read_some(r: &mut Relay, out: &mut Vec<AgentMsg>) -> bool {
+    if r.messages {
+        return read_message(r, out);
+    }
     if r.peeking {
         return match crate::ptrace::peek_next(r.end.as_fd(), CHUNK) {
             Ok(None) => true,
@@ -408,7 +473,66 @@ fn read_some(r: &mut Relay, out: &mut Vec<AgentMsg>) -> bool {
     }
 }
 
+/// One message; false when nothing more will come from it (a seqpacket
+/// peer's end; a datagram socket has none).
+fn read_message(r: &mut Relay, out: &mut Vec<AgentMsg>) -> bool {
+    // Without waiting: the deputy's duplicate shares the process's file,
+    // whose O_NONBLOCK is the process's.
+    let got = if r.peeking {
+        crate::ptrace::peek_next(r.end.as_fd(), MOST_MESSAGE)
+    } else {
+        crate::ptrace::take_message(r.end.as_fd(), MOST_MESSAGE)
+    };
+    if r.peeking && matches!(got, Ok(Some(_))) {
+        r.peeked += 1;
+    }
+    match got {
+        Ok(None) => true,
+        // Nothing read from a seqpacket socket: its end, or an empty
+        // message while its peer is still there.
+        Ok(Some(bytes)) if bytes.is_empty() && !r.datagram && peer_shut(r.end.as_fd()) => {
+            r.read_done = true;
+            out.push(AgentMsg::Shut { fd: r.fd });
+            false
+        }
+        Ok(Some(mut bytes)) => {
+            // Read into room for the longest: keep only what it holds.
+            bytes.shrink_to_fit();
+            out.push(AgentMsg::Data { fd: r.fd, bytes });
+            true
+        }
+        // A datagram socket's error (a refused send) is reported once.
+        Err(e) if r.datagram => {
+            tracing::debug!(fd = r.fd, "relayed datagram socket: {e}");
+            true
+        }
+        Err(_) => {
+            r.read_done = true;
+            out.push(AgentMsg::Shut { fd: r.fd });
+            false
+        }
+    }
+}
+
 fn write_some(r: &mut Relay) {
+    if r.messages {
+        let Some(message) = r.pending_messages.front() else {
+            return;
+        };
+        match crate::ptrace::send_message(r.end.as_fd(), message) {
+            Ok(_) => {
+                r.written += 1;
+                r.pending_messages.pop_front();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                // Refused (no reader, too long): this one goes nowhere.
+                tracing::debug!(fd = r.fd, "relayed message: {e}");
+                r.pending_messages.pop_front();
+            }
+        }
+        return;
+    }
     let step: Vec<u8> = r.pending.iter().take(WRITE_STEP).copied().collect();
     match (&r.end).write(&step) {
         Ok(n) => {

@@ -208,21 +208,26 @@ impl Shell {
         let mut relays = crate::relay::Relays::default();
         let mut ends = listeners;
         for entry in &image.fds {
-            if let FdKind::Relayed { what, shut_write } = &entry.kind {
-                let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+            if let FdKind::Relayed {
+                what,
+                shut_write,
+                messages,
+            } = &entry.kind
+            {
+                let (ours, theirs) = ptrace::socket_pair(messages.unwrap_or(libc::SOCK_STREAM))?;
                 if *shut_write {
                     // Its writes fail as before the move; the relay passes
                     // on the end of its stream (harmless on the original).
-                    theirs.shutdown(std::net::Shutdown::Write)?;
+                    ptrace::shutdown_write(theirs.as_fd())?;
                 }
                 let (process_reads, process_writes) = directions(entry.flags);
                 // We write what the process reads, and read what it writes.
-                relays.add(entry.fd, OwnedFd::from(ours), process_writes, process_reads);
+                relays.add(entry.fd, ours, process_writes, process_reads);
                 if what.starts_with("socket:") && process_reads {
                     // The deputy peeks its bytes: it is told what was read.
-                    relays.report_reads(entry.fd, OwnedFd::from(theirs.try_clone()?));
+                    relays.report_reads(entry.fd, theirs.try_clone()?);
                 }
-                ends.insert(entry.fd, OwnedFd::from(theirs));
+                ends.insert(entry.fd, theirs);
             }
         }
         let (Some(mut t), Some(mut child)) = (self.tracee.take(), self.child.take()) else {
