@@ -467,11 +467,7 @@ impl HostCalls {
                 // The process itself gets it from home, through the deputy.
                 let group = local.own_group();
                 for member in descendants(self.process) {
-                    if crate::procfs::stat_fields(member)
-                        .ok()
-                        .and_then(|f| f.get(5).copied())
-                        == Some(group as u64)
-                    {
+                    if crate::procfs::group(member) == Some(group) {
                         // Gone meanwhile: nothing to signal.
                         let _ = crate::ptrace::kill(member, signal);
                     }
@@ -538,7 +534,7 @@ impl HostCalls {
             }
         }
         if result == -i64::from(libc::ECHILD) {
-            if w.req.target() == Target::Any && w.req.idtype == 0 {
+            if w.req.is_any_child() {
                 // None left at home: every wait is the kernel's here now.
                 self.children_at_home = false;
             }
@@ -847,14 +843,6 @@ struct Here {
     caller: i32,
 }
 
-/// The parent of `pid` (field 4 of its stat).
-fn parent_of(pid: i32) -> Option<i32> {
-    crate::procfs::stat_fields(pid)
-        .ok()
-        .and_then(|f| f.get(4).copied())
-        .map(|p| p as i32)
-}
-
 impl LocalPids for Here {
     fn is_local(&self, pid: i32) -> bool {
         // The process, or one of its descendants here (a chain of parents
@@ -864,7 +852,7 @@ impl LocalPids for Here {
             if at == self.process {
                 return true;
             }
-            match parent_of(at) {
+            match crate::procfs::parent(at) {
                 Some(parent) if parent > 1 => at = parent,
                 _ => return false,
             }
@@ -877,10 +865,7 @@ impl LocalPids for Here {
     }
 
     fn own_group(&self) -> i32 {
-        crate::procfs::stat_fields(self.caller)
-            .ok()
-            .and_then(|f| f.get(5).copied())
-            .map_or(0, |g| g as i32)
+        crate::procfs::group(self.caller).unwrap_or(0)
     }
 }
 

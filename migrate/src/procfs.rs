@@ -179,6 +179,16 @@ pub fn children(pid: i32) -> Vec<i32> {
         .unwrap_or_default()
 }
 
+/// The parent of `pid` (field 4 of its stat).
+pub fn parent(pid: i32) -> Option<i32> {
+    stat_fields(pid).ok()?.get(4).map(|&p| p as i32)
+}
+
+/// The process group of `pid` (field 5 of its stat).
+pub fn group(pid: i32) -> Option<i32> {
+    stat_fields(pid).ok()?.get(5).map(|&g| g as i32)
+}
+
 /// Process `pid`'s state letter (R, S, Z, T…), if it exists.
 pub fn state(pid: i32) -> Option<char> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -58,6 +58,11 @@ impl WaitRequest {
         }
     }
 
+    /// For any child at all (not one, not a group's).
+    pub fn is_any_child(&self) -> bool {
+        self.idtype == P_ALL
+    }
+
     pub fn waits(&self) -> bool {
         self.options & libc::WNOHANG == 0
     }
