@@ -1245,11 +1245,15 @@ fn every_signal_sent_during_moves_arrives_once() {
 
 /// One request to the accept_server on `port`: its answer.
 fn ask(port: u16, line: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+    let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    request(s, line)
+}
+
+/// `line` sent over a connection, and all it answers until it closes.
+fn request(mut s: impl std::io::Read + std::io::Write, line: &str) -> String {
     let _ = s.write_all(line.as_bytes());
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
@@ -1317,15 +1321,11 @@ fn a_server_blocked_in_accept_serves_its_unix_socket_from_another_node() {
     )
     .is_some()));
     let ask_unix = |line: &str| {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&sock) else {
+        let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) else {
             return String::new();
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-        let _ = s.write_all(line.as_bytes());
-        let mut answer = String::new();
-        let _ = s.read_to_string(&mut answer);
-        answer
+        request(s, line)
     };
     assert_eq!(ask_unix("one"), format!("pid {pid}: one"));
     let (ok, stdout, stderr) = omctl(&node1, &["migrate", &pid.to_string(), "2"]);

@@ -70,6 +70,23 @@ struct Carried {
 /// its restart.
 const RESTART_WITHIN: Duration = Duration::from_millis(500);
 
+impl Pending {
+    /// A call of task `pid` made by the home process (no descriptor of its
+    /// own), answered with its value.
+    fn of_home_process(pid: i32) -> Pending {
+        Pending {
+            pid,
+            fd: -1,
+            reply: Reply::Value,
+            closes_left: None,
+            is_read: false,
+            since: Instant::now(),
+            wait: None,
+            by_pid: None,
+        }
+    }
+}
+
 /// A wait for children carried out at home (`waits.rs`).
 #[derive(Debug, Clone)]
 struct PendingWait {
@@ -402,19 +419,13 @@ impl HostCalls {
         self.pending.insert(
             n.id,
             Pending {
-                pid: n.pid,
-                fd: -1,
-                reply: Reply::Value,
-                closes_left: None,
-                is_read: false,
-                since: Instant::now(),
-                by_pid: None,
                 wait: Some(PendingWait {
                     req,
                     both_sides,
                     again_at: None,
                     pause: BOTH_SIDES_FIRST,
                 }),
+                ..Pending::of_home_process(n.pid)
             },
         );
         out.push(AgentMsg::Call {
@@ -482,14 +493,8 @@ impl HostCalls {
         self.pending.insert(
             n.id,
             Pending {
-                pid: n.pid,
-                fd: -1,
-                reply: Reply::Value,
-                closes_left: None,
-                is_read: false,
-                since: Instant::now(),
-                wait: None,
                 by_pid: Some((n.nr, n.args)),
+                ..Pending::of_home_process(n.pid)
             },
         );
         out.push(AgentMsg::Call {
