@@ -198,6 +198,9 @@ pub struct ClusterOptions {
     /// Run the daemons in an IPC namespace of their own, whose sysctls
     /// (`kernel.shmmni`, ...) a test may change (see [`Cluster::command`]).
     pub ipc_namespace: bool,
+    /// Give node N `--cpus` (N-1) modulo the CPUs there are: each node a
+    /// CPU of its own, as separate machines.
+    pub cpu_per_node: bool,
 }
 
 impl Default for ClusterOptions {
@@ -211,6 +214,7 @@ impl Default for ClusterOptions {
             namespaces: false,
             daemon_env: Vec::new(),
             ipc_namespace: false,
+            cpu_per_node: false,
         }
     }
 }
@@ -314,6 +318,11 @@ impl Cluster {
             .arg(self.opts.heartbeat_ms.to_string());
         if self.opts.secret.is_some() {
             cmd.arg("--secret-file").arg(self.dir.join("secret"));
+        }
+        if self.opts.cpu_per_node {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cmd.arg("--cpus")
+                .arg(((usize::from(me.id) - 1) % cpus).to_string());
         }
         for other in self.nodes.iter().filter(|n| n.id != me.id) {
             cmd.arg("--peer")

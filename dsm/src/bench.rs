@@ -59,6 +59,9 @@ fn daemon_config(n: u8, port: u16, dir: &std::path::Path) -> Config {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(crate::daemon::sems::LEND_AFTER),
+        cpus: crate::daemon::load::allowed_cpus(),
+        cpus_given: false,
+        speed: 1.0,
     }
 }
 

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use sysv::sem::{SemBuf, SemSet};
 
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 pub const MAGIC: [u8; 4] = *b"MSHM";
 /// Largest peer frame: a read grant with the full read-ahead, plus slack.
 pub const PEER_FRAME_MAX: usize = (crate::coherence::PREFETCH_PAGES_MAX as usize + 2) * PAGE_SIZE;
@@ -646,6 +646,11 @@ pub struct NodeStatus {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub attached_processes: u64,
+    /// The CPUs it serves (`0-3`), their smoothed runnable threads per CPU
+    /// over its speed, in thousandths, and its available memory in KiB.
+    pub cpus: String,
+    pub load_milli: u64,
+    pub free_kib: u64,
 }
 
 /// A request from a local process to its node's daemon.
@@ -874,6 +879,9 @@ pub enum ClientReply {
     Welcome {
         node: NodeId,
         version: u32,
+        /// The CPUs the node serves, if it was given some (`dsmd --cpus`):
+        /// `omrun` runs its program there.
+        cpus: Vec<u16>,
     },
     ShmId(i32),
     Attached {

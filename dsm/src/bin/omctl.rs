@@ -215,7 +215,7 @@ fn main() -> ExitCode {
             }),
         _ => client.status().map(|nodes| {
             println!(
-                "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9}",
+                "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9} {:>8} {:>6} {:>9}",
                 "node",
                 "homed",
                 "cached",
@@ -225,11 +225,14 @@ fn main() -> ExitCode {
                 "bytes_sent",
                 "bytes_recv",
                 "procs",
-                "sem_sets"
+                "sem_sets",
+                "cpus",
+                "load",
+                "free_mib"
             );
             for s in nodes {
                 println!(
-                    "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9}",
+                    "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9} {:>8} {:>6.2} {:>9}",
                     s.node,
                     s.segments_homed,
                     s.segments_cached,
@@ -239,7 +242,10 @@ fn main() -> ExitCode {
                     s.bytes_sent,
                     s.bytes_received,
                     s.attached_processes,
-                    s.sem_sets_homed
+                    s.sem_sets_homed,
+                    s.cpus,
+                    s.load_milli as f64 / 1000.0,
+                    s.free_kib / 1024
                 );
             }
         }),

@@ -252,14 +252,28 @@ impl Session {
                     ClientReply::Err(libc::EPROTONOSUPPORT)
                 } else {
                     if let Some(link) = link {
-                        self.core
-                            .borrow_mut()
-                            .links
-                            .insert(self.session, (self.pid, link));
+                        let mut core = self.core.borrow_mut();
+                        core.links.insert(self.session, (self.pid, link));
+                        // A process it serves runs on its CPUs (a guest
+                        // restored here, or one started under omrun).
+                        if core.cpus_given {
+                            if let Err(e) = super::load::pin(self.pid, &core.cpus) {
+                                tracing::warn!(
+                                    pid = self.pid,
+                                    "keeping it on this node's CPUs: {e}"
+                                );
+                            }
+                        }
                     }
+                    let core = self.core.borrow();
                     ClientReply::Welcome {
-                        node: self.core.borrow().me,
+                        node: core.me,
                         version: wire::PROTOCOL_VERSION,
+                        cpus: if core.cpus_given {
+                            core.cpus.iter().map(|&c| c as u16).collect()
+                        } else {
+                            Vec::new()
+                        },
                     }
                 }
             }

@@ -42,6 +42,15 @@ pub struct Args {
     /// it in a row (it then serves them locally); 0: never.
     #[arg(long = "sem-lend-after", default_value_t = crate::daemon::sems::LEND_AFTER)]
     pub sem_lend_after: u32,
+    /// The CPUs this node serves (`0`, `0-3`, `0,2`): the daemon and the
+    /// processes it hosts run on them only, and its load is theirs.
+    /// Default: every CPU it may run on.
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// This node's relative CPU speed (1.0: as the others): its load is
+    /// divided by it.
+    #[arg(long)]
+    pub speed: Option<f64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -56,6 +65,8 @@ struct FileConfig {
     peer_timeout_ms: Option<u64>,
     heartbeat_ms: Option<u64>,
     sem_lend_after: Option<u32>,
+    cpus: Option<String>,
+    speed: Option<f64>,
 }
 
 /// A validated configuration.
@@ -70,6 +81,11 @@ pub struct Config {
     pub heartbeat: Duration,
     /// See `--sem-lend-after`.
     pub sem_lend_after: u32,
+    /// See `--cpus` (sorted), and whether it was given.
+    pub cpus: Vec<usize>,
+    pub cpus_given: bool,
+    /// See `--speed`.
+    pub speed: f64,
 }
 
 impl Config {
@@ -144,7 +160,29 @@ impl Config {
         if heartbeat_ms == 0 || peer_timeout_ms < 5 * heartbeat_ms {
             return Err("--peer-timeout-ms must be at least 5 times --heartbeat-ms (> 0)".into());
         }
+        let cpus_given = args.cpus.is_some() || file.cpus.is_some();
+        let cpus = match args.cpus.or(file.cpus) {
+            Some(list) => {
+                let cpus = super::load::parse_cpu_list(&list).map_err(|e| format!("--cpus {e}"))?;
+                let allowed = super::load::allowed_cpus();
+                if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
+                    return Err(format!(
+                        "--cpus {list}: CPU {c} is not one this daemon may run on ({})",
+                        super::load::format_cpu_list(&allowed)
+                    ));
+                }
+                cpus
+            }
+            None => super::load::allowed_cpus(),
+        };
+        let speed = args.speed.or(file.speed).unwrap_or(1.0);
+        if !(speed.is_finite() && speed > 0.0) {
+            return Err(format!("--speed {speed}: must be a positive number"));
+        }
         Ok(Config {
+            cpus,
+            cpus_given,
+            speed,
             node,
             listen,
             socket,

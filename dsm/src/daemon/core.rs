@@ -167,6 +167,12 @@ pub struct Core {
     /// [`Core::with_set`]); `sem_retry` wakes the task that retries them.
     sem_deferred: BTreeMap<IpcId, VecDeque<DeferredSemWork>>,
     pub sem_retry: Rc<tokio::sync::Notify>,
+    /// The CPUs this node serves (`--cpus`), and whether they were given
+    /// (then the processes it serves are kept on them).
+    pub cpus: Vec<usize>,
+    pub cpus_given: bool,
+    /// What the load sampler last saw (`load.rs`).
+    pub load: std::sync::Arc<std::sync::Mutex<super::load::NodeLoad>>,
     /// Holds what must outlive this daemon (see `crate::guardian`): each
     /// local process's uffd and pidfd, the pidfds of undo holders, the
     /// fast-path regions. `None` only if no guardian could be started.
@@ -208,6 +214,9 @@ impl Core {
             })
             .collect();
         Core {
+            cpus: config.cpus.clone(),
+            cpus_given: config.cpus_given,
+            load: Default::default(),
             me: config.node,
             incarnation,
             members: config.members(),
@@ -1863,6 +1872,7 @@ impl Core {
     }
 
     pub fn status(&self) -> NodeStatus {
+        let load = *self.load.lock().unwrap_or_else(|e| e.into_inner());
         NodeStatus {
             node: self.me.0,
             segments_homed: self.homes.len() as u64,
@@ -1879,6 +1889,9 @@ impl Core {
             bytes_sent: self.bytes_sent,
             bytes_received: self.bytes_received,
             attached_processes: self.store.procs.len() as u64,
+            cpus: super::load::format_cpu_list(&self.cpus),
+            load_milli: (load.load * 1000.0).round() as u64,
+            free_kib: load.free_kib,
         }
     }
 }

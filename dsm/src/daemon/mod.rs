@@ -5,6 +5,7 @@
 pub mod clients;
 pub mod config;
 mod core;
+pub mod load;
 mod migration;
 mod peers;
 pub mod sems;
@@ -69,7 +70,12 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o666))
             .map_err(|e| DaemonError::Socket(config.socket.display().to_string(), e))?;
     }
+    if config.cpus_given {
+        // Its own threads, the guardian and what it starts: on its CPUs.
+        load::pin(0, &config.cpus).map_err(DaemonError::Runtime)?;
+    }
     let core = Rc::new(RefCell::new(core::Core::new(&config)));
+    core.borrow_mut().load = load::start_sampler(config.cpus.clone(), config.speed);
     core.borrow_mut().self_ref = Rc::downgrade(&core);
     // No process is served before something outlives this daemon with
     // their uffds (see `crate::guardian`).

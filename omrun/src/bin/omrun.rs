@@ -26,7 +26,9 @@ fn fail(msg: &str) -> ExitCode {
 
 /// The daemon answers a hello within a bound, or it is unusable: a missing
 /// or stuck daemon is an error now, not a hang later.
-fn check_daemon(socket: &Path) -> Result<(), String> {
+/// Whether the daemon at `socket` answers; the CPUs its node serves, if
+/// it was given some.
+fn check_daemon(socket: &Path) -> Result<Vec<usize>, String> {
     let mut stream =
         UnixStream::connect(socket).map_err(|e| format!("no dsmd at {}: {e}", socket.display()))?;
     let limit = Some(Duration::from_secs(5));
@@ -57,7 +59,9 @@ fn check_daemon(socket: &Path) -> Result<(), String> {
         .read_exact(&mut body)
         .map_err(|e| format!("dsmd at {} does not answer: {e}", socket.display()))?;
     match dsm::wire::decode_client::<dsm::wire::ClientReply>(&body) {
-        Ok((_, dsm::wire::ClientReply::Welcome { .. })) => Ok(()),
+        Ok((_, dsm::wire::ClientReply::Welcome { cpus, .. })) => {
+            Ok(cpus.into_iter().map(usize::from).collect())
+        }
         Ok((_, other)) => Err(format!("dsmd at {} refused: {other:?}", socket.display())),
         Err(e) => Err(format!("dsmd at {}: {e}", socket.display())),
     }
@@ -113,8 +117,15 @@ fn main() -> ExitCode {
             }
         };
     let socket = std::path::absolute(&socket).unwrap_or(socket);
-    if let Err(e) = check_daemon(&socket) {
-        return fail(&e);
+    let cpus = match check_daemon(&socket) {
+        Ok(cpus) => cpus,
+        Err(e) => return fail(&e),
+    };
+    // The program runs on the CPUs its node serves (`dsmd --cpus`).
+    if !cpus.is_empty() {
+        if let Err(e) = dsm::daemon::load::pin(0, &cpus) {
+            return fail(&format!("running on its node's CPUs: {e}"));
+        }
     }
     let preload = match std::env::current_exe() {
         Ok(me) => me.with_file_name(PRELOAD),
