@@ -1,6 +1,7 @@
 //! Nodes as separate machines on one host (`dsmd --cpus`), and the load
-//! each measures (issue 13): a node serves its CPUs only, the processes
-//! it serves run there, and its load is what runs there.
+//! each measures and gossips (issue 13): a node serves its CPUs only, the
+//! processes it serves run there, its load is what runs there, and the
+//! other nodes hear of it.
 
 use migshm::{
     binary, c_program, eventually, omctl, omrun_command, uffd_or_skip, Cluster, ClusterOptions,
@@ -26,6 +27,22 @@ fn status_of(cluster: &Cluster, node: u8) -> Option<(String, f64)> {
     })
 }
 
+/// What node `asked` has heard of node `of` (`omctl loads`): (load, age
+/// in seconds).
+fn heard(cluster: &Cluster, asked: u8, of: u8) -> Option<(f64, f64)> {
+    let (ok, stdout, _) = omctl(cluster.socket(asked), &["loads"]);
+    if !ok {
+        return None;
+    }
+    stdout.lines().skip(1).find_map(|line| {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        if cells.first()? != &of.to_string() {
+            return None;
+        }
+        Some((cells.get(1)?.parse().ok()?, cells.get(3)?.parse().ok()?))
+    })
+}
+
 /// The CPUs process `pid` may run on (`Cpus_allowed_list`).
 fn allowed(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -38,7 +55,7 @@ fn allowed(pid: u32) -> String {
 }
 
 #[test]
-fn a_node_serves_its_cpus_and_measures_what_runs_there() {
+fn a_node_serves_its_cpus_and_its_load_is_what_runs_there_and_is_heard_of() {
     if !uffd_or_skip() {
         return;
     }
@@ -77,6 +94,14 @@ fn a_node_serves_its_cpus_and_measures_what_runs_there() {
             .is_some_and(|s| s.1 >= 0.5)),
         "node 1's load: {:?}",
         status_of(&cluster, 1)
+    );
+    // Node 2 hears of it by gossip (one message a second to a node
+    // picked at random: here the only other one).
+    assert!(
+        eventually(Duration::from_secs(10), || heard(&cluster, 2, 1)
+            .is_some_and(|(load, age)| load >= 0.5 && age < 3.0)),
+        "node 2 heard of node 1: {:?}",
+        heard(&cluster, 2, 1)
     );
     drop(process);
 

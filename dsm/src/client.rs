@@ -797,6 +797,15 @@ impl Client {
         }
     }
 
+    /// The loads this node has heard of, its own first.
+    pub fn loads(&self) -> Result<Vec<crate::wire::LoadEntry>, Error> {
+        match self.call(&ClientRequest::Loads)? {
+            ClientReply::Loads(l) => Ok(l),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+
     /// Every segment of the cluster (on the nodes that are up).
     pub fn ipcs(&self) -> Result<Vec<ShmStat>, Error> {
         match self.call(&ClientRequest::Ipcs)? {

@@ -252,6 +252,19 @@ pub enum Notice {
     /// applied the exit of its process `pid` (ops of the process that still
     /// wait at the home must be followed by the exit).
     SemExitApplied { set: SemSetId, pid: i32 },
+    /// Loads the sender knows, its own first (`daemon/gossip.rs`).
+    Load { entries: Vec<LoadEntry> },
+}
+
+/// One node's load, as gossiped and as `omctl loads` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadEntry {
+    pub node: NodeId,
+    /// Runnable threads per CPU over speed, in thousandths.
+    pub load_milli: u32,
+    pub free_kib: u64,
+    /// How long ago it was measured, when sent.
+    pub age_ms: u32,
 }
 
 /// An object to create (`key` 0: `IPC_PRIVATE`).
@@ -289,9 +302,10 @@ impl Notice {
             | Notice::SemReturn { set, .. }
             | Notice::SemRecall { set }
             | Notice::SemExitApplied { set, .. } => Some(*set),
-            Notice::SemResult { .. } | Notice::SegmentGone { .. } | Notice::KeyReplica { .. } => {
-                None
-            }
+            Notice::SemResult { .. }
+            | Notice::SegmentGone { .. }
+            | Notice::KeyReplica { .. }
+            | Notice::Load { .. } => None,
         }
     }
 }
@@ -742,6 +756,8 @@ pub enum ClientRequest {
     Nodes,
     Ipcs,
     Status,
+    /// The loads this node has heard of, its own first.
+    Loads,
     /// A migrator (root only) takes the node's memfd of a segment that a
     /// process moving here has attached, whatever its permissions or a
     /// pending removal (as a fork inherits it); counted as this
@@ -889,6 +905,7 @@ pub enum ClientReply {
     },
     Stat(ShmStat),
     Nodes(Vec<NodeInfo>),
+    Loads(Vec<LoadEntry>),
     Segments(Vec<ShmStat>),
     Status(Vec<NodeStatus>),
     SemId(i32),

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
     };
     if !matches!(
         command.as_str(),
-        "nodes" | "ipcs" | "status" | "ps" | "migrate"
+        "nodes" | "loads" | "ipcs" | "status" | "ps" | "migrate"
     ) {
         eprintln!("omctl: unknown command {command:?}\n{USAGE}");
         return ExitCode::from(2);
@@ -152,6 +152,18 @@ fn main() -> ExitCode {
                 println!(
                     "{:<8} {:<6} {:<8} {:<10}",
                     m.home_pid, m.home, m.runs_on, m.pid_there
+                );
+            }
+        }),
+        "loads" => client.loads().map(|loads| {
+            println!("{:<5} {:>6} {:>9} {:>7}", "node", "load", "free_mib", "age_s");
+            for l in loads {
+                println!(
+                    "{:<5} {:>6.2} {:>9} {:>7.1}",
+                    l.node,
+                    f64::from(l.load_milli) / 1000.0,
+                    l.free_kib / 1024,
+                    f64::from(l.age_ms) / 1000.0
                 );
             }
         }),

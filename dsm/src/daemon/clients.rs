@@ -491,6 +491,7 @@ impl Session {
                 Some(fd) => self.adopt(attachments, fd).await,
                 None => ClientReply::Err(libc::EINVAL),
             },
+            ClientRequest::Loads => ClientReply::Loads(self.core.borrow().loads()),
             ClientRequest::Nodes => {
                 let core = self.core.borrow();
                 let mut nodes = vec![NodeInfo {

@@ -173,6 +173,8 @@ pub struct Core {
     pub cpus_given: bool,
     /// What the load sampler last saw (`load.rs`).
     pub load: std::sync::Arc<std::sync::Mutex<super::load::NodeLoad>>,
+    /// The loads heard from the other nodes (`gossip.rs`).
+    pub gossip: super::gossip::Gossip,
     /// Holds what must outlive this daemon (see `crate::guardian`): each
     /// local process's uffd and pidfd, the pidfds of undo holders, the
     /// fast-path regions. `None` only if no guardian could be started.
@@ -217,6 +219,10 @@ impl Core {
             cpus: config.cpus.clone(),
             cpus_given: config.cpus_given,
             load: Default::default(),
+            gossip: super::gossip::Gossip::new(
+                config.node,
+                u64::from(config.node.0) ^ std::process::id().rotate_left(8) as u64,
+            ),
             me: config.node,
             incarnation,
             members: config.members(),
@@ -562,6 +568,10 @@ impl Core {
                 }
                 None => tracing::debug!(?node, id, "response to an unknown or timed-out request"),
             },
+            wire::PeerFrame::Control(Control::Notice(Notice::Load { entries })) => {
+                let now = self.clock_ms();
+                self.gossip.receive(now, &entries);
+            }
             wire::PeerFrame::Control(Control::Notice(Notice::SegmentGone { id })) => {
                 if id.home() == Some(node) {
                     self.drop_local_segment(id);
@@ -624,7 +634,53 @@ impl Core {
 
     /// Declare a peer lost: nothing it held can be had any more, and every
     /// wait on it ends now.
+    /// This node's own load, as the sampler last saw it.
+    fn own_load(&self) -> super::load::NodeLoad {
+        *self.load.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn clock_ms(&self) -> u64 {
+        self.clock_ns(Instant::now()) / 1_000_000
+    }
+
+    /// A gossip interval: this node's load, and the newest it heard, to
+    /// one node that is up.
+    pub fn gossip_tick(&mut self) {
+        let up: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| matches!(p.link, PeerLink::Up { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        let load = self.own_load();
+        let mine = ((load.load * 1000.0).round() as u32, load.free_kib);
+        let now = self.clock_ms();
+        if let Some((to, entries)) = self.gossip.tick(now, mine, &up) {
+            self.send_control(to, &Control::Notice(Notice::Load { entries }));
+        }
+    }
+
+    /// The loads known here, this node's first, with their ages now.
+    pub fn loads(&self) -> Vec<wire::LoadEntry> {
+        let load = self.own_load();
+        let now = self.clock_ms();
+        let mut all = vec![wire::LoadEntry {
+            node: self.me,
+            load_milli: (load.load * 1000.0).round() as u32,
+            free_kib: load.free_kib,
+            age_ms: 0,
+        }];
+        all.extend(self.gossip.known().iter().map(|(n, k)| wire::LoadEntry {
+            node: *n,
+            load_milli: k.load_milli,
+            free_kib: k.free_kib,
+            age_ms: now.saturating_sub(k.measured_ms).min(u64::from(u32::MAX)) as u32,
+        }));
+        all
+    }
+
     pub fn peer_lost(&mut self, node: NodeId) {
+        self.gossip.forget(node);
         let Some(peer) = self.peers.get_mut(&node) else {
             return;
         };
@@ -1872,7 +1928,7 @@ impl Core {
     }
 
     pub fn status(&self) -> NodeStatus {
-        let load = *self.load.lock().unwrap_or_else(|e| e.into_inner());
+        let load = self.own_load();
         NodeStatus {
             node: self.me.0,
             segments_homed: self.homes.len() as u64,

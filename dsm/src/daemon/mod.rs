@@ -5,6 +5,7 @@
 pub mod clients;
 pub mod config;
 mod core;
+pub mod gossip;
 pub mod load;
 mod migration;
 mod peers;
@@ -34,6 +35,9 @@ pub enum DaemonError {
 }
 
 /// Run the daemon until SIGTERM/SIGINT.
+/// How often a node tells one other its load (`gossip.rs`).
+const GOSSIP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub fn run(config: Config) -> Result<(), DaemonError> {
     match crate::uffd::probe_features() {
         Ok(f) if f & crate::uffd::REQUIRED_FEATURES == crate::uffd::REQUIRED_FEATURES => {}
@@ -124,6 +128,15 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         loop {
             tick.tick().await;
             heartbeat_core.borrow_mut().heartbeat(timeout);
+        }
+    });
+    let gossip_core = core.clone();
+    tokio::task::spawn_local(async move {
+        let mut tick = tokio::time::interval(GOSSIP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            gossip_core.borrow_mut().gossip_tick();
         }
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

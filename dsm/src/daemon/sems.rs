@@ -749,7 +749,9 @@ impl SemService {
             Notice::SemReturn { set, state } => self.on_return(from, set, *state, now),
             Notice::SemRecall { set } => self.on_recall(from, set),
             Notice::SemExitApplied { set, pid } => self.on_exit_applied(from, set, pid),
-            Notice::SegmentGone { .. } | Notice::KeyReplica { .. } => return false,
+            Notice::SegmentGone { .. } | Notice::KeyReplica { .. } | Notice::Load { .. } => {
+                return false
+            }
         }
         true
     }
