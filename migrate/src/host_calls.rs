@@ -66,6 +66,19 @@ struct Carried {
     at: Instant,
 }
 
+impl Carried {
+    fn new(id: u64, nr: i64, args: [u64; 6], result: Option<i64>) -> Carried {
+        Carried {
+            id,
+            nr,
+            args,
+            result,
+            answer_to: None,
+            at: Instant::now(),
+        }
+    }
+}
+
 /// How soon after a call by pid was given up the same call is taken for
 /// its restart.
 const RESTART_WITHIN: Duration = Duration::from_millis(500);
@@ -710,17 +723,8 @@ impl HostCalls {
             }
             // Its caller left it for a signal (often the one it sent) and
             // is about to make it again: it gets this result then.
-            self.carried.insert(
-                p.pid,
-                Carried {
-                    id,
-                    nr,
-                    args,
-                    result: Some(result),
-                    answer_to: None,
-                    at: Instant::now(),
-                },
-            );
+            self.carried
+                .insert(p.pid, Carried::new(id, nr, args, Some(result)));
             return;
         }
         let still = self.listener.as_ref().is_some_and(|l| l.still_waiting(id));
@@ -757,17 +761,7 @@ impl HostCalls {
         }
         if let Some((nr, args)) = p.by_pid {
             // Made at home all the same: kept for the caller's next try.
-            self.carried.insert(
-                p.pid,
-                Carried {
-                    id,
-                    nr,
-                    args,
-                    result: None,
-                    answer_to: None,
-                    at: Instant::now(),
-                },
-            );
+            self.carried.insert(p.pid, Carried::new(id, nr, args, None));
         } else if let Some(w) = &p.wait {
             // Between two looks, nothing is out at home.
             if w.again_at.is_none() {

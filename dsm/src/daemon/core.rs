@@ -643,15 +643,19 @@ impl Core {
         self.clock_ns(Instant::now()) / 1_000_000
     }
 
-    /// A gossip interval: this node's load, and the newest it heard, to
-    /// one node that is up.
-    pub fn gossip_tick(&mut self) {
-        let up: Vec<NodeId> = self
-            .peers
+    /// The peers whose link is up.
+    fn peers_up(&self) -> Vec<NodeId> {
+        self.peers
             .iter()
             .filter(|(_, p)| matches!(p.link, PeerLink::Up { .. }))
             .map(|(id, _)| *id)
-            .collect();
+            .collect()
+    }
+
+    /// A gossip interval: this node's load, and the newest it heard, to
+    /// one node that is up.
+    pub fn gossip_tick(&mut self) {
+        let up = self.peers_up();
         let load = self.own_load();
         let mine = ((load.load * 1000.0).round() as u32, load.free_kib);
         let now = self.clock_ms();
@@ -834,12 +838,7 @@ impl Core {
             }
             self.peer_lost(id);
         }
-        let up: Vec<NodeId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| matches!(p.link, PeerLink::Up { .. }))
-            .map(|(id, _)| *id)
-            .collect();
+        let up = self.peers_up();
         let sent_ns = self.clock_ns(Instant::now());
         for id in up {
             self.send_control(id, &Control::Ping { sent_ns });
