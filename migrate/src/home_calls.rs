@@ -419,9 +419,7 @@ impl HomeCalls {
                 Ok((!nothing_yet).then_some(outcome))
             }
             Call::Ioctl { request, arg } => {
-                let at = self.scratch(home)?;
-                let len = arg.len().min(crate::procfs::PAGE_SIZE as usize);
-                home.write(at, &arg[..len])?;
+                let (at, len) = self.in_scratch(arg, home)?;
                 let result = home.call(libc::SYS_ioctl, &[fd as u64, *request, at])?;
                 let data = home.read(at, len)?;
                 Ok(Some(Outcome { result, data }))
@@ -432,10 +430,7 @@ impl HomeCalls {
                 };
                 let mut args = *args;
                 if let Some(i) = info_at {
-                    let at = self.scratch(home)?;
-                    let len = info.len().min(crate::procfs::PAGE_SIZE as usize);
-                    home.write(at, &info[..len])?;
-                    args[i] = at;
+                    args[i] = self.in_scratch(info, home)?.0;
                 }
                 let result = home.call(*nr, &args)?;
                 if result == 0 && crate::home_pids::sends_signal(*nr) {
@@ -481,6 +476,19 @@ impl HomeCalls {
         }
         self.scratch = Some(at as u64);
         Ok(at as u64)
+    }
+
+    /// `bytes` (at most a page of them) put in the scratch page: where,
+    /// and how many.
+    fn in_scratch(
+        &mut self,
+        bytes: &[u8],
+        home: &mut dyn HomeProcess,
+    ) -> std::io::Result<(u64, usize)> {
+        let at = self.scratch(home)?;
+        let len = bytes.len().min(crate::procfs::PAGE_SIZE as usize);
+        home.write(at, &bytes[..len])?;
+        Ok((at, len))
     }
 
     fn lock_call(
