@@ -439,7 +439,7 @@ pub fn run(
     // What the copy got pending is no longer the home process's; what
     // came since goes to the copy as any later signal.
     for info in drain_pending(&mut tracee, &image.pending_signals)? {
-        link::send(&mut host, &AgentMsg::SignalInfo(info))?;
+        tell(&mut host, &AgentMsg::SignalInfo(info));
     }
     // Its timers run in the copy now: here they would fire twice.
     if let Err(e) = disarm_timers(&mut tracee, &image) {
@@ -459,7 +459,7 @@ pub fn run(
     let mut out = Vec::new();
     home_calls.first_readiness(&mut out);
     for msg in &out {
-        link::send(&mut host, msg)?;
+        tell(&mut host, msg);
     }
     line(
         report,
@@ -556,7 +556,8 @@ pub fn run(
                 Ok(AgentMsg::PageRequest { addr, len }) => {
                     push.requested(addr, len);
                     let bytes = tracee.read(addr, len as usize)?;
-                    link::send(&mut host, &AgentMsg::Pages { addr, bytes })?;
+                    // The copy may have ended meanwhile: reading decides.
+                    tell(&mut host, &AgentMsg::Pages { addr, bytes });
                 }
                 Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
                     let events = relays.on_message(msg);
@@ -647,7 +648,7 @@ pub fn run(
             // No more connections for the copy; the host answers `Quiet`
             // once it is done with those it has.
             listeners.quiesce();
-            link::send(&mut host, &AgentMsg::Quiesce)?;
+            tell(&mut host, &AgentMsg::Quiesce);
             returning = true;
         }
     }
