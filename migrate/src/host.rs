@@ -212,9 +212,13 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
         if ready[1] != 0 {
             match link::receive(&mut deputy) {
                 Ok(AgentMsg::Signal(sig)) => {
+                    signal_coming(&mut calls, sig, &mut deputy)?;
                     let _ = ptrace::kill(pid, sig);
                 }
-                Ok(AgentMsg::SignalInfo(info)) => ptrace::queue_signal(pid, &info),
+                Ok(AgentMsg::SignalInfo(info)) => {
+                    signal_coming(&mut calls, signo_in(&info), &mut deputy)?;
+                    ptrace::queue_signal(pid, &info);
+                }
                 Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
                     relays.on_message(msg);
                 }
@@ -274,6 +278,28 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
             }
         }
     }
+}
+
+/// Before signal `signo` is given to the copy: a call it waits in at home
+/// is given up first (`HostCalls::before_signal`).
+fn signal_coming(
+    calls: &mut HostCalls,
+    signo: i32,
+    deputy: &mut TcpStream,
+) -> Result<(), MigrateError> {
+    let mut out = Vec::new();
+    calls.before_signal(signo, &mut out);
+    for msg in &out {
+        link::send(deputy, msg)?;
+    }
+    Ok(())
+}
+
+/// The signal number at the head of a `siginfo_t` (0 if it is cut short).
+fn signo_in(info: &[u8]) -> i32 {
+    info.get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, i32::from_le_bytes)
 }
 
 /// How often a process with listeners is looked at (is it waiting for a

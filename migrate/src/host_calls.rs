@@ -64,6 +64,10 @@ struct Carried {
     /// When it was given up: a restart follows at once, and an equal call
     /// much later is a new one.
     at: Instant,
+    /// Given up by the host before a signal it queued for the caller (see
+    /// `before_signal`), not by the caller: if that signal did not stop the
+    /// wait after all, the caller still waits in this very call.
+    ahead_of_signal: bool,
 }
 
 impl Carried {
@@ -75,6 +79,7 @@ impl Carried {
             result,
             answer_to: None,
             at: Instant::now(),
+            ahead_of_signal: false,
         }
     }
 }
@@ -82,6 +87,11 @@ impl Carried {
 /// How soon after a call by pid was given up the same call is taken for
 /// its restart.
 const RESTART_WITHIN: Duration = Duration::from_millis(500);
+
+/// How long a call given up ahead of a signal may still be waited in
+/// before it is taken that the signal did not interrupt it: a task the
+/// signal woke leaves the wait within microseconds of running again.
+const SIGNAL_LEAVES_WITHIN: Duration = Duration::from_millis(100);
 
 impl Pending {
     /// A call of task `pid` made by the home process (no descriptor of its
@@ -269,7 +279,47 @@ impl HostCalls {
 
     /// How soon `tick` should look at the calls waiting.
     pub fn next_tick(&self) -> Option<Duration> {
-        (!self.pending.is_empty()).then_some(STILL_WAITING_CHECK)
+        let undecided = self
+            .carried
+            .values()
+            .any(|c| c.ahead_of_signal && c.result.is_some());
+        (!self.pending.is_empty() || undecided).then_some(STILL_WAITING_CHECK)
+    }
+
+    /// A signal for the process is about to be queued. If the process
+    /// waits in a call by pid carried out at home, the signal will
+    /// interrupt that wait, and the kernel may then drop an answer sent
+    /// while the task is waking (the reply is taken, the call restarted
+    /// all the same: the call would be made at home twice). So the call is
+    /// given up first, and its restart answered with its result.
+    pub fn before_signal(&mut self, signo: i32, out: &mut Vec<AgentMsg>) {
+        let process = self.process;
+        let Some(&id) = self.waiting.get(&process) else {
+            return;
+        };
+        let carried_out = self.pending.get(&id).is_some_and(|p| p.by_pid.is_some());
+        let restart_waiting = self
+            .carried
+            .get(&process)
+            .is_some_and(|c| c.answer_to == Some(id));
+        if !(carried_out || restart_waiting) {
+            return;
+        }
+        // Unreadable: taken as interrupting; `tick` finds out otherwise.
+        if !crate::procfs::signal_interrupts(process, signo).unwrap_or(true) {
+            return;
+        }
+        if carried_out {
+            self.give_up(id, out);
+        } else {
+            self.waiting.remove(&process);
+        }
+        if let Some(c) = self.carried.get_mut(&process) {
+            // The next restart is the one after this signal.
+            c.answer_to = None;
+            c.at = Instant::now();
+            c.ahead_of_signal = true;
+        }
     }
 
     /// After a poll of `poll_set`.
@@ -587,6 +637,34 @@ impl HostCalls {
         }
     }
 
+    /// A call given up ahead of a signal that its caller still waits in
+    /// well after: the signal did not interrupt it (blocked or ignored
+    /// meanwhile), and it gets its result as any answer.
+    fn answer_calls_no_signal_left(&mut self) {
+        let Some(l) = &self.listener else {
+            return;
+        };
+        let answered: Vec<i32> = self
+            .carried
+            .iter()
+            .filter(|(_, c)| c.ahead_of_signal && c.at.elapsed() >= SIGNAL_LEAVES_WITHIN)
+            .filter_map(|(&task, c)| {
+                let result = c.result?;
+                (l.still_waiting(c.id) && l.answer_reached(c.id, result).unwrap_or(false))
+                    .then_some(task)
+            })
+            .collect();
+        for task in answered {
+            self.carried.remove(&task);
+        }
+        // Past that time the caller left it: an ordinary carried call now.
+        for c in self.carried.values_mut() {
+            if c.ahead_of_signal && c.result.is_some() && c.at.elapsed() >= SIGNAL_LEAVES_WITHIN {
+                c.ahead_of_signal = false;
+            }
+        }
+    }
+
     /// Waits on both sides due for another look: run here if a child here
     /// has something, else ask home again.
     fn look_again(&mut self, out: &mut Vec<AgentMsg>) {
@@ -809,6 +887,7 @@ impl HostCalls {
         for id in gone {
             self.give_up(id, out);
         }
+        self.answer_calls_no_signal_left();
         self.look_again(out);
     }
 

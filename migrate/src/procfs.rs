@@ -240,10 +240,29 @@ pub fn fds(pid: i32) -> io::Result<Vec<(i32, String, i32, u64)>> {
 /// Signals whose action is not the default (caught or ignored), as a mask
 /// with bit N-1 for signal N.
 pub fn non_default_signals(pid: i32) -> io::Result<u64> {
-    let field = |key: &str| -> io::Result<u64> {
-        u64::from_str_radix(&status_field(pid, key)?, 16).map_err(|_| bad("signal mask", key))
+    Ok(signal_mask(pid, "SigCgt")? | signal_mask(pid, "SigIgn")?)
+}
+
+/// A signal mask line of /proc/PID/status ("SigBlk", "SigIgn", …).
+fn signal_mask(pid: i32, key: &str) -> io::Result<u64> {
+    u64::from_str_radix(&status_field(pid, key)?, 16).map_err(|_| bad("signal mask", key))
+}
+
+/// Whether signal `signo`, sent to `pid` (single-threaded, not traced)
+/// now, would interrupt a system call it waits in: not blocked, and not
+/// discarded when sent (ignored, or by default as SIGCHLD is).
+pub fn signal_interrupts(pid: i32, signo: i32) -> io::Result<bool> {
+    let mask = |key: &str| signal_mask(pid, key);
+    let Some(bit) = u32::try_from(signo - 1)
+        .ok()
+        .and_then(|n| 1u64.checked_shl(n))
+    else {
+        return Ok(false);
     };
-    Ok(field("SigCgt")? | field("SigIgn")?)
+    let default_ignored = [libc::SIGCHLD, libc::SIGURG, libc::SIGWINCH, libc::SIGCONT];
+    let discarded = mask("SigIgn")? & bit != 0
+        || (mask("SigCgt")? & bit == 0 && default_ignored.contains(&signo));
+    Ok(signo == libc::SIGKILL || (mask("SigBlk")? & bit == 0 && !discarded))
 }
 
 pub fn thread_count(pid: i32) -> io::Result<usize> {
