@@ -216,7 +216,7 @@ pub fn run(h: &Host, listener: TcpListener, report: &mut dyn Write) -> Result<()
                     let _ = ptrace::kill(pid, sig);
                 }
                 Ok(AgentMsg::SignalInfo(info)) => {
-                    signal_coming(&mut calls, signo_in(&info), &mut deputy)?;
+                    signal_coming(&mut calls, ptrace::signo_of(&info), &mut deputy)?;
                     ptrace::queue_signal(pid, &info);
                 }
                 Ok(msg @ (AgentMsg::Data { .. } | AgentMsg::Shut { .. })) => {
@@ -293,13 +293,6 @@ fn signal_coming(
         link::send(deputy, msg)?;
     }
     Ok(())
-}
-
-/// The signal number at the head of a `siginfo_t` (0 if it is cut short).
-fn signo_in(info: &[u8]) -> i32 {
-    info.get(..4)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, i32::from_le_bytes)
 }
 
 /// How often a process with listeners is looked at (is it waiting for a

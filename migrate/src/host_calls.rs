@@ -644,25 +644,18 @@ impl HostCalls {
         let Some(l) = &self.listener else {
             return;
         };
-        let answered: Vec<i32> = self
-            .carried
-            .iter()
-            .filter(|(_, c)| c.ahead_of_signal && c.at.elapsed() >= SIGNAL_LEAVES_WITHIN)
-            .filter_map(|(&task, c)| {
-                let result = c.result?;
-                (l.still_waiting(c.id) && l.answer_reached(c.id, result).unwrap_or(false))
-                    .then_some(task)
-            })
-            .collect();
-        for task in answered {
-            self.carried.remove(&task);
-        }
-        // Past that time the caller left it: an ordinary carried call now.
-        for c in self.carried.values_mut() {
-            if c.ahead_of_signal && c.result.is_some() && c.at.elapsed() >= SIGNAL_LEAVES_WITHIN {
-                c.ahead_of_signal = false;
+        self.carried.retain(|_, c| {
+            let Some(result) = c.result else {
+                return true;
+            };
+            if !c.ahead_of_signal || c.at.elapsed() < SIGNAL_LEAVES_WITHIN {
+                return true;
             }
-        }
+            let answered = l.still_waiting(c.id) && l.answer_reached(c.id, result).unwrap_or(false);
+            // Not answered: the caller left it, an ordinary carried call now.
+            c.ahead_of_signal = false;
+            !answered
+        });
     }
 
     /// Waits on both sides due for another look: run here if a child here

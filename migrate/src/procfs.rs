@@ -198,10 +198,15 @@ pub fn state(pid: i32) -> Option<char> {
 /// One line of /proc/PID/status, by its key ("Uid", "Umask", …).
 pub fn status_field(pid: i32, key: &str) -> io::Result<String> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    field_of_status(&status, key).map(str::to_string)
+}
+
+/// The value of line `key` of a /proc/PID/status text.
+fn field_of_status<'a>(status: &'a str, key: &str) -> io::Result<&'a str> {
     status
         .lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .map(|v| v.trim().to_string())
+        .map(str::trim)
         .ok_or_else(|| bad("status key", key))
 }
 
@@ -240,29 +245,36 @@ pub fn fds(pid: i32) -> io::Result<Vec<(i32, String, i32, u64)>> {
 /// Signals whose action is not the default (caught or ignored), as a mask
 /// with bit N-1 for signal N.
 pub fn non_default_signals(pid: i32) -> io::Result<u64> {
-    Ok(signal_mask(pid, "SigCgt")? | signal_mask(pid, "SigIgn")?)
+    let [caught, ignored] = signal_masks(pid, ["SigCgt", "SigIgn"])?;
+    Ok(caught | ignored)
 }
 
-/// A signal mask line of /proc/PID/status ("SigBlk", "SigIgn", …).
-fn signal_mask(pid: i32, key: &str) -> io::Result<u64> {
-    u64::from_str_radix(&status_field(pid, key)?, 16).map_err(|_| bad("signal mask", key))
+/// Signal mask lines of /proc/PID/status ("SigBlk", "SigIgn", …), from one
+/// read of it.
+fn signal_masks<const N: usize>(pid: i32, keys: [&str; N]) -> io::Result<[u64; N]> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let mut masks = [0; N];
+    for (mask, key) in masks.iter_mut().zip(keys) {
+        *mask = u64::from_str_radix(field_of_status(&status, key)?, 16)
+            .map_err(|_| bad("signal mask", key))?;
+    }
+    Ok(masks)
 }
 
 /// Whether signal `signo`, sent to `pid` (single-threaded, not traced)
 /// now, would interrupt a system call it waits in: not blocked, and not
 /// discarded when sent (ignored, or by default as SIGCHLD is).
 pub fn signal_interrupts(pid: i32, signo: i32) -> io::Result<bool> {
-    let mask = |key: &str| signal_mask(pid, key);
     let Some(bit) = u32::try_from(signo - 1)
         .ok()
         .and_then(|n| 1u64.checked_shl(n))
     else {
         return Ok(false);
     };
+    let [blocked, ignored, caught] = signal_masks(pid, ["SigBlk", "SigIgn", "SigCgt"])?;
     let default_ignored = [libc::SIGCHLD, libc::SIGURG, libc::SIGWINCH, libc::SIGCONT];
-    let discarded = mask("SigIgn")? & bit != 0
-        || (mask("SigCgt")? & bit == 0 && default_ignored.contains(&signo));
-    Ok(signo == libc::SIGKILL || (mask("SigBlk")? & bit == 0 && !discarded))
+    let discarded = ignored & bit != 0 || (caught & bit == 0 && default_ignored.contains(&signo));
+    Ok(signo == libc::SIGKILL || (blocked & bit == 0 && !discarded))
 }
 
 pub fn thread_count(pid: i32) -> io::Result<usize> {

@@ -94,9 +94,11 @@ fn queued_by_a_process(info: &SigInfo) -> bool {
     code < 0 && code != SI_TKILL
 }
 
-/// The signal number of a `siginfo_t`.
-pub fn signo_of(info: &SigInfo) -> i32 {
-    i32::from_le_bytes([info[0], info[1], info[2], info[3]])
+/// The signal number of a `siginfo_t` (0 if it is cut short).
+pub fn signo_of(info: &[u8]) -> i32 {
+    info.get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, i32::from_le_bytes)
 }
 
 /// The `siginfo_t` of the signal `pid` is stopped to be given (at a
