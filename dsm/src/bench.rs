@@ -53,6 +53,7 @@ fn daemon_config(n: u8, port: u16, dir: &std::path::Path) -> Config {
             .map(|m| (NodeId(m), addr(m)))
             .collect(),
         secret: None,
+        balance: true,
         peer_timeout: Duration::from_secs(5),
         heartbeat: Duration::from_millis(500),
         sem_lend_after: std::env::var("BENCH_SEM_LEND_AFTER")

@@ -34,6 +34,10 @@ use std::time::Duration;
 /// The environment variable naming the daemon's socket.
 pub const SOCKET_ENV: &str = "DSMD_SOCKET";
 
+/// Set by `omrun --lock`: the balancer never moves the process, nor the
+/// children that inherit it.
+pub const LOCK_ENV: &str = "MIGSHM_LOCK";
+
 /// How long a call may wait for the daemon (it bounds its own waits on
 /// other nodes well below this).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -785,6 +789,36 @@ impl Client {
         match self.call(&ClientRequest::Ps)? {
             ClientReply::Migrations(list) => Ok(list),
             ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Every process under `omrun`, cluster-wide: where it runs and why.
+    pub fn placements(&self) -> Result<Vec<wire::Placement>, Error> {
+        match self.call(&ClientRequest::Placements)? {
+            ClientReply::Placements(list) => Ok(list),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// What `omctl top` shows.
+    pub fn top(&self) -> Result<wire::TopFrame, Error> {
+        match self.call(&ClientRequest::Top)? {
+            ClientReply::Top(frame) => Ok(frame),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            other => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// `omctl balance|block|unblock|expel|lock|unlock`: `Ok` or
+    /// `Value(n)` answers, `n` (0 for `Ok`).
+    pub fn control(&self, request: &ClientRequest) -> Result<i32, Error> {
+        match self.call(request)? {
+            ClientReply::Ok => Ok(0),
+            ClientReply::Value(n) => Ok(n),
+            ClientReply::Err(e) => Err(Error::Errno(e)),
+            ClientReply::Refused(why) => Err(Error::Refused(why)),
             other => Err(Error::Protocol(format!("{other:?}"))),
         }
     }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use sysv::sem::{SemBuf, SemSet};
 
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 pub const MAGIC: [u8; 4] = *b"MSHM";
 /// Largest peer frame: a read grant with the full read-ahead, plus slack.
 pub const PEER_FRAME_MAX: usize = (crate::coherence::PREFETCH_PAGES_MAX as usize + 2) * PAGE_SIZE;
@@ -144,16 +144,33 @@ pub enum RpcRequest {
     StartHost {
         token: u128,
         home_pid: i32,
+        /// Placed by hand or locked: its new node's balancer leaves it.
+        pinned: bool,
     },
     /// This node's migrated and guest processes.
     Migrations,
     /// `omctl migrate`, asked on the node a process runs on, for its home
-    /// (which does it): the caller's uid, the home pid, the target.
+    /// (which does it): the caller's uid, the home pid, the target; and
+    /// who asks (the balancer's requests are refused for a process that is
+    /// locked or was placed by hand).
     Migrate {
         uid: u32,
         pid: i32,
         to: Option<NodeId>,
+        cause: MoveCause,
     },
+    /// `omctl lock|unlock PID`, asked on the node a process runs on, for
+    /// its home (which keeps the lock).
+    Lock {
+        uid: u32,
+        pid: i32,
+        locked: bool,
+    },
+    /// The moves this node made in the last minute (`omctl top`).
+    RecentMoves,
+    /// Every process under `omrun` homed or running here, and why it is
+    /// where it is (`omctl ps`).
+    Placements,
     /// To a migrated process's home: process `pid` of this node, running
     /// on the asking node, is about to make SEM_UNDO operations on `set`:
     /// its exit here must apply them. `Err(ESRCH)`: it is gone.
@@ -201,6 +218,62 @@ pub enum RpcResponse {
     /// nothing of it was applied; the caller asks again, from wherever it
     /// runs by then.
     Withdrawn,
+    Moves(Vec<MoveRecord>),
+    Placements(Vec<Placement>),
+}
+
+/// Who moves a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoveCause {
+    /// `omctl migrate`, `omrun --node`.
+    Hand,
+    Balancer,
+    /// Its node was told to send its guests home (`omctl expel`).
+    Expelled,
+}
+
+impl MoveCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveCause::Hand => "by hand",
+            MoveCause::Balancer => "balancer",
+            MoveCause::Expelled => "expelled",
+        }
+    }
+}
+
+/// A move a home node made of one of its processes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    pub home: NodeId,
+    pub home_pid: i32,
+    pub from: NodeId,
+    pub to: NodeId,
+    /// How long ago it ended, when sent.
+    pub ago_ms: u32,
+    pub cause: MoveCause,
+    /// Whether the process runs at `to` now (else the reason it failed).
+    pub failed: Option<String>,
+}
+
+/// Where a process under `omrun` runs, and why there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub home: NodeId,
+    pub home_pid: i32,
+    pub runs_on: NodeId,
+    pub pid_there: i32,
+    /// `moved by the balancer`, `moved by hand`, `locked`, `cannot move:
+    /// REASON`, `at home`...
+    pub why: String,
+}
+
+/// `omctl top`'s frame: every node's figures, the moves of the last
+/// minute, whether this node balances.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopFrame {
+    pub nodes: Vec<LoadEntry>,
+    pub moves: Vec<MoveRecord>,
 }
 
 /// One-way notices between daemons.
@@ -265,6 +338,21 @@ pub struct LoadEntry {
     pub free_kib: u64,
     /// How long ago it was measured, when sent.
     pub age_ms: u32,
+    /// Its CPUs times its speed, in thousandths (what a process's demand
+    /// is divided by there).
+    pub capacity_milli: u32,
+    /// It takes no guests (`omctl block`, `expel`).
+    pub blocked: bool,
+    /// Its balancer runs (`omctl balance on|off`, `dsmd --no-balance`).
+    pub balancing: bool,
+    /// Processes from other nodes running there.
+    pub guests: u16,
+    /// Processes under `omrun` running there (guests included).
+    pub procs: u16,
+    /// Page faults its daemon served, and pages it sent and received over
+    /// the network, per second (over the last gossip interval).
+    pub faults_per_s: u32,
+    pub pages_per_s: u32,
 }
 
 /// An object to create (`key` 0: `IPC_PRIVATE`).
@@ -780,6 +868,27 @@ pub enum ClientRequest {
     },
     /// `omctl ps`: migrated processes, cluster-wide.
     Ps,
+    /// `omctl balance on|off` (root only).
+    Balance {
+        on: bool,
+    },
+    /// `omctl block|unblock` (root only): take guests or not.
+    Block {
+        blocked: bool,
+    },
+    /// `omctl expel` (root only): block, and send every guest home.
+    /// Answered `Value(n)`: how many went home.
+    Expel,
+    /// `omctl lock|unlock PID`: the balancer never moves a locked process
+    /// (PID as `omctl migrate` takes it).
+    Lock {
+        pid: i32,
+        locked: bool,
+    },
+    /// `omctl ps` with reasons: every process under `omrun`, cluster-wide.
+    Placements,
+    /// `omctl top`: answered `Top`.
+    Top,
     /// Attachments and connections of a local process (root only).
     ProcessInfo {
         pid: i32,
@@ -923,6 +1032,8 @@ pub enum ClientReply {
     /// nothing of it was applied; the caller asks again, from wherever it
     /// runs by then.
     Withdrawn,
+    Placements(Vec<Placement>),
+    Top(TopFrame),
 }
 
 /// A process that runs away from its home node.

@@ -523,7 +523,103 @@ impl Session {
                 ClientReply::Segments(all)
             }
             ClientRequest::Migrate { pid, to } => {
-                super::migration::migrate(&self.core, self.uid, pid, to).await
+                super::migration::migrate(&self.core, self.uid, pid, to, wire::MoveCause::Hand)
+                    .await
+            }
+            ClientRequest::Balance { .. } | ClientRequest::Block { .. } | ClientRequest::Expel
+                if self.uid != 0 =>
+            {
+                ClientReply::Err(libc::EPERM)
+            }
+            ClientRequest::Balance { on } => {
+                self.core.borrow_mut().placement.enabled = on;
+                tracing::info!(on, "balancing");
+                ClientReply::Ok
+            }
+            ClientRequest::Block { blocked } => {
+                self.core.borrow_mut().placement.blocked = blocked;
+                tracing::info!(blocked, "guests");
+                ClientReply::Ok
+            }
+            ClientRequest::Expel => {
+                let guests = {
+                    let mut core = self.core.borrow_mut();
+                    core.placement.blocked = true;
+                    core.migrations.guest_list()
+                };
+                let mut sent = 0;
+                for g in guests {
+                    let reply = super::migration::migrate(
+                        &self.core,
+                        0,
+                        g.home_pid,
+                        None,
+                        wire::MoveCause::Expelled,
+                    )
+                    .await;
+                    match reply {
+                        ClientReply::Ok => sent += 1,
+                        other => {
+                            tracing::warn!(home = ?g.home, pid = g.home_pid, "expel: {other:?}")
+                        }
+                    }
+                }
+                ClientReply::Value(sent)
+            }
+            ClientRequest::Lock { pid, locked } => {
+                let home = self.core.borrow().migrations.home_of_guest(pid);
+                let result = match home {
+                    Some(home) => {
+                        let req = RpcRequest::Lock {
+                            uid: self.uid,
+                            pid,
+                            locked,
+                        };
+                        match self.rpc(home, req).await {
+                            RpcResponse::Ok => Ok(()),
+                            RpcResponse::Err(e) => Err(e),
+                            _ => Err(libc::EPROTO),
+                        }
+                    }
+                    None => self.core.borrow_mut().lock(self.uid, pid, locked),
+                };
+                match result {
+                    Ok(()) => ClientReply::Ok,
+                    Err(e) => ClientReply::Err(e),
+                }
+            }
+            ClientRequest::Placements => {
+                let mut all: Vec<wire::Placement> = Vec::new();
+                for reply in self.ask_every_live_node(RpcRequest::Placements).await {
+                    if let RpcResponse::Placements(list) = reply {
+                        for p in list {
+                            // A guest is listed by its home too; the home
+                            // knows why it moved.
+                            match all
+                                .iter_mut()
+                                .find(|a| a.home == p.home && a.home_pid == p.home_pid)
+                            {
+                                Some(known) if known.runs_on == known.home => {}
+                                Some(known) if p.runs_on == p.home => *known = p,
+                                Some(_) => {}
+                                None => all.push(p),
+                            }
+                        }
+                    }
+                }
+                all.sort_by_key(|p| (p.home, p.home_pid));
+                ClientReply::Placements(all)
+            }
+            ClientRequest::Top => {
+                let nodes = self.core.borrow().loads();
+                let mut moves = Vec::new();
+                for reply in self.ask_every_live_node(RpcRequest::RecentMoves).await {
+                    if let RpcResponse::Moves(list) = reply {
+                        moves.extend(list);
+                    }
+                }
+                moves.sort_by_key(|m| m.ago_ms);
+                ClientReply::Top(wire::TopFrame { nodes, moves })
             }
             ClientRequest::MigrateCheck { pid } => {
                 super::migration::check(&self.core, self.uid, pid).await

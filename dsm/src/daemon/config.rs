@@ -51,6 +51,9 @@ pub struct Args {
     /// divided by it.
     #[arg(long)]
     pub speed: Option<f64>,
+    /// Do not move processes by load (`omctl balance on` starts it).
+    #[arg(long = "no-balance")]
+    pub no_balance: bool,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -67,6 +70,8 @@ struct FileConfig {
     sem_lend_after: Option<u32>,
     cpus: Option<String>,
     speed: Option<f64>,
+    /// `balance = false`: as `--no-balance`.
+    balance: Option<bool>,
 }
 
 /// A validated configuration.
@@ -86,6 +91,8 @@ pub struct Config {
     pub cpus_given: bool,
     /// See `--speed`.
     pub speed: f64,
+    /// Whether the balancer runs (`--no-balance`, `balance = false`).
+    pub balance: bool,
 }
 
 impl Config {
@@ -183,6 +190,7 @@ impl Config {
             cpus,
             cpus_given,
             speed,
+            balance: !args.no_balance && file.balance.unwrap_or(true),
             node,
             listen,
             socket,

@@ -193,6 +193,14 @@ pub struct Core {
     pub remote_requests: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Where processes run and why; the balancer (`placement.rs`).
+    pub placement: super::placement::Placements,
+    /// CPUs times speed: what a process's demand is divided by here.
+    pub capacity: f64,
+    /// Faults served and pages sent or received per second, over the last
+    /// gossip interval, and the counts and time they were taken from.
+    rates: (u32, u32),
+    rates_from: (Instant, u64, u64),
 }
 
 impl Core {
@@ -270,6 +278,14 @@ impl Core {
             remote_requests: 0,
             bytes_sent: 0,
             bytes_received: 0,
+            placement: super::placement::Placements::new(
+                config.node,
+                &config.socket,
+                config.balance,
+            ),
+            capacity: config.cpus.len().max(1) as f64 * config.speed,
+            rates: (0, 0),
+            rates_from: (now, 0, 0),
         }
     }
 
@@ -400,6 +416,9 @@ impl Core {
             page: PageIndex(m.page_at(page_addr) as u32),
         };
         tracing::trace!(proc, ?page, write, "fault");
+        if let Some(p) = self.store.procs.get_mut(&proc) {
+            p.faults += 1;
+        }
         if page.seg.home() != Some(self.me) {
             crate::faults::point("dsmd.remote_fault");
         }
@@ -536,14 +555,20 @@ impl Core {
             wire::PeerFrame::Control(Control::Pong { echo_ns }) => self.on_pong(node, echo_ns),
             wire::PeerFrame::Control(Control::Request {
                 id,
-                body: RpcRequest::Migrate { uid, pid, to },
+                body:
+                    RpcRequest::Migrate {
+                        uid,
+                        pid,
+                        to,
+                        cause,
+                    },
             }) => {
                 // Answered when the move is done, by a task of its own.
                 let Some(core) = self.self_ref.upgrade() else {
                     return Ok(());
                 };
                 tokio::task::spawn_local(async move {
-                    let reply = match super::migration::migrate(&core, uid, pid, to).await {
+                    let reply = match super::migration::migrate(&core, uid, pid, to, cause).await {
                         wire::ClientReply::Ok => RpcResponse::Ok,
                         wire::ClientReply::Refused(why) => RpcResponse::Refused(why),
                         wire::ClientReply::Err(e) => RpcResponse::Err(e),
@@ -639,7 +664,7 @@ impl Core {
         *self.load.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn clock_ms(&self) -> u64 {
+    pub fn clock_ms(&self) -> u64 {
         self.clock_ns(Instant::now()) / 1_000_000
     }
 
@@ -655,32 +680,188 @@ impl Core {
     /// A gossip interval: this node's load, and the newest it heard, to
     /// one node that is up.
     pub fn gossip_tick(&mut self) {
+        let now_instant = Instant::now();
+        let (since, faults, pages) = self.rates_from;
+        let pages_now = (self.bytes_sent + self.bytes_received) / crate::ids::PAGE_SIZE as u64;
+        let secs = now_instant.duration_since(since).as_secs_f64();
+        if secs > 0.0 {
+            let per_s = |n: u64| (n as f64 / secs).round().min(f64::from(u32::MAX)) as u32;
+            self.rates = (
+                per_s(self.store.faults_served.saturating_sub(faults)),
+                per_s(pages_now.saturating_sub(pages)),
+            );
+        }
+        self.rates_from = (now_instant, self.store.faults_served, pages_now);
         let up = self.peers_up();
-        let load = self.own_load();
-        let mine = ((load.load * 1000.0).round() as u32, load.free_kib);
+        let mine = self.own_entry();
         let now = self.clock_ms();
         if let Some((to, entries)) = self.gossip.tick(now, mine, &up) {
             self.send_control(to, &Control::Notice(Notice::Load { entries }));
         }
     }
 
-    /// The loads known here, this node's first, with their ages now.
-    pub fn loads(&self) -> Vec<wire::LoadEntry> {
+    /// This node's figures, as gossiped.
+    fn own_entry(&self) -> wire::LoadEntry {
         let load = self.own_load();
-        let now = self.clock_ms();
-        let mut all = vec![wire::LoadEntry {
+        wire::LoadEntry {
             node: self.me,
             load_milli: (load.load * 1000.0).round() as u32,
             free_kib: load.free_kib,
             age_ms: 0,
-        }];
-        all.extend(self.gossip.known().iter().map(|(n, k)| wire::LoadEntry {
-            node: *n,
-            load_milli: k.load_milli,
-            free_kib: k.free_kib,
+            capacity_milli: (self.capacity * 1000.0).round() as u32,
+            blocked: self.placement.blocked,
+            balancing: self.placement.enabled,
+            guests: self
+                .migrations
+                .guest_list()
+                .len()
+                .min(usize::from(u16::MAX)) as u16,
+            procs: self.placement.running_here.min(usize::from(u16::MAX)) as u16,
+            faults_per_s: self.rates.0,
+            pages_per_s: self.rates.1,
+        }
+    }
+
+    /// The loads known here, this node's first, with their ages now.
+    pub fn loads(&self) -> Vec<wire::LoadEntry> {
+        let now = self.clock_ms();
+        let mut all = vec![self.own_entry()];
+        all.extend(self.gossip.known().values().map(|k| wire::LoadEntry {
             age_ms: now.saturating_sub(k.measured_ms).min(u64::from(u32::MAX)) as u32,
+            ..k.entry
         }));
         all
+    }
+
+    /// What a balancing round weighs (`placement::round`): the time, this
+    /// node's load, the other nodes' (known and up), the processes it may
+    /// move. `None` when there is nothing to weigh.
+    pub fn balance_inputs(&mut self) -> Option<super::placement::RoundInputs> {
+        use super::balance::NodeView;
+        let now = self.clock_ms();
+        let up = self.peers_up();
+        let others: Vec<NodeView> = self
+            .gossip
+            .known()
+            .values()
+            .filter(|k| up.contains(&k.entry.node))
+            .map(|k| NodeView {
+                node: k.entry.node,
+                load: f64::from(k.entry.load_milli) / 1000.0,
+                capacity: f64::from(k.entry.capacity_milli.max(1)) / 1000.0,
+                measured_ms: k.measured_ms,
+                blocked: k.entry.blocked,
+            })
+            .collect();
+        let here = NodeView {
+            node: self.me,
+            load: self.own_load().load,
+            capacity: self.capacity,
+            measured_ms: now,
+            blocked: self.placement.blocked,
+        };
+        let mut faults: HashMap<i32, u64> = HashMap::new();
+        for p in self.store.procs.values() {
+            *faults.entry(p.pid).or_default() += p.faults;
+        }
+        let home_here: Vec<(i32, u64)> = self
+            .placement
+            .started_here()
+            .into_iter()
+            .filter(|(pid, _)| self.migrations.runs_or_moves_to(*pid).is_none())
+            .map(|(pid, _)| (pid, faults.get(&pid).copied().unwrap_or(0)))
+            .collect();
+        let guests: Vec<_> = self
+            .migrations
+            .guest_list()
+            .into_iter()
+            .map(|g| {
+                (
+                    g.pid,
+                    g.home,
+                    g.home_pid,
+                    g.pinned,
+                    self.clock_ns(g.arrived) / 1_000_000,
+                    faults.get(&g.pid).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        let candidates = self.placement.candidates(self.me, now, &home_here, &guests);
+        if others.is_empty() {
+            return None;
+        }
+        Some((now, here, others, candidates))
+    }
+
+    /// `omctl lock|unlock PID` at the process's home.
+    pub fn lock(&mut self, uid: u32, pid: i32, locked: bool) -> Result<(), i32> {
+        super::migration::may_act_on(uid, pid)?;
+        self.placement.set_lock(pid, locked);
+        Ok(())
+    }
+
+    /// Every process under `omrun` homed here or running here as a guest,
+    /// and why it is where it is.
+    pub fn placements(&mut self) -> Vec<wire::Placement> {
+        let mut out = Vec::new();
+        let started: Vec<i32> = self
+            .placement
+            .started_here()
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect();
+        for pid in started {
+            let away = self.migrations.is_migrated(pid);
+            let pid_there = self
+                .migrations
+                .entries()
+                .into_iter()
+                .find(|e| e.home == self.me && e.home_pid == pid)
+                .map_or(pid, |e| e.pid_there);
+            let locked = self.placement.is_locked(pid);
+            let last = self.placement.last_move(pid);
+            let moved = |cause: wire::MoveCause| match cause {
+                wire::MoveCause::Balancer => "moved by the balancer",
+                wire::MoveCause::Hand => "moved by hand",
+                wire::MoveCause::Expelled => "sent home (its node expelled its guests)",
+            };
+            let why = match (away, last) {
+                (Some(_), Some((cause, _))) if locked => format!("{}, locked", moved(cause)),
+                (Some(_), Some((cause, _))) => moved(cause).to_string(),
+                (Some(_), None) => "moved".to_string(),
+                (None, _) if locked => "locked".to_string(),
+                (None, _) => match self.placement.balancer.stay_reason(pid) {
+                    Some(reason) => format!("cannot move: {}", reason.replace('\n', "; ")),
+                    None if !self.placement.enabled => "at home (balancing off)".to_string(),
+                    None => match last {
+                        Some((cause, _)) => format!("at home ({})", moved(cause)),
+                        None => "at home".to_string(),
+                    },
+                },
+            };
+            out.push(wire::Placement {
+                home: self.me,
+                home_pid: pid,
+                runs_on: away.unwrap_or(self.me),
+                pid_there,
+                why,
+            });
+        }
+        for g in self.migrations.guest_list() {
+            let why = match self.placement.balancer.stay_reason(g.pid) {
+                Some(reason) => format!("guest; cannot move: {}", reason.replace('\n', "; ")),
+                None if g.pinned => "guest, pinned".to_string(),
+                None => "guest".to_string(),
+            };
+            out.push(wire::Placement {
+                home: g.home,
+                home_pid: g.home_pid,
+                runs_on: self.me,
+                pid_there: g.pid,
+                why,
+            });
+        }
+        out
     }
 
     pub fn peer_lost(&mut self, node: NodeId) {
@@ -1030,6 +1211,7 @@ impl Core {
                 pidfd,
                 uffd,
                 guarded: false,
+                faults: 0,
             },
         );
         if let Err(e) = self.ensure_guarded(id) {
@@ -1896,10 +2078,18 @@ impl Core {
                     .collect(),
             ),
             RpcRequest::Status => R::Status(self.status()),
-            RpcRequest::StartHost { token, home_pid } => {
+            RpcRequest::StartHost { .. } if self.placement.blocked => R::Refused(format!(
+                "node {} takes no guests (blocked: omctl unblock)",
+                self.me
+            )),
+            RpcRequest::StartHost {
+                token,
+                home_pid,
+                pinned,
+            } => {
                 match self
                     .migrations
-                    .start_host(self.listen.ip(), token, from, home_pid)
+                    .start_host(self.listen.ip(), token, from, home_pid, pinned)
                 {
                     Ok(port) => {
                         crate::faults::point("dsmd.start_host");
@@ -1912,6 +2102,12 @@ impl Core {
                 }
             }
             RpcRequest::Migrations => R::Migrations(self.migrations.entries()),
+            RpcRequest::RecentMoves => R::Moves(self.placement.recent(self.clock_ms())),
+            RpcRequest::Placements => R::Placements(self.placements()),
+            RpcRequest::Lock { uid, pid, locked } => match self.lock(uid, pid, locked) {
+                Ok(()) => R::Ok,
+                Err(e) => R::Err(e),
+            },
             RpcRequest::SemNoteUndo { pid, set } => {
                 if self.migrations.runs_or_moves_to(pid) != Some(from) {
                     R::Err(libc::EPERM)

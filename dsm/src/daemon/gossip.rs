@@ -20,8 +20,8 @@ pub const FORGET_AFTER_MS: u64 = 10_000;
 /// One node's load, as known here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Known {
-    pub load_milli: u32,
-    pub free_kib: u64,
+    /// As it came (its `age_ms` is that of when it came).
+    pub entry: LoadEntry,
     /// When it was measured, by this node's clock (ms).
     pub measured_ms: u64,
 }
@@ -54,7 +54,7 @@ impl Gossip {
     pub fn tick(
         &mut self,
         now_ms: u64,
-        mine: (u32, u64),
+        mine: LoadEntry,
         up: &[NodeId],
     ) -> Option<(NodeId, Vec<LoadEntry>)> {
         self.forget_old(now_ms);
@@ -65,9 +65,8 @@ impl Gossip {
         let to = others[(self.next_random() % others.len() as u64) as usize];
         let mut entries = vec![LoadEntry {
             node: self.me,
-            load_milli: mine.0,
-            free_kib: mine.1,
             age_ms: 0,
+            ..mine
         }];
         let mut newest: Vec<(&NodeId, &Known)> =
             self.window.iter().filter(|(n, _)| **n != to).collect();
@@ -75,11 +74,10 @@ impl Gossip {
         entries.extend(newest.into_iter().take(WINDOW / 2).map(|(n, k)| {
             LoadEntry {
                 node: *n,
-                load_milli: k.load_milli,
-                free_kib: k.free_kib,
                 age_ms: now_ms
                     .saturating_sub(k.measured_ms)
                     .min(u64::from(u32::MAX)) as u32,
+                ..k.entry
             }
         }));
         Some((to, entries))
@@ -102,8 +100,7 @@ impl Gossip {
                 self.window.insert(
                     e.node,
                     Known {
-                        load_milli: e.load_milli,
-                        free_kib: e.free_kib,
+                        entry: *e,
                         measured_ms,
                     },
                 );
@@ -142,6 +139,22 @@ impl Gossip {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(node: NodeId, load_milli: u32, age_ms: u32) -> LoadEntry {
+        LoadEntry {
+            node,
+            load_milli,
+            free_kib: 1 << 20,
+            age_ms,
+            capacity_milli: 1000,
+            blocked: false,
+            balancing: true,
+            guests: 0,
+            procs: 0,
+            faults_per_s: 0,
+            pages_per_s: 0,
+        }
+    }
 
     /// A cluster of `n` gossiping nodes, an interval of 1000 ms, each
     /// message delayed 0–300 ms and one in `lose` lost (seeded).
@@ -186,7 +199,7 @@ mod tests {
             for i in 0..self.nodes.len() {
                 let at = start + self.random() % 1000;
                 self.deliver_until(at);
-                let mine = (self.loads[i], 1 << 20);
+                let mine = entry(NodeId(i as u8 + 1), self.loads[i], 0);
                 if let Some((to, entries)) = self.nodes[i].tick(at, mine, &up) {
                     assert_ne!(to, NodeId(i as u8 + 1), "never to itself");
                     self.sent[i] += 1;
@@ -219,7 +232,7 @@ mod tests {
                 .filter(|g| {
                     g.known()
                         .get(&NodeId(node as u8 + 1))
-                        .is_some_and(|k| k.load_milli == load)
+                        .is_some_and(|k| k.entry.load_milli == load)
                 })
                 .count()
         }
@@ -298,17 +311,9 @@ mod tests {
         assert!(sim.nodes[0].known().is_empty());
         // Silence: forgotten after FORGET_AFTER_MS.
         let mut lonely = Gossip::new(NodeId(1), 1);
-        lonely.receive(
-            0,
-            &[LoadEntry {
-                node: NodeId(2),
-                load_milli: 5,
-                free_kib: 1,
-                age_ms: 0,
-            }],
-        );
+        lonely.receive(0, &[entry(NodeId(2), 5, 0)]);
         assert!(lonely
-            .tick(FORGET_AFTER_MS + 1, (0, 0), &[NodeId(1)])
+            .tick(FORGET_AFTER_MS + 1, entry(NodeId(1), 0, 0), &[NodeId(1)])
             .is_none());
         assert!(lonely.known().is_empty());
     }
@@ -316,16 +321,11 @@ mod tests {
     #[test]
     fn older_news_never_replaces_newer() {
         let mut g = Gossip::new(NodeId(1), 1);
-        let entry = |load, age| LoadEntry {
-            node: NodeId(2),
-            load_milli: load,
-            free_kib: 0,
-            age_ms: age,
-        };
-        g.receive(5_000, &[entry(100, 0)]);
-        g.receive(5_100, &[entry(900, 500)]);
-        assert_eq!(g.known()[&NodeId(2)].load_milli, 100);
-        g.receive(5_200, &[entry(300, 10)]);
-        assert_eq!(g.known()[&NodeId(2)].load_milli, 300);
+        let two = |load, age| entry(NodeId(2), load, age);
+        g.receive(5_000, &[two(100, 0)]);
+        g.receive(5_100, &[two(900, 500)]);
+        assert_eq!(g.known()[&NodeId(2)].entry.load_milli, 100);
+        g.receive(5_200, &[two(300, 10)]);
+        assert_eq!(g.known()[&NodeId(2)].entry.load_milli, 300);
     }
 }

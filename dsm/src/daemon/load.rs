@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 /// How often the sampler looks.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 /// Time constant of the smoothing: a step in load shows at 63 % after
-/// this long (short: balancing wants a spread within seconds).
-const SMOOTHING: Duration = Duration::from_secs(1);
+/// this long (short: balancing wants a spread within seconds; the
+/// balancer's margins and residency keep the noise from moving anything).
+pub const SMOOTHING: Duration = Duration::from_millis(500);
 
 /// CPUs, parsed from a list such as `0`, `0-3` or `0,2-3` (as `taskset
 /// -c` and /sys/devices/system/cpu/online write them).
@@ -243,8 +244,9 @@ mod tests {
     fn smoothing_follows_a_step_with_its_time_constant() {
         let mut s = Smoothed::default();
         s.sample(0.0, Duration::ZERO);
-        for _ in 0..4 {
-            s.sample(2.0, Duration::from_millis(250));
+        let steps = (SMOOTHING.as_millis() / 250) as u32;
+        for _ in 0..steps {
+            s.sample(2.0, SMOOTHING / steps);
         }
         // One time constant after the step: 1 - 1/e of the way.
         assert!(

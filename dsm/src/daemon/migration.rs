@@ -44,16 +44,30 @@ struct Guest {
     home_pid: i32,
     /// Sets its home was told it makes SEM_UNDO operations on.
     undo_noted: std::collections::BTreeSet<crate::ids::SemSetId>,
+    /// Placed here by hand or locked: the balancer leaves it here.
+    pinned: bool,
+    arrived: std::time::Instant,
 }
 
 impl Guest {
-    fn new(home: NodeId, home_pid: i32) -> Guest {
+    fn new(home: NodeId, home_pid: i32, pinned: bool) -> Guest {
         Guest {
             home,
             home_pid,
             undo_noted: Default::default(),
+            pinned,
+            arrived: std::time::Instant::now(),
         }
     }
+}
+
+/// A guest as the balancer sees it.
+pub struct GuestInfo {
+    pub pid: i32,
+    pub home: NodeId,
+    pub home_pid: i32,
+    pub pinned: bool,
+    pub arrived: std::time::Instant,
 }
 
 pub struct Migrations {
@@ -61,8 +75,9 @@ pub struct Migrations {
     socket: PathBuf,
     deputies: RefCell<HashMap<i32, Rc<Deputy>>>,
     guests: RefCell<HashMap<i32, Guest>>,
-    /// The hosts started here, by token: whose process each receives.
-    hosts: RefCell<HashMap<u128, (NodeId, i32)>>,
+    /// The hosts started here, by token: whose process each receives, and
+    /// whether it is pinned.
+    hosts: RefCell<HashMap<u128, (NodeId, i32, bool)>>,
     /// Processes homed here being moved, and where to: the copy may run
     /// (and ask us things) before the deputy has reported it running.
     moving: RefCell<HashMap<i32, NodeId>>,
@@ -119,13 +134,29 @@ impl Migrations {
     /// Local process `pid` is the copy the host with `token` made, told by
     /// that host before the copy runs (false: no such host).
     pub fn guest_of_host(&self, pid: i32, token: u128) -> bool {
-        let Some((home, home_pid)) = self.hosts.borrow().get(&token).copied() else {
+        let Some((home, home_pid, pinned)) = self.hosts.borrow().get(&token).copied() else {
             return false;
         };
         self.guests
             .borrow_mut()
-            .insert(pid, Guest::new(home, home_pid));
+            .insert(pid, Guest::new(home, home_pid, pinned));
         true
+    }
+
+    /// The processes from other nodes running here.
+    pub fn guest_list(&self) -> Vec<GuestInfo> {
+        self.guests
+            .borrow()
+            .iter()
+            .filter(|(_, g)| g.home != self.me)
+            .map(|(pid, g)| GuestInfo {
+                pid: *pid,
+                home: g.home,
+                home_pid: g.home_pid,
+                pinned: g.pinned,
+                arrived: g.arrived,
+            })
+            .collect()
     }
 
     /// Whose process local process `pid` is, if it moved here: its home
@@ -190,6 +221,7 @@ impl Migrations {
         token: u128,
         home: NodeId,
         home_pid: i32,
+        pinned: bool,
     ) -> Result<u16, String> {
         let agent = agent_binary()?;
         let listener =
@@ -227,7 +259,9 @@ impl Migrations {
             return Err("host without stdout".into());
         };
         let mut reports = report_lines(stdout);
-        self.hosts.borrow_mut().insert(token, (home, home_pid));
+        self.hosts
+            .borrow_mut()
+            .insert(token, (home, home_pid, pinned));
         let me = self.clone();
         tokio::task::spawn_local(async move {
             // The copies this host made: it reports `guest PID` before it
@@ -391,7 +425,7 @@ async fn rpc(
 
 /// May a user with `uid` move (or check) local process `pid`? Root, or
 /// its owner, as for a signal; ESRCH if there is no such process.
-fn may_act_on(uid: u32, pid: i32) -> Result<(), i32> {
+pub(super) fn may_act_on(uid: u32, pid: i32) -> Result<(), i32> {
     let owner = std::fs::metadata(format!("/proc/{pid}"))
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         .map_err(|_| libc::ESRCH)?;
@@ -445,22 +479,30 @@ pub async fn check(core: &super::core::SharedCore, uid: u32, pid: i32) -> crate:
     }
 }
 
-/// `omctl migrate PID NODE|home` asked of this node by a user with `uid`:
-/// PID is the process's pid on its home node. Done here for a process
-/// homed here; for one that runs here away from home, asked of its home.
+/// `omctl migrate PID NODE|home` asked of this node by a user with `uid`
+/// (or a move by the balancer, or an expulsion: `cause`): PID is the
+/// process's pid on its home node. Done here for a process homed here; for
+/// one that runs here away from home, asked of its home.
 pub async fn migrate(
     core: &super::core::SharedCore,
     uid: u32,
     pid: i32,
     to: Option<NodeId>,
+    cause: crate::wire::MoveCause,
 ) -> crate::wire::ClientReply {
-    use crate::wire::{ClientReply, RpcRequest, RpcResponse};
+    use crate::wire::{ClientReply, MoveCause, MoveRecord, RpcRequest, RpcResponse};
     let (migrations, me) = {
         let c = core.borrow();
         (c.migrations.clone(), c.me)
     };
     if let Some(home) = migrations.home_of_guest(pid) {
-        return match rpc(core, home, RpcRequest::Migrate { uid, pid, to }).await {
+        let req = RpcRequest::Migrate {
+            uid,
+            pid,
+            to,
+            cause,
+        };
+        return match rpc(core, home, req).await {
             RpcResponse::Ok => ClientReply::Ok,
             RpcResponse::Refused(why) => ClientReply::Refused(why),
             RpcResponse::Err(e) => ClientReply::Err(e),
@@ -470,6 +512,44 @@ pub async fn migrate(
     if let Err(e) = may_act_on(uid, pid) {
         return ClientReply::Err(e);
     }
+    let from = migrations.runs_or_moves_to(pid).unwrap_or(me);
+    let pinned = core.borrow_mut().placement.pinned(pid, from != me);
+    if let (MoveCause::Balancer, Some(why)) = (cause, pinned) {
+        return ClientReply::Refused(format!("process {pid} is {why}"));
+    }
+    let reply = move_homed_here(core, pid, to, cause == MoveCause::Hand || pinned.is_some()).await;
+    if reply == ClientReply::Ok {
+        let mut c = core.borrow_mut();
+        let now = c.clock_ms();
+        c.placement.record(
+            now,
+            MoveRecord {
+                home: me,
+                home_pid: pid,
+                from,
+                to: to.unwrap_or(me),
+                ago_ms: 0,
+                cause,
+                failed: None,
+            },
+        );
+    }
+    reply
+}
+
+/// Move process `pid`, homed here, to `to` or home (`pinned`: its new
+/// node's balancer is to leave it there).
+async fn move_homed_here(
+    core: &super::core::SharedCore,
+    pid: i32,
+    to: Option<NodeId>,
+    pinned: bool,
+) -> crate::wire::ClientReply {
+    use crate::wire::{ClientReply, RpcRequest, RpcResponse};
+    let (migrations, me) = {
+        let c = core.borrow();
+        (c.migrations.clone(), c.me)
+    };
     let Some(to) = to.filter(|n| *n != me) else {
         if migrations.is_migrated(pid).is_none() {
             return ClientReply::Refused(format!("process {pid} already runs on its home node"));
@@ -505,11 +585,13 @@ pub async fn migrate(
         RpcRequest::StartHost {
             token,
             home_pid: pid,
+            pinned,
         },
     )
     .await
     {
         RpcResponse::HostPort(port) => port,
+        RpcResponse::Refused(why) => return ClientReply::Refused(why),
         RpcResponse::Err(e) => {
             return ClientReply::Refused(format!(
                 "node {to} cannot host it: {}",

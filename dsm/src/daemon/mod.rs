@@ -2,6 +2,7 @@
 //! the other nodes over TCP, on one thread (the fault path then needs no
 //! hop between threads, DESIGN.md §8).
 
+pub mod balance;
 pub mod clients;
 pub mod config;
 mod core;
@@ -9,6 +10,7 @@ pub mod gossip;
 pub mod load;
 mod migration;
 mod peers;
+mod placement;
 pub mod sems;
 #[cfg(test)]
 mod sems_sim;
@@ -137,6 +139,15 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         loop {
             tick.tick().await;
             gossip_core.borrow_mut().gossip_tick();
+        }
+    });
+    let balance_core = core.clone();
+    tokio::task::spawn_local(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(balance::ROUND_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            placement::round(&balance_core);
         }
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

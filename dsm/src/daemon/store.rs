@@ -89,6 +89,9 @@ pub struct LocalProcess {
     /// In the guardian's hands (while it maps a segment; see
     /// `Core::release_if_unmapped`).
     pub guarded: bool,
+    /// Page faults it made on DSM segments (the balancer's measure of its
+    /// sharing).
+    pub faults: u64,
 }
 
 #[derive(Default)]

@@ -1,4 +1,4 @@
-//! `omrun [--socket PATH] [--home NODE] [--node NODE] -- PROGRAM ARGS...`:
+//! `omrun [--socket PATH] [--home NODE] [--node NODE] [--lock] -- PROGRAM ARGS...`:
 //! run an unmodified program on the node of that daemon (default
 //! `DSMD_SOCKET`) with its SysV shared memory and semaphores made
 //! cluster-wide (the ones it creates homed on NODE if given, else on this
@@ -7,6 +7,8 @@
 //! that ended it, is `omrun`'s. With `--node NODE` its home is this node but
 //! it runs on NODE from the start (moved before `main`, as openMosix's
 //! `mosrun -NODE`); if it cannot move it does not run (exit status 127).
+//! With `--lock` the balancer never moves it, nor the children it starts
+//! (`omctl unlock PID` lifts it for one process).
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -16,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: omrun [--socket PATH] [--home NODE] [--node NODE] -- PROGRAM [ARGS...]";
+const USAGE: &str =
+    "usage: omrun [--socket PATH] [--home NODE] [--node NODE] [--lock] -- PROGRAM [ARGS...]";
 const PRELOAD: &str = "libmigshm_preload.so";
 
 fn fail(msg: &str) -> ExitCode {
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
     let mut socket: Option<PathBuf> = None;
     let mut home: Option<u8> = None;
     let mut start_on: Option<u8> = None;
+    let mut lock = false;
     let mut program: Vec<OsString> = Vec::new();
     while let Some(a) = args.next() {
         match a.to_str() {
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
                 Some(n) if dsm::ids::NodeId::new(n).is_some() => start_on = Some(n),
                 _ => return fail("--node needs a node id (1..=127)"),
             },
+            Some("--lock") => lock = true,
             Some("-h" | "--help") => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -152,6 +157,9 @@ fn main() -> ExitCode {
         Some(n) => cmd.env("MIGSHM_START_ON", n.to_string()),
         None => cmd.env_remove("MIGSHM_START_ON"),
     };
+    if lock {
+        cmd.env(dsm::client::LOCK_ENV, "1");
+    }
     let err = cmd.exec();
     fail(&format!("cannot run {}: {err}", exe.to_string_lossy()))
 }

@@ -1,14 +1,27 @@
-//! `omctl [--socket PATH] nodes|ipcs|status|ps|migrate PID NODE|home|migrate --check PID`:
-//! cluster administration.
+//! `omctl [--socket PATH] COMMAND`: cluster administration.
+//!
+//! - `nodes`, `loads`, `ipcs`, `status`: what the cluster holds and how
+//!   loaded each node is;
+//! - `ps`: every process under `omrun`, where it runs and why;
+//! - `migrate PID NODE|home`, `migrate --check PID`: move a process by
+//!   hand, or say why it cannot move;
+//! - `balance on|off`, `block`, `unblock`, `expel` (this node), `lock PID`,
+//!   `unlock PID`: the balancer's controls;
+//! - `top [--once]`: a live view of every node, refreshed every second
+//!   (`--once`: one frame, for scripts).
+//!
 //! The socket defaults to `$DSMD_SOCKET`.
 
 use dsm::client::{Client, SOCKET_ENV};
 use dsm::sysv::SHM_DEST;
+use dsm::wire::ClientRequest;
 use std::process::ExitCode;
 
-const USAGE: &str =
-    "usage: omctl [--socket PATH] nodes|ipcs|status|ps|migrate PID NODE|home|migrate --check PID";
+mod top;
 
+const USAGE: &str = "usage: omctl [--socket PATH] nodes|loads|ipcs|status|ps|top [--once]\n\
+    \x20      omctl [--socket PATH] migrate PID NODE|home | migrate --check PID\n\
+    \x20      omctl [--socket PATH] balance on|off | block | unblock | expel | lock PID | unlock PID";
 fn user_name(uid: u32) -> String {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     passwd
@@ -30,8 +43,7 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let mut args = std::env::args().skip(1);
     let mut socket = std::env::var_os(SOCKET_ENV).map(std::path::PathBuf::from);
-    let mut command = None;
-    let mut operands: Vec<String> = Vec::new();
+    let mut words: Vec<String> = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--socket" => match args.next() {
@@ -45,49 +57,73 @@ fn main() -> ExitCode {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
             }
-            other if command.is_none() => command = Some(other.to_string()),
-            other if command.as_deref() == Some("migrate") && operands.len() < 2 => {
-                operands.push(other.to_string())
-            }
-            other => {
-                eprintln!("omctl: unexpected argument {other:?}\n{USAGE}");
-                return ExitCode::from(2);
-            }
+            _ => words.push(arg),
         }
     }
-    let Some(command) = command else {
+    let Some((command, operands)) = words.split_first() else {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    if !matches!(
-        command.as_str(),
-        "nodes" | "loads" | "ipcs" | "status" | "ps" | "migrate"
-    ) {
-        eprintln!("omctl: unknown command {command:?}\n{USAGE}");
-        return ExitCode::from(2);
+    let command = command.as_str();
+    let operands: Vec<&str> = operands.iter().map(String::as_str).collect();
+    let usage_error = |why: &str| {
+        eprintln!("omctl: {why}\n{USAGE}");
+        ExitCode::from(2)
+    };
+    let pid_of = |s: Option<&&str>| s.and_then(|p| p.parse::<i32>().ok()).filter(|p| *p > 0);
+    // The balancer's controls: one request each.
+    let control = match (command, operands.as_slice()) {
+        ("balance", ["on"]) => Some(ClientRequest::Balance { on: true }),
+        ("balance", ["off"]) => Some(ClientRequest::Balance { on: false }),
+        ("balance", _) => return usage_error("balance needs on or off"),
+        ("block", []) => Some(ClientRequest::Block { blocked: true }),
+        ("unblock", []) => Some(ClientRequest::Block { blocked: false }),
+        ("expel", []) => Some(ClientRequest::Expel),
+        ("lock" | "unlock", [_]) => match pid_of(operands.first()) {
+            Some(pid) => Some(ClientRequest::Lock {
+                pid,
+                locked: command == "lock",
+            }),
+            None => return usage_error(&format!("{command} needs a pid")),
+        },
+        ("block" | "unblock" | "expel" | "lock" | "unlock", _) => {
+            return usage_error(&format!("unexpected arguments to {command}"))
+        }
+        _ => None,
+    };
+    let once = match (command, operands.as_slice()) {
+        ("top", []) => false,
+        ("top", ["--once"]) => true,
+        ("top", _) => return usage_error("top takes only --once"),
+        _ => false,
+    };
+    if control.is_none() && command != "top" && command != "migrate" && !operands.is_empty() {
+        return usage_error(&format!("unexpected argument {:?}", operands[0]));
+    }
+    if control.is_none()
+        && !matches!(
+            command,
+            "nodes" | "loads" | "ipcs" | "status" | "ps" | "migrate" | "top"
+        )
+    {
+        return usage_error(&format!("unknown command {command:?}"));
     }
     // `migrate --check PID`: why it cannot move, without moving it.
-    let check = if command == "migrate" && operands.first().map(String::as_str) == Some("--check") {
-        match operands
-            .get(1)
-            .and_then(|p| p.parse::<i32>().ok().filter(|p| *p > 0))
-        {
+    let check = if command == "migrate" && operands.first() == Some(&"--check") {
+        if operands.len() != 2 {
+            return usage_error("migrate --check needs a pid");
+        }
+        match pid_of(operands.get(1)) {
             Some(pid) => Some(pid),
-            None => {
-                eprintln!("omctl: migrate --check needs a pid\n{USAGE}");
-                return ExitCode::from(2);
-            }
+            None => return usage_error("migrate --check needs a pid"),
         }
     } else {
         None
     };
     // `migrate PID NODE|home`
     let migration = if command == "migrate" && check.is_none() {
-        let pid = operands
-            .first()
-            .and_then(|p| p.parse::<i32>().ok().filter(|p| *p > 0));
-        let to = match operands.get(1).map(String::as_str) {
-            Some("home") => Some(None),
+        let to = match operands.get(1) {
+            Some(&"home") => Some(None),
             Some(n) => n
                 .parse::<u8>()
                 .ok()
@@ -95,12 +131,9 @@ fn main() -> ExitCode {
                 .map(Some),
             None => None,
         };
-        match (pid, to) {
-            (Some(pid), Some(to)) => Some((pid, to)),
-            _ => {
-                eprintln!("omctl: migrate needs a pid and a node id or \"home\"\n{USAGE}");
-                return ExitCode::from(2);
-            }
+        match (pid_of(operands.first()), to, operands.len()) {
+            (Some(pid), Some(to), 2) => Some((pid, to)),
+            _ => return usage_error("migrate needs a pid and a node id or \"home\""),
         }
     } else {
         None
@@ -116,6 +149,34 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(request) = control {
+        return match client.control(&request) {
+            Ok(n) => {
+                match request {
+                    ClientRequest::Expel => {
+                        println!("{n} guests sent home; this node takes no guests")
+                    }
+                    ClientRequest::Balance { on } => {
+                        println!("balancing {}", if on { "on" } else { "off" })
+                    }
+                    ClientRequest::Block { blocked: true } => println!("this node takes no guests"),
+                    ClientRequest::Block { blocked: false } => println!("this node takes guests"),
+                    ClientRequest::Lock { pid, locked } => {
+                        println!("{pid} {}", if locked { "locked" } else { "unlocked" })
+                    }
+                    _ => {}
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("omctl: {command}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if command == "top" {
+        return top::run(client, &socket, once);
+    }
     if let Some(pid) = check {
         return match client.migrate_check(pid) {
             Ok(reasons) if reasons.is_empty() => {
@@ -135,7 +196,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let result = match command.as_str() {
+    let result = match command {
         "migrate" => match migration {
             Some((pid, to)) => client.migrate(pid, to).map(|()| match to {
                 Some(node) => println!("{pid} runs on node {node}"),
@@ -143,15 +204,15 @@ fn main() -> ExitCode {
             }),
             None => Ok(()),
         },
-        "ps" => client.migrations().map(|list| {
+        "ps" => client.placements().map(|list| {
             println!(
-                "{:<8} {:<6} {:<8} {:<10}",
+                "{:<8} {:<6} {:<8} {:<10} why",
                 "pid", "home", "runs_on", "pid_there"
             );
-            for m in list {
+            for p in list {
                 println!(
-                    "{:<8} {:<6} {:<8} {:<10}",
-                    m.home_pid, m.home, m.runs_on, m.pid_there
+                    "{:<8} {:<6} {:<8} {:<10} {}",
+                    p.home_pid, p.home, p.runs_on, p.pid_there, p.why
                 );
             }
         }),
