@@ -201,6 +201,10 @@ pub struct ClusterOptions {
     /// Give node N `--cpus` (N-1) modulo the CPUs there are: each node a
     /// CPU of its own, as separate machines.
     pub cpu_per_node: bool,
+    /// More arguments for every daemon (`--no-balance`), and for some
+    /// only, by node.
+    pub daemon_args: Vec<String>,
+    pub node_args: Vec<(u8, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -215,6 +219,8 @@ impl Default for ClusterOptions {
             daemon_env: Vec::new(),
             ipc_namespace: false,
             cpu_per_node: false,
+            daemon_args: Vec::new(),
+            node_args: Vec::new(),
         }
     }
 }
@@ -324,6 +330,14 @@ impl Cluster {
             cmd.arg("--cpus")
                 .arg(((usize::from(me.id) - 1) % cpus).to_string());
         }
+        cmd.args(&self.opts.daemon_args);
+        cmd.args(
+            self.opts
+                .node_args
+                .iter()
+                .filter(|(n, _)| *n == me.id)
+                .map(|(_, a)| a),
+        );
         for other in self.nodes.iter().filter(|n| n.id != me.id) {
             cmd.arg("--peer")
                 .arg(format!("{}={}", other.id, other.listen));

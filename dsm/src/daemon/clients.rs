@@ -255,8 +255,12 @@ impl Session {
                         let mut core = self.core.borrow_mut();
                         core.links.insert(self.session, (self.pid, link));
                         // A process it serves runs on its CPUs (a guest
-                        // restored here, or one started under omrun).
-                        if core.cpus_given {
+                        // restored here, or one started under omrun); a
+                        // program using the library (which may talk to
+                        // several nodes) is left where it runs.
+                        let served = core.migrations.guest(self.pid).is_some()
+                            || core.placement.under_omrun(self.pid);
+                        if core.cpus_given && served {
                             if let Err(e) = super::load::pin(self.pid, &core.cpus) {
                                 tracing::warn!(
                                     pid = self.pid,

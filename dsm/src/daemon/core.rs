@@ -766,7 +766,7 @@ impl Core {
         }
         let home_here: Vec<(i32, u64)> = self
             .placement
-            .started_here()
+            .started_here(now)
             .into_iter()
             .filter(|(pid, _)| self.migrations.runs_or_moves_to(*pid).is_none())
             .map(|(pid, _)| (pid, faults.get(&pid).copied().unwrap_or(0)))
@@ -804,9 +804,10 @@ impl Core {
     /// and why it is where it is.
     pub fn placements(&mut self) -> Vec<wire::Placement> {
         let mut out = Vec::new();
+        let now = self.clock_ms();
         let started: Vec<i32> = self
             .placement
-            .started_here()
+            .started_here(now)
             .into_iter()
             .map(|(pid, _)| pid)
             .collect();

@@ -22,11 +22,17 @@ use crate::client::LOCK_ENV;
 /// How long moves stay in the log (`omctl top`).
 const LOG_FOR_MS: u64 = 60_000;
 
+/// How long a process found not under `omrun` is taken as such: it may
+/// have been looked at before `omrun` made it the program (`exec`).
+const NOT_OURS_FOR_MS: u64 = 2_000;
+
 /// What a process's environment says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Started {
-    /// Not under `omrun` with this node's socket.
-    Elsewhere,
+    /// Not under `omrun` with this node's socket (when read, ms).
+    Elsewhere {
+        read_ms: u64,
+    },
     Here {
         locked: bool,
     },
@@ -82,7 +88,7 @@ impl Placements {
     /// Local processes started under `omrun` with this node's socket, and
     /// whether each was started locked. Each process's environment is read
     /// once.
-    pub fn started_here(&mut self) -> Vec<(i32, bool)> {
+    pub fn started_here(&mut self, now_ms: u64) -> Vec<(i32, bool)> {
         let Ok(dir) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
@@ -91,7 +97,11 @@ impl Placements {
             .filter_map(|e| e.file_name().to_str()?.parse().ok())
             .collect();
         let present: std::collections::HashSet<i32> = pids.iter().copied().collect();
-        self.started.retain(|pid, _| present.contains(pid));
+        self.started.retain(|pid, s| {
+            present.contains(pid)
+                && !matches!(s, Started::Elsewhere { read_ms }
+                    if now_ms.saturating_sub(*read_ms) > NOT_OURS_FOR_MS)
+        });
         self.usage.retain(|pid, _| present.contains(pid));
         self.balancer.retain(|pid| present.contains(&pid));
         let mut out = Vec::new();
@@ -100,7 +110,7 @@ impl Placements {
             let started = *self
                 .started
                 .entry(pid)
-                .or_insert_with(|| read_started(pid, socket));
+                .or_insert_with(|| read_started(pid, socket, now_ms));
             if let Started::Here { locked } = started {
                 out.push((pid, locked));
             }
@@ -108,14 +118,18 @@ impl Placements {
         out
     }
 
+    /// Whether local process `pid` runs under `omrun` with this node's
+    /// socket.
+    pub fn under_omrun(&self, pid: i32) -> bool {
+        matches!(read_started(pid, &self.socket, 0), Started::Here { .. })
+    }
+
     /// Whether local process `pid` was started locked (`omrun --lock`).
     fn started_locked(&mut self, pid: i32) -> bool {
-        let socket = &self.socket;
-        let started = *self
-            .started
-            .entry(pid)
-            .or_insert_with(|| read_started(pid, socket));
-        started == Started::Here { locked: true }
+        match self.started.get(&pid) {
+            Some(s) => *s == Started::Here { locked: true },
+            None => read_started(pid, &self.socket, 0) == Started::Here { locked: true },
+        }
     }
 
     /// Its demand (runnable threads), resident KiB and DSM faults per
@@ -213,9 +227,10 @@ impl Placements {
 
 /// Whether `pid` runs under `omrun` with `socket` (its environment has
 /// our preload and that socket), and locked.
-fn read_started(pid: i32, socket: &Path) -> Started {
+fn read_started(pid: i32, socket: &Path, now_ms: u64) -> Started {
+    let not_ours = Started::Elsewhere { read_ms: now_ms };
     let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
-        return Started::Elsewhere;
+        return not_ours;
     };
     let mut preloaded = false;
     let mut ours = false;
@@ -241,7 +256,7 @@ fn read_started(pid: i32, socket: &Path) -> Started {
     if preloaded && ours {
         Started::Here { locked }
     } else {
-        Started::Elsewhere
+        not_ours
     }
 }
 
