@@ -383,7 +383,12 @@ mod tests {
         // Home as busy as here: it stays.
         let here = view(2, 2.0, 30_000);
         assert_eq!(
-            b.decide(30_000, &here, &[view(1, 2.0, 30_000)], &[guest.clone()]),
+            b.decide(
+                30_000,
+                &here,
+                &[view(1, 2.0, 30_000)],
+                std::slice::from_ref(&guest)
+            ),
             None
         );
         // Home idle: it goes home.
@@ -403,7 +408,7 @@ mod tests {
                 30_000,
                 &view(2, 0.0, 30_000),
                 &[view(1, 0.5, 30_000)],
-                &[sleeper.clone()],
+                std::slice::from_ref(&sleeper),
             )
             .expect("home");
         assert_eq!(m.pid, 21);
