@@ -12,7 +12,7 @@ export DSM_SIM_SEEDS="${DSM_SIM_SEEDS:-20000}"
 echo "== packages the real-program and partition tests run"
 # Apache (prefork, SysV accept mutex), PHP (opcache in a SysV segment),
 # PostgreSQL 15, ab and curl; nftables for one-way and partial network
-# cuts; installed when missing.
+# cuts; tmux; installed when missing.
 need=()
 command -v apache2 >/dev/null || [ -x /usr/sbin/apache2 ] || need+=(apache2)
 command -v ab >/dev/null || need+=(apache2-utils)
@@ -20,6 +20,10 @@ command -v ab >/dev/null || need+=(apache2-utils)
 command -v curl >/dev/null || need+=(curl)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
 command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
+# tmux: `omctl top`'s live view is read off a real terminal's screen.
+command -v tmux >/dev/null || need+=(tmux)
+# php-cli: balance-bench times its PHP page with it.
+command -v php >/dev/null || need+=(php-cli)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null \

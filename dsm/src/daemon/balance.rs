@@ -10,12 +10,15 @@
 //! node would still be less loaded than this one with it, by a margin
 //! (Kerrighed's rule: `L_r + 1.3·d/cap_r < L_here`); a guest goes home
 //! when home, with it, would be no busier than here now (less half that
-//! margin), or, if it is idle, when home has a free CPU. The margins are
+//! margin) and has a CPU free for it, or when home is less loaded by the
+//! same margin as sends processes out. The margins are
 //! chosen so that no move can be undone by the rule of the other side, and
-//! a process stays [`RESIDENCY_MS`] where it was put: nothing moves back
-//! and forth. The cost of a move counts against it: the memory it copies,
-//! spread over [`HORIZON_S`], and the coherence traffic it would make from
-//! afar (its page faults, each a network round trip once away).
+//! a process stays [`RESIDENCY_MS`] where it was put, a return waits for
+//! [`RETURN_ROUNDS`] rounds of home being better, a move out for the last
+//! one to settle ([`SETTLE_MS`]): nothing moves back and forth. The cost
+//! of a move counts against it: the memory it copies, spread over
+//! [`HORIZON_S`], and the coherence traffic it would make from afar (its
+//! page faults, each a network round trip once away).
 //!
 //! Loads are smoothed (`load.rs`), so a move shows in them only slowly:
 //! until it does, the loads the balancer weighs are corrected by what its
@@ -46,6 +49,14 @@ const HORIZON_S: f64 = 10.0;
 /// after twice as long each time, up to [`STAY_RETRY_MAX_MS`].
 pub const STAY_RETRY_FIRST_MS: u64 = 30_000;
 const STAY_RETRY_MAX_MS: u64 = 480_000;
+/// Rounds in a row a guest must find home better before it goes: a
+/// return is never urgent, and loads that jump with bursts of work (a web
+/// server's) must not send processes to and fro.
+pub const RETURN_ROUNDS: u32 = 3;
+/// After a move out, the next waits this long: a move's own work (the
+/// copy) loads both nodes for a moment, and the loads must show the move
+/// before another is weighed on them.
+pub const SETTLE_MS: u64 = 1_000;
 /// How long a move's correction of the loads is kept (it has faded).
 const RECENT_FOR_MS: u64 = 10_000;
 
@@ -117,6 +128,9 @@ pub struct Balancer {
     recent: Vec<Recent>,
     /// Why processes cannot move, by local pid, and when to look again.
     stays: HashMap<i32, Stay>,
+    /// Guests that found home better, by local pid: rounds in a row.
+    home_better: HashMap<i32, u32>,
+    last_move_ms: Option<u64>,
 }
 
 impl Balancer {
@@ -127,6 +141,8 @@ impl Balancer {
             tau_ms: tau_ms.max(1) as f64,
             recent: Vec::new(),
             stays: HashMap::new(),
+            home_better: HashMap::new(),
+            last_move_ms: None,
         }
     }
 
@@ -185,18 +201,34 @@ impl Balancer {
         // Guests going home come first: a process is best served at home
         // (no call forwarded, nothing lost with another node).
         let mut best_home: Option<(&Candidate, f64)> = None;
+        let mut better = HashMap::new();
         for c in eligible.iter().filter(|c| c.home != self.me) {
             let Some(home) = others.iter().find(|v| v.node == c.home) else {
                 continue;
             };
-            let with_it = self.believed(home) + c.demand / home.capacity.max(f64::MIN_POSITIVE);
-            let busy_home = with_it <= load_here + (MARGIN - 1.0) / 2.0 * c.demand / cap_here;
-            let idle_home = c.demand < MIN_DEMAND && with_it < 1.0;
-            if (busy_home || idle_home) && best_home.is_none_or(|(b, _)| c.demand > b.demand) {
+            let cap_home = home.capacity.max(f64::MIN_POSITIVE);
+            let at_home = self.believed(home);
+            let with_it = at_home + c.demand / cap_home;
+            // Home much less loaded (the rule that sends processes out,
+            // the other way), or home with a CPU free for it and no busier
+            // than here; an idle guest goes home when a CPU is free there.
+            let less_loaded = at_home + MARGIN * c.demand / cap_home < load_here;
+            // (An idle node's load is a little above 0: what else runs.)
+            let free_cpu = with_it <= 1.25
+                && with_it <= load_here + (MARGIN - 1.0) / 2.0 * c.demand / cap_here;
+            let idle = c.demand < MIN_DEMAND && with_it <= 1.25;
+            if !(less_loaded || free_cpu || idle) {
+                continue;
+            }
+            let rounds = self.home_better.get(&c.pid).copied().unwrap_or(0) + 1;
+            better.insert(c.pid, rounds);
+            if rounds >= RETURN_ROUNDS && best_home.is_none_or(|(b, _)| c.demand > b.demand) {
                 best_home = Some((c, with_it));
             }
         }
+        self.home_better = better;
         if let Some((c, with_it)) = best_home {
+            self.home_better.remove(&c.pid);
             return Some(Move {
                 pid: c.pid,
                 home: c.home,
@@ -208,6 +240,12 @@ impl Balancer {
                     c.demand
                 ),
             });
+        }
+        if self
+            .last_move_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) < SETTLE_MS)
+        {
+            return None;
         }
         // Out: the process with the most to gain, to the node where it
         // would load least.
@@ -250,6 +288,7 @@ impl Balancer {
     /// A move was made at `now_ms`: `demand` left this node (of capacity
     /// `cap_here`) for `to` (of capacity `cap_to`).
     pub fn moved(&mut self, now_ms: u64, demand: f64, cap_here: f64, to: NodeId, cap_to: f64) {
+        self.last_move_ms = Some(now_ms);
         self.recent.push(Recent {
             node: self.me,
             delta: -demand / cap_here.max(f64::MIN_POSITIVE),
@@ -391,25 +430,37 @@ mod tests {
             ),
             None
         );
-        // Home idle: it goes home.
+        // Home idle: it goes home, once it has been so for a few rounds.
+        let idle_home = [view(1, 0.0, 30_000)];
+        let one = std::slice::from_ref(&guest);
+        for round in 1..RETURN_ROUNDS {
+            let m = b.decide(30_000, &view(2, 1.0, 30_000), &idle_home, one);
+            assert_eq!(m, None, "round {round}");
+        }
         let m = b
-            .decide(
-                30_000,
-                &view(2, 1.0, 30_000),
-                &[view(1, 0.0, 30_000)],
-                &[guest],
-            )
+            .decide(30_000, &view(2, 1.0, 30_000), &idle_home, one)
             .expect("home");
         assert_eq!(m.to, node(1));
+        // A round where it is not so starts the count again.
+        for _ in 1..RETURN_ROUNDS {
+            b.decide(30_000, &view(2, 1.0, 30_000), &idle_home, one);
+        }
+        b.decide(30_000, &view(2, 1.0, 30_000), &[view(1, 2.0, 30_000)], one);
+        assert_eq!(
+            b.decide(30_000, &view(2, 1.0, 30_000), &idle_home, one),
+            None
+        );
         // An idle guest goes home when home has a CPU free.
         let sleeper = job(21, 1, 0.0);
-        let m = b
-            .decide(
-                30_000,
-                &view(2, 0.0, 30_000),
-                &[view(1, 0.5, 30_000)],
-                std::slice::from_ref(&sleeper),
-            )
+        let m = (0..RETURN_ROUNDS)
+            .find_map(|_| {
+                b.decide(
+                    30_000,
+                    &view(2, 0.0, 30_000),
+                    &[view(1, 0.5, 30_000)],
+                    std::slice::from_ref(&sleeper),
+                )
+            })
             .expect("home");
         assert_eq!(m.pid, 21);
         assert_eq!(

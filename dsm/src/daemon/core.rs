@@ -764,11 +764,14 @@ impl Core {
         for p in self.store.procs.values() {
             *faults.entry(p.pid).or_default() += p.faults;
         }
+        let copies = self.migrations.copies_elsewhere();
         let home_here: Vec<(i32, u64)> = self
             .placement
             .started_here(now)
             .into_iter()
-            .filter(|(pid, _)| self.migrations.runs_or_moves_to(*pid).is_none())
+            .filter(|(pid, _)| {
+                self.migrations.runs_or_moves_to(*pid).is_none() && !copies.contains(pid)
+            })
             .map(|(pid, _)| (pid, faults.get(&pid).copied().unwrap_or(0)))
             .collect();
         let guests: Vec<_> = self
@@ -805,11 +808,13 @@ impl Core {
     pub fn placements(&mut self) -> Vec<wire::Placement> {
         let mut out = Vec::new();
         let now = self.clock_ms();
+        let copies = self.migrations.copies_elsewhere();
         let started: Vec<i32> = self
             .placement
             .started_here(now)
             .into_iter()
             .map(|(pid, _)| pid)
+            .filter(|pid| !copies.contains(pid))
             .collect();
         for pid in started {
             let away = self.migrations.is_migrated(pid);

@@ -182,6 +182,16 @@ impl Migrations {
         }
     }
 
+    /// The pids of this node's processes' copies running elsewhere (on one
+    /// machine with several nodes, they are local pids too).
+    pub fn copies_elsewhere(&self) -> Vec<i32> {
+        self.deputies
+            .borrow()
+            .values()
+            .map(|d| d.pid_there)
+            .collect()
+    }
+
     pub fn is_migrated(&self, pid: i32) -> Option<NodeId> {
         self.deputies.borrow().get(&pid).map(|d| d.runs_on)
     }

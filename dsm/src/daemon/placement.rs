@@ -139,18 +139,25 @@ impl Placements {
         let sched_ns = sched_ns(pid)?;
         let rss_kib = rss_kib(pid).unwrap_or(0);
         let Some(u) = self.usage.get_mut(&pid) else {
+            // At first sight, its demand over its life so far (a job just
+            // started need not wait a round to be weighed).
+            let mut demand = Smoothed::default();
+            let lived_s = age_s(pid).filter(|a| *a >= 0.1);
+            if let Some(age) = lived_s {
+                demand.sample(sched_ns as f64 / 1e9 / age, std::time::Duration::ZERO);
+            }
             self.usage.insert(
                 pid,
                 Usage {
                     sched_ns,
                     at_ms: now_ms,
-                    demand: Smoothed::default(),
+                    demand,
                     rss_kib,
                     faults,
                     faults_per_s: Smoothed::default(),
                 },
             );
-            return None;
+            return lived_s.map(|_| (demand.value(), rss_kib, 0.0));
         };
         let elapsed_ms = now_ms.saturating_sub(u.at_ms);
         if elapsed_ms > 0 {
@@ -278,6 +285,28 @@ fn sched_ns(pid: i32) -> Option<u64> {
         any = true;
     }
     any.then_some(total)
+}
+
+/// Seconds since process `pid` started.
+fn age_s(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22, counted after the command (which may hold spaces).
+    let started_ticks: f64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(uptime - started_ticks / hz)
 }
 
 fn rss_kib(pid: i32) -> Option<u64> {
