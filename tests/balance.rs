@@ -11,6 +11,14 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The tests of this file one at a time: a node's load is every runnable
+/// thread on its CPU, as on a real machine, so another test's spinners on
+/// the same CPUs would (rightly) make a node look loaded.
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static CPUS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    CPUS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn two_machines(daemon_args: &[&str]) -> Cluster {
     Cluster::start_with(ClusterOptions {
         nodes: 2,
@@ -81,6 +89,17 @@ fn nodes_of(cluster: &Cluster, procs: &[Proc]) -> Vec<Option<u8>> {
         .collect()
 }
 
+/// `procs` split into those running on node 1 and the others.
+fn split_by_node(cluster: &Cluster, procs: Vec<Proc>) -> (Vec<Proc>, Vec<Proc>) {
+    let on = nodes_of(cluster, &procs);
+    let (home, away): (Vec<_>, Vec<_>) =
+        procs.into_iter().zip(on).partition(|(_, n)| *n == Some(1));
+    (
+        home.into_iter().map(|(p, _)| p).collect(),
+        away.into_iter().map(|(p, _)| p).collect(),
+    )
+}
+
 fn count_on(cluster: &Cluster, procs: &[Proc], node: u8) -> usize {
     nodes_of(cluster, procs)
         .iter()
@@ -147,9 +166,10 @@ fn cpu_jobs_started_on_one_node_spread_stay_put_and_come_home_when_it_is_idle() 
     if !uffd_or_skip() {
         return;
     }
+    let _alone = alone();
     let cluster = two_machines(&[]);
     let started = Instant::now();
-    let mut jobs = spinners(&cluster, 1, 4, &[]);
+    let jobs = spinners(&cluster, 1, 4, &[]);
     assert!(
         eventually(Duration::from_secs(10), || count_on(&cluster, &jobs, 2)
             == 2),
@@ -173,17 +193,8 @@ fn cpu_jobs_started_on_one_node_spread_stay_put_and_come_home_when_it_is_idle() 
 
     // The two at home end: home is idle; one guest comes home (the other
     // then has node 2 to itself).
-    let (home, away): (Vec<Proc>, Vec<Proc>) = {
-        let on = nodes_of(&cluster, &jobs);
-        let mut zipped: Vec<(Proc, Option<u8>)> = jobs.drain(..).zip(on).collect();
-        let away = zipped.iter().filter(|(_, n)| *n == Some(2)).count();
-        assert_eq!(away, 2);
-        let (h, a): (Vec<_>, Vec<_>) = zipped.drain(..).partition(|(_, n)| *n == Some(1));
-        (
-            h.into_iter().map(|(p, _)| p).collect(),
-            a.into_iter().map(|(p, _)| p).collect(),
-        )
-    };
+    let (home, away) = split_by_node(&cluster, jobs);
+    assert_eq!(count_on(&cluster, &away, 2), 2);
     ends(home);
     assert!(
         eventually(Duration::from_secs(15), || count_on(&cluster, &away, 1)
@@ -199,14 +210,7 @@ fn cpu_jobs_started_on_one_node_spread_stay_put_and_come_home_when_it_is_idle() 
         nodes_of(&cluster, &away)
     );
     // The one at home ends too: the last guest comes home.
-    let (home, away): (Vec<Proc>, Vec<Proc>) = {
-        let on = nodes_of(&cluster, &away);
-        let (h, a): (Vec<_>, Vec<_>) = away.into_iter().zip(on).partition(|(_, n)| *n == Some(1));
-        (
-            h.into_iter().map(|(p, _)| p).collect(),
-            a.into_iter().map(|(p, _)| p).collect(),
-        )
-    };
+    let (home, away) = split_by_node(&cluster, away);
     ends(home);
     assert!(
         eventually(Duration::from_secs(15), || count_on(&cluster, &away, 1)
@@ -223,6 +227,7 @@ fn no_balance_lock_and_block_are_obeyed_and_expel_sends_guests_home() {
     if !uffd_or_skip() {
         return;
     }
+    let _alone = alone();
     let cluster = two_machines(&["--no-balance"]);
     let jobs = spinners(&cluster, 1, 3, &[]);
     none_move(&cluster, &jobs, Duration::from_secs(6), "--no-balance");
@@ -276,6 +281,7 @@ fn a_process_that_cannot_move_is_never_chosen_in_a_loop() {
     if !uffd_or_skip() {
         return;
     }
+    let _alone = alone();
     let cluster = two_machines(&[]);
     let stuck: Vec<Proc> = (0..3)
         .map(|_| start(&cluster, 1, &[], "spin_threads"))
@@ -313,6 +319,7 @@ fn a_node_lost_while_it_hosts_balanced_processes_costs_a_node_loss_only() {
     if !uffd_or_skip() {
         return;
     }
+    let _alone = alone();
     let mut cluster = two_machines(&[]);
     let mut jobs = spinners(&cluster, 1, 4, &[]);
     assert!(
@@ -350,6 +357,7 @@ fn top_once_shows_every_node_and_the_moves_and_the_live_view_runs_in_a_terminal(
     if !uffd_or_skip() {
         return;
     }
+    let _alone = alone();
     let cluster = two_machines(&[]);
     let jobs = spinners(&cluster, 1, 3, &[]);
     assert!(eventually(Duration::from_secs(10), || count_on(

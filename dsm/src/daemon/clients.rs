@@ -594,20 +594,23 @@ impl Session {
             }
             ClientRequest::Placements => {
                 let mut all: Vec<wire::Placement> = Vec::new();
-                for reply in self.ask_every_live_node(RpcRequest::Placements).await {
-                    if let RpcResponse::Placements(list) = reply {
-                        for p in list {
-                            // A guest is listed by its home too; the home
-                            // knows why it moved.
-                            match all
-                                .iter_mut()
-                                .find(|a| a.home == p.home && a.home_pid == p.home_pid)
-                            {
-                                Some(known) if known.runs_on == known.home => {}
-                                Some(known) if p.runs_on == p.home => *known = p,
-                                Some(_) => {}
-                                None => all.push(p),
-                            }
+                let replies = self
+                    .ask_every_live_node_by_node(RpcRequest::Placements)
+                    .await;
+                // A moved process is listed by its home and by the node it
+                // runs on; the home's entry says why it moved, and wins.
+                for (from, reply) in replies {
+                    let RpcResponse::Placements(list) = reply else {
+                        continue;
+                    };
+                    for p in list {
+                        match all
+                            .iter_mut()
+                            .find(|a| a.home == p.home && a.home_pid == p.home_pid)
+                        {
+                            Some(known) if from == p.home => *known = p,
+                            Some(_) => {}
+                            None => all.push(p),
                         }
                     }
                 }
@@ -710,11 +713,24 @@ impl Session {
     /// The same request to every node that is up (this one included), in
     /// member order; the answers of those that answered.
     async fn ask_every_live_node(&self, req: RpcRequest) -> Vec<RpcResponse> {
+        self.ask_every_live_node_by_node(req)
+            .await
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// [`Self::ask_every_live_node`], each answer with the node it came
+    /// from.
+    async fn ask_every_live_node_by_node(
+        &self,
+        req: RpcRequest,
+    ) -> Vec<(crate::ids::NodeId, RpcResponse)> {
         let members = self.core.borrow().members.clone();
         let mut replies = Vec::new();
         for node in members {
             if self.core.borrow().is_up(node) {
-                replies.push(self.rpc(node, req.clone()).await);
+                replies.push((node, self.rpc(node, req.clone()).await));
             }
         }
         replies
