@@ -217,7 +217,12 @@ impl Balancer {
             let free_cpu = with_it <= 1.25
                 && with_it <= load_here + (MARGIN - 1.0) / 2.0 * c.demand / cap_here;
             let idle = c.demand < MIN_DEMAND && with_it <= 1.25;
-            if !(less_loaded || free_cpu || idle) {
+            // Home idle (nothing else there) with a CPU for it: a guest
+            // alone on its host reads the host's load as about its own
+            // demand, which may sit under `free_cpu`'s bar for ever. Once
+            // back, home's out rule (1.3 × its demand) keeps it there.
+            let home_idle = at_home < MIN_DEMAND && with_it <= 1.25;
+            if !(less_loaded || free_cpu || idle || home_idle) {
                 continue;
             }
             let rounds = self.home_better.get(&c.pid).copied().unwrap_or(0) + 1;
