@@ -37,6 +37,9 @@ const MARGIN: f64 = 1.3;
 /// Below this demand (runnable threads) a process gains nothing by moving
 /// out.
 pub const MIN_DEMAND: f64 = 0.2;
+/// A node's load with a returning process at most this: a CPU is free for
+/// it (an idle node's load is a little above 0: what else runs).
+const ROOM_FOR_ONE: f64 = 1.25;
 /// What one page fault costs a process away from the page's home, in
 /// seconds (a remote read miss, DESIGN.md's reference figures).
 const REMOTE_FAULT_S: f64 = 60e-6;
@@ -213,15 +216,14 @@ impl Balancer {
             // the other way), or home with a CPU free for it and no busier
             // than here; an idle guest goes home when a CPU is free there.
             let less_loaded = at_home + MARGIN * c.demand / cap_home < load_here;
-            // (An idle node's load is a little above 0: what else runs.)
-            let free_cpu = with_it <= 1.25
+            let free_cpu = with_it <= ROOM_FOR_ONE
                 && with_it <= load_here + (MARGIN - 1.0) / 2.0 * c.demand / cap_here;
-            let idle = c.demand < MIN_DEMAND && with_it <= 1.25;
+            let idle = c.demand < MIN_DEMAND && with_it <= ROOM_FOR_ONE;
             // Home idle (nothing else there) with a CPU for it: a guest
             // alone on its host reads the host's load as about its own
             // demand, which may sit under `free_cpu`'s bar for ever. Once
             // back, home's out rule (1.3 × its demand) keeps it there.
-            let home_idle = at_home < MIN_DEMAND && with_it <= 1.25;
+            let home_idle = at_home < MIN_DEMAND && with_it <= ROOM_FOR_ONE;
             if !(less_loaded || free_cpu || idle || home_idle) {
                 continue;
             }
