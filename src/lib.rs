@@ -213,7 +213,9 @@ impl Default for ClusterOptions {
             nodes: 3,
             peer_timeout_ms: 1000,
             heartbeat_ms: 100,
-            log: "info".into(),
+            // MIGSHM_TEST_LOG: the daemons' log filter for a run that
+            // needs more (`info,dsm::daemon::placement=debug`).
+            log: std::env::var("MIGSHM_TEST_LOG").unwrap_or_else(|_| "info".into()),
             secret: None,
             namespaces: false,
             daemon_env: Vec::new(),
@@ -490,13 +492,18 @@ fn unique() -> u64 {
 }
 
 /// Poll `f` every 10 ms until it holds or `limit` passes.
-pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub fn eventually(limit: Duration, f: impl FnMut() -> bool) -> bool {
+    eventually_every(limit, Duration::from_millis(10), f)
+}
+
+/// Poll `f` every `every` until it holds or `limit` passes.
+pub fn eventually_every(limit: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if f() {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(every);
     }
     f()
 }

@@ -327,6 +327,7 @@ pub fn round(core: &SharedCore) {
         if !p.enabled || p.in_flight {
             return;
         }
+        tracing::debug!(?here, ?others, ?candidates, "balancer: round");
         let Some(m) = p.balancer.decide(now, &here, &others, &candidates) else {
             return;
         };
