@@ -268,7 +268,7 @@ fn waited_on(cpus: &[usize]) -> (HashMap<u32, u64>, HashSet<u32>) {
             let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
                 continue;
             };
-            if !cpu_of(&stat).is_some_and(|c| cpus.binary_search(&c).is_ok()) {
+            if cpu_of(&stat).is_none_or(|c| cpus.binary_search(&c).is_err()) {
                 continue;
             }
             let Ok(schedstat) = std::fs::read_to_string(t.path().join("schedstat")) else {
