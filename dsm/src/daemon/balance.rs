@@ -512,11 +512,14 @@ mod tests {
     /// with fixed demands, each node's load sampled every 250 ms and
     /// smoothed (τ 500 ms), heard by the others 0–1 s late, a move taking
     /// 200 ms; each node's balancer decides every 500 ms for the processes
-    /// running on it.
+    /// running on it. A node's load also counts its `background`: what
+    /// runs there besides the processes under `omrun` (the daemon itself,
+    /// a cron job), which no balancer can move.
     struct Sim {
         now: u64,
         caps: Vec<f64>,
         blocked: Vec<bool>,
+        background: Vec<f64>,
         balancers: Vec<Balancer>,
         loads: Vec<f64>,
         /// What each node last heard of each node: (load, measured).
@@ -547,6 +550,7 @@ mod tests {
                 now: 0,
                 caps: caps.to_vec(),
                 blocked: vec![false; n],
+                background: vec![0.0; n],
                 balancers: (0..n)
                     .map(|i| Balancer::new(node(i as u8 + 1), TAU))
                     .collect(),
@@ -594,7 +598,7 @@ mod tests {
                 if self.now.is_multiple_of(250) {
                     let keep = (-250.0 / TAU as f64).exp();
                     for i in 0..n {
-                        let sample = self.runnable(i) / self.caps[i];
+                        let sample = (self.runnable(i) + self.background[i]) / self.caps[i];
                         self.loads[i] = self.loads[i] * keep + sample * (1.0 - keep);
                     }
                 }
@@ -750,6 +754,32 @@ mod tests {
         }
         sim.run_for(8_000);
         assert_eq!((sim.on(0), sim.on(1)), (1, 0));
+    }
+
+    #[test]
+    fn a_guest_alone_comes_home_to_a_nearly_idle_home_and_not_to_a_busy_one() {
+        // Home runs a little besides (0.17: the bar of the free-CPU rule is
+        // missed, the idle-home rule holds): the guest comes home and stays.
+        // With half a CPU busy at home, it stays where it has a CPU.
+        for (background, comes_home) in [(0.0, true), (0.17, true), (0.5, false)] {
+            for seed in 1..=20 {
+                let mut sim = Sim::new(&[1.0, 1.0], seed);
+                sim.background[0] = background;
+                let job = sim.start(0, 1.0);
+                sim.procs[job].at = 1;
+                sim.procs[job].placed = Some(0);
+                sim.run_for(8_000);
+                let home = usize::from(comes_home);
+                assert_eq!(
+                    (sim.on(0), sim.on(1)),
+                    (home, 1 - home),
+                    "background {background}, seed {seed}: {:?}",
+                    sim.moves
+                );
+                sim.run_for(30_000);
+                assert_eq!(sim.moves.len(), home, "seed {seed}: {:?}", sim.moves);
+            }
+        }
     }
 
     #[test]
