@@ -50,6 +50,22 @@ pub fn omctl(socket: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The lines of `omctl ps` (asked at `socket`) of processes running
+/// away from their home node: empty when every process is home.
+pub fn running_away(socket: &Path) -> Vec<String> {
+    let (ok, stdout, stderr) = omctl(socket, &["ps"]);
+    assert!(ok, "omctl ps: {stderr}");
+    stdout
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            cells.get(1) != cells.get(2)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The children of process `pid`.
 pub fn children_of(pid: u32) -> Vec<i32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
