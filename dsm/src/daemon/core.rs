@@ -692,6 +692,9 @@ impl Core {
             );
         }
         self.rates_from = (now_instant, self.store.faults_served, pages_now);
+        if !self.own_load().measured {
+            return;
+        }
         let up = self.peers_up();
         let mine = self.own_entry();
         let now = self.clock_ms();
@@ -739,6 +742,9 @@ impl Core {
     pub fn balance_inputs(&mut self) -> Option<super::placement::RoundInputs> {
         use super::balance::NodeView;
         let now = self.clock_ms();
+        if !self.own_load().measured {
+            return None;
+        }
         let up = self.peers_up();
         let others: Vec<NodeView> = self
             .gossip

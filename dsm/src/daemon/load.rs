@@ -94,6 +94,9 @@ pub struct NodeLoad {
     pub load: f64,
     /// Memory the kernel says is available (MemAvailable), in KiB.
     pub free_kib: u64,
+    /// A load was measured (a daemon just started has none: it must not
+    /// say 0 and draw every process to it).
+    pub measured: bool,
 }
 
 /// The load of `runnable` threads on `cpus` CPUs of relative `speed`.
@@ -117,6 +120,7 @@ pub fn start_sampler(cpus: Vec<usize>, speed: f64) -> Arc<Mutex<NodeLoad>> {
                     let sample = NodeLoad {
                         load: scaled(smoothed.value(), cpus.len(), speed),
                         free_kib: available_kib().unwrap_or(0),
+                        measured: true,
                     };
                     *out.lock().unwrap_or_else(|e| e.into_inner()) = sample;
                 }
