@@ -440,7 +440,15 @@ fn children_move_while_ab_runs(php: bool) {
         })
         .sum();
     assert!(served_away > 0, "no connection went to a moved child");
-    assert_eq!(running_away(&node1), Vec::<String>::new(), "all home");
+    // Those moved by hand came home above; any the balancer moved while
+    // ab ran comes home by itself now that home is idle.
+    let since = std::time::Instant::now();
+    assert!(
+        migshm::eventually(Duration::from_secs(20), || running_away(&node1).is_empty()),
+        "still away: {:?}",
+        running_away(&node1)
+    );
+    eprintln!("all home {:?} after the load ended", since.elapsed());
     // Every worker the parent has is on the scoreboard, and only those.
     assert!(
         migshm::eventually(Duration::from_secs(10), || {

@@ -1554,7 +1554,6 @@ fn still_maps_segments(pid: i32) -> bool {
     })
 }
 
-/// Wait for a process holding undo adjustments to exit, then settle them.
 /// Read the process's faults as they come and feed them to the engine.
 async fn serve_faults(core: SharedCore, proc: ProcId, uffd: Arc<Uffd>) {
     let Ok(fd) = uffd::async_uffd(uffd.clone()) else {

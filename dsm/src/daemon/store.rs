@@ -308,11 +308,14 @@ impl NodeStore {
             // Read-ahead, or fault-around on pages held Exclusive: map the
             // neighbours into the same process now (read-only, or as the
             // faulting page was), so that it does not fault on each one.
-            // EEXIST only means some of them were mapped already.
+            // EEXIST (the first was mapped already) and EAGAIN (the
+            // kernel stopped at one that was: a partial run) only mean
+            // some of them need no mapping.
             let len = also * page;
             let wp = protect && res.access == Access::ReadOnly;
             if let Err(e) = proc.uffd.continue_(addr + page, len, wp) {
-                if e.raw_os_error() != Some(libc::EEXIST) && !crate::uffd::process_gone(&e) {
+                let some_mapped = matches!(e.raw_os_error(), Some(libc::EEXIST | libc::EAGAIN));
+                if !some_mapped && !crate::uffd::process_gone(&e) {
                     tracing::warn!(pid = proc.pid, addr, "mapping read-ahead pages: {e}");
                 }
             }
