@@ -148,6 +148,8 @@ pub struct StandIns {
     quiescing: Option<std::time::Instant>,
     /// `Quiet` was answered: no `Want` until the return is over.
     held: bool,
+    /// What the process is blocked in, looked at on every tick.
+    probe: Option<crate::procfs::SyscallProbe>,
 }
 
 struct StandIn {
@@ -235,6 +237,7 @@ impl StandIns {
                 list,
                 quiescing: None,
                 held: false,
+                probe: None,
             },
             ends,
         ))
@@ -278,12 +281,22 @@ impl StandIns {
         if self.held {
             return false;
         }
+        if self.list.iter().all(|s| s.want_sent || s.queued) {
+            return false;
+        }
+        let probe = match &mut self.probe {
+            Some(p) if p.pid() == pid => p,
+            other => other.insert(crate::procfs::SyscallProbe::new(pid)),
+        };
+        let Some(blocked) = probe.blocked() else {
+            return false;
+        };
         let waited: Vec<i32> = self
             .list
             .iter()
             .filter(|s| !s.want_sent && !s.queued)
             .map(|s| s.fd)
-            .filter(|&fd| waits_for_connection(pid, fd))
+            .filter(|&fd| waits_for_connection(pid, blocked, fd))
             .collect();
         for s in self.list.iter_mut().filter(|s| waited.contains(&s.fd)) {
             s.want_sent = true;
@@ -342,13 +355,10 @@ impl StandIns {
     }
 }
 
-/// Whether `pid` is blocked waiting for a connection on descriptor `fd`:
-/// in accept on it, or in poll or epoll_wait with it among what it waits
+/// Whether `pid`, blocked in call `nr`, waits for a connection on
+/// descriptor `fd`: in accept on it, or in poll or epoll_wait with it among what it waits
 /// for.
-fn waits_for_connection(pid: i32, fd: i32) -> bool {
-    let Some((nr, args)) = crate::procfs::blocked_syscall(pid) else {
-        return false;
-    };
+fn waits_for_connection(pid: i32, (nr, args): (i64, [u64; 6]), fd: i32) -> bool {
     match nr {
         SYS_ACCEPT | SYS_ACCEPT4 => args[0] as i32 == fd,
         SYS_POLL | SYS_PPOLL => {

@@ -672,6 +672,10 @@ impl HostCalls {
             })
             .map(|(id, _)| *id)
             .collect();
+        if due.is_empty() {
+            // Called on every turn of the host's loop: no /proc read then.
+            return;
+        }
         let here = crate::procfs::children(self.process);
         for id in due {
             let Some(p) = self.pending.get_mut(&id) else {
