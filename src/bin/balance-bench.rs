@@ -179,10 +179,6 @@ fn apache_php(cluster: &Cluster, dir: &Path, loops: u64, on: bool) -> (f64, u32)
     let url = format!("http://127.0.0.1:{}/{page}", ports[0]);
     let (_, warm_failed, _) = ab(&url, 250, AB_CONCURRENCY);
     let (done, failed, rate) = ab(&url, AB_REQUESTS, AB_CONCURRENCY);
-    if std::env::var_os("BALANCE_BENCH_DEBUG").is_some() {
-        eprintln!("{}", omctl(cluster.socket(1), &["ps"]).1);
-        eprintln!("{}", omctl(cluster.socket(1), &["top", "--once"]).1);
-    }
     if apache
         .stop(libc::SIGTERM, Duration::from_secs(30))
         .is_none()
@@ -265,18 +261,6 @@ fn main() {
     })
     .unwrap_or_else(|e| fail(&format!("cluster: {e}")));
     let work = c_program("work").unwrap_or_else(|e| fail(&format!("work.c: {e}")));
-    if std::env::var_os("BALANCE_BENCH_PHP_ONLY").is_some() {
-        let base = std::env::temp_dir().join(format!("balance-bench-{}", std::process::id()));
-        let loops = php_loops();
-        let (alone, _) = apache_php(&cluster, &base.join("alone"), loops, false);
-        let (rps, failed) = apache_php(&cluster, &base.join("balanced"), loops, true);
-        println!("php loops {loops} alone {alone:.1} balanced {rps:.1} failed {failed}");
-        let log = cluster.log(1);
-        for l in log.lines().filter(|l| l.contains("balancer")) {
-            eprintln!("{l}");
-        }
-        return;
-    }
     let rounds = calibrate(&work, JOB_SECONDS);
     balancing(&cluster, false);
     let makespan_off = makespan(&cluster, &work, rounds);
