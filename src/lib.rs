@@ -75,6 +75,24 @@ pub fn children_of(pid: u32) -> Vec<i32> {
         .collect()
 }
 
+/// A log as text, its terminal colour codes taken out.
+pub fn without_colours(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Set (to the test's name) in a test binary started again by
 /// [`run_test_in_child`].
 pub const TEST_CHILD_ENV: &str = "MIGSHM_TEST_CHILD";

@@ -6,7 +6,10 @@
 //! cannot move is never chosen again and again; a node lost while it hosts
 //! balanced processes costs what a node loss costs; `omctl top` shows it.
 
-use migshm::{c_program, eventually_every, omctl, uffd_or_skip, Cluster, ClusterOptions, Proc};
+use migshm::{
+    c_program, eventually_every, omctl, uffd_or_skip, without_colours, Cluster, ClusterOptions,
+    Proc,
+};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -138,24 +141,6 @@ fn none_move(cluster: &Cluster, procs: &[Proc], quiet: Duration, what: &str) {
         assert_eq!(count_on(cluster, procs, 1), procs.len(), "{what}");
         std::thread::sleep(Duration::from_millis(500));
     }
-}
-
-/// A log as text, its terminal colour codes taken out.
-fn without_colours(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn ends(procs: Vec<Proc>) {

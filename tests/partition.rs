@@ -15,7 +15,9 @@
 //! the new life joins and serves.
 
 use migshm::linlog;
-use migshm::{eventually, run_role, spawn_role, uffd_or_skip, Cluster, ClusterOptions};
+use migshm::{
+    eventually, run_role, spawn_role, uffd_or_skip, without_colours, Cluster, ClusterOptions,
+};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
@@ -378,7 +380,7 @@ fn a_stopped_daemon_cannot_let_its_processes_read_overwritten_values() {
 fn first_event(log: &str, message: &str, node: u8) -> Option<f64> {
     let field = format!("node=n{node}");
     log.lines()
-        .map(strip_ansi)
+        .map(without_colours)
         .filter(|line| line.contains(message) && line.contains(&field))
         .find_map(|line| {
             let time = line.split_whitespace().next()?.split('T').nth(1)?;
@@ -389,21 +391,4 @@ fn first_event(log: &str, message: &str, node: u8) -> Option<f64> {
             let s: f64 = parts.next()?.parse().ok()?;
             Some(h * 3600.0 + m * 60.0 + s)
         })
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

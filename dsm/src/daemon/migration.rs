@@ -439,10 +439,27 @@ pub(super) fn may_act_on(uid: u32, pid: i32) -> Result<(), i32> {
     let owner = std::fs::metadata(format!("/proc/{pid}"))
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         .map_err(|_| libc::ESRCH)?;
+    // A process that has ended but is not yet reaped (an Apache child its
+    // parent let go while it ran away) has nothing left to move.
+    if has_ended(pid) {
+        return Err(libc::ESRCH);
+    }
     if uid != 0 && owner != uid {
         return Err(libc::EPERM);
     }
     Ok(())
+}
+
+/// Whether process `pid` is a zombie (or being reaped), from /proc.
+fn has_ended(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // pid (comm) state ...: comm may hold spaces and parentheses.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    matches!(state, Some("Z" | "X"))
 }
 
 /// `omctl migrate --check PID`: the reasons a local process cannot move,
@@ -614,5 +631,34 @@ async fn move_homed_here(
     match migrations.move_out(pid, to, host, token).await {
         Ok(()) => ClientReply::Ok,
         Err(e) => ClientReply::Refused(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_ended;
+
+    #[test]
+    fn an_unreaped_child_has_ended_and_a_running_one_has_not() {
+        let mut running = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let mut exited = std::process::Command::new("true").spawn().expect("true");
+        let zombie = exited.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !has_ended(zombie) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            has_ended(zombie),
+            "a child that exited is not seen as ended"
+        );
+        assert!(std::path::Path::new(&format!("/proc/{zombie}")).exists());
+        assert!(!has_ended(running.id() as i32));
+        let _ = running.kill();
+        let _ = running.wait();
+        let _ = exited.wait();
+        assert!(has_ended(zombie), "a reaped pid is gone");
     }
 }
