@@ -54,6 +54,14 @@ impl NodeSet {
     pub fn len(self) -> usize {
         self.0.count_ones() as usize
     }
+    /// Bit `n` for node `n` (bit 0 is never set).
+    pub fn bits(self) -> u128 {
+        self.0
+    }
+    /// The set of `bits()`; bits above `NODE_ID_MAX` and bit 0 are dropped.
+    pub fn from_bits(bits: u128) -> NodeSet {
+        NodeSet(bits & !1 & (u128::MAX >> (127 - NODE_ID_MAX)))
+    }
     pub fn iter(self) -> impl Iterator<Item = NodeId> {
         (0..=NODE_ID_MAX)
             .filter(move |n| self.0 & (1u128 << n) != 0)

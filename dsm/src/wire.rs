@@ -753,6 +753,9 @@ pub struct NodeStatus {
     pub cpus: String,
     pub load_milli: u64,
     pub free_kib: u64,
+    /// Heap bytes of the daemon's per-page tables (nothing for pages never
+    /// touched).
+    pub table_bytes: u64,
 }
 
 /// A request from a local process to its node's daemon.

@@ -1,5 +1,6 @@
 //! The cache role: this node's copy of each page and the faults waiting on it.
 
+use super::table::{PageTable, PageValue};
 use super::{page_in_range, Access, CohMsg, Engine, PageStore, Resolution, PREFETCH_PAGES_MAX};
 
 /// A stream is established once the read-ahead window reached this.
@@ -14,9 +15,10 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 
 /// This node's copy of a page.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PageState {
     /// Not present: any access faults.
+    #[default]
     Invalid,
     /// Present; every local mapping is write-protected.
     Shared,
@@ -24,6 +26,26 @@ pub enum PageState {
     Exclusive,
     /// Can never be served again (its only copy was lost): accesses SIGBUS.
     Lost,
+}
+
+impl PageValue for PageState {
+    type Word = u16;
+    fn pack(self) -> u64 {
+        match self {
+            PageState::Invalid => 0,
+            PageState::Shared => 1,
+            PageState::Exclusive => 2,
+            PageState::Lost => 3,
+        }
+    }
+    fn unpack(bits: u64) -> Self {
+        match bits {
+            1 => PageState::Shared,
+            2 => PageState::Exclusive,
+            3 => PageState::Lost,
+            _ => PageState::Invalid,
+        }
+    }
 }
 
 /// What this node has asked the home for.
@@ -73,7 +95,7 @@ pub(super) struct CacheSegment<W> {
     home: NodeId,
     /// The home is gone: pages not held here can never be fetched.
     home_lost: bool,
-    states: Vec<PageState>,
+    states: PageTable<PageState>,
     pub(super) pending: BTreeMap<PageIndex, Pending<W>>,
     /// Read-ahead: the page a sequential reader would miss next, and how many
     /// pages to ask for beyond the faulting one.
@@ -89,7 +111,7 @@ impl<W> CacheSegment<W> {
         CacheSegment {
             home,
             home_lost: false,
-            states: vec![PageState::Invalid; pages as usize],
+            states: PageTable::new(pages),
             pending: BTreeMap::new(),
             next_sequential: u32::MAX,
             prefetch_window: 0,
@@ -99,13 +121,30 @@ impl<W> CacheSegment<W> {
     }
 
     pub(super) fn state(&self, page: PageIndex) -> Option<PageState> {
-        self.states.get(page.0 as usize).copied()
+        (page.0 < self.states.pages()).then(|| self.states.get(page.0))
+    }
+
+    fn pages(&self) -> u32 {
+        self.states.pages()
+    }
+
+    /// The state of page `index` (Invalid beyond the segment).
+    fn at(&self, index: usize) -> PageState {
+        self.states.get(index as u32)
+    }
+
+    fn put(&mut self, index: usize, state: PageState) {
+        self.states.set(index as u32, state);
+    }
+
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.states.heap_bytes()
     }
 
     pub(super) fn resident(&self) -> u32 {
         self.states
-            .iter()
-            .filter(|s| matches!(s, PageState::Shared | PageState::Exclusive))
+            .present()
+            .filter(|(_, s)| matches!(s, PageState::Shared | PageState::Exclusive))
             .count() as u32
     }
 
@@ -122,11 +161,10 @@ impl<W> CacheSegment<W> {
     /// How many pages right after `page` are held in `state` here (at most
     /// `limit`): a process faulting on `page` may map them at once.
     fn run_after(&self, page: PageIndex, state: PageState, limit: u32) -> u32 {
-        self.states
-            .iter()
-            .skip(page.0 as usize + 1)
-            .take(limit as usize)
-            .take_while(|s| **s == state)
+        let first = page.0 + 1;
+        let end = first.saturating_add(limit).min(self.pages());
+        (first..end)
+            .take_while(|q| self.states.get(*q) == state)
             .count() as u32
     }
 
@@ -137,7 +175,7 @@ impl<W> CacheSegment<W> {
         } else {
             self.prefetch_window = 0;
         }
-        let room = (self.states.len() as u32).saturating_sub(page.0 + 1);
+        let room = self.pages().saturating_sub(page.0 + 1);
         self.prefetch_window.min(room)
     }
 }
@@ -246,7 +284,7 @@ impl<W: Clone> Engine<W> {
             }
             return;
         };
-        if from != seg.home || !page_in_range(seg.states.len() as u32, page.page) {
+        if from != seg.home || !page_in_range(seg.pages(), page.page) {
             tracing::warn!(
                 ?page,
                 ?from,
@@ -257,10 +295,10 @@ impl<W: Clone> Engine<W> {
         let index = page.page.0 as usize;
         match msg {
             CohMsg::Downgrade { .. } => {
-                let data = match seg.states[index] {
+                let data = match seg.at(index) {
                     PageState::Exclusive => {
                         store.protect_local(page);
-                        seg.states[index] = PageState::Shared;
+                        seg.put(index, PageState::Shared);
                         Some(store.read_local(page))
                     }
                     PageState::Shared => Some(store.read_local(page)),
@@ -269,7 +307,7 @@ impl<W: Clone> Engine<W> {
                 self.send(from, CohMsg::DowngradeAck { page, data });
             }
             CohMsg::Invalidate { .. } => {
-                let data = match seg.states[index] {
+                let data = match seg.at(index) {
                     PageState::Exclusive => {
                         store.protect_local(page);
                         let data = store.read_local(page);
@@ -282,8 +320,8 @@ impl<W: Clone> Engine<W> {
                     }
                     PageState::Invalid | PageState::Lost => None,
                 };
-                if seg.states[index] != PageState::Lost {
-                    seg.states[index] = PageState::Invalid;
+                if seg.at(index) != PageState::Lost {
+                    seg.put(index, PageState::Invalid);
                 }
                 self.send(from, CohMsg::InvalidateAck { page, data });
             }
@@ -293,16 +331,18 @@ impl<W: Clone> Engine<W> {
                 let installable = extra
                     .iter()
                     .enumerate()
-                    .take_while(|(i, _)| seg.states.get(index + 1 + i) == Some(&PageState::Invalid))
+                    .take_while(|(i, _)| {
+                        seg.state(PageIndex((index + 1 + i) as u32)) == Some(PageState::Invalid)
+                    })
                     .count();
                 let mut run = Vec::with_capacity(1 + installable);
                 run.push(data);
                 run.extend(extra.iter().take(installable).cloned());
                 store.write_local_run(page, &run);
-                seg.states[index] = PageState::Shared;
+                seg.put(index, PageState::Shared);
                 for offset in 0..installable {
                     let q = PageIndex(page.page.0 + 1 + offset as u32);
-                    seg.states[q.0 as usize] = PageState::Shared;
+                    seg.put(q.0 as usize, PageState::Shared);
                     // Faults already waiting on a prefetched page need no
                     // request of their own any more; a write still does.
                     if let Some(p) = seg.pending.get_mut(&q) {
@@ -354,11 +394,11 @@ impl<W: Clone> Engine<W> {
             CohMsg::WriteGrant { data, .. } => {
                 match data {
                     Some(data) => store.write_local(page, &data),
-                    None if seg.states[index] != PageState::Shared => {
+                    None if seg.at(index) != PageState::Shared => {
                         // The home believed we hold the page and we do not:
                         // mapping the hole would show zeros. Refuse.
                         tracing::error!(?page, "write grant without data for a page not held");
-                        seg.states[index] = PageState::Lost;
+                        seg.put(index, PageState::Lost);
                         if let Some(p) = seg.take_pending(page.page) {
                             p.poison_all(page, &mut self.resolutions);
                         }
@@ -366,7 +406,7 @@ impl<W: Clone> Engine<W> {
                     }
                     None => {}
                 }
-                seg.states[index] = PageState::Exclusive;
+                seg.put(index, PageState::Exclusive);
                 if let Some(p) = seg.take_pending(page.page) {
                     for waiter in p.reads.into_iter().chain(p.writes) {
                         self.resolutions.push_back(Resolution {
@@ -379,8 +419,8 @@ impl<W: Clone> Engine<W> {
                 }
             }
             CohMsg::Unavailable { .. } => {
-                if seg.states[index] == PageState::Invalid {
-                    seg.states[index] = PageState::Lost;
+                if seg.at(index) == PageState::Invalid {
+                    seg.put(index, PageState::Lost);
                 }
                 if let Some(p) = seg.take_pending(page.page) {
                     fail_pending(seg, page, p, store, &mut self.resolutions);
@@ -412,14 +452,18 @@ impl<W: Clone> Engine<W> {
                 let key = PageKey { seg: *seg_id, page };
                 fail_pending(seg, key, pending, store, &mut self.resolutions);
             }
-            for index in 0..seg.states.len() {
-                if seg.states[index] == PageState::Shared {
-                    store.punch_local(PageKey {
-                        seg: *seg_id,
-                        page: PageIndex(index as u32),
-                    });
-                    seg.states[index] = PageState::Lost;
-                }
+            let shared: Vec<u32> = seg
+                .states
+                .present()
+                .filter(|(_, s)| *s == PageState::Shared)
+                .map(|(p, _)| p)
+                .collect();
+            for index in shared {
+                store.punch_local(PageKey {
+                    seg: *seg_id,
+                    page: PageIndex(index),
+                });
+                seg.states.set(index, PageState::Lost);
             }
         }
     }
@@ -437,7 +481,7 @@ impl<W: Clone> Engine<W> {
         {
             return;
         }
-        let pages = seg.states.len() as u32;
+        let pages = seg.pages();
         seg.speculative_frontier = seg.speculative_frontier.max(seg.next_sequential);
         let mut requests = Vec::new();
         let mut skipped = 0;
@@ -446,7 +490,7 @@ impl<W: Clone> Engine<W> {
             && skipped < PREFETCH_PAGES_MAX
         {
             let p = PageIndex(seg.speculative_frontier);
-            if seg.states[p.0 as usize] != PageState::Invalid || seg.pending.contains_key(&p) {
+            if seg.at(p.0 as usize) != PageState::Invalid || seg.pending.contains_key(&p) {
                 seg.speculative_frontier += 1;
                 skipped += 1;
                 continue;
@@ -502,13 +546,13 @@ impl<W: Clone> Engine<W> {
         let Some(seg) = self.cache.get_mut(&first.seg) else {
             return vec![];
         };
-        let range = first.page.0 as usize..(first.page.0 + count) as usize;
-        debug_assert!(seg.states[range.clone()]
-            .iter()
-            .all(|s| *s == PageState::Exclusive));
+        let range = first.page.0..first.page.0 + count;
+        debug_assert!(range
+            .clone()
+            .all(|q| seg.states.get(q) == PageState::Exclusive));
         store.protect_local_run(first, count);
-        for state in &mut seg.states[range] {
-            *state = PageState::Shared;
+        for q in range {
+            seg.states.set(q, PageState::Shared);
         }
         store.read_local_run(first, count)
     }
@@ -536,12 +580,12 @@ fn fail_pending<W>(
     out: &mut VecDeque<Resolution<W>>,
 ) {
     let index = page.page.0 as usize;
-    let held = seg.states[index] == PageState::Shared;
+    let held = seg.at(index) == PageState::Shared;
     if held && !pending.writes.is_empty() {
         store.punch_local(page);
-        seg.states[index] = PageState::Lost;
+        seg.put(index, PageState::Lost);
     }
-    let readable = seg.states[index] == PageState::Shared;
+    let readable = seg.at(index) == PageState::Shared;
     for waiter in pending.reads {
         let access = if readable {
             Access::ReadOnly

@@ -1,12 +1,13 @@
 //! The home role: the directory of a segment's pages and one transaction per
 //! page at a time.
 
+use super::table::{value_bits, PageTable, PageValue};
 use super::{page_in_range, CohMsg, Engine, PageState, PageStore};
 use crate::ids::{NodeId, NodeSet, PageIndex, PageKey};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct DirEntry {
     /// The node holding the page Exclusive; the home copy is stale meanwhile.
     owner: Option<NodeId>,
@@ -19,6 +20,113 @@ struct DirEntry {
     /// Exclusive copy, so the page is not copied a second time; flushed into
     /// the home copy before that own copy is dropped.
     in_own_copy: bool,
+    /// The page was handed out once. Until then it is *fresh*: zeros by
+    /// definition, in no node's memory, and granted without a transaction.
+    touched: bool,
+}
+
+impl DirEntry {
+    fn is_fresh(&self) -> bool {
+        !self.touched
+    }
+}
+
+/// A directory entry in the table's word: owner, flags, and the copyset of
+/// nodes `1..INLINE_NODES`; a copyset reaching further sets `WIDE` and
+/// keeps its whole set in `HomeSegment::wide_copysets`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct DirWord(u64);
+
+const OWNER_MASK: u64 = 0x7f;
+const LOST: u64 = 1 << 7;
+const IN_OWN_COPY: u64 = 1 << 8;
+const TOUCHED: u64 = 1 << 9;
+const WIDE: u64 = 1 << 10;
+const COPYSET_SHIFT: u32 = 11;
+/// Copyset bits kept in the word (bit n for node n, bit 0 unused).
+const INLINE_NODES: u32 = value_bits::<u64>() - COPYSET_SHIFT;
+
+impl PageValue for DirWord {
+    type Word = u64;
+    fn pack(self) -> u64 {
+        self.0
+    }
+    fn unpack(bits: u64) -> Self {
+        DirWord(bits)
+    }
+}
+
+pub(super) struct HomeSegment {
+    dir: PageTable<DirWord>,
+    /// Whole copysets of the pages whose copyset does not fit their word.
+    wide_copysets: BTreeMap<PageIndex, NodeSet>,
+    busy: BTreeMap<PageIndex, Busy>,
+}
+
+impl HomeSegment {
+    pub(super) fn new(pages: u32) -> Self {
+        HomeSegment {
+            dir: PageTable::new(pages),
+            wide_copysets: BTreeMap::new(),
+            busy: BTreeMap::new(),
+        }
+    }
+
+    fn pages(&self) -> u32 {
+        self.dir.pages()
+    }
+
+    fn entry(&self, page: PageIndex) -> DirEntry {
+        let DirWord(w) = self.dir.get(page.0);
+        let inline = NodeSet::from_bits(u128::from(w >> COPYSET_SHIFT));
+        DirEntry {
+            owner: NodeId::new((w & OWNER_MASK) as u8),
+            copyset: if w & WIDE != 0 {
+                self.wide_copysets.get(&page).copied().unwrap_or(inline)
+            } else {
+                inline
+            },
+            lost: w & LOST != 0,
+            in_own_copy: w & IN_OWN_COPY != 0,
+            touched: w & TOUCHED != 0,
+        }
+    }
+
+    /// Record `entry`; a page whose entry changes has been handed out, so
+    /// it is no longer fresh.
+    fn set_entry(&mut self, page: PageIndex, entry: DirEntry) {
+        let mut w = entry.owner.map_or(0, |n| u64::from(n.0)) | TOUCHED;
+        if entry.lost {
+            w |= LOST;
+        }
+        if entry.in_own_copy {
+            w |= IN_OWN_COPY;
+        }
+        let bits = entry.copyset.bits();
+        if bits >> INLINE_NODES == 0 {
+            w |= (bits as u64) << COPYSET_SHIFT;
+            self.wide_copysets.remove(&page);
+        } else {
+            w |= WIDE;
+            self.wide_copysets.insert(page, entry.copyset);
+        }
+        self.dir.set(page.0, DirWord(w));
+    }
+
+    fn update(&mut self, page: PageIndex, change: impl FnOnce(&mut DirEntry)) {
+        let mut entry = self.entry(page);
+        change(&mut entry);
+        self.set_entry(page, entry);
+    }
+
+    /// The pages handed out at least once.
+    fn touched_pages(&self) -> Vec<PageIndex> {
+        self.dir.present().map(|(p, _)| PageIndex(p)).collect()
+    }
+
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.dir.heap_bytes()
+    }
 }
 
 /// Where the data of a page handed out by a read comes from.
@@ -68,20 +176,6 @@ struct Busy {
     queue: VecDeque<Request>,
 }
 
-pub(super) struct HomeSegment {
-    dir: Vec<DirEntry>,
-    busy: BTreeMap<PageIndex, Busy>,
-}
-
-impl HomeSegment {
-    pub(super) fn new(pages: u32) -> Self {
-        HomeSegment {
-            dir: vec![DirEntry::default(); pages as usize],
-            busy: BTreeMap::new(),
-        }
-    }
-}
-
 impl<W: Clone> Engine<W> {
     /// Feed a message from `from` (possibly this node itself).
     pub fn handle_message(&mut self, from: NodeId, msg: CohMsg, store: &mut impl PageStore) {
@@ -110,12 +204,17 @@ impl<W: Clone> Engine<W> {
         self.cache_peer_down(dead, store);
         let mut restart = Vec::new();
         for (seg_id, home) in self.homes.iter_mut() {
-            for (index, entry) in home.dir.iter_mut().enumerate() {
-                entry.copyset.remove(dead);
-                let busy = home.busy.get(&PageIndex(index as u32));
-                if entry.owner == Some(dead) && busy.is_none_or(|b| b.txn.is_none()) {
-                    entry.owner = None;
-                    entry.lost = true;
+            for page in home.touched_pages() {
+                let idle = home.busy.get(&page).is_none_or(|b| b.txn.is_none());
+                let entry = home.entry(page);
+                if entry.copyset.contains(dead) || entry.owner == Some(dead) {
+                    home.update(page, |entry| {
+                        entry.copyset.remove(dead);
+                        if entry.owner == Some(dead) && idle {
+                            entry.owner = None;
+                            entry.lost = true;
+                        }
+                    });
                 }
             }
             for (page, busy) in home.busy.iter_mut() {
@@ -172,7 +271,7 @@ impl<W: Clone> Engine<W> {
             self.send(request.from(), CohMsg::Unavailable { page });
             return;
         };
-        if !page_in_range(home.dir.len() as u32, page.page) {
+        if !page_in_range(home.pages(), page.page) {
             tracing::warn!(?page, from = ?request.from(), "request for a page beyond the segment");
             self.send(request.from(), CohMsg::Unavailable { page });
             return;
@@ -190,6 +289,7 @@ impl<W: Clone> Engine<W> {
             let Some(home) = self.homes.get_mut(&page.seg) else {
                 return;
             };
+            let entry = home.entry(page.page);
             let Some(busy) = home.busy.get_mut(&page.page) else {
                 return;
             };
@@ -198,7 +298,6 @@ impl<W: Clone> Engine<W> {
                 home.busy.remove(&page.page);
                 return;
             };
-            let entry = home.dir[page.page.0 as usize];
             if entry.lost {
                 self.reply_unavailable(request.from(), page);
                 continue;
@@ -277,7 +376,7 @@ impl<W: Clone> Engine<W> {
         let Some(home) = self.homes.get_mut(&page.seg) else {
             return;
         };
-        home.dir[page.page.0 as usize].copyset.insert(to);
+        home.update(page.page, |e| e.copyset.insert(to));
         // The read-ahead run: pages that can be handed out right away, from
         // the home copy, or from this node's own copy (downgraded in place if
         // it holds them Exclusive).
@@ -290,9 +389,10 @@ impl<W: Clone> Engine<W> {
             let Some(home) = self.homes.get(&page.seg) else {
                 break;
             };
-            let Some(entry) = home.dir.get(q as usize).copied() else {
+            if q >= home.pages() {
                 break;
-            };
+            }
+            let entry = home.entry(PageIndex(q));
             if home.busy.contains_key(&PageIndex(q)) || entry.lost || entry.copyset.contains(to) {
                 break;
             }
@@ -329,13 +429,14 @@ impl<W: Clone> Engine<W> {
         let me = self.me;
         if let Some(home) = self.homes.get_mut(&page.seg) {
             for (i, source) in sources.iter().enumerate() {
-                let entry = &mut home.dir[page.page.0 as usize + 1 + i];
-                if *source == Source::OwnExclusive {
-                    entry.owner = None;
-                    entry.copyset.insert(me);
-                    entry.in_own_copy = true;
-                }
-                entry.copyset.insert(to);
+                home.update(PageIndex(page.page.0 + 1 + i as u32), |entry| {
+                    if *source == Source::OwnExclusive {
+                        entry.owner = None;
+                        entry.copyset.insert(me);
+                        entry.in_own_copy = true;
+                    }
+                    entry.copyset.insert(to);
+                });
             }
         }
         self.send(to, CohMsg::ReadGrant { page, data, extra });
@@ -346,8 +447,7 @@ impl<W: Clone> Engine<W> {
         let in_own_copy = self
             .homes
             .get(&page.seg)
-            .and_then(|h| h.dir.get(page.page.0 as usize))
-            .is_some_and(|e| e.in_own_copy);
+            .is_some_and(|h| h.entry(page.page).in_own_copy);
         if in_own_copy {
             store.read_local(page)
         } else {
@@ -358,23 +458,19 @@ impl<W: Clone> Engine<W> {
     /// New authoritative data from an owner that let go.
     fn set_home_data(&mut self, page: PageKey, data: &[u8], store: &mut impl PageStore) {
         store.write_home(page, data);
-        if let Some(entry) = self.dir_entry(page) {
+        self.update_entry(page, |entry| {
             entry.in_own_copy = false;
-        }
+        });
     }
 
     /// This node is about to drop its own copy of a page homed here: if that
     /// copy is the authoritative data, save it into the home copy first.
     pub(super) fn before_own_copy_dropped(&mut self, page: PageKey, store: &mut impl PageStore) {
-        let Some(entry) = self
-            .homes
-            .get_mut(&page.seg)
-            .and_then(|h| h.dir.get_mut(page.page.0 as usize))
-        else {
+        let Some(home) = self.homes.get_mut(&page.seg) else {
             return;
         };
-        if entry.in_own_copy {
-            entry.in_own_copy = false;
+        if home.entry(page.page).in_own_copy {
+            home.update(page.page, |entry| entry.in_own_copy = false);
             let data = store.read_local(page);
             store.write_home(page, &data);
         }
@@ -388,11 +484,11 @@ impl<W: Clone> Engine<W> {
             return false;
         }
         let me = self.me;
-        if let Some(entry) = self.dir_entry(page) {
+        self.update_entry(page, |entry| {
             entry.owner = None;
             entry.copyset.insert(me);
             entry.in_own_copy = true;
-        }
+        });
         true
     }
 
@@ -427,10 +523,10 @@ impl<W: Clone> Engine<W> {
         match data {
             Some(data) => {
                 self.set_home_data(page, &data, store);
-                if let Some(entry) = self.dir_entry(page) {
+                self.update_entry(page, |entry| {
                     entry.owner = None;
                     entry.copyset.insert(owner);
-                }
+                });
                 self.grant_read(page, reader, prefetch, store);
             }
             None => {
@@ -500,17 +596,17 @@ impl<W: Clone> Engine<W> {
             self.reply_unavailable(from, page);
         } else if writer_dead {
             // Every copy was collected into the home copy; nobody owns it.
-            if let Some(entry) = self.dir_entry(page) {
+            self.update_entry(page, |entry| {
                 entry.owner = None;
                 entry.copyset = NodeSet::EMPTY;
-            }
+            });
         } else {
             let data = send_data.then(|| self.home_data(page, store));
-            if let Some(entry) = self.dir_entry(page) {
+            self.update_entry(page, |entry| {
                 entry.owner = Some(from);
                 entry.copyset = NodeSet::EMPTY;
                 entry.in_own_copy = false;
-            }
+            });
             self.send(from, CohMsg::WriteGrant { page, data });
         }
         self.finish_txn(page, store);
@@ -531,18 +627,17 @@ impl<W: Clone> Engine<W> {
         self.homes.get(&page.seg)?.busy.get(&page.page)?.txn
     }
 
-    fn dir_entry(&mut self, page: PageKey) -> Option<&mut DirEntry> {
-        self.homes
-            .get_mut(&page.seg)?
-            .dir
-            .get_mut(page.page.0 as usize)
+    fn update_entry(&mut self, page: PageKey, change: impl FnOnce(&mut DirEntry)) {
+        if let Some(home) = self.homes.get_mut(&page.seg) {
+            home.update(page.page, change);
+        }
     }
 
     fn mark_lost(&mut self, page: PageKey) {
-        if let Some(entry) = self.dir_entry(page) {
+        self.update_entry(page, |entry| {
             entry.owner = None;
             entry.lost = true;
-        }
+        });
     }
 
     fn reply_unavailable(&mut self, to: NodeId, page: PageKey) {
@@ -553,7 +648,11 @@ impl<W: Clone> Engine<W> {
 
     /// Directory view of a page homed here: (owner, copyset, lost).
     pub fn directory(&self, page: PageKey) -> Option<(Option<NodeId>, NodeSet, bool)> {
-        let e = self.homes.get(&page.seg)?.dir.get(page.page.0 as usize)?;
+        let home = self.homes.get(&page.seg)?;
+        if page.page.0 >= home.pages() {
+            return None;
+        }
+        let e = home.entry(page.page);
         Some((e.owner, e.copyset, e.lost))
     }
 }

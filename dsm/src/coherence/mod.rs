@@ -28,6 +28,7 @@
 mod cache;
 mod home;
 pub mod sim;
+mod table;
 
 use crate::ids::{NodeId, NodeSet, PageIndex, PageKey, SegmentId};
 use bytes::Bytes;
@@ -258,6 +259,15 @@ impl<W: Clone> Engine<W> {
     /// Number of this node's pages of `seg` that are present.
     pub fn resident_pages(&self, seg: SegmentId) -> u32 {
         self.cache.get(&seg).map_or(0, |c| c.resident())
+    }
+
+    /// Heap bytes of every page table this node keeps (directories of the
+    /// segments it homes, states of those it caches): what its segments
+    /// cost the daemon per page touched.
+    pub fn table_bytes(&self) -> u64 {
+        let homes: usize = self.homes.values().map(|h| h.heap_bytes()).sum();
+        let caches: usize = self.cache.values().map(|c| c.heap_bytes()).sum();
+        (homes + caches) as u64
     }
 
     // ---- outputs -----------------------------------------------------------

@@ -2155,6 +2155,7 @@ impl Core {
             cpus: super::load::format_cpu_list(&self.cpus),
             load_milli: (load.load * 1000.0).round() as u64,
             free_kib: load.free_kib,
+            table_bytes: self.engine.table_bytes(),
         }
     }
 }

@@ -288,7 +288,7 @@ fn main() -> ExitCode {
             }),
         _ => client.status().map(|nodes| {
             println!(
-                "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9} {:>8} {:>6} {:>9}",
+                "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9} {:>8} {:>6} {:>9} {:>11}",
                 "node",
                 "homed",
                 "cached",
@@ -301,11 +301,12 @@ fn main() -> ExitCode {
                 "sem_sets",
                 "cpus",
                 "load",
-                "free_mib"
+                "free_mib",
+                "table_kib"
             );
             for s in nodes {
                 println!(
-                    "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9} {:>8} {:>6.2} {:>9}",
+                    "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9} {:>8} {:>6.2} {:>9} {:>11}",
                     s.node,
                     s.segments_homed,
                     s.segments_cached,
@@ -318,7 +319,8 @@ fn main() -> ExitCode {
                     s.sem_sets_homed,
                     s.cpus,
                     s.load_milli as f64 / 1000.0,
-                    s.free_kib / 1024
+                    s.free_kib / 1024,
+                    s.table_bytes.div_ceil(1024)
                 );
             }
         }),
