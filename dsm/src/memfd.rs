@@ -182,6 +182,27 @@ impl Memfd {
     }
 }
 
+impl Memfd {
+    /// Allocate the pages of a range (zeros where there was a hole, data
+    /// kept where there was some), without copying anything in.
+    pub fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate on an fd we own, with a range inside the file;
+        // KEEP_SIZE so a range past the end never grows it.
+        let ret = unsafe {
+            libc::fallocate(
+                self.fd.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 impl AsFd for Memfd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use sysv::sem::{SemBuf, SemSet};
 
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 pub const MAGIC: [u8; 4] = *b"MSHM";
 /// Largest peer frame: a read grant with the full read-ahead, plus slack.
 pub const PEER_FRAME_MAX: usize = (crate::coherence::PREFETCH_PAGES_MAX as usize + 2) * PAGE_SIZE;
@@ -532,15 +532,44 @@ const KIND_COHERENCE: u8 = 2;
 /// The coherence message without its pages.
 #[derive(Serialize, Deserialize)]
 enum CohHeader {
-    Read { page: PageKey, prefetch: u32 },
-    Write { page: PageKey, have_copy: bool },
-    Downgrade { page: PageKey },
-    Invalidate { page: PageKey },
-    DowngradeAck { page: PageKey, pages: u32 },
-    InvalidateAck { page: PageKey, pages: u32 },
-    ReadGrant { page: PageKey, pages: u32 },
-    WriteGrant { page: PageKey, pages: u32 },
-    Unavailable { page: PageKey },
+    Read {
+        page: PageKey,
+        prefetch: u32,
+    },
+    Write {
+        page: PageKey,
+        have_copy: bool,
+        fresh_ahead: u32,
+    },
+    Downgrade {
+        page: PageKey,
+    },
+    Invalidate {
+        page: PageKey,
+    },
+    DowngradeAck {
+        page: PageKey,
+        pages: u32,
+    },
+    InvalidateAck {
+        page: PageKey,
+        pages: u32,
+    },
+    ReadGrant {
+        page: PageKey,
+        pages: u32,
+    },
+    WriteGrant {
+        page: PageKey,
+        pages: u32,
+    },
+    Unavailable {
+        page: PageKey,
+    },
+    FreshGrant {
+        page: PageKey,
+        count: u32,
+    },
 }
 
 pub fn encode_control(msg: &Control) -> Bytes {
@@ -564,10 +593,22 @@ pub fn encode_coherence_parts(msg: &CohMsg) -> Vec<Bytes> {
             },
             vec![],
         ),
-        CohMsg::Write { page, have_copy } => (
+        CohMsg::Write {
+            page,
+            have_copy,
+            fresh_ahead,
+        } => (
             CohHeader::Write {
                 page: *page,
                 have_copy: *have_copy,
+                fresh_ahead: *fresh_ahead,
+            },
+            vec![],
+        ),
+        CohMsg::FreshGrant { page, count } => (
+            CohHeader::FreshGrant {
+                page: *page,
+                count: *count,
             },
             vec![],
         ),
@@ -682,9 +723,26 @@ fn decode_coherence(frame: Bytes) -> Result<CohMsg, WireError> {
             take(0)?;
             CohMsg::Read { page, prefetch }
         }
-        CohHeader::Write { page, have_copy } => {
+        CohHeader::Write {
+            page,
+            have_copy,
+            fresh_ahead,
+        } => {
             take(0)?;
-            CohMsg::Write { page, have_copy }
+            CohMsg::Write {
+                page,
+                have_copy,
+                fresh_ahead,
+            }
+        }
+        CohHeader::FreshGrant { page, count } => {
+            take(0)?;
+            if count == 0 || count > crate::coherence::FRESH_RUN_MAX + 1 {
+                return Err(WireError::Malformed(format!(
+                    "fresh grant of {count} pages"
+                )));
+            }
+            CohMsg::FreshGrant { page, count }
         }
         CohHeader::Downgrade { page } => {
             take(0)?;
@@ -1097,6 +1155,11 @@ mod tests {
             CohMsg::Write {
                 page: page(2),
                 have_copy: true,
+                fresh_ahead: 31,
+            },
+            CohMsg::FreshGrant {
+                page: page(7),
+                count: 512,
             },
             CohMsg::InvalidateAck {
                 page: page(3),
@@ -1137,6 +1200,13 @@ mod tests {
         }
         assert!(decode_peer(good.slice(..good.len() - 1)).is_err());
         assert!(decode_peer(Bytes::from_static(&[9, 1, 2])).is_err());
+        for count in [0, crate::coherence::FRESH_RUN_MAX + 2] {
+            let oversized = encode_coherence(&CohMsg::FreshGrant {
+                page: page(0),
+                count,
+            });
+            assert!(decode_peer(oversized).is_err(), "fresh grant of {count}");
+        }
         assert!(decode_peer(Bytes::from_static(&[KIND_CONTROL, 0xff, 0xff, 0xff])).is_err());
         let mut x = 0x1234_5678u32;
         for _ in 0..2000 {

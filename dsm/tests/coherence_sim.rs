@@ -15,10 +15,18 @@ fn seed_count() -> u64 {
 fn random_schedules_keep_every_invariant() {
     let count = seed_count();
     match sim::run_seeds(0, count) {
-        Ok(r) => println!(
-            "{count} seeds: {} steps, {} messages, {} reads, {} writes, {} crashes, {} partitions, {} SIGBUS",
-            r.steps, r.messages, r.reads, r.writes, r.crashes, r.partitions, r.poisoned
-        ),
+        Ok(r) => {
+            // Coverage that must not vanish unnoticed: runs of fresh pages
+            // granted at once.
+            assert!(
+                count < 1000 || r.fresh_runs > 0,
+                "no fresh run in {count} seeds"
+            );
+            println!(
+            "{count} seeds: {} steps, {} messages, {} reads, {} writes, {} crashes, {} partitions, {} SIGBUS, {} fresh runs of {} pages",
+            r.steps, r.messages, r.reads, r.writes, r.crashes, r.partitions, r.poisoned, r.fresh_runs, r.fresh_run_pages
+            )
+        }
         Err(failure) => panic!("{failure}"),
     }
 }

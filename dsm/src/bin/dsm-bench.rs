@@ -24,6 +24,16 @@ const PINGPONG_ROUNDS: usize = 5000;
 const SCAN_BYTES: usize = 64 << 20;
 /// Scans per run; the median is reported.
 const SCAN_RUNS: usize = 5;
+/// A new segment's first touch, one word a page (what initialising a
+/// buffer pool costs); the median of this many fresh segments.
+const FIRST_TOUCH_BYTES: usize = 256 << 20;
+const FIRST_TOUCH_RUNS: usize = 3;
+/// Segment sizes whose `shmget` + `shmat` is timed.
+const CREATE_SIZES: [(u64, &str); 2] = [(1 << 30, "1 GiB"), (4 << 30, "4 GiB")];
+/// The segment whose daemon memory per touched page is measured, touched
+/// at 1 % of its pages.
+const TABLE_SEGMENT_BYTES: u64 = 4 << 30;
+const TABLE_TOUCH_STRIDE: usize = 100;
 
 /// A permutation of page indexes with no two neighbours adjacent, so
 /// read-ahead never kicks in and every access is a real miss.
@@ -95,6 +105,241 @@ fn scan(base: *const u8, bytes: usize) -> f64 {
     }
     std::hint::black_box(sum);
     bytes as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+/// Write one word to every page of `base`, in order: MB/s.
+fn first_touch(base: *mut u8, bytes: usize) -> f64 {
+    let t = Instant::now();
+    for p in 0..bytes / PAGE_SIZE {
+        word(base, p).store(p as u64 + 1, SeqCst);
+    }
+    bytes as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// First touch of new segments homed on node 1, by a process attached
+/// through `toucher` (node 1 itself, or node 2): median MB/s, and whether
+/// every page reads back what was written.
+fn segment_first_touch(home: &Client, toucher: &Client) -> (f64, bool) {
+    let mut rates = Vec::new();
+    let mut ok = true;
+    for _ in 0..FIRST_TOUCH_RUNS {
+        let id = home
+            .get(0, FIRST_TOUCH_BYTES as u64, 0o600)
+            .expect("create the first-touch segment");
+        let seg = toucher
+            .attach(id, false)
+            .expect("attach the first-touch segment");
+        rates.push(first_touch(seg.as_ptr(), FIRST_TOUCH_BYTES));
+        ok &= (0..FIRST_TOUCH_BYTES / PAGE_SIZE)
+            .all(|p| word(seg.as_ptr(), p).load(SeqCst) == p as u64 + 1);
+        drop(seg);
+        let _ = home.remove(id);
+    }
+    (median(rates), ok)
+}
+
+/// The same on plain kernel shared memory (a new memfd each time).
+fn kernel_first_touch() -> f64 {
+    median(
+        (0..FIRST_TOUCH_RUNS)
+            .map(|_| {
+                let memfd =
+                    Memfd::create("bench-first-touch", FIRST_TOUCH_BYTES as u64).expect("memfd");
+                let map = Mapping::map(memfd.as_fd(), FIRST_TOUCH_BYTES, true, None).expect("map");
+                first_touch(map.as_ptr(), FIRST_TOUCH_BYTES)
+            })
+            .collect(),
+    )
+}
+
+/// `shmget` + `shmat` of a new segment of `bytes` on node 1: ms.
+fn create_and_attach_ms(node: &Client, bytes: u64) -> f64 {
+    let t = Instant::now();
+    let id = node.get(0, bytes, 0o600).expect("create a large segment");
+    let seg = node.attach(id, false).expect("attach a large segment");
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    drop(seg);
+    let _ = node.remove(id);
+    ms
+}
+
+/// The kernel's own `shmget` + `shmat` of `bytes`: ms.
+fn kernel_create_and_attach_ms(bytes: u64) -> f64 {
+    let t = Instant::now();
+    // SAFETY: a private SysV segment made, attached, detached and removed
+    // here; nothing else refers to it.
+    unsafe {
+        let id = libc::shmget(libc::IPC_PRIVATE, bytes as usize, libc::IPC_CREAT | 0o600);
+        if id < 0 {
+            return f64::NAN;
+        }
+        let addr = libc::shmat(id, std::ptr::null(), 0);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if addr as isize != -1 {
+            libc::shmdt(addr);
+        }
+        libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
+        ms
+    }
+}
+
+/// The figures of a new segment's life: first touch, creation, and what
+/// its touched pages cost the daemon.
+struct NewSegmentRows {
+    touch_home_mb_s: f64,
+    touch_remote_mb_s: f64,
+    kernel_touch_mb_s: f64,
+    touch_ok: bool,
+    /// Per entry of `CREATE_SIZES`: (migshm ms, kernel ms).
+    create_ms: Vec<(f64, f64)>,
+    /// (page-table bytes, RssAnon bytes) per touched page.
+    sequential: (f64, f64),
+    strided: (f64, f64),
+}
+
+fn new_segment_rows(node_a: &Client, node_b: &Client, home_daemon: u32) -> NewSegmentRows {
+    // First, while the daemon's heap has not yet grown for anything else,
+    // so that its RssAnon shows what the tables take.
+    let sequential = bytes_per_touched_page(node_a, home_daemon, false);
+    let strided = bytes_per_touched_page(node_a, home_daemon, true);
+    let (touch_home_mb_s, home_ok) = segment_first_touch(node_a, node_a);
+    let (touch_remote_mb_s, remote_ok) = segment_first_touch(node_a, node_b);
+    let create_ms = CREATE_SIZES
+        .iter()
+        .map(|(bytes, _)| {
+            let ours = median(
+                (0..3)
+                    .map(|_| create_and_attach_ms(node_a, *bytes))
+                    .collect(),
+            );
+            let kernel = median(
+                (0..3)
+                    .map(|_| kernel_create_and_attach_ms(*bytes))
+                    .collect(),
+            );
+            (ours, kernel)
+        })
+        .collect();
+    NewSegmentRows {
+        touch_home_mb_s,
+        touch_remote_mb_s,
+        kernel_touch_mb_s: kernel_first_touch(),
+        touch_ok: home_ok && remote_ok,
+        create_ms,
+        sequential,
+        strided,
+    }
+}
+
+impl NewSegmentRows {
+    fn print(&self) {
+        println!("{:<44} {:>12} {:>12}", "new segment", "migshm", "kernel");
+        println!(
+            "{:<44} {:>12.0} {:>12.0}",
+            "first touch 256 MiB on its home, MB/s", self.touch_home_mb_s, self.kernel_touch_mb_s
+        );
+        println!(
+            "{:<44} {:>12.0} {:>12.0}",
+            "first touch 256 MiB from node 2, MB/s", self.touch_remote_mb_s, self.kernel_touch_mb_s
+        );
+        for ((_, name), (ours, kernel)) in CREATE_SIZES.iter().zip(&self.create_ms) {
+            println!(
+                "{:<44} {:>12.3} {:>12.3}",
+                format!("shmget + shmat of {name}, ms"),
+                ours,
+                kernel
+            );
+        }
+        for (label, (table, rss)) in [
+            ("sequential", self.sequential),
+            ("every 100th page", self.strided),
+        ] {
+            println!(
+                "{:<44} {:>12}",
+                format!("daemon bytes per touched page ({label})"),
+                format!("{table:.1} / {rss:.1}")
+            );
+        }
+        println!(
+            "(bytes per page: page tables / growth of the home daemon's RssAnon, 4 GiB segment touched at 1 %; first-touch data {})",
+            if self.touch_ok { "ok" } else { "MISMATCH" }
+        );
+    }
+
+    fn json(&self) -> String {
+        let mut fields = vec![
+            format!("\"first_touch_home_mb_s\":{:.0}", self.touch_home_mb_s),
+            format!("\"first_touch_remote_mb_s\":{:.0}", self.touch_remote_mb_s),
+            format!("\"kernel_first_touch_mb_s\":{:.0}", self.kernel_touch_mb_s),
+            format!("\"first_touch_ok\":{}", self.touch_ok),
+        ];
+        for ((bytes, _), (ours, kernel)) in CREATE_SIZES.iter().zip(&self.create_ms) {
+            let gib = bytes >> 30;
+            fields.push(format!("\"shmget_shmat_{gib}g_ms\":{ours:.3}"));
+            fields.push(format!("\"kernel_shmget_shmat_{gib}g_ms\":{kernel:.3}"));
+        }
+        fields.push(format!(
+            "\"table_bytes_per_touched_page\":{:.1}",
+            self.sequential.0.max(self.strided.0)
+        ));
+        fields.push(format!(
+            "\"rss_bytes_per_touched_page\":{:.1}",
+            self.sequential.1.max(self.strided.1)
+        ));
+        fields.join(",")
+    }
+}
+
+/// A daemon's anonymous memory (heap), in bytes.
+fn rss_anon_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Node 1's page-table bytes, as `omctl status` shows them.
+fn table_bytes(node: &Client) -> u64 {
+    node.status()
+        .ok()
+        .and_then(|v| v.iter().find(|s| s.node == 1).map(|s| s.table_bytes))
+        .unwrap_or(0)
+}
+
+/// Daemon memory per touched page of a 4 GiB segment homed on node 1 and
+/// touched at 1 % of its pages by a process on node 1 (`strided`: every
+/// 100th page; otherwise the first 1 %): (page-table bytes, RssAnon
+/// growth) per touched page, of node 1's daemon.
+fn bytes_per_touched_page(node: &Client, daemon: u32, strided: bool) -> (f64, f64) {
+    let pages = (TABLE_SEGMENT_BYTES as usize) / PAGE_SIZE;
+    let touched: Vec<usize> = if strided {
+        (0..pages).step_by(TABLE_TOUCH_STRIDE).collect()
+    } else {
+        (0..pages / TABLE_TOUCH_STRIDE).collect()
+    };
+    let (table0, rss0) = (table_bytes(node), rss_anon_bytes(daemon));
+    let id = node
+        .get(0, TABLE_SEGMENT_BYTES, 0o600)
+        .expect("create the 4 GiB segment");
+    let seg = node.attach(id, false).expect("attach the 4 GiB segment");
+    for &p in &touched {
+        word(seg.as_ptr(), p).store(1, SeqCst);
+    }
+    let (table1, rss1) = (table_bytes(node), rss_anon_bytes(daemon));
+    drop(seg);
+    let _ = node.remove(id);
+    let n = touched.len() as f64;
+    (
+        table1.saturating_sub(table0) as f64 / n,
+        rss1.saturating_sub(rss0) as f64 / n,
+    )
 }
 
 /// CLOCK_MONOTONIC in seconds, to line the scan up with `perf record -k CLOCK_MONOTONIC`.
@@ -226,7 +471,12 @@ fn main() {
     if args.first().is_some_and(|a| a == dsm::bench::DAEMON_FLAG) {
         dsm::bench::daemon_child(&args[1..]);
     }
-    let (_latency_guard, mode) = hold_low_latency();
+    let default_idle = args.iter().any(|a| a == "--default-idle");
+    let (_latency_guard, mode) = if default_idle {
+        (None, "default idle states (as a user runs dsmd)")
+    } else {
+        hold_low_latency()
+    };
     let dir = std::env::temp_dir().join(format!("dsm-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let (sockets, mut daemons) = start_daemons(&dir);
@@ -242,6 +492,15 @@ fn main() {
         node_a.remove(id).expect("mark for removal");
         (on_a, on_b)
     };
+
+    if args.iter().any(|a| a == "--new-segment-only") {
+        let rows = new_segment_rows(&node_a, &node_b, daemon_pids[0]);
+        println!("dsm-bench: two dsmd on loopback, one per CPU; mode: {mode}");
+        rows.print();
+        println!("{{{}}}", rows.json());
+        stop(&mut daemons, &dir);
+        std::process::exit(if rows.touch_ok { 0 } else { 1 });
+    }
 
     // First sequential read of 64 MiB homed (and written) on node 1, by a
     // process on node 2; the median of five fresh segments (one run on
@@ -303,6 +562,8 @@ fn main() {
     let k_ping = stats(pingpong(k_word, k_word, PINGPONG_ROUNDS));
     let k_scan_map = kernel_seg(SCAN_BYTES, true);
     let k_scan = scan(k_scan_map.as_ptr(), SCAN_BYTES);
+    drop(k_scan_map);
+    let new_segment = new_segment_rows(&node_a, &node_b, daemon_pids[0]);
 
     println!("dsm-bench: two dsmd on loopback, one per CPU; mode: {mode}");
     println!(
@@ -332,12 +593,14 @@ fn main() {
         "faults during the scan: {scan_faults}; data check after the scan: {}",
         if resident_ok { "ok" } else { "MISMATCH" }
     );
+    new_segment.print();
+    let all_ok = resident_ok && new_segment.touch_ok;
     println!(
-        "{{\"mode\":\"{}\",\"read_miss_p50_us\":{:.1},\"read_miss_p99_us\":{:.1},\"write_miss_p50_us\":{:.1},\"write_miss_p99_us\":{:.1},\"pingpong_p50_us\":{:.1},\"pingpong_p99_us\":{:.1},\"scan_mb_s\":{:.0},\"kernel_read_fault_p50_us\":{:.2},\"kernel_write_fault_p50_us\":{:.2},\"kernel_pingpong_p50_us\":{:.2},\"kernel_scan_mb_s\":{:.0},\"data_ok\":{}}}",
+        "{{\"mode\":\"{}\",\"read_miss_p50_us\":{:.1},\"read_miss_p99_us\":{:.1},\"write_miss_p50_us\":{:.1},\"write_miss_p99_us\":{:.1},\"pingpong_p50_us\":{:.1},\"pingpong_p99_us\":{:.1},\"scan_mb_s\":{:.0},\"kernel_read_fault_p50_us\":{:.2},\"kernel_write_fault_p50_us\":{:.2},\"kernel_pingpong_p50_us\":{:.2},\"kernel_scan_mb_s\":{:.0},{},\"data_ok\":{}}}",
         if mode.starts_with("cpu_dma") { "low-latency" } else { "default" },
         read_miss.p50_us, read_miss.p99_us, write_miss.p50_us, write_miss.p99_us, ping.p50_us, ping.p99_us, scan_mb_s,
-        k_read_miss.p50_us, k_write_miss.p50_us, k_ping.p50_us, k_scan, resident_ok
+        k_read_miss.p50_us, k_write_miss.p50_us, k_ping.p50_us, k_scan, new_segment.json(), all_ok
     );
     stop(&mut daemons, &dir);
-    std::process::exit(if resident_ok { 0 } else { 1 });
+    std::process::exit(if all_ok { 0 } else { 1 });
 }

@@ -1,7 +1,9 @@
 //! The cache role: this node's copy of each page and the faults waiting on it.
 
 use super::table::{PageTable, PageValue};
-use super::{page_in_range, Access, CohMsg, Engine, PageStore, Resolution, PREFETCH_PAGES_MAX};
+use super::{
+    page_in_range, Access, CohMsg, Engine, PageStore, Resolution, FRESH_RUN_MAX, PREFETCH_PAGES_MAX,
+};
 
 /// A stream is established once the read-ahead window reached this.
 const SPECULATIVE_WINDOW_MIN: u32 = 4;
@@ -104,6 +106,10 @@ pub(super) struct CacheSegment<W> {
     /// Speculative reads in flight, and the first page none has asked for.
     speculative_in_flight: u32,
     speculative_frontier: u32,
+    /// Fresh runs: the page a sequential writer would miss next, and how
+    /// many fresh pages to ask for beyond the faulting one.
+    next_sequential_write: u32,
+    fresh_window: u32,
 }
 
 impl<W> CacheSegment<W> {
@@ -117,6 +123,8 @@ impl<W> CacheSegment<W> {
             prefetch_window: 0,
             speculative_in_flight: 0,
             speculative_frontier: 0,
+            next_sequential_write: u32::MAX,
+            fresh_window: 0,
         }
     }
 
@@ -178,6 +186,20 @@ impl<W> CacheSegment<W> {
         let room = self.pages().saturating_sub(page.0 + 1);
         self.prefetch_window.min(room)
     }
+
+    /// Fresh pages to ask for beyond a write miss: the window doubles
+    /// while write misses are sequential and closes otherwise, so a
+    /// scattered writer is never given (and never allocates) pages it
+    /// does not touch.
+    fn fresh_ahead_for(&mut self, page: PageIndex) -> u32 {
+        if page.0 == self.next_sequential_write {
+            self.fresh_window = (self.fresh_window * 2).clamp(1, FRESH_RUN_MAX);
+        } else {
+            self.fresh_window = 0;
+        }
+        let room = self.pages().saturating_sub(page.0 + 1);
+        self.fresh_window.min(room)
+    }
 }
 
 impl<W: Clone> Engine<W> {
@@ -233,11 +255,18 @@ impl<W: Clone> Engine<W> {
         }
         let home = seg.home;
         let msg = if write {
+            let have_copy = state == PageState::Shared;
+            let fresh_ahead = if have_copy {
+                0
+            } else {
+                seg.fresh_ahead_for(page.page)
+            };
             seg.pending
                 .insert(page.page, Pending::for_fault(Asked::Write, true, waiter));
             CohMsg::Write {
                 page,
-                have_copy: state == PageState::Shared,
+                have_copy,
+                fresh_ahead,
             }
         } else {
             let prefetch = seg.prefetch_for(page.page);
@@ -386,6 +415,7 @@ impl<W: Clone> Engine<W> {
                         CohMsg::Write {
                             page,
                             have_copy: true,
+                            fresh_ahead: 0,
                         },
                     );
                 }
@@ -394,7 +424,7 @@ impl<W: Clone> Engine<W> {
             CohMsg::WriteGrant { data, .. } => {
                 match data {
                     Some(data) => store.write_local(page, &data),
-                    None if seg.at(index) != PageState::Shared => {
+                    None if !matches!(seg.at(index), PageState::Shared | PageState::Exclusive) => {
                         // The home believed we hold the page and we do not:
                         // mapping the hole would show zeros. Refuse.
                         tracing::error!(?page, "write grant without data for a page not held");
@@ -407,6 +437,7 @@ impl<W: Clone> Engine<W> {
                     None => {}
                 }
                 seg.put(index, PageState::Exclusive);
+                seg.next_sequential_write = page.page.0 + 1;
                 if let Some(p) = seg.take_pending(page.page) {
                     for waiter in p.reads.into_iter().chain(p.writes) {
                         self.resolutions.push_back(Resolution {
@@ -414,6 +445,59 @@ impl<W: Clone> Engine<W> {
                             page,
                             access: Access::Writable,
                             also_mapped: 0,
+                        });
+                    }
+                }
+            }
+            CohMsg::FreshGrant { count, .. } => {
+                let count = count.clamp(1, seg.pages() - page.page.0);
+                // Only pages not held here get zeros; every page of the run
+                // was never handed out, so that is all of them unless the
+                // home is wrong, and then what is held here is kept.
+                let mut q = page.page.0;
+                let end = page.page.0 + count;
+                while q < end {
+                    let held = seg.at(q as usize);
+                    if held != PageState::Invalid {
+                        if held != PageState::Lost {
+                            tracing::error!(?page, q, ?held, "fresh grant of a page held here");
+                            seg.put(q as usize, PageState::Exclusive);
+                        }
+                        q += 1;
+                        continue;
+                    }
+                    let len = (q..end)
+                        .take_while(|r| seg.at(*r as usize) == PageState::Invalid)
+                        .count() as u32;
+                    let first = PageKey {
+                        seg: page.seg,
+                        page: PageIndex(q),
+                    };
+                    store.zero_local_run(first, len);
+                    for r in q..q + len {
+                        seg.put(r as usize, PageState::Exclusive);
+                    }
+                    q += len;
+                }
+                seg.next_sequential_write = end;
+                // Requests this node made for pages of the run before it
+                // arrived are answered "you hold it" by the home.
+                let mapped = seg.run_after(page.page, PageState::Exclusive, count - 1);
+                let access = if seg.at(index) == PageState::Exclusive {
+                    Access::Writable
+                } else {
+                    Access::Poison
+                };
+                if let Some(p) = seg.take_pending(page.page) {
+                    let mut first = true;
+                    for waiter in p.reads.into_iter().chain(p.writes) {
+                        let also_mapped = if first { mapped } else { 0 };
+                        first = false;
+                        self.resolutions.push_back(Resolution {
+                            waiter,
+                            page,
+                            access,
+                            also_mapped,
                         });
                     }
                 }

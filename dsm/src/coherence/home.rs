@@ -140,8 +140,15 @@ enum Source {
 
 #[derive(Clone, Copy, Debug)]
 enum Request {
-    Read { from: NodeId, prefetch: u32 },
-    Write { from: NodeId, have_copy: bool },
+    Read {
+        from: NodeId,
+        prefetch: u32,
+    },
+    Write {
+        from: NodeId,
+        have_copy: bool,
+        fresh_ahead: u32,
+    },
 }
 
 impl Request {
@@ -184,8 +191,18 @@ impl<W: Clone> Engine<W> {
                 let prefetch = prefetch.min(super::PREFETCH_PAGES_MAX);
                 self.home_request(page, Request::Read { from, prefetch }, store)
             }
-            CohMsg::Write { page, have_copy } => {
-                self.home_request(page, Request::Write { from, have_copy }, store)
+            CohMsg::Write {
+                page,
+                have_copy,
+                fresh_ahead,
+            } => {
+                let fresh_ahead = fresh_ahead.min(super::FRESH_RUN_MAX);
+                let request = Request::Write {
+                    from,
+                    have_copy,
+                    fresh_ahead,
+                };
+                self.home_request(page, request, store)
             }
             CohMsg::DowngradeAck { page, data } => self.home_downgrade_ack(from, page, data, store),
             CohMsg::InvalidateAck { page, data } => {
@@ -329,14 +346,24 @@ impl<W: Clone> Engine<W> {
                     }
                     Some(_) => {
                         // The owner asks to read what it holds exclusively:
-                        // impossible over FIFO links. The home copy is stale,
-                        // so do not answer with it.
-                        tracing::error!(?page, ?from, "read request from the page's owner");
-                        self.send(from, CohMsg::Unavailable { page });
+                        // it asked before the fresh run that made it the
+                        // owner reached it (FIFO: the run arrives first).
+                        // The home copy is stale; tell it that it holds
+                        // the page.
+                        tracing::debug!(?page, ?from, "read request from the page's owner");
+                        self.send(from, CohMsg::WriteGrant { page, data: None });
                     }
                     None => self.grant_read(page, from, prefetch, store),
                 },
-                Request::Write { from, have_copy } => {
+                Request::Write {
+                    from,
+                    have_copy,
+                    fresh_ahead,
+                } => {
+                    if entry.is_fresh() {
+                        self.grant_fresh(page, from, fresh_ahead);
+                        continue;
+                    }
                     if entry.owner == Some(from) {
                         self.send(from, CohMsg::WriteGrant { page, data: None });
                         continue;
@@ -365,6 +392,36 @@ impl<W: Clone> Engine<W> {
                 }
             }
         }
+    }
+
+    /// Grant a page no node ever had, with as many fresh pages after it as
+    /// the writer asked for and are not in a transaction: Exclusive, and no
+    /// data, since they are zeros by definition. One message and one
+    /// directory update per page, no transaction.
+    fn grant_fresh(&mut self, page: PageKey, to: NodeId, ahead: u32) {
+        let Some(home) = self.homes.get_mut(&page.seg) else {
+            return;
+        };
+        let first = page.page.0;
+        let end = first
+            .saturating_add(1)
+            .saturating_add(ahead)
+            .min(home.pages());
+        let count = 1
+            + ((first + 1)..end)
+                .take_while(|q| {
+                    let q = PageIndex(*q);
+                    !home.busy.contains_key(&q) && home.entry(q).is_fresh()
+                })
+                .count() as u32;
+        let owned = DirEntry {
+            owner: Some(to),
+            ..DirEntry::default()
+        };
+        for q in first..first + count {
+            home.set_entry(PageIndex(q), owned);
+        }
+        self.send(to, CohMsg::FreshGrant { page, count });
     }
 
     /// Reply to a read from the home copy, with as many following pages as

@@ -38,6 +38,9 @@ pub use cache::PageState;
 
 /// Most pages a single read miss may bring along after the faulting one.
 pub const PREFETCH_PAGES_MAX: u32 = 512;
+/// Most fresh pages a single write miss may be granted after the faulting
+/// one (2 MiB with it).
+pub const FRESH_RUN_MAX: u32 = 511;
 
 /// Effects on this node's memory, done by the driver (memfd + uffd in
 /// `dsmd`, plain maps in the simulator).
@@ -54,6 +57,15 @@ pub trait PageStore {
     /// exclusively). Only called for segments homed here.
     fn read_home(&mut self, page: PageKey) -> Bytes;
     fn write_home(&mut self, page: PageKey, data: &[u8]);
+    /// Make a run of pages no node ever wrote present in the node's copy,
+    /// as zeros, so that it can be mapped at once (for a memfd: allocate
+    /// it with `fallocate`, no data copied).
+    fn zero_local_run(&mut self, first: PageKey, count: u32) {
+        let zeros = vec![0u8; crate::ids::PAGE_SIZE];
+        for page in run(first, count) {
+            self.write_local(page, &zeros);
+        }
+    }
 
     // Runs of consecutive pages (read-ahead). A store may do each with one
     // system call; these defaults do it page by page.
@@ -98,9 +110,12 @@ pub enum CohMsg {
         prefetch: u32,
     },
     /// node → home: write miss, or write to a Shared page (`have_copy`).
+    /// `fresh_ahead`: the writer goes sequentially; that many following
+    /// pages are welcome too if no node ever had them.
     Write {
         page: PageKey,
         have_copy: bool,
+        fresh_ahead: u32,
     },
     /// home → exclusive owner: become Shared and send the data.
     Downgrade {
@@ -130,6 +145,12 @@ pub enum CohMsg {
         page: PageKey,
         data: Option<Bytes>,
     },
+    /// home → node: `count` pages from `page` on, none ever handed out
+    /// before, Exclusive: zeros by definition, so no data travels.
+    FreshGrant {
+        page: PageKey,
+        count: u32,
+    },
     /// home → node: the page cannot be served (its only copy was on a lost
     /// node, or the segment is gone).
     Unavailable {
@@ -148,6 +169,7 @@ impl CohMsg {
             | CohMsg::InvalidateAck { page, .. }
             | CohMsg::ReadGrant { page, .. }
             | CohMsg::WriteGrant { page, .. }
+            | CohMsg::FreshGrant { page, .. }
             | CohMsg::Unavailable { page } => *page,
         }
     }

@@ -111,7 +111,8 @@ struct Process {
     ops_left: u32,
     current: Option<Op>,
     blocked: bool,
-    last: Option<PageKey>,
+    /// The previous operation's page, and whether it wrote.
+    last: Option<(PageKey, bool)>,
 }
 
 enum Envelope {
@@ -136,6 +137,9 @@ pub struct Report {
     pub reads: u64,
     pub writes: u64,
     pub poisoned: u64,
+    /// Fresh grants of more than one page, and the pages they granted.
+    pub fresh_runs: u64,
+    pub fresh_run_pages: u64,
     pub crashes: u32,
     pub partitions: u32,
 }
@@ -311,9 +315,9 @@ impl Sim {
             seg,
             page: PageIndex(self.rng.below(u64::from(pages)) as u32),
         };
-        // Often continue sequentially after the previous page, which
-        // exercises read-ahead.
-        if let Some(prev) = self.procs[p].last {
+        // Often continue sequentially after the previous page, reading or
+        // writing as before, which exercises read-ahead and fresh runs.
+        if let Some((prev, was_write)) = self.procs[p].last {
             let pages = self
                 .segments
                 .iter()
@@ -324,12 +328,17 @@ impl Sim {
                     seg: prev.seg,
                     page: PageIndex(prev.page.0 + 1),
                 };
-                self.procs[p].last = Some(next);
-                return Op::Read(next);
+                self.procs[p].last = Some((next, was_write));
+                return if was_write {
+                    Op::Write(next)
+                } else {
+                    Op::Read(next)
+                };
             }
         }
-        self.procs[p].last = Some(page);
-        if self.rng.chance(40) {
+        let write = self.rng.chance(40);
+        self.procs[p].last = Some((page, write));
+        if write {
             Op::Write(page)
         } else {
             Op::Read(page)
@@ -416,6 +425,12 @@ impl Sim {
         match envelope {
             Envelope::Msg(msg) => {
                 self.report.messages += 1;
+                if let CohMsg::FreshGrant { count, .. } = msg {
+                    if count > 1 {
+                        self.report.fresh_runs += 1;
+                        self.report.fresh_run_pages += u64::from(count);
+                    }
+                }
                 let event = Event::Msg {
                     from,
                     to,
@@ -742,6 +757,8 @@ pub fn run_seeds(first: u64, count: u64) -> Result<Report, String> {
         total.reads += r.reads;
         total.writes += r.writes;
         total.poisoned += r.poisoned;
+        total.fresh_runs += r.fresh_runs;
+        total.fresh_run_pages += r.fresh_run_pages;
         total.crashes += r.crashes;
         total.partitions += r.partitions;
     }

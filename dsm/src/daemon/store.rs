@@ -145,6 +145,22 @@ impl PageStore for NodeStore {
         }
     }
 
+    fn zero_local_run(&mut self, first: PageKey, count: u32) {
+        let Some(seg) = self.segments.get(&first.seg) else {
+            return;
+        };
+        let len = u64::from(count) * PAGE_SIZE as u64;
+        if let Err(e) = seg.memfd.allocate(offset(first), len) {
+            // Out of memory or over a limit: write the zeros instead, which
+            // fails (and says so) the same way if memory is really gone.
+            tracing::warn!(?first, count, "fallocate of fresh pages failed: {e}");
+            let zeros = vec![0u8; PAGE_SIZE];
+            for page in crate::coherence::run(first, count) {
+                self.write_local(page, &zeros);
+            }
+        }
+    }
+
     fn read_home(&mut self, page: PageKey) -> Bytes {
         match self.home_copies.get(&page.seg) {
             Some(memfd) => read_page(memfd, page),
