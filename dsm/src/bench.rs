@@ -63,6 +63,18 @@ fn daemon_config(n: u8, port: u16, dir: &std::path::Path) -> Config {
         cpus: crate::daemon::load::allowed_cpus(),
         cpus_given: false,
         speed: 1.0,
+        low_latency: daemon_low_latency(),
+    }
+}
+
+/// The daemons' `--low-latency` (default `auto`, as a user runs `dsmd`);
+/// `BENCH_DSMD_LOW_LATENCY=off` measures what that mode saves.
+fn daemon_low_latency() -> crate::daemon::wakeups::LowLatency {
+    use crate::daemon::wakeups::LowLatency;
+    match std::env::var("BENCH_DSMD_LOW_LATENCY").as_deref() {
+        Ok("off") => LowLatency::Off,
+        Ok("always") => LowLatency::Always,
+        _ => LowLatency::Auto,
     }
 }
 

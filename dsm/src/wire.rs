@@ -814,6 +814,8 @@ pub struct NodeStatus {
     /// Heap bytes of the daemon's per-page tables (nothing for pages never
     /// touched).
     pub table_bytes: u64,
+    /// Milliseconds this daemon kept idle CPUs polling (`--low-latency`).
+    pub low_latency_held_ms: u64,
 }
 
 /// A request from a local process to its node's daemon.

@@ -198,6 +198,7 @@ impl Session {
 
     async fn serve(&mut self, conn: &mut Connection) -> std::io::Result<()> {
         while let Some((id, req)) = conn.next().await? {
+            self.core.borrow_mut().wakeups.event();
             let req = match req {
                 Ok(r) => r,
                 Err(e) => {

@@ -54,6 +54,11 @@ pub struct Args {
     /// Do not move processes by load (`omctl balance on` starts it).
     #[arg(long = "no-balance")]
     pub no_balance: bool,
+    /// Keep idle CPUs out of deep sleep (`/dev/cpu_dma_latency` held at 0)
+    /// during bursts of faults (`auto`, the default), always (`always`, or
+    /// the flag alone), or never (`off`).
+    #[arg(long = "low-latency", value_enum, num_args = 0..=1, default_missing_value = "always")]
+    pub low_latency: Option<super::wakeups::LowLatency>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -72,6 +77,7 @@ struct FileConfig {
     speed: Option<f64>,
     /// `balance = false`: as `--no-balance`.
     balance: Option<bool>,
+    low_latency: Option<super::wakeups::LowLatency>,
 }
 
 /// A validated configuration.
@@ -93,6 +99,8 @@ pub struct Config {
     pub speed: f64,
     /// Whether the balancer runs (`--no-balance`, `balance = false`).
     pub balance: bool,
+    /// See `--low-latency`.
+    pub low_latency: super::wakeups::LowLatency,
 }
 
 impl Config {
@@ -191,6 +199,7 @@ impl Config {
             cpus_given,
             speed,
             balance: !args.no_balance && file.balance.unwrap_or(true),
+            low_latency: args.low_latency.or(file.low_latency).unwrap_or_default(),
             node,
             listen,
             socket,

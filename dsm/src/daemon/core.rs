@@ -201,6 +201,8 @@ pub struct Core {
     /// gossip interval, and the counts and time they were taken from.
     rates: (u32, u32),
     rates_from: (Instant, u64, u64),
+    /// Keeps idle CPUs awake during bursts of faults (`wakeups.rs`).
+    pub wakeups: super::wakeups::Wakeups,
 }
 
 impl Core {
@@ -286,6 +288,7 @@ impl Core {
             capacity: config.cpus.len().max(1) as f64 * config.speed,
             rates: (0, 0),
             rates_from: (now, 0, 0),
+            wakeups: super::wakeups::Wakeups::new(config.low_latency),
         }
     }
 
@@ -416,6 +419,7 @@ impl Core {
             page: PageIndex(m.page_at(page_addr) as u32),
         };
         tracing::trace!(proc, ?page, write, "fault");
+        self.wakeups.event();
         if let Some(p) = self.store.procs.get_mut(&proc) {
             p.faults += 1;
         }
@@ -546,6 +550,7 @@ impl Core {
         match wire::decode_peer(frame)? {
             wire::PeerFrame::Coh(msg) => {
                 tracing::trace!(?node, ?msg, "coherence message");
+                self.wakeups.event();
                 self.engine.handle_message(node, msg, &mut self.store);
                 self.drain_engine();
             }
@@ -579,6 +584,7 @@ impl Core {
                 });
             }
             wire::PeerFrame::Control(Control::Request { id, body }) => {
+                self.wakeups.event();
                 let reply = self.handle_rpc(node, body);
                 self.send_control(node, &Control::Response { id, body: reply });
             }
@@ -2156,6 +2162,7 @@ impl Core {
             load_milli: (load.load * 1000.0).round() as u64,
             free_kib: load.free_kib,
             table_bytes: self.engine.table_bytes(),
+            low_latency_held_ms: self.wakeups.held_ms(),
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod sems;
 #[cfg(test)]
 mod sems_sim;
 mod store;
+pub mod wakeups;
 
 pub use config::{Args, Config};
 pub use migration::AGENT_PARENT_ENV;
@@ -108,6 +109,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     }
     tokio::task::spawn_local(clients::accept_loop(core.clone(), unix));
+    tokio::task::spawn_local(wakeups::release_loop(core.clone()));
     // Semaphore work that waits for a process to let go of a set's values.
     let retry_core = core.clone();
     let retry = core.borrow().sem_retry.clone();

@@ -288,7 +288,7 @@ fn main() -> ExitCode {
             }),
         _ => client.status().map(|nodes| {
             println!(
-                "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9} {:>8} {:>6} {:>9} {:>11}",
+                "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9} {:>8} {:>6} {:>9} {:>11} {:>10}",
                 "node",
                 "homed",
                 "cached",
@@ -302,11 +302,12 @@ fn main() -> ExitCode {
                 "cpus",
                 "load",
                 "free_mib",
-                "table_kib"
+                "table_kib",
+                "polled_ms"
             );
             for s in nodes {
                 println!(
-                    "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9} {:>8} {:>6.2} {:>9} {:>11}",
+                    "{:<5} {:>9} {:>9} {:>10} {:>13} {:>10} {:>12} {:>12} {:>6} {:>9} {:>8} {:>6.2} {:>9} {:>11} {:>10}",
                     s.node,
                     s.segments_homed,
                     s.segments_cached,
@@ -320,7 +321,8 @@ fn main() -> ExitCode {
                     s.cpus,
                     s.load_milli as f64 / 1000.0,
                     s.free_kib / 1024,
-                    s.table_bytes.div_ceil(1024)
+                    s.table_bytes.div_ceil(1024),
+                    s.low_latency_held_ms
                 );
             }
         }),
