@@ -172,6 +172,19 @@ pub fn start_daemons(dir: &std::path::Path) -> (Vec<std::path::PathBuf>, Vec<std
     (sockets, children)
 }
 
+/// End a benchmark whose own process is still served by its daemons (it
+/// holds attachments to the end): clean up, stop them by pid, and exit
+/// before their guardian, seeing them gone, ends it as a process they
+/// served.
+pub fn stop_and_exit(daemons: &mut [std::process::Child], dir: &std::path::Path, code: i32) -> ! {
+    let _ = std::fs::remove_dir_all(dir);
+    for d in daemons.iter_mut() {
+        // SAFETY: signalling a child we started and have not reaped.
+        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    }
+    std::process::exit(code);
+}
+
 /// Stop the daemons this benchmark started, by pid, and clean up.
 pub fn stop(daemons: &mut [std::process::Child], dir: &std::path::Path) {
     for d in daemons.iter_mut() {

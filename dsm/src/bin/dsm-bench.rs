@@ -10,7 +10,7 @@
 //! While it runs it holds `/dev/cpu_dma_latency` at 0 when it can (vCPUs that
 //! halt when idle add ~60 µs to every wake-up, DESIGN.md §8) and says so.
 
-use dsm::bench::{hold_low_latency, pin_to_node, start_daemons, stats, stop, unpin};
+use dsm::bench::{hold_low_latency, pin_to_node, start_daemons, stats, stop_and_exit, unpin};
 use dsm::client::{Attachment, Client};
 use dsm::ids::PAGE_SIZE;
 use dsm::memfd::{Mapping, Memfd};
@@ -498,8 +498,7 @@ fn main() {
         println!("dsm-bench: two dsmd on loopback, one per CPU; mode: {mode}");
         rows.print();
         println!("{{{}}}", rows.json());
-        stop(&mut daemons, &dir);
-        std::process::exit(if rows.touch_ok { 0 } else { 1 });
+        stop_and_exit(&mut daemons, &dir, if rows.touch_ok { 0 } else { 1 });
     }
 
     // First sequential read of 64 MiB homed (and written) on node 1, by a
@@ -524,8 +523,7 @@ fn main() {
                 after - before
             );
         }
-        stop(&mut daemons, &dir);
-        std::process::exit(0);
+        stop_and_exit(&mut daemons, &dir, 0);
     }
 
     // Remote misses: node 2 touches pages homed on node 1.
@@ -601,6 +599,5 @@ fn main() {
         read_miss.p50_us, read_miss.p99_us, write_miss.p50_us, write_miss.p99_us, ping.p50_us, ping.p99_us, scan_mb_s,
         k_read_miss.p50_us, k_write_miss.p50_us, k_ping.p50_us, k_scan, new_segment.json(), all_ok
     );
-    stop(&mut daemons, &dir);
-    std::process::exit(if all_ok { 0 } else { 1 });
+    stop_and_exit(&mut daemons, &dir, if all_ok { 0 } else { 1 });
 }
