@@ -477,3 +477,100 @@ fn a_silent_node_is_declared_lost_within_the_peer_timeout() {
     cluster.signal(1, libc::SIGCONT);
     println!("silent node declared lost after {detected:?}");
 }
+
+/// A new segment written from another node: sequential writes are granted
+/// in runs of fresh pages (a handful of faults for thousands of pages),
+/// scattered ones page by page, and every node reads exactly what was
+/// written, zeros elsewhere. A 4 GiB segment costs its home next to
+/// nothing until it is touched.
+#[test]
+fn fresh_pages_are_granted_in_runs_and_read_back_everywhere() {
+    if !uffd_or_skip() {
+        return;
+    }
+    let cluster = Cluster::start(3).expect("start cluster");
+    let (c1, c2, c3) = (
+        Client::connect(cluster.socket(1)).unwrap(),
+        Client::connect(cluster.socket(2)).unwrap(),
+        Client::connect(cluster.socket(3)).unwrap(),
+    );
+    let faults_on = |node: u8| {
+        c1.status()
+            .unwrap()
+            .iter()
+            .find(|s| s.node == node)
+            .map(|s| s.faults_served)
+            .unwrap()
+    };
+    let table_bytes_on = |node: u8| {
+        c1.status()
+            .unwrap()
+            .iter()
+            .find(|s| s.node == node)
+            .map(|s| s.table_bytes)
+            .unwrap()
+    };
+    let pages = 4096usize; // 16 MiB
+    let id = c1
+        .get(key(), (pages * 4096) as u64, IPC_CREAT | 0o600)
+        .unwrap();
+    let writer = c2.attach(id, false).unwrap();
+    let before = faults_on(2);
+    for p in 0..pages / 2 {
+        writer
+            .atomic_u64(p * 512)
+            .store(p as u64 + 1, std::sync::atomic::Ordering::SeqCst);
+    }
+    let sequential_faults = faults_on(2) - before;
+    assert!(
+        sequential_faults < 64,
+        "{sequential_faults} faults for {} sequential fresh pages",
+        pages / 2
+    );
+    let before = faults_on(2);
+    // Past what the last run may have granted beyond the sequential half
+    // (a run ends at most 512 pages on).
+    let scattered_from = pages / 2 + 1024;
+    let scattered: Vec<usize> = (scattered_from..pages).step_by(7).collect();
+    for &p in &scattered {
+        writer
+            .atomic_u64(p * 512)
+            .store(p as u64 + 1, std::sync::atomic::Ordering::SeqCst);
+    }
+    let scattered_faults = faults_on(2) - before;
+    assert!(
+        scattered_faults >= scattered.len() as u64,
+        "scattered writes were granted pages they did not touch ({scattered_faults} faults for {})",
+        scattered.len()
+    );
+    let expected = |p: usize| {
+        if p < pages / 2 || (p >= scattered_from && (p - scattered_from) % 7 == 0) {
+            p as u64 + 1
+        } else {
+            0
+        }
+    };
+    for client in [&c3, &c1] {
+        let reader = client.attach(id, true).unwrap();
+        for p in 0..pages {
+            let seen = reader
+                .atomic_u64(p * 512)
+                .load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(seen, expected(p), "page {p}");
+        }
+    }
+    drop(writer);
+    let _ = c1.remove(id);
+    // Untouched: a 4 GiB segment created and attached costs its home no
+    // per-page memory.
+    let before = table_bytes_on(1);
+    let big = c1.get(key(), 4 << 30, IPC_CREAT | 0o600).unwrap();
+    let attached = c1.attach(big, false).unwrap();
+    let grown = table_bytes_on(1).saturating_sub(before);
+    assert!(
+        grown < 64 << 10,
+        "a new 4 GiB segment took {grown} bytes of tables"
+    );
+    drop(attached);
+    let _ = c1.remove(big);
+}
