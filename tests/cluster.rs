@@ -544,7 +544,7 @@ fn fresh_pages_are_granted_in_runs_and_read_back_everywhere() {
         scattered.len()
     );
     let expected = |p: usize| {
-        if p < pages / 2 || (p >= scattered_from && (p - scattered_from) % 7 == 0) {
+        if p < pages / 2 || (p >= scattered_from && (p - scattered_from).is_multiple_of(7)) {
             p as u64 + 1
         } else {
             0
