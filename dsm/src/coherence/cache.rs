@@ -82,12 +82,25 @@ impl<W> Pending<W> {
     }
 
     pub(super) fn poison_all(self, page: PageKey, out: &mut VecDeque<Resolution<W>>) {
+        self.resolve_all(page, Access::Poison, 0, out);
+    }
+
+    /// Answers every waiter with `access`; the first also maps the
+    /// `also_mapped` pages after `page`, which it installed.
+    fn resolve_all(
+        self,
+        page: PageKey,
+        access: Access,
+        also_mapped: u32,
+        out: &mut VecDeque<Resolution<W>>,
+    ) {
+        let mut also = also_mapped;
         for waiter in self.reads.into_iter().chain(self.writes) {
             out.push_back(Resolution {
                 waiter,
                 page,
-                access: Access::Poison,
-                also_mapped: 0,
+                access,
+                also_mapped: std::mem::take(&mut also),
             });
         }
     }
@@ -99,17 +112,40 @@ pub(super) struct CacheSegment<W> {
     home_lost: bool,
     states: PageTable<PageState>,
     pub(super) pending: BTreeMap<PageIndex, Pending<W>>,
-    /// Read-ahead: the page a sequential reader would miss next, and how many
-    /// pages to ask for beyond the faulting one.
-    next_sequential: u32,
-    prefetch_window: u32,
+    /// Read-ahead: the stream of read misses.
+    reads: Stream,
     /// Speculative reads in flight, and the first page none has asked for.
     speculative_in_flight: u32,
     speculative_frontier: u32,
-    /// Fresh runs: the page a sequential writer would miss next, and how
-    /// many fresh pages to ask for beyond the faulting one.
-    next_sequential_write: u32,
-    fresh_window: u32,
+    /// Fresh runs: the stream of write misses.
+    writes: Stream,
+}
+
+/// Sequential misses: the page the stream would miss next, and how many
+/// pages beyond a miss to ask for. The window doubles while misses follow
+/// on and closes otherwise.
+#[derive(Clone, Copy, Debug)]
+struct Stream {
+    next: u32,
+    window: u32,
+}
+
+impl Stream {
+    const NONE: Stream = Stream {
+        next: u32::MAX,
+        window: 0,
+    };
+
+    /// A miss on `page` of a segment of `pages`: the pages to ask for
+    /// beyond it (at most `max`).
+    fn on_miss(&mut self, page: PageIndex, max: u32, pages: u32) -> u32 {
+        if page.0 == self.next {
+            self.window = (self.window * 2).clamp(1, max);
+        } else {
+            self.window = 0;
+        }
+        self.window.min(pages.saturating_sub(page.0 + 1))
+    }
 }
 
 impl<W> CacheSegment<W> {
@@ -119,12 +155,10 @@ impl<W> CacheSegment<W> {
             home_lost: false,
             states: PageTable::new(pages),
             pending: BTreeMap::new(),
-            next_sequential: u32::MAX,
-            prefetch_window: 0,
+            reads: Stream::NONE,
             speculative_in_flight: 0,
             speculative_frontier: 0,
-            next_sequential_write: u32::MAX,
-            fresh_window: 0,
+            writes: Stream::NONE,
         }
     }
 
@@ -137,12 +171,12 @@ impl<W> CacheSegment<W> {
     }
 
     /// The state of page `index` (Invalid beyond the segment).
-    fn at(&self, index: usize) -> PageState {
-        self.states.get(index as u32)
+    fn at(&self, index: u32) -> PageState {
+        self.states.get(index)
     }
 
-    fn put(&mut self, index: usize, state: PageState) {
-        self.states.set(index as u32, state);
+    fn put(&mut self, index: u32, state: PageState) {
+        self.states.set(index, state);
     }
 
     pub(super) fn heap_bytes(&self) -> usize {
@@ -171,34 +205,7 @@ impl<W> CacheSegment<W> {
     fn run_after(&self, page: PageIndex, state: PageState, limit: u32) -> u32 {
         let first = page.0 + 1;
         let end = first.saturating_add(limit).min(self.pages());
-        (first..end)
-            .take_while(|q| self.states.get(*q) == state)
-            .count() as u32
-    }
-
-    /// Read-ahead grows while misses are sequential and resets otherwise.
-    fn prefetch_for(&mut self, page: PageIndex) -> u32 {
-        if page.0 == self.next_sequential {
-            self.prefetch_window = (self.prefetch_window * 2).clamp(1, PREFETCH_PAGES_MAX);
-        } else {
-            self.prefetch_window = 0;
-        }
-        let room = self.pages().saturating_sub(page.0 + 1);
-        self.prefetch_window.min(room)
-    }
-
-    /// Fresh pages to ask for beyond a write miss: the window doubles
-    /// while write misses are sequential and closes otherwise, so a
-    /// scattered writer is never given (and never allocates) pages it
-    /// does not touch.
-    fn fresh_ahead_for(&mut self, page: PageIndex) -> u32 {
-        if page.0 == self.next_sequential_write {
-            self.fresh_window = (self.fresh_window * 2).clamp(1, FRESH_RUN_MAX);
-        } else {
-            self.fresh_window = 0;
-        }
-        let room = self.pages().saturating_sub(page.0 + 1);
-        self.fresh_window.min(room)
+        (first..end).take_while(|q| self.at(*q) == state).count() as u32
     }
 }
 
@@ -259,7 +266,8 @@ impl<W: Clone> Engine<W> {
             let fresh_ahead = if have_copy {
                 0
             } else {
-                seg.fresh_ahead_for(page.page)
+                let pages = seg.pages();
+                seg.writes.on_miss(page.page, FRESH_RUN_MAX, pages)
             };
             seg.pending
                 .insert(page.page, Pending::for_fault(Asked::Write, true, waiter));
@@ -269,7 +277,8 @@ impl<W: Clone> Engine<W> {
                 fresh_ahead,
             }
         } else {
-            let prefetch = seg.prefetch_for(page.page);
+            let pages = seg.pages();
+            let prefetch = seg.reads.on_miss(page.page, PREFETCH_PAGES_MAX, pages);
             seg.pending
                 .insert(page.page, Pending::for_fault(Asked::Read, false, waiter));
             CohMsg::Read { page, prefetch }
@@ -321,7 +330,7 @@ impl<W: Clone> Engine<W> {
             );
             return;
         }
-        let index = page.page.0 as usize;
+        let index = page.page.0;
         match msg {
             CohMsg::Downgrade { .. } => {
                 let data = match seg.at(index) {
@@ -361,7 +370,7 @@ impl<W: Clone> Engine<W> {
                     .iter()
                     .enumerate()
                     .take_while(|(i, _)| {
-                        seg.state(PageIndex((index + 1 + i) as u32)) == Some(PageState::Invalid)
+                        seg.state(PageIndex(index + 1 + *i as u32)) == Some(PageState::Invalid)
                     })
                     .count();
                 let mut run = Vec::with_capacity(1 + installable);
@@ -371,7 +380,7 @@ impl<W: Clone> Engine<W> {
                 seg.put(index, PageState::Shared);
                 for offset in 0..installable {
                     let q = PageIndex(page.page.0 + 1 + offset as u32);
-                    seg.put(q.0 as usize, PageState::Shared);
+                    seg.put(q.0, PageState::Shared);
                     // Faults already waiting on a prefetched page need no
                     // request of their own any more; a write still does.
                     if let Some(p) = seg.pending.get_mut(&q) {
@@ -390,7 +399,7 @@ impl<W: Clone> Engine<W> {
                     }
                 }
                 let also_mapped = installable as u32;
-                seg.next_sequential = page.page.0 + 1 + extra.len() as u32;
+                seg.reads.next = page.page.0 + 1 + extra.len() as u32;
                 let Some(mut pending) = seg.take_pending(page.page) else {
                     return self.top_up_read_ahead(page.seg);
                 };
@@ -437,16 +446,9 @@ impl<W: Clone> Engine<W> {
                     None => {}
                 }
                 seg.put(index, PageState::Exclusive);
-                seg.next_sequential_write = page.page.0 + 1;
+                seg.writes.next = page.page.0 + 1;
                 if let Some(p) = seg.take_pending(page.page) {
-                    for waiter in p.reads.into_iter().chain(p.writes) {
-                        self.resolutions.push_back(Resolution {
-                            waiter,
-                            page,
-                            access: Access::Writable,
-                            also_mapped: 0,
-                        });
-                    }
+                    p.resolve_all(page, Access::Writable, 0, &mut self.resolutions);
                 }
             }
             CohMsg::FreshGrant { count, .. } => {
@@ -457,17 +459,17 @@ impl<W: Clone> Engine<W> {
                 let mut q = page.page.0;
                 let end = page.page.0 + count;
                 while q < end {
-                    let held = seg.at(q as usize);
+                    let held = seg.at(q);
                     if held != PageState::Invalid {
                         if held != PageState::Lost {
                             tracing::error!(?page, q, ?held, "fresh grant of a page held here");
-                            seg.put(q as usize, PageState::Exclusive);
+                            seg.put(q, PageState::Exclusive);
                         }
                         q += 1;
                         continue;
                     }
                     let len = (q..end)
-                        .take_while(|r| seg.at(*r as usize) == PageState::Invalid)
+                        .take_while(|r| seg.at(*r) == PageState::Invalid)
                         .count() as u32;
                     let first = PageKey {
                         seg: page.seg,
@@ -475,11 +477,11 @@ impl<W: Clone> Engine<W> {
                     };
                     store.zero_local_run(first, len);
                     for r in q..q + len {
-                        seg.put(r as usize, PageState::Exclusive);
+                        seg.put(r, PageState::Exclusive);
                     }
                     q += len;
                 }
-                seg.next_sequential_write = end;
+                seg.writes.next = end;
                 // Requests this node made for pages of the run before it
                 // arrived are answered "you hold it" by the home.
                 let mapped = seg.run_after(page.page, PageState::Exclusive, count - 1);
@@ -489,17 +491,7 @@ impl<W: Clone> Engine<W> {
                     Access::Poison
                 };
                 if let Some(p) = seg.take_pending(page.page) {
-                    let mut first = true;
-                    for waiter in p.reads.into_iter().chain(p.writes) {
-                        let also_mapped = if first { mapped } else { 0 };
-                        first = false;
-                        self.resolutions.push_back(Resolution {
-                            waiter,
-                            page,
-                            access,
-                            also_mapped,
-                        });
-                    }
+                    p.resolve_all(page, access, mapped, &mut self.resolutions);
                 }
             }
             CohMsg::Unavailable { .. } => {
@@ -547,7 +539,7 @@ impl<W: Clone> Engine<W> {
                     seg: *seg_id,
                     page: PageIndex(index),
                 });
-                seg.states.set(index, PageState::Lost);
+                seg.put(index, PageState::Lost);
             }
         }
     }
@@ -559,14 +551,12 @@ impl<W: Clone> Engine<W> {
         let Some(seg) = self.cache.get_mut(&seg_id) else {
             return;
         };
-        if seg.home_lost
-            || seg.prefetch_window < SPECULATIVE_WINDOW_MIN
-            || seg.next_sequential == u32::MAX
+        if seg.home_lost || seg.reads.window < SPECULATIVE_WINDOW_MIN || seg.reads.next == u32::MAX
         {
             return;
         }
         let pages = seg.pages();
-        seg.speculative_frontier = seg.speculative_frontier.max(seg.next_sequential);
+        seg.speculative_frontier = seg.speculative_frontier.max(seg.reads.next);
         let mut requests = Vec::new();
         let mut skipped = 0;
         while seg.speculative_in_flight < SPECULATIVE_DEPTH
@@ -574,14 +564,14 @@ impl<W: Clone> Engine<W> {
             && skipped < PREFETCH_PAGES_MAX
         {
             let p = PageIndex(seg.speculative_frontier);
-            if seg.at(p.0 as usize) != PageState::Invalid || seg.pending.contains_key(&p) {
+            if seg.at(p.0) != PageState::Invalid || seg.pending.contains_key(&p) {
                 seg.speculative_frontier += 1;
                 skipped += 1;
                 continue;
             }
             // Hits no longer grow the window as misses did: the stream does.
-            seg.prefetch_window = (seg.prefetch_window * 2).min(PREFETCH_PAGES_MAX);
-            let prefetch = seg.prefetch_window.min(pages - p.0 - 1);
+            seg.reads.window = (seg.reads.window * 2).min(PREFETCH_PAGES_MAX);
+            let prefetch = seg.reads.window.min(pages - p.0 - 1);
             seg.pending.insert(
                 p,
                 Pending {
@@ -631,12 +621,10 @@ impl<W: Clone> Engine<W> {
             return vec![];
         };
         let range = first.page.0..first.page.0 + count;
-        debug_assert!(range
-            .clone()
-            .all(|q| seg.states.get(q) == PageState::Exclusive));
+        debug_assert!(range.clone().all(|q| seg.at(q) == PageState::Exclusive));
         store.protect_local_run(first, count);
         for q in range {
-            seg.states.set(q, PageState::Shared);
+            seg.put(q, PageState::Shared);
         }
         store.read_local_run(first, count)
     }
@@ -663,7 +651,7 @@ fn fail_pending<W>(
     store: &mut impl PageStore,
     out: &mut VecDeque<Resolution<W>>,
 ) {
-    let index = page.page.0 as usize;
+    let index = page.page.0;
     let held = seg.at(index) == PageState::Shared;
     if held && !pending.writes.is_empty() {
         store.punch_local(page);
