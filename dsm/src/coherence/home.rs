@@ -223,15 +223,14 @@ impl<W: Clone> Engine<W> {
         for (seg_id, home) in self.homes.iter_mut() {
             for page in home.touched_pages() {
                 let idle = home.busy.get(&page).is_none_or(|b| b.txn.is_none());
-                let entry = home.entry(page);
+                let mut entry = home.entry(page);
                 if entry.copyset.contains(dead) || entry.owner == Some(dead) {
-                    home.update(page, |entry| {
-                        entry.copyset.remove(dead);
-                        if entry.owner == Some(dead) && idle {
-                            entry.owner = None;
-                            entry.lost = true;
-                        }
-                    });
+                    entry.copyset.remove(dead);
+                    if entry.owner == Some(dead) && idle {
+                        entry.owner = None;
+                        entry.lost = true;
+                    }
+                    home.set_entry(page, entry);
                 }
             }
             for (page, busy) in home.busy.iter_mut() {
